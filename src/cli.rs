@@ -1,0 +1,133 @@
+//! The command line: `bucketfs mount` and friends, built with clap.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::logging::LogFormat;
+use crate::spec::{self, CredentialSource, FsSettings, MountSpec, S3Settings, SecretValue, Source};
+
+#[derive(Parser, Debug)]
+#[command(name = "bucketfs", version, about = "A FUSE file system for S3 and MinIO buckets")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Mount a bucket (or a prefix of it) and serve it in the foreground.
+    Mount(MountArgs),
+}
+
+/// Options shared by every command that talks to a server.
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    /// Log format: text, or json for log collectors.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// BUCKET, BUCKET/PREFIX, s3://BUCKET[/PREFIX] or minio://BUCKET[/PREFIX].
+    pub source: String,
+    /// An existing directory to mount on.
+    pub mountpoint: PathBuf,
+    /// S3 endpoint, e.g. http://localhost:9000 for MinIO. Implies path-style addressing.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub endpoint_url: Option<String>,
+    /// Region (default: from the AWS configuration, else us-east-1).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Path-style addressing (bucket in the path); always on when --endpoint-url is given.
+    #[arg(long)]
+    pub force_path_style: bool,
+    /// Mount read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Let other users (and containers running as other uids) use the mount.
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Owner of every file and directory (default: the mounting user).
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// Group of every file and directory (default: the mounting user's group).
+    #[arg(long)]
+    pub gid: Option<u32>,
+    /// Permission bits of files, in octal.
+    #[arg(long, default_value = "0644", value_parser = spec::parse_mode)]
+    pub file_mode: u16,
+    /// Permission bits of directories, in octal.
+    #[arg(long, default_value = "0755", value_parser = spec::parse_mode)]
+    pub dir_mode: u16,
+    /// File holding the access key id (instead of the AWS credential chain).
+    #[arg(long, requires = "secret_key_file")]
+    pub access_key_file: Option<PathBuf>,
+    /// File holding the secret access key.
+    #[arg(long, requires = "access_key_file")]
+    pub secret_key_file: Option<PathBuf>,
+    /// PEM file with extra CA certificates to trust for HTTPS endpoints.
+    #[arg(long)]
+    pub ca_bundle: Option<PathBuf>,
+    /// How long metadata and listings are trusted: e.g. 1s, 5m, or "indefinite" for immutable data.
+    #[arg(long, default_value = "1s", value_parser = spec::parse_ttl)]
+    pub metadata_ttl: std::time::Duration,
+    /// Memory budget shared by prefetching and the block cache, e.g. 512MiB.
+    #[arg(long, default_value = "512MiB", value_parser = spec::parse_size)]
+    pub memory_limit: u64,
+    /// Timeout of one request attempt, e.g. 20s.
+    #[arg(long, default_value = "20s", value_parser = spec::parse_duration)]
+    pub request_timeout: std::time::Duration,
+    /// Attempts per request, including the first (retries back off with jitter).
+    #[arg(long, default_value_t = spec::DEFAULT_MAX_ATTEMPTS)]
+    pub max_attempts: u32,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl MountArgs {
+    /// Turns the arguments into the file-system settings and the one mount.
+    pub fn to_specs(&self) -> anyhow::Result<(FsSettings, MountSpec)> {
+        let source: Source = self.source.parse()?;
+        let defaults = FsSettings::default();
+        let settings = FsSettings {
+            uid: self.uid.unwrap_or(defaults.uid),
+            gid: self.gid.unwrap_or(defaults.gid),
+            file_mode: self.file_mode,
+            dir_mode: self.dir_mode,
+            allow_other: self.allow_other,
+            // Writes are not implemented yet: every mount is read-only.
+            read_only: true,
+            memory_limit: self.memory_limit,
+        };
+        let credentials = match (&self.access_key_file, &self.secret_key_file) {
+            (Some(a), Some(s)) => {
+                CredentialSource::Keys { access_key: SecretValue::File(a.clone()), secret_key: SecretValue::File(s.clone()) }
+            }
+            _ => CredentialSource::Chain,
+        };
+        let endpoint = self.endpoint_url.clone().filter(|e| !e.trim().is_empty());
+        let s3 = S3Settings {
+            path_style: self.force_path_style || endpoint.is_some(),
+            endpoint,
+            region: self.region.clone(),
+            ca_bundle: self.ca_bundle.clone(),
+            credentials,
+            request_timeout: self.request_timeout,
+            max_attempts: self.max_attempts.max(1),
+        };
+        let spec = MountSpec {
+            name: source.bucket.clone(),
+            path: Vec::new(),
+            source,
+            s3,
+            read_only: true,
+            metadata_ttl: self.metadata_ttl,
+        };
+        Ok((settings, spec))
+    }
+}

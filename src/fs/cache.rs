@@ -1,0 +1,238 @@
+//! The block cache shared by every handle and file, and the memory budget.
+//!
+//! Objects are read in fixed blocks of [`BLOCK_SIZE`] bytes, keyed by
+//! (source, key, ETag, block index), so two readers of one file, or a re-read,
+//! are served from memory, and a changed object can never be served from
+//! blocks of its previous version.
+//!
+//! A block is either *ready* (in an LRU) or *pending* (a GET is filling it; a
+//! `watch` channel lets any number of readers wait for it, so a block is never
+//! fetched twice at once). Ready and pending bytes together stay within one
+//! budget (`--memory-limit`): reserving room evicts the least recently used
+//! ready blocks, and prefetch reservations are refused once pending bytes
+//! would pass [`PREFETCH_SHARE`] of the budget, which makes prefetch windows
+//! shrink under pressure instead of growing the process.
+//!
+//! 128 KiB blocks: the kernel sends FUSE reads of 128 KiB by default, a
+//! random 256 KiB read touches at most three blocks (at most 1.5× the bytes
+//! read), and 512 MiB of cache is only 4,096 entries.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use lru::LruCache;
+use tokio::sync::watch;
+
+use crate::store::StoreError;
+
+pub const BLOCK_SIZE: u64 = 128 * 1024;
+/// At most this fraction (in quarters) of the budget may be pending prefetch.
+const PREFETCH_SHARE: u64 = 3;
+
+/// Identity of one version of one object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ObjectId {
+    /// Endpoint and bucket, so two mounts of different servers never share blocks.
+    pub source: Arc<str>,
+    pub key: String,
+    pub etag: String,
+}
+
+pub type BlockKey = (Arc<ObjectId>, u64);
+pub type BlockResult = Option<Result<Bytes, StoreError>>;
+pub type BlockSender = watch::Sender<BlockResult>;
+
+/// What the cache knows about a block.
+pub enum Probe {
+    Ready(Bytes),
+    Pending(watch::Receiver<BlockResult>),
+    Missing,
+}
+
+#[derive(Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub evictions: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+}
+
+struct Inner {
+    ready: LruCache<BlockKey, Bytes>,
+    ready_bytes: u64,
+    pending: HashMap<BlockKey, (watch::Receiver<BlockResult>, u64)>,
+    pending_bytes: u64,
+}
+
+/// See the module documentation.
+pub struct BlockCache {
+    inner: Mutex<Inner>,
+    limit: u64,
+    pub stats: CacheStats,
+}
+
+impl BlockCache {
+    pub fn new(limit: u64) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                ready: LruCache::unbounded(),
+                ready_bytes: 0,
+                pending: HashMap::new(),
+                pending_bytes: 0,
+            }),
+            limit: limit.max(4 * BLOCK_SIZE),
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes held now: ready plus pending.
+    pub fn used(&self) -> u64 {
+        let i = self.lock();
+        i.ready_bytes + i.pending_bytes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn probe(&self, key: &BlockKey) -> Probe {
+        let mut i = self.lock();
+        if let Some(b) = i.ready.get(key) {
+            return Probe::Ready(b.clone());
+        }
+        match i.pending.get(key) {
+            Some((rx, _)) => Probe::Pending(rx.clone()),
+            None => Probe::Missing,
+        }
+    }
+
+    /// Registers blocks of `object` in `blocks` that are neither ready nor
+    /// pending, and returns them with the senders that will fill them.
+    /// `len(i)` is the length of block `i`. With `optional`, stops at the first
+    /// block that would push pending bytes past the prefetch share, and says
+    /// which block that was.
+    pub fn reserve(
+        &self,
+        object: &Arc<ObjectId>,
+        blocks: Range<u64>,
+        len: impl Fn(u64) -> u64,
+        optional: bool,
+    ) -> (Vec<(u64, BlockSender)>, Option<u64>) {
+        let mut i = self.lock();
+        let mut out = Vec::new();
+        let mut refused = None;
+        for index in blocks {
+            let key = (object.clone(), index);
+            if i.ready.contains(&key) || i.pending.contains_key(&key) {
+                continue;
+            }
+            let n = len(index);
+            if optional && i.pending_bytes + n > self.limit / 4 * PREFETCH_SHARE {
+                refused = Some(index);
+                break;
+            }
+            let (tx, rx) = watch::channel(None);
+            i.pending.insert(key, (rx, n));
+            i.pending_bytes += n;
+            out.push((index, tx));
+        }
+        self.evict(&mut i);
+        if !out.is_empty() {
+            self.stats.misses.fetch_add(out.len() as u64, Ordering::Relaxed);
+        }
+        (out, refused)
+    }
+
+    /// Records the outcome of a fetch and wakes the block's waiters.
+    pub fn fill(&self, object: &Arc<ObjectId>, index: u64, tx: BlockSender, result: Result<Bytes, StoreError>) {
+        {
+            let mut i = self.lock();
+            let key = (object.clone(), index);
+            if let Some((_, n)) = i.pending.remove(&key) {
+                i.pending_bytes -= n;
+            }
+            if let Ok(b) = &result {
+                self.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                i.ready_bytes += b.len() as u64;
+                if let Some(old) = i.ready.put(key, b.clone()) {
+                    i.ready_bytes -= old.len() as u64;
+                }
+                self.evict(&mut i);
+            }
+        }
+        tx.send_replace(Some(result));
+    }
+
+    fn evict(&self, i: &mut Inner) {
+        while i.ready_bytes + i.pending_bytes > self.limit {
+            match i.ready.pop_lru() {
+                Some((_, b)) => {
+                    i.ready_bytes -= b.len() as u64;
+                    self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                None => break,
+            }
+        }
+    }
+
+    pub fn hit(&self) {
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(k: &str) -> Arc<ObjectId> {
+        Arc::new(ObjectId { source: "t".into(), key: k.into(), etag: "e".into() })
+    }
+
+    #[test]
+    fn budget_evicts_lru_and_bounds_prefetch() {
+        let cache = BlockCache::new(8 * BLOCK_SIZE);
+        let a = obj("a");
+        let (got, _) = cache.reserve(&a, 0..8, |_| BLOCK_SIZE, false);
+        assert_eq!(got.len(), 8);
+        // Nothing twice.
+        assert!(cache.reserve(&a, 0..8, |_| BLOCK_SIZE, false).0.is_empty());
+        for (i, tx) in got {
+            cache.fill(&a, i, tx, Ok(Bytes::from(vec![i as u8; BLOCK_SIZE as usize])));
+        }
+        assert_eq!(cache.used(), 8 * BLOCK_SIZE);
+        // Touch block 0 so block 1 is the least recently used.
+        assert!(matches!(cache.probe(&(a.clone(), 0)), Probe::Ready(_)));
+        let b = obj("b");
+        let (more, _) = cache.reserve(&b, 0..1, |_| BLOCK_SIZE, false);
+        assert_eq!(more.len(), 1);
+        assert!(matches!(cache.probe(&(a.clone(), 1)), Probe::Missing));
+        assert!(matches!(cache.probe(&(a.clone(), 0)), Probe::Ready(_)));
+        assert!(cache.used() <= cache.limit());
+        // Optional reservations stop at the prefetch share.
+        let c = obj("c");
+        let (opt, refused) = cache.reserve(&c, 0..100, |_| BLOCK_SIZE, true);
+        assert!(opt.len() < 8, "{}", opt.len());
+        assert_eq!(refused, Some(opt.len() as u64));
+    }
+
+    #[test]
+    fn failed_fetch_is_not_cached() {
+        let cache = BlockCache::new(8 * BLOCK_SIZE);
+        let a = obj("a");
+        let (mut got, _) = cache.reserve(&a, 0..1, |_| 10, false);
+        let (i, tx) = got.pop().unwrap();
+        let Probe::Pending(rx) = cache.probe(&(a.clone(), 0)) else { panic!() };
+        cache.fill(&a, i, tx, Err(StoreError::PreconditionFailed));
+        assert_eq!(*rx.borrow(), Some(Err(StoreError::PreconditionFailed)));
+        assert!(matches!(cache.probe(&(a.clone(), 0)), Probe::Missing));
+        assert_eq!(cache.used(), 0);
+    }
+}

@@ -1,0 +1,190 @@
+//! The inode table: what the kernel has been told about, and what the last
+//! listing of each directory said.
+//!
+//! An inode is a (parent, name) that the kernel knows, with its kind, its
+//! location in a bucket and the attributes last seen. Inode numbers are not
+//! stable across mounts. When a name changes kind on the server (a file
+//! becomes a directory), it gets a new inode and the old one lives on until
+//! the kernel forgets it.
+//!
+//! Each directory keeps its last listing for the metadata TTL, so lookups and
+//! `stat`s after a `readdir` (`ls -l`, `find`, `du`) cost no request at all.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use super::MountPoint;
+use super::namespace::{Entry, Kind};
+
+pub const ROOT: u64 = 1;
+
+/// Where an inode's data lives.
+#[derive(Clone)]
+pub enum Loc {
+    /// A directory that exists only in the mounted tree (a parent of mount
+    /// paths in Fluid mode), with fixed children.
+    Virtual { children: BTreeMap<String, u64> },
+    /// A file (its key) or a directory (its prefix, ending with `/`, or the
+    /// mount prefix) inside a mounted bucket.
+    Object { mount: Arc<MountPoint>, key: String },
+}
+
+#[derive(Clone)]
+pub struct Inode {
+    pub ino: u64,
+    pub parent: u64,
+    pub name: String,
+    pub kind: Kind,
+    pub loc: Loc,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub etag: Option<String>,
+    /// Attributes are trusted until then.
+    pub valid_until: Instant,
+    /// Kernel lookup count; pinned inodes (root, virtual, mount roots) ignore it.
+    pub lookups: u64,
+    pub pinned: bool,
+    /// For directories: the last full listing, and when it was taken.
+    pub listing: Option<(Instant, Arc<HashMap<String, Entry>>)>,
+    /// For files: the ETag the kernel's page cache holds data of.
+    pub cached_etag: Option<String>,
+}
+
+impl Inode {
+    pub fn mount(&self) -> Option<&Arc<MountPoint>> {
+        match &self.loc {
+            Loc::Object { mount, .. } => Some(mount),
+            Loc::Virtual { .. } => None,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct InodeTable {
+    inodes: HashMap<u64, Inode>,
+    names: HashMap<(u64, String), u64>,
+    next: u64,
+}
+
+impl InodeTable {
+    pub fn new() -> Self {
+        Self { next: ROOT + 1, ..Self::default() }
+    }
+
+    pub fn get(&self, ino: u64) -> Option<&Inode> {
+        self.inodes.get(&ino)
+    }
+
+    pub fn get_mut(&mut self, ino: u64) -> Option<&mut Inode> {
+        self.inodes.get_mut(&ino)
+    }
+
+    pub fn len(&self) -> usize {
+        self.inodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inodes.is_empty()
+    }
+
+    pub fn child(&self, parent: u64, name: &str) -> Option<u64> {
+        self.names.get(&(parent, name.to_string())).copied()
+    }
+
+    /// Inserts a pinned inode (root, virtual directory, mount root).
+    pub fn insert_pinned(&mut self, mut inode: Inode) -> u64 {
+        if inode.ino == 0 {
+            inode.ino = self.next;
+            self.next += 1;
+        }
+        inode.pinned = true;
+        let ino = inode.ino;
+        if ino != ROOT {
+            self.names.insert((inode.parent, inode.name.clone()), ino);
+        }
+        self.inodes.insert(ino, inode);
+        ino
+    }
+
+    /// Records what the server says `name` in `parent` is, reusing the inode
+    /// when the kind is unchanged. `count` adds one kernel lookup.
+    pub fn upsert(
+        &mut self,
+        parent: u64,
+        mount: &Arc<MountPoint>,
+        dir_key: &str,
+        entry: &Entry,
+        valid_until: Instant,
+        count: bool,
+    ) -> u64 {
+        let name_key = (parent, entry.name.clone());
+        if let Some(&ino) = self.names.get(&name_key) {
+            if let Some(inode) = self.inodes.get_mut(&ino) {
+                if inode.kind == entry.kind {
+                    if entry.kind == Kind::File {
+                        inode.size = entry.size;
+                        inode.mtime = entry.mtime;
+                        inode.etag = entry.etag.clone();
+                    }
+                    inode.valid_until = valid_until;
+                    if count {
+                        inode.lookups += 1;
+                    }
+                    return ino;
+                }
+            }
+        }
+        let ino = self.next;
+        self.next += 1;
+        let key = match entry.kind {
+            Kind::File => super::namespace::child_key(dir_key, &entry.name),
+            Kind::Dir => super::namespace::child_prefix(dir_key, &entry.name),
+        };
+        self.inodes.insert(
+            ino,
+            Inode {
+                ino,
+                parent,
+                name: entry.name.clone(),
+                kind: entry.kind,
+                loc: Loc::Object { mount: mount.clone(), key },
+                size: entry.size,
+                mtime: entry.mtime,
+                etag: entry.etag.clone(),
+                valid_until,
+                lookups: u64::from(count),
+                pinned: false,
+                listing: None,
+                cached_etag: None,
+            },
+        );
+        self.names.insert(name_key, ino);
+        ino
+    }
+
+    /// Adds one kernel lookup to a known inode.
+    pub fn remember(&mut self, ino: u64) {
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.lookups += 1;
+        }
+    }
+
+    /// Drops `n` kernel lookups; an unpinned inode nobody knows is removed.
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        let Some(inode) = self.inodes.get_mut(&ino) else { return };
+        inode.lookups = inode.lookups.saturating_sub(n);
+        if inode.lookups == 0 && !inode.pinned {
+            let key = (inode.parent, inode.name.clone());
+            self.inodes.remove(&ino);
+            if self.names.get(&key) == Some(&ino) {
+                self.names.remove(&key);
+            }
+        }
+    }
+
+    /// Detaches `name` from `parent` (it no longer exists on the server).
+    pub fn unlink_name(&mut self, parent: u64, name: &str) {
+        self.names.remove(&(parent, name.to_string()));
+    }
+}

@@ -1,0 +1,616 @@
+//! The file system core: async, on tokio, and free of FUSE types.
+//!
+//! [`Fs`] answers the operations the FUSE adapter forwards. It is built from
+//! one or more [`MountPoint`]s: a single mount at the root, or several mounts
+//! at paths below synthetic ("virtual") directories, all in one tree.
+//!
+//! Errors are [`FsError`]s; they become errno values at the FUSE edge only.
+//! Every failure that is not a plain "no such file" is logged here, once,
+//! with the key and the cause.
+
+pub mod cache;
+pub mod inode;
+pub mod namespace;
+pub mod read;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tracing::{debug, error, warn};
+
+use crate::spec::FsSettings;
+use crate::store::{ObjectStore, StoreError};
+use cache::{BlockCache, ObjectId};
+use inode::{Inode, InodeTable, Loc, ROOT};
+use namespace::{Entry, Kind, Skipped};
+use read::Reader;
+
+/// Bound on remembered negative lookups; the table is cleared when full.
+const NEGATIVE_CACHE_MAX: usize = 100_000;
+/// Bound on remembered warnings about odd keys, so each is logged once.
+const WARNED_MAX: usize = 10_000;
+
+/// One bucket (or prefix) served somewhere in the tree.
+pub struct MountPoint {
+    pub name: String,
+    pub store: Arc<dyn ObjectStore>,
+    /// Key prefix of the mount root: empty or ending with `/`.
+    pub prefix: String,
+    pub read_only: bool,
+    pub ttl: Duration,
+    /// Endpoint and bucket, identifying cached blocks.
+    pub source_id: Arc<str>,
+}
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("read-only file system")]
+    ReadOnly,
+    #[error("is a directory")]
+    IsDir,
+    #[error("not a directory")]
+    NotDir,
+    #[error("bad file handle")]
+    BadHandle,
+    #[error("operation not supported")]
+    NotSupported,
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::BadHandle => libc::EBADF,
+            FsError::NotSupported => libc::ENOTSUP,
+            FsError::Store(e) => match e {
+                StoreError::NotFound => libc::ENOENT,
+                StoreError::AccessDenied(_) => libc::EACCES,
+                _ => libc::EIO,
+            },
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, FsError>;
+
+/// Attributes of an inode, as the adapter needs them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    /// How long the kernel may cache this.
+    pub ttl: Duration,
+    /// Under a read-only mount (for the permission bits shown).
+    pub read_only: bool,
+}
+
+/// One entry of a directory snapshot.
+#[derive(Clone, Debug)]
+pub struct DirItem {
+    pub name: String,
+    pub attr: Attr,
+}
+
+struct FileHandle {
+    ino: u64,
+    reader: Reader,
+}
+
+struct DirHandle {
+    ino: u64,
+    items: Option<Arc<Vec<DirItem>>>,
+}
+
+/// Numbers for `statfs`.
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// See the module documentation.
+pub struct Fs {
+    settings: FsSettings,
+    inodes: Mutex<InodeTable>,
+    negative: Mutex<HashMap<(u64, String), Instant>>,
+    files: Mutex<HashMap<u64, Arc<FileHandle>>>,
+    dirs: Mutex<HashMap<u64, DirHandle>>,
+    next_fh: AtomicU64,
+    cache: Arc<BlockCache>,
+    warned: Mutex<HashSet<String>>,
+    started: SystemTime,
+    /// Tells the kernel to drop cached attributes and pages of an inode.
+    invalidate: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Fs {
+    /// Builds the tree: one mount with an empty path is the root; otherwise
+    /// the root is virtual and each mount sits at its path.
+    pub fn new(settings: FsSettings, mounts: Vec<(Vec<String>, Arc<MountPoint>)>) -> anyhow::Result<Self> {
+        let now = SystemTime::now();
+        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let dir = |ino: u64, parent: u64, name: &str, loc: Loc| Inode {
+            ino,
+            parent,
+            name: name.to_string(),
+            kind: Kind::Dir,
+            loc,
+            size: 0,
+            mtime: now,
+            etag: None,
+            valid_until: far,
+            lookups: 0,
+            pinned: true,
+            listing: None,
+            cached_etag: None,
+        };
+        let mut table = InodeTable::new();
+        match mounts.as_slice() {
+            [(path, mount)] if path.is_empty() => {
+                table.insert_pinned(dir(ROOT, ROOT, "", Loc::Object { mount: mount.clone(), key: mount.prefix.clone() }));
+            }
+            _ => {
+                table.insert_pinned(dir(ROOT, ROOT, "", Loc::Virtual { children: BTreeMap::new() }));
+                for (path, mount) in &mounts {
+                    anyhow::ensure!(!path.is_empty(), "mount {} at the root cannot share the tree with other mounts", mount.name);
+                    let mut parent = ROOT;
+                    for (depth, component) in path.iter().enumerate() {
+                        let last = depth + 1 == path.len();
+                        let existing = table.child(parent, component);
+                        let ino = match existing {
+                            Some(ino) => {
+                                let is_virtual = matches!(table.get(ino).map(|i| &i.loc), Some(Loc::Virtual { .. }));
+                                anyhow::ensure!(is_virtual && !last, "mount path /{} overlaps another mount", path.join("/"));
+                                ino
+                            }
+                            None => {
+                                let loc = if last {
+                                    Loc::Object { mount: mount.clone(), key: mount.prefix.clone() }
+                                } else {
+                                    Loc::Virtual { children: BTreeMap::new() }
+                                };
+                                let ino = table.insert_pinned(dir(0, parent, component, loc));
+                                if let Some(Inode { loc: Loc::Virtual { children }, .. }) = table.get_mut(parent) {
+                                    children.insert(component.clone(), ino);
+                                }
+                                ino
+                            }
+                        };
+                        parent = ino;
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            cache: Arc::new(BlockCache::new(settings.memory_limit)),
+            settings,
+            inodes: Mutex::new(table),
+            negative: Mutex::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            warned: Mutex::new(HashSet::new()),
+            started: now,
+            invalidate: OnceLock::new(),
+        })
+    }
+
+    pub fn settings(&self) -> &FsSettings {
+        &self.settings
+    }
+
+    pub fn cache(&self) -> &Arc<BlockCache> {
+        &self.cache
+    }
+
+    /// Installs the hook that drops the kernel's cache of an inode.
+    pub fn set_invalidator(&self, f: Box<dyn Fn(u64) + Send + Sync>) {
+        let _ = self.invalidate.set(f);
+    }
+
+    fn attr_of(&self, inode: &Inode) -> Attr {
+        let (ttl, read_only) = match inode.mount() {
+            Some(m) => (m.ttl, m.read_only || self.settings.read_only),
+            None => (Duration::from_secs(365 * 24 * 3600), true),
+        };
+        let mtime = if inode.kind == Kind::Dir && inode.mtime == SystemTime::UNIX_EPOCH { self.started } else { inode.mtime };
+        Attr { ino: inode.ino, kind: inode.kind, size: inode.size, mtime, ttl, read_only }
+    }
+
+    fn warn_once(&self, key: &str, message: impl FnOnce() -> String) {
+        let mut warned = lock(&self.warned);
+        if warned.len() >= WARNED_MAX || warned.insert(key.to_string()) {
+            warn!("{}", message());
+        }
+    }
+
+    fn log_skipped(&self, store: &dyn ObjectStore, skipped: &[Skipped]) {
+        for s in skipped {
+            match s {
+                Skipped::InvalidName { key } => self.warn_once(key, || {
+                    format!("{}/{key:?}: skipped: the key is not a valid file name (empty, '.', '..', or over 255 bytes)", store.describe())
+                }),
+                Skipped::ShadowedByDir { key } => self.warn_once(key, || {
+                    format!("{}/{key}: hidden: a directory of the same name exists, and the directory wins", store.describe())
+                }),
+            }
+        }
+    }
+
+    fn log_store_error(&self, op: &str, mount: &MountPoint, key: &str, e: &StoreError) {
+        match e {
+            StoreError::NotFound => debug!(op, key, "{}: not found", mount.store.describe()),
+            _ => error!(op, key, "{}/{key}: {op} failed: {e}", mount.store.describe()),
+        }
+    }
+
+    // ----- lookup and attributes -----
+
+    /// Finds `name` in `parent`; counts one kernel lookup on success.
+    pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
+        if !namespace::valid_name(name) {
+            return Err(FsError::NotFound);
+        }
+        let (mount, dir_key) = {
+            let mut table = lock(&self.inodes);
+            let dir = table.get(parent).ok_or(FsError::NotFound)?;
+            if dir.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            match &dir.loc {
+                Loc::Virtual { children } => {
+                    let ino = *children.get(name).ok_or(FsError::NotFound)?;
+                    table.remember(ino);
+                    let child = table.get(ino).ok_or(FsError::NotFound)?;
+                    return Ok(self.attr_of(child));
+                }
+                Loc::Object { mount, key } => {
+                    let (mount, key) = (mount.clone(), key.clone());
+                    let now = Instant::now();
+                    // A fresh listing answers both ways.
+                    if let Some((at, entries)) = &dir.listing {
+                        if now < *at + mount.ttl {
+                            let valid_until = *at + mount.ttl;
+                            let entry = entries.get(name).cloned().ok_or(FsError::NotFound)?;
+                            let ino = table.upsert(parent, &mount, &key, &entry, valid_until, true);
+                            return Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?));
+                        }
+                    }
+                    // A known child with fresh attributes.
+                    if let Some(ino) = table.child(parent, name) {
+                        if table.get(ino).is_some_and(|i| now < i.valid_until) {
+                            table.remember(ino);
+                            return Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?));
+                        }
+                    }
+                    (mount, key)
+                }
+            }
+        };
+        let name_key = (parent, name.to_string());
+        if let Some(at) = lock(&self.negative).get(&name_key) {
+            if Instant::now() < *at + mount.ttl {
+                return Err(FsError::NotFound);
+            }
+        }
+        let key = namespace::child_key(&dir_key, name);
+        let started = Instant::now();
+        match self.remote_lookup(&mount, &key, name).await {
+            Ok(entry) => {
+                lock(&self.negative).remove(&name_key);
+                let mut table = lock(&self.inodes);
+                let ino = table.upsert(parent, &mount, &dir_key, &entry, started + mount.ttl, true);
+                Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?))
+            }
+            Err(FsError::NotFound) => {
+                if !mount.ttl.is_zero() {
+                    let mut neg = lock(&self.negative);
+                    if neg.len() >= NEGATIVE_CACHE_MAX {
+                        neg.clear();
+                    }
+                    neg.insert(name_key, started);
+                }
+                lock(&self.inodes).unlink_name(parent, name);
+                Err(FsError::NotFound)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// HEAD `key` and LIST `key/` at once; a directory wins over a file.
+    async fn remote_lookup(&self, mount: &MountPoint, key: &str, name: &str) -> Result<Entry> {
+        let dir_prefix = format!("{key}/");
+        let (head, list) = tokio::join!(mount.store.head(key), mount.store.list(&dir_prefix, true, None, Some(1)));
+        match list {
+            Ok(page) if !page.objects.is_empty() || !page.prefixes.is_empty() => {
+                if head.is_ok() {
+                    self.warn_once(key, || {
+                        format!("{}/{key}: hidden: a directory of the same name exists, and the directory wins", mount.store.describe())
+                    });
+                }
+                return Ok(Entry::dir(name));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.log_store_error("list", mount, &dir_prefix, &e);
+                return Err(e.into());
+            }
+        }
+        match head {
+            Ok(meta) => Ok(Entry::file(name, &meta)),
+            Err(StoreError::NotFound) => Err(FsError::NotFound),
+            Err(e) => {
+                self.log_store_error("head", mount, key, &e);
+                Err(e.into())
+            }
+        }
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        lock(&self.inodes).forget(ino, n);
+    }
+
+    /// Attributes, revalidated with a HEAD once the TTL has passed.
+    pub async fn getattr(&self, ino: u64) -> Result<Attr> {
+        let (mount, key) = {
+            let table = lock(&self.inodes);
+            let inode = table.get(ino).ok_or(FsError::NotFound)?;
+            if inode.kind == Kind::Dir || Instant::now() < inode.valid_until {
+                return Ok(self.attr_of(inode));
+            }
+            match &inode.loc {
+                Loc::Object { mount, key } => (mount.clone(), key.clone()),
+                Loc::Virtual { .. } => return Ok(self.attr_of(inode)),
+            }
+        };
+        self.revalidate(ino, &mount, &key).await
+    }
+
+    async fn revalidate(&self, ino: u64, mount: &MountPoint, key: &str) -> Result<Attr> {
+        let started = Instant::now();
+        match mount.store.head(key).await {
+            Ok(meta) => {
+                let mut table = lock(&self.inodes);
+                let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
+                inode.size = meta.size;
+                inode.mtime = meta.last_modified;
+                inode.etag = Some(meta.etag);
+                inode.valid_until = started + mount.ttl;
+                Ok(self.attr_of(inode))
+            }
+            Err(e) => {
+                self.log_store_error("head", mount, key, &e);
+                Err(e.into())
+            }
+        }
+    }
+
+    // ----- files -----
+
+    /// Opens a file for reading. Returns the handle and whether the kernel's
+    /// page cache may be kept (the object is unchanged since it was filled).
+    pub async fn open(&self, ino: u64, flags: i32) -> Result<(u64, bool)> {
+        let (mount, key, stale) = {
+            let table = lock(&self.inodes);
+            let inode = table.get(ino).ok_or(FsError::NotFound)?;
+            if inode.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            let Loc::Object { mount, key } = &inode.loc else { return Err(FsError::IsDir) };
+            (mount.clone(), key.clone(), Instant::now() >= inode.valid_until || inode.etag.is_none())
+        };
+        let writing = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if writing {
+            return Err(FsError::ReadOnly);
+        }
+        if stale {
+            self.revalidate(ino, &mount, &key).await?;
+        }
+        let (object, size, keep_cache, changed) = {
+            let mut table = lock(&self.inodes);
+            let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
+            let etag = inode.etag.clone().unwrap_or_default();
+            let keep = inode.cached_etag.as_deref() == Some(etag.as_str());
+            let changed = inode.cached_etag.is_some() && !keep;
+            inode.cached_etag = Some(etag.clone());
+            let object = Arc::new(ObjectId { source: mount.source_id.clone(), key: key.clone(), etag });
+            (object, inode.size, keep, changed)
+        };
+        if changed {
+            self.invalidate_kernel(ino);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let reader = Reader::new(object, size, mount.store.clone(), self.cache.clone());
+        lock(&self.files).insert(fh, Arc::new(FileHandle { ino, reader }));
+        Ok((fh, keep_cache))
+    }
+
+    /// The hook must not notify the kernel synchronously: the kernel may hold
+    /// the inode's lock while it waits for the request being answered.
+    fn invalidate_kernel(&self, ino: u64) {
+        if let Some(f) = self.invalidate.get() {
+            f(ino);
+        }
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes> {
+        let handle = lock(&self.files).get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        match handle.reader.read(offset, size).await {
+            Ok(b) => Ok(b),
+            Err(e) => {
+                let object = handle.reader.object();
+                if e == StoreError::PreconditionFailed {
+                    error!(
+                        key = %object.key,
+                        "{}: the object changed on the server while open; this handle fails, the next open reads the new version",
+                        object.key
+                    );
+                    if let Some(inode) = lock(&self.inodes).get_mut(handle.ino) {
+                        inode.valid_until = Instant::now();
+                    }
+                } else {
+                    error!(key = %object.key, offset, size, "read of {} failed: {e}", object.key);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    pub fn release(&self, fh: u64) {
+        lock(&self.files).remove(&fh);
+    }
+
+    // ----- directories -----
+
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let table = lock(&self.inodes);
+        let inode = table.get(ino).ok_or(FsError::NotFound)?;
+        if inode.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(fh, DirHandle { ino, items: None });
+        Ok(fh)
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.dirs).remove(&fh);
+    }
+
+    /// The directory's entries (with `.` and `..` first), listed from the
+    /// server when the handle is read from the start.
+    pub async fn readdir(&self, fh: u64, offset: u64) -> Result<Arc<Vec<DirItem>>> {
+        let (ino, cached) = {
+            let dirs = lock(&self.dirs);
+            let h = dirs.get(&fh).ok_or(FsError::BadHandle)?;
+            (h.ino, h.items.clone())
+        };
+        if let (Some(items), true) = (cached, offset > 0) {
+            return Ok(items);
+        }
+        let items = Arc::new(self.list_dir(ino).await?);
+        if let Some(h) = lock(&self.dirs).get_mut(&fh) {
+            h.items = Some(items.clone());
+        }
+        Ok(items)
+    }
+
+    async fn list_dir(&self, ino: u64) -> Result<Vec<DirItem>> {
+        let (parent, mount, prefix) = {
+            let table = lock(&self.inodes);
+            let inode = table.get(ino).ok_or(FsError::NotFound)?;
+            let dot = |i: &Inode, name: &str| DirItem { name: name.to_string(), attr: self.attr_of(i) };
+            let parent = table.get(inode.parent).map(|p| dot(p, "..")).unwrap_or_else(|| dot(inode, ".."));
+            let mut items = vec![dot(inode, "."), parent];
+            match &inode.loc {
+                Loc::Virtual { children } => {
+                    for (name, child) in children {
+                        if let Some(c) = table.get(*child) {
+                            items.push(DirItem { name: name.clone(), attr: self.attr_of(c) });
+                        }
+                    }
+                    return Ok(items);
+                }
+                Loc::Object { mount, key } => (items, mount.clone(), key.clone()),
+            }
+        };
+        let started = Instant::now();
+        let mut objects = Vec::new();
+        let mut prefixes = Vec::new();
+        let mut token = None;
+        loop {
+            let page = match mount.store.list(&prefix, true, token.take(), None).await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.log_store_error("list", &mount, &prefix, &e);
+                    return Err(e.into());
+                }
+            };
+            objects.extend(page.objects);
+            prefixes.extend(page.prefixes);
+            match page.next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        let (entries, skipped) = namespace::entries_from_listing(&prefix, &objects, &prefixes);
+        self.log_skipped(mount.store.as_ref(), &skipped);
+        let valid_until = started + mount.ttl;
+        let mut items = parent;
+        let mut table = lock(&self.inodes);
+        for entry in &entries {
+            let child = table.upsert(ino, &mount, &prefix, entry, valid_until, false);
+            if let Some(c) = table.get(child) {
+                items.push(DirItem { name: entry.name.clone(), attr: self.attr_of(c) });
+            }
+        }
+        if let Some(dir) = table.get_mut(ino) {
+            dir.listing = Some((started, Arc::new(entries.into_iter().map(|e| (e.name.clone(), e)).collect())));
+        }
+        Ok(items)
+    }
+
+    /// For READDIRPLUS: counts a kernel lookup of an entry handed out, and
+    /// returns its current inode (the entry may have been forgotten and
+    /// re-created since the snapshot was taken).
+    pub fn remember_entry(&self, dir: u64, item: &DirItem) -> Attr {
+        let mut table = lock(&self.inodes);
+        if item.name == "." || item.name == ".." {
+            return item.attr.clone();
+        }
+        match table.child(dir, &item.name) {
+            Some(ino) if table.get(ino).is_some_and(|i| i.kind == item.attr.kind) => {
+                table.remember(ino);
+                self.attr_of(table.get(ino).unwrap_or_else(|| unreachable!()))
+            }
+            _ => {
+                let Some(Loc::Object { mount, key }) = table.get(dir).map(|d| d.loc.clone()) else {
+                    return item.attr.clone();
+                };
+                let entry = Entry {
+                    name: item.name.clone(),
+                    kind: item.attr.kind,
+                    size: item.attr.size,
+                    etag: None,
+                    mtime: item.attr.mtime,
+                };
+                // No ETag known: the next open revalidates.
+                let ino = table.upsert(dir, &mount, &key, &entry, Instant::now(), true);
+                self.attr_of(table.get(ino).unwrap_or_else(|| unreachable!()))
+            }
+        }
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        // Object stores have no fixed capacity: report a large, constant
+        // size so `df` and free-space checks in applications are happy.
+        const BLOCKS: u64 = 1 << 40; // 4 PiB in 4 KiB blocks
+        StatFs { blocks: BLOCKS, bfree: BLOCKS, bavail: BLOCKS, files: 1 << 32, ffree: 1 << 32, bsize: 4096, namelen: 255 }
+    }
+
+    /// Number of inodes known (for tests and metrics).
+    pub fn inode_count(&self) -> usize {
+        lock(&self.inodes).len()
+    }
+}

@@ -1,0 +1,307 @@
+//! The per-handle reader: sequential detection and prefetch over the shared
+//! block cache.
+//!
+//! - The first reads of a handle fetch only the blocks they touch, so a random
+//!   reader pays for one small GET per read.
+//! - Once reads have been contiguous for [`SEQUENTIAL_TRIGGER`] bytes, the
+//!   reader keeps a window of blocks requested ahead of the read position. The
+//!   window starts at [`INITIAL_WINDOW`] and doubles each time it is topped up,
+//!   up to the handle's maximum; it is topped up when less than half remains,
+//!   as parallel ranged GETs of up to [`MAX_CHUNK`] each.
+//! - A read that skips forward inside what was already requested, or steps
+//!   back at most [`BACKWARD_SLACK`] (the kernel's readahead reorders reads),
+//!   keeps the stream going. Anything else is a seek: the window resets.
+//! - If the cache refuses prefetch room (memory pressure), the window halves.
+//!
+//! Every GET carries `If-Match` with the ETag the handle was opened with, so a
+//! handle never returns bytes from two versions of an object.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
+
+use super::cache::{BLOCK_SIZE, BlockCache, BlockSender, ObjectId, Probe};
+use crate::store::{ObjectStore, StoreError};
+
+/// Contiguous bytes after which a handle counts as sequential.
+pub const SEQUENTIAL_TRIGGER: u64 = 256 * 1024;
+/// First prefetch window: covers an application's 1 MiB read plus kernel readahead.
+pub const INITIAL_WINDOW: u64 = 1 << 20;
+/// Largest single ranged GET issued for prefetch.
+pub const MAX_CHUNK: u64 = 8 << 20;
+/// Smallest ranged GET issued for prefetch once the window is large.
+const MIN_CHUNK: u64 = 1 << 20;
+/// How far back a read may step and still count as sequential.
+pub const BACKWARD_SLACK: u64 = 1 << 20;
+/// Largest per-handle window, before the memory budget's own limit.
+pub const MAX_WINDOW: u64 = 64 << 20;
+
+#[derive(Debug, Default)]
+struct State {
+    /// A read has happened on this handle.
+    started: bool,
+    /// End of the previous read.
+    next: u64,
+    /// Contiguous bytes read after the read that started the run.
+    streak: u64,
+    /// Current prefetch window, 0 when not prefetching.
+    window: u64,
+    /// Everything before this offset has been requested.
+    ahead: u64,
+}
+
+/// Reads one version of one object for one open handle.
+pub struct Reader {
+    object: Arc<ObjectId>,
+    size: u64,
+    store: Arc<dyn ObjectStore>,
+    cache: Arc<BlockCache>,
+    max_window: u64,
+    state: Mutex<State>,
+}
+
+impl Reader {
+    pub fn new(object: Arc<ObjectId>, size: u64, store: Arc<dyn ObjectStore>, cache: Arc<BlockCache>) -> Self {
+        let max_window = MAX_WINDOW.min(cache.limit() / 4).max(INITIAL_WINDOW);
+        Self { object, size, store, cache, max_window, state: Mutex::new(State::default()) }
+    }
+
+    pub fn object(&self) -> &ObjectId {
+        &self.object
+    }
+
+    fn block_len(size: u64) -> impl Fn(u64) -> u64 {
+        move |i| (size - i * BLOCK_SIZE).min(BLOCK_SIZE)
+    }
+
+    /// Reads up to `len` bytes at `offset`; short only at end of file.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, StoreError> {
+        if offset >= self.size || len == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = (offset + len as u64).min(self.size);
+        let prefetch = self.plan(offset, end);
+        let first = offset / BLOCK_SIZE;
+        let last = (end - 1) / BLOCK_SIZE;
+        self.fetch(first..last + 1, false);
+        if let Some(range) = prefetch {
+            let requested = self.fetch(range.clone(), true);
+            if requested < range.end {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.ahead = st.ahead.min(requested * BLOCK_SIZE);
+                st.window = (st.window / 2).max(INITIAL_WINDOW);
+            }
+        }
+        if first == last {
+            let block = self.block(first).await?;
+            let start = (offset - first * BLOCK_SIZE) as usize;
+            let stop = (end - first * BLOCK_SIZE) as usize;
+            return Ok(block.slice(start.min(block.len())..stop.min(block.len())));
+        }
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for index in first..=last {
+            let block = self.block(index).await?;
+            let base = index * BLOCK_SIZE;
+            let start = offset.saturating_sub(base) as usize;
+            let stop = ((end - base) as usize).min(block.len());
+            out.extend_from_slice(&block[start.min(stop)..stop]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Updates the access pattern and returns the blocks to prefetch.
+    fn plan(&self, offset: u64, end: u64) -> Option<Range<u64>> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let sequential = st.started
+            && offset + BACKWARD_SLACK >= st.next
+            && offset <= st.next.max(st.ahead) + BLOCK_SIZE;
+        if sequential {
+            st.streak += end.saturating_sub(st.next.max(offset));
+        } else {
+            *st = State { started: true, ..State::default() };
+        }
+        st.next = st.next.max(end);
+        if st.streak < SEQUENTIAL_TRIGGER || end >= self.size {
+            return None;
+        }
+        if st.window == 0 {
+            st.window = INITIAL_WINDOW;
+        }
+        if st.ahead >= end + st.window / 2 {
+            return None;
+        }
+        let from = st.ahead.max(end);
+        let to = (end + st.window).min(self.size);
+        st.ahead = to;
+        st.window = (st.window * 2).min(self.max_window);
+        (from < to).then(|| from / BLOCK_SIZE..to.div_ceil(BLOCK_SIZE))
+    }
+
+    /// Starts GETs for the missing blocks in `blocks`. Returns the block index
+    /// up to which blocks are requested (less than `blocks.end` when the cache
+    /// refused optional room).
+    fn fetch(&self, blocks: Range<u64>, optional: bool) -> u64 {
+        let (reserved, refused) = self.cache.reserve(&self.object, blocks.clone(), Self::block_len(self.size), optional);
+        let reached = refused.unwrap_or(blocks.end);
+        let chunk_blocks = if optional {
+            let window = self.state.lock().unwrap_or_else(|e| e.into_inner()).window;
+            (window / 8).clamp(MIN_CHUNK, MAX_CHUNK) / BLOCK_SIZE
+        } else {
+            MAX_CHUNK / BLOCK_SIZE
+        };
+        let mut run: Vec<(u64, BlockSender)> = Vec::new();
+        for (index, tx) in reserved {
+            let contiguous = run.last().is_none_or(|(last, _)| *last + 1 == index);
+            if !contiguous || run.len() as u64 >= chunk_blocks {
+                self.spawn_get(std::mem::take(&mut run));
+            }
+            run.push((index, tx));
+        }
+        if !run.is_empty() {
+            self.spawn_get(run);
+        }
+        reached
+    }
+
+    /// One ranged GET that fills a run of consecutive blocks as bytes arrive.
+    fn spawn_get(&self, run: Vec<(u64, BlockSender)>) {
+        let store = self.store.clone();
+        let cache = self.cache.clone();
+        let object = self.object.clone();
+        let size = self.size;
+        tokio::spawn(async move {
+            let block_len = Self::block_len(size);
+            let start = run[0].0 * BLOCK_SIZE;
+            let end = (run[run.len() - 1].0 * BLOCK_SIZE + block_len(run[run.len() - 1].0)).min(size);
+            let mut pending = run.into_iter();
+            let fail = |pending: &mut dyn Iterator<Item = (u64, BlockSender)>, e: StoreError| {
+                for (i, tx) in pending {
+                    cache.fill(&object, i, tx, Err(e.clone()));
+                }
+            };
+            let mut body = match store.get_range(&object.key, Some(&object.etag), start, end).await {
+                Ok(b) => b,
+                Err(e) => return fail(&mut pending, e),
+            };
+            let mut current = pending.next();
+            let mut buf = BytesMut::with_capacity(current.as_ref().map_or(0, |(i, _)| block_len(*i)) as usize);
+            while let Some((index, _)) = &current {
+                let want = block_len(*index) as usize;
+                match body.next().await {
+                    Some(Ok(mut chunk)) => {
+                        while !chunk.is_empty() {
+                            let Some((index, _)) = &current else { break };
+                            let want = block_len(*index) as usize;
+                            let take = (want - buf.len()).min(chunk.len());
+                            buf.extend_from_slice(&chunk[..take]);
+                            chunk.advance(take);
+                            if buf.len() == want {
+                                let (i, tx) = current.take().unwrap_or_else(|| unreachable!());
+                                current = pending.next();
+                                let next_len = current.as_ref().map_or(0, |(i, _)| block_len(*i)) as usize;
+                                let full = std::mem::replace(&mut buf, BytesMut::with_capacity(next_len));
+                                cache.fill(&object, i, tx, Ok(full.freeze()));
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let rest = current.take().into_iter().chain(pending.by_ref());
+                        return fail(&mut rest.collect::<Vec<_>>().into_iter(), e);
+                    }
+                    None => {
+                        let _ = want;
+                        let rest = current.take().into_iter().chain(pending.by_ref());
+                        let e = StoreError::Network("the body ended before the requested range".into());
+                        return fail(&mut rest.collect::<Vec<_>>().into_iter(), e);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Waits for block `index`, fetching it again if it was evicted or failed
+    /// under another reader.
+    async fn block(&self, index: u64) -> Result<Bytes, StoreError> {
+        let key = (self.object.clone(), index);
+        for _ in 0..3 {
+            match self.cache.probe(&key) {
+                Probe::Ready(b) => {
+                    self.cache.hit();
+                    return Ok(b);
+                }
+                Probe::Pending(mut rx) => {
+                    let result = rx.wait_for(|v| v.is_some()).await.map(|v| v.clone());
+                    match result {
+                        Ok(Some(r)) => return r,
+                        _ => return Err(StoreError::Network("block fetch was abandoned".into())),
+                    }
+                }
+                Probe::Missing => {
+                    self.fetch(index..index + 1, false);
+                }
+            }
+        }
+        Err(StoreError::Network("block was evicted repeatedly; memory limit too small".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    fn setup(len: usize, limit: u64) -> (Arc<MemoryStore>, Reader, Vec<u8>) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let store = Arc::new(MemoryStore::new());
+        let etag = store.insert("k", data.clone());
+        let object = Arc::new(ObjectId { source: "t".into(), key: "k".into(), etag });
+        let reader = Reader::new(object, len as u64, store.clone(), Arc::new(BlockCache::new(limit)));
+        (store, reader, data)
+    }
+
+    #[tokio::test]
+    async fn every_offset_and_size_is_correct() {
+        let len = 3 * BLOCK_SIZE as usize + 12345;
+        let (_, reader, data) = setup(len, 64 << 20);
+        for (off, n) in [(0, 1), (0, 4096), (BLOCK_SIZE as usize - 1, 2), (1000, 300_000), (len - 1, 10), (len, 10), (len + 5, 1), (0, len as u32 as usize + 100)] {
+            let got = reader.read(off as u64, n as u32).await.unwrap();
+            let want = &data[off.min(len)..(off + n).min(len)];
+            assert_eq!(&got[..], want, "offset {off} len {n}");
+        }
+    }
+
+    #[tokio::test]
+    async fn sequential_reads_prefetch_and_random_reads_do_not() {
+        let len = 32 << 20;
+        let (store, reader, data) = setup(len, 64 << 20);
+        let mut off = 0;
+        while off < len {
+            let got = reader.read(off as u64, 128 * 1024).await.unwrap();
+            assert_eq!(&got[..], &data[off..off + 128 * 1024]);
+            off += 128 * 1024;
+        }
+        let gets = store.requests.lock().unwrap()["get"];
+        assert!(gets < 40, "sequential read of 32 MiB took {gets} GETs");
+
+        let (store, reader, _) = setup(len, 64 << 20);
+        for i in 0..20u64 {
+            let off = (i * 7_919 * 4096) % (len as u64 - 300_000);
+            reader.read(off, 256 * 1024).await.unwrap();
+        }
+        let fetched = reader.cache.stats.fetched_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(fetched <= 2 * 20 * 256 * 1024, "random reads fetched {fetched} bytes");
+        drop(store);
+    }
+
+    #[tokio::test]
+    async fn changed_object_fails_instead_of_mixing() {
+        let len = 4 * BLOCK_SIZE as usize;
+        let (store, reader, _) = setup(len, 64 << 20);
+        reader.read(0, 100).await.unwrap();
+        store.insert("k", vec![1u8; len]);
+        let err = reader.read(2 * BLOCK_SIZE, 100).await.unwrap_err();
+        assert_eq!(err, StoreError::PreconditionFailed);
+    }
+}

@@ -1,0 +1,14 @@
+//! bucketfs: a native FUSE file system for S3 and S3-compatible servers.
+//!
+//! Layers, top to bottom (see the README's design section):
+//! `cli`/`fluid` build [`spec::MountSpec`]s; [`mount`] mounts and serves them;
+//! [`fuse`] translates kernel requests; [`fs`] is the file system; [`store`]
+//! is the object-store boundary.
+
+pub mod cli;
+pub mod fs;
+pub mod fuse;
+pub mod logging;
+pub mod mount;
+pub mod spec;
+pub mod store;

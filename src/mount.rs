@@ -1,0 +1,342 @@
+//! Mounting, serving and unmounting: stale-mount cleanup, the FUSE session,
+//! signals and exit codes.
+//!
+//! Exit codes: 0 after a clean unmount (a signal, or `umount` from outside);
+//! 2 when the mount cannot start (bad input, unreachable server, missing
+//! bucket, denied credentials); 1 when the session fails while running.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, INodeNo, MountOption, Session, SessionACL};
+use tracing::{error, info, warn};
+
+use crate::fs::{Fs, MountPoint};
+use crate::fuse::FuseAdapter;
+use crate::spec::{FsSettings, MountSpec};
+use crate::store::s3::S3Store;
+use crate::store::{ObjectStore, StoreError};
+
+/// Exit code for anything that stops a mount from starting.
+pub const EXIT_START: i32 = 2;
+/// The FUSE fsname: the source field of the mountinfo line.
+pub const FSNAME: &str = "bucketfs";
+/// How long the mount-time check may wait for the server.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long to wait for the session to end after unmounting.
+const UNMOUNT_WAIT: Duration = Duration::from_secs(10);
+
+/// An error that stops the mount from starting: one line, exit code 2.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Everything one FUSE session serves.
+pub struct MountRequest {
+    pub mountpoint: PathBuf,
+    pub settings: FsSettings,
+    pub mounts: Vec<MountSpec>,
+    /// Check every bucket before mounting (`bucketfs mount`); Fluid mode
+    /// mounts first and reports problems per operation instead.
+    pub check_first: bool,
+}
+
+/// Runs a mount until it is unmounted. Returns the process exit code.
+pub fn run(req: MountRequest) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("bucketfs").build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(prepare(&req)) {
+        Ok(fs) => serve(&rt, &req, fs),
+        Err(e) => {
+            error!("{e}");
+            eprintln!("bucketfs: {e}");
+            EXIT_START
+        }
+    }
+}
+
+fn endpoint_name(spec: &MountSpec) -> String {
+    match &spec.s3.endpoint {
+        Some(e) => e.clone(),
+        None => format!("AWS S3 ({})", spec.s3.region.as_deref().unwrap_or("default region")),
+    }
+}
+
+/// Explains a failed bucket check in one line.
+pub fn explain_check_failure(spec: &MountSpec, e: &StoreError) -> String {
+    let bucket = &spec.source.bucket;
+    let endpoint = endpoint_name(spec);
+    match e {
+        StoreError::NoSuchBucket | StoreError::NotFound => {
+            format!("bucket {bucket:?} does not exist at {endpoint}: check the name, or create the bucket")
+        }
+        StoreError::AccessDenied(code) => format!(
+            "access to bucket {bucket:?} at {endpoint} was denied ({code}): check the access key and secret key, or the bucket policy"
+        ),
+        StoreError::Network(cause) => format!("cannot reach {endpoint} for bucket {bucket:?}: {cause}"),
+        other => format!("bucket {bucket:?} at {endpoint}: {other}"),
+    }
+}
+
+async fn prepare(req: &MountRequest) -> Result<Arc<Fs>, StartError> {
+    let mountpoint = &req.mountpoint;
+    clean_stale_mount(mountpoint);
+    match std::fs::metadata(mountpoint) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(StartError(format!("mount point {} is not a directory", mountpoint.display()))),
+        Err(e) => return Err(StartError(format!("mount point {}: {e}", mountpoint.display()))),
+    }
+    let mut points = Vec::new();
+    for spec in &req.mounts {
+        let store = S3Store::new(&spec.source.bucket, spec.s3.clone())
+            .await
+            .map_err(|e| StartError(format!("mount {}: {e:#}", spec.name)))?;
+        let store: Arc<dyn ObjectStore> = Arc::new(store);
+        if req.check_first {
+            match tokio::time::timeout(CHECK_TIMEOUT, store.check_bucket()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(StartError(explain_check_failure(spec, &e))),
+                Err(_) => {
+                    return Err(StartError(format!(
+                        "no answer from {} for bucket {:?} within {}s",
+                        endpoint_name(spec),
+                        spec.source.bucket,
+                        CHECK_TIMEOUT.as_secs()
+                    )));
+                }
+            }
+        } else {
+            let (store, spec) = (store.clone(), spec.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(CHECK_TIMEOUT, store.check_bucket()).await {
+                    Ok(Ok(())) => info!("mount {}: {} is reachable", spec.name, spec.source),
+                    Ok(Err(e)) => warn!("mount {}: {}; operations under it will fail until this is fixed", spec.name, explain_check_failure(&spec, &e)),
+                    Err(_) => warn!("mount {}: no answer from {} yet; operations will fail with EIO until it answers", spec.name, endpoint_name(&spec)),
+                }
+            });
+        }
+        let source_id: Arc<str> = format!("{}|{}", spec.s3.endpoint.as_deref().unwrap_or("aws"), spec.source.bucket).into();
+        points.push((
+            spec.path.clone(),
+            Arc::new(MountPoint {
+                name: spec.name.clone(),
+                store,
+                prefix: spec.source.prefix.clone(),
+                read_only: spec.read_only,
+                ttl: spec.metadata_ttl,
+                source_id,
+            }),
+        ));
+    }
+    let fs = Fs::new(req.settings.clone(), points).map_err(|e| StartError(format!("{e:#}")))?;
+    Ok(Arc::new(fs))
+}
+
+fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
+    let mut options = vec![
+        MountOption::FSName(FSNAME.to_string()),
+        MountOption::Subtype(FSNAME.to_string()),
+        MountOption::DefaultPermissions,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::NoAtime,
+    ];
+    if req.settings.read_only {
+        options.push(MountOption::RO);
+    }
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = if req.settings.allow_other { SessionACL::All } else { SessionACL::Owner };
+    config.n_threads = Some(2);
+    config.clone_fd = true;
+    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
+    let mut session = match Session::new(adapter, &req.mountpoint, &config) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("cannot mount at {}: {e}", req.mountpoint.display());
+            error!("{msg}");
+            eprintln!("bucketfs: {msg}");
+            return EXIT_START;
+        }
+    };
+    let notifier = session.notifier();
+    fs.set_invalidator(Box::new(move |ino| {
+        let notifier = notifier.clone();
+        std::thread::spawn(move || {
+            let _ = notifier.inval_inode(INodeNo(ino), 0, -1);
+        });
+    }));
+    let mut unmounter = session.unmount_callable();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let runner = std::thread::Builder::new().name("fuse-session".into()).spawn(move || {
+        let result = session.run();
+        let _ = done_tx.send(result);
+    });
+    if let Err(e) = runner {
+        error!("cannot start the FUSE session thread: {e}");
+        return 1;
+    }
+    let sources: Vec<String> = req.mounts.iter().map(|m| m.source.to_string()).collect();
+    info!(
+        "mounted {} at {}{}",
+        sources.join(", "),
+        req.mountpoint.display(),
+        if req.settings.read_only { " (read-only)" } else { "" }
+    );
+    rt.block_on(async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("cannot install the SIGTERM handler: {e}");
+                return 1;
+            }
+        };
+        let mut done_rx = done_rx;
+        let signal = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            result = &mut done_rx => {
+                return match result {
+                    Ok(Ok(())) => { info!("{} was unmounted; exiting", req.mountpoint.display()); 0 }
+                    Ok(Err(e)) => { error!("the FUSE session failed: {e}"); 1 }
+                    Err(_) => { error!("the FUSE session thread ended unexpectedly"); 1 }
+                };
+            }
+        };
+        info!("{signal}: unmounting {}", req.mountpoint.display());
+        if let Err(e) = unmounter.unmount() {
+            warn!("unmount of {} failed ({e}); detaching it lazily", req.mountpoint.display());
+            lazy_unmount(&req.mountpoint);
+        }
+        match tokio::time::timeout(UNMOUNT_WAIT, done_rx).await {
+            Ok(_) => info!("unmounted {}; exiting", req.mountpoint.display()),
+            Err(_) => warn!("the kernel still holds {} open; exiting anyway", req.mountpoint.display()),
+        }
+        0
+    })
+}
+
+fn lazy_unmount(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: a valid NUL-terminated path.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) == 0 }
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    pub mount_point: PathBuf,
+    pub fs_type: String,
+    pub source: String,
+    pub line: String,
+}
+
+/// Undoes the octal escapes (`\040` for a space) of mountinfo fields.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() + 0 && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses mountinfo text.
+pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            Some(MountInfo {
+                mount_point: PathBuf::from(unescape(fields.get(4)?)),
+                fs_type: fields.get(sep + 1)?.to_string(),
+                source: unescape(fields.get(sep + 2)?),
+                line: line.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Entries of this process's mount table at `path`.
+pub fn mounts_at(path: &Path) -> Vec<MountInfo> {
+    let target = absolute(path);
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    parse_mountinfo(&text).into_iter().filter(|m| m.mount_point == target).collect()
+}
+
+/// The absolute path of `path` without following its last component (which
+/// may be a dead mount that cannot be resolved).
+pub fn absolute(path: &Path) -> PathBuf {
+    let abs = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir().unwrap_or_default().join(path) };
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => parent.canonicalize().unwrap_or_else(|_| parent.to_path_buf()).join(name),
+        _ => abs,
+    }
+}
+
+/// True if `path` is a FUSE mount whose server is gone.
+pub fn is_dead_mount(path: &Path) -> bool {
+    match std::fs::metadata(path) {
+        Err(e) => matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)),
+        Ok(_) => false,
+    }
+}
+
+/// Detaches dead FUSE mounts stacked at `path`, and leaves healthy ones
+/// alone. Returns how many were removed.
+pub fn clean_stale_mount(path: &Path) -> usize {
+    let mut removed = 0;
+    for _ in 0..32 {
+        if mounts_at(path).is_empty() || !is_dead_mount(path) {
+            break;
+        }
+        if !lazy_unmount(&absolute(path)) {
+            warn!("cannot detach the dead mount at {}: {}", path.display(), std::io::Error::last_os_error());
+            break;
+        }
+        removed += 1;
+    }
+    if removed > 0 {
+        info!("removed {removed} dead mount(s) left at {} by a previous instance", path.display());
+    } else if !mounts_at(path).is_empty() {
+        warn!("a working file system is already mounted at {}; mounting on top of it", path.display());
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines() {
+        let text = "36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
+                    99 1 0:52 / /runtime-mnt/thin/default/demo/thin-fuse rw,nosuid,nodev,relatime shared:7 - fuse bucketfs rw,user_id=0,group_id=0,allow_other\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mount_point, PathBuf::from("/mnt/with space"));
+        assert_eq!(m[1].fs_type, "fuse");
+        assert_eq!(m[1].source, "bucketfs");
+    }
+}

@@ -1,0 +1,255 @@
+//! An in-process object store with S3's listing semantics, for unit and
+//! property tests of the file-system core. It is deliberately simple: one
+//! ordered map, ETags from a counter, multipart uploads kept in memory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+
+use super::{BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreError};
+
+#[derive(Clone)]
+struct Object {
+    body: Bytes,
+    etag: String,
+    modified: SystemTime,
+}
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<String, Object>,
+    uploads: HashMap<String, (String, BTreeMap<i32, Bytes>)>,
+}
+
+/// See the module documentation.
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+    counter: AtomicU64,
+    /// Number of requests served, by operation, for tests that count traffic.
+    pub requests: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn count(&self, op: &'static str) {
+        *self.requests.lock().unwrap().entry(op).or_default() += 1;
+    }
+
+    fn next_etag(&self) -> String {
+        format!("\"{:032x}\"", self.counter.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Test helper: stores `body` under `key` unconditionally.
+    pub fn insert(&self, key: &str, body: impl Into<Bytes>) -> String {
+        let etag = self.next_etag();
+        self.state.lock().unwrap().objects.insert(
+            key.to_string(),
+            Object { body: body.into(), etag: etag.clone(), modified: SystemTime::now() },
+        );
+        etag
+    }
+
+    /// Test helper: the body under `key`, if any.
+    pub fn body(&self, key: &str) -> Option<Bytes> {
+        self.state.lock().unwrap().objects.get(key).map(|o| o.body.clone())
+    }
+
+    /// Test helper: every key, in order.
+    pub fn keys(&self) -> Vec<String> {
+        self.state.lock().unwrap().objects.keys().cloned().collect()
+    }
+
+    fn check(state: &State, key: &str, cond: &PutCondition) -> Result<(), StoreError> {
+        match (cond, state.objects.get(key)) {
+            (PutCondition::IfAbsent, Some(_)) => Err(StoreError::PreconditionFailed),
+            (PutCondition::IfMatch(e), Some(o)) if &o.etag != e => Err(StoreError::PreconditionFailed),
+            (PutCondition::IfMatch(_), None) => Err(StoreError::PreconditionFailed),
+            _ => Ok(()),
+        }
+    }
+
+    fn meta(key: &str, o: &Object) -> ObjectMeta {
+        ObjectMeta { key: key.to_string(), size: o.body.len() as u64, etag: o.etag.clone(), last_modified: o.modified }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for MemoryStore {
+    fn describe(&self) -> String {
+        "memory://".to_string()
+    }
+
+    async fn check_bucket(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        delimited: bool,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> Result<ListPage, StoreError> {
+        self.count("list");
+        let max = max_keys.unwrap_or(1000).max(1) as usize;
+        let state = self.state.lock().unwrap();
+        let start = match &token {
+            Some(t) => Bound::Excluded(t.clone()),
+            None => Bound::Included(prefix.to_string()),
+        };
+        let mut page = ListPage::default();
+        let mut last: Option<String> = None;
+        let mut iter = state.objects.range((start, Bound::Unbounded)).peekable();
+        while let Some((key, obj)) = iter.next() {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if page.objects.len() + page.prefixes.len() >= max {
+                page.next = last.clone();
+                break;
+            }
+            let rest = &key[prefix.len()..];
+            match rest.find('/').filter(|_| delimited) {
+                Some(i) => {
+                    let common = format!("{prefix}{}", &rest[..=i]);
+                    // Skip every key sharing this common prefix.
+                    while iter.peek().is_some_and(|(k, _)| k.starts_with(&common)) {
+                        iter.next();
+                    }
+                    // The token must sort after every key under the prefix.
+                    last = Some(format!("{common}\u{10FFFF}"));
+                    page.prefixes.push(common);
+                }
+                None => {
+                    page.objects.push(Self::meta(key, obj));
+                    last = Some(key.clone());
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
+        self.count("head");
+        let state = self.state.lock().unwrap();
+        state.objects.get(key).map(|o| Self::meta(key, o)).ok_or(StoreError::NotFound)
+    }
+
+    async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError> {
+        self.count("get");
+        let state = self.state.lock().unwrap();
+        let obj = state.objects.get(key).ok_or(StoreError::NotFound)?;
+        if etag.is_some_and(|e| e != obj.etag) {
+            return Err(StoreError::PreconditionFailed);
+        }
+        let len = obj.body.len() as u64;
+        if start >= len && !(start == 0 && len == 0) {
+            return Err(StoreError::InvalidRange);
+        }
+        let body = obj.body.slice(start as usize..end.min(len) as usize);
+        Ok(Box::pin(futures::stream::iter([Ok(body)])))
+    }
+
+    async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError> {
+        self.count("put");
+        let etag = self.next_etag();
+        let mut state = self.state.lock().unwrap();
+        Self::check(&state, key, &cond)?;
+        state
+            .objects
+            .insert(key.to_string(), Object { body, etag: etag.clone(), modified: SystemTime::now() });
+        Ok(etag)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.count("delete");
+        self.state.lock().unwrap().objects.remove(key);
+        Ok(())
+    }
+
+    async fn copy(&self, from: &str, to: &str) -> Result<String, StoreError> {
+        self.count("copy");
+        let etag = self.next_etag();
+        let mut state = self.state.lock().unwrap();
+        let body = state.objects.get(from).ok_or(StoreError::NotFound)?.body.clone();
+        state
+            .objects
+            .insert(to.to_string(), Object { body, etag: etag.clone(), modified: SystemTime::now() });
+        Ok(etag)
+    }
+
+    async fn create_multipart(&self, key: &str) -> Result<String, StoreError> {
+        self.count("create_multipart");
+        let id = format!("upload-{}", self.counter.fetch_add(1, Ordering::Relaxed));
+        self.state.lock().unwrap().uploads.insert(id.clone(), (key.to_string(), BTreeMap::new()));
+        Ok(id)
+    }
+
+    async fn upload_part(&self, _key: &str, upload_id: &str, number: i32, body: Bytes) -> Result<CompletedPart, StoreError> {
+        self.count("upload_part");
+        let etag = self.next_etag();
+        let mut state = self.state.lock().unwrap();
+        let upload = state.uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
+        upload.1.insert(number, body);
+        Ok(CompletedPart { number, etag })
+    }
+
+    async fn upload_part_copy(
+        &self,
+        _key: &str,
+        upload_id: &str,
+        number: i32,
+        from: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<CompletedPart, StoreError> {
+        self.count("upload_part_copy");
+        let etag = self.next_etag();
+        let mut state = self.state.lock().unwrap();
+        let src = state.objects.get(from).ok_or(StoreError::NotFound)?.body.clone();
+        if end > src.len() as u64 || start > end {
+            return Err(StoreError::InvalidRange);
+        }
+        let upload = state.uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
+        upload.1.insert(number, src.slice(start as usize..end as usize));
+        Ok(CompletedPart { number, etag })
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+        cond: PutCondition,
+    ) -> Result<String, StoreError> {
+        self.count("complete_multipart");
+        let etag = self.next_etag();
+        let mut state = self.state.lock().unwrap();
+        Self::check(&state, key, &cond)?;
+        let (_, stored) = state.uploads.remove(upload_id).ok_or(StoreError::NotFound)?;
+        let mut body = BytesMut::new();
+        for p in &parts {
+            body.extend_from_slice(stored.get(&p.number).ok_or(StoreError::InvalidRange)?);
+        }
+        state.objects.insert(
+            key.to_string(),
+            Object { body: body.freeze(), etag: format!("{}-{}\"", &etag[..etag.len() - 1], parts.len()), modified: SystemTime::now() },
+        );
+        Ok(etag)
+    }
+
+    async fn abort_multipart(&self, _key: &str, upload_id: &str) -> Result<(), StoreError> {
+        self.count("abort_multipart");
+        self.state.lock().unwrap().uploads.remove(upload_id);
+        Ok(())
+    }
+}

@@ -1,0 +1,194 @@
+//! The object-store boundary.
+//!
+//! Everything above this module speaks in keys, byte ranges and ETags; nothing
+//! above it knows about HTTP. [`ObjectStore`] is implemented by [`s3::S3Store`]
+//! (aws-sdk-s3, for real servers) and [`memory::MemoryStore`] (in-process, for
+//! unit and property tests), so the file-system core runs unchanged over both.
+//!
+//! One store serves one bucket; keys are full keys inside that bucket. Mount
+//! prefixes are the file system's business, not the store's.
+
+pub mod memory;
+pub mod s3;
+
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+
+/// What a listing or a HEAD knows about one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+    /// The ETag exactly as the server sent it (quotes included), so it can be
+    /// echoed back in `If-Match`.
+    pub etag: String,
+    pub last_modified: SystemTime,
+}
+
+/// One page of a ListObjectsV2 answer.
+#[derive(Clone, Debug, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectMeta>,
+    /// Common prefixes, each ending with the delimiter.
+    pub prefixes: Vec<String>,
+    /// Continuation token for the next page, if the listing is truncated.
+    pub next: Option<String>,
+}
+
+/// A body arriving in chunks, so readers can be served before a large ranged
+/// GET has finished.
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, StoreError>> + Send>>;
+
+/// Preconditions on a write, used to turn a concurrent overwrite by another
+/// client into an error instead of a silent loss.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PutCondition {
+    /// Write unconditionally.
+    #[default]
+    None,
+    /// Only if no object exists under the key (`If-None-Match: *`).
+    IfAbsent,
+    /// Only if the current object has this ETag (`If-Match`).
+    IfMatch(String),
+}
+
+/// A part of a multipart upload that has been sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompletedPart {
+    pub number: i32,
+    pub etag: String,
+}
+
+/// Why a store operation failed. Mapped to an errno at the FUSE edge only.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("no such key")]
+    NotFound,
+    #[error("no such bucket")]
+    NoSuchBucket,
+    #[error("access denied: {0}")]
+    AccessDenied(String),
+    /// If-Match / If-None-Match did not hold: the object changed or exists.
+    #[error("precondition failed (the object was changed by another client)")]
+    PreconditionFailed,
+    #[error("requested range not satisfiable")]
+    InvalidRange,
+    /// The server could not be reached, or the connection broke or timed out.
+    #[error("network error: {0}")]
+    Network(String),
+    /// The server answered with an error status.
+    #[error("server error {status}: {message}")]
+    Server { status: u16, message: String },
+}
+
+impl StoreError {
+    /// True for failures that may go away by themselves (network, 5xx, 429).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Network(_) => true,
+            StoreError::Server { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+}
+
+/// The operations bucketfs needs from an object store.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// A short name for logs, such as `s3://bucket`. Never contains secrets.
+    fn describe(&self) -> String;
+
+    /// Checks that the bucket exists and that the credentials may use it.
+    async fn check_bucket(&self) -> Result<(), StoreError>;
+
+    /// One page of ListObjectsV2 under `prefix`, with `/` as delimiter when
+    /// `delimited` is true.
+    async fn list(
+        &self,
+        prefix: &str,
+        delimited: bool,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> Result<ListPage, StoreError>;
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError>;
+
+    /// Bytes `start..end` of `key`. With `etag`, the read carries `If-Match`
+    /// and fails with [`StoreError::PreconditionFailed`] if the object changed.
+    async fn get_range(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        start: u64,
+        end: u64,
+    ) -> Result<BodyStream, StoreError>;
+
+    /// Single-request upload. Returns the new ETag.
+    async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError>;
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Server-side copy of a whole object (up to 5 GiB). Returns the new ETag.
+    async fn copy(&self, from: &str, to: &str) -> Result<String, StoreError>;
+
+    async fn create_multipart(&self, key: &str) -> Result<String, StoreError>;
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+    ) -> Result<CompletedPart, StoreError>;
+
+    /// UploadPartCopy: bytes `start..end` of `from` become part `number`.
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        from: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<CompletedPart, StoreError>;
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+        cond: PutCondition,
+    ) -> Result<String, StoreError>;
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StoreError>;
+}
+
+/// Reads a whole body stream into one buffer.
+pub async fn collect_body(mut body: BodyStream) -> Result<Bytes, StoreError> {
+    use futures::StreamExt;
+    let mut first: Option<Bytes> = None;
+    let mut buf: Option<bytes::BytesMut> = None;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        match (&mut first, &mut buf) {
+            (None, None) => first = Some(chunk),
+            (Some(f), None) => {
+                let mut b = bytes::BytesMut::with_capacity(f.len() + chunk.len());
+                b.extend_from_slice(f);
+                b.extend_from_slice(&chunk);
+                first = None;
+                buf = Some(b);
+            }
+            (_, Some(b)) => b.extend_from_slice(&chunk),
+        }
+    }
+    Ok(match (first, buf) {
+        (_, Some(b)) => b.freeze(),
+        (Some(f), None) => f,
+        (None, None) => Bytes::new(),
+    })
+}
