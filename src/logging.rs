@@ -17,9 +17,16 @@ pub fn init(level: &str, format: LogFormat) {
             "trace" | "debug" => "info",
             _ => "warn",
         };
-        EnvFilter::new(format!("{deps},bucketfs={level}"))
+        // fuser warns about expected events (unmounting an already unmounted
+        // file system); its errors still show.
+        EnvFilter::new(format!("{deps},fuser=error,bucketfs={level}"))
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

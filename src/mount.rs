@@ -61,7 +61,6 @@ pub fn run(req: MountRequest) -> i32 {
     match rt.block_on(prepare(&req)) {
         Ok(fs) => serve(&rt, &req, fs),
         Err(e) => {
-            error!("{e}");
             eprintln!("bucketfs: {e}");
             EXIT_START
         }
@@ -166,9 +165,7 @@ fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
     let mut session = match Session::new(adapter, &req.mountpoint, &config) {
         Ok(s) => s,
         Err(e) => {
-            let msg = format!("cannot mount at {}: {e}", req.mountpoint.display());
-            error!("{msg}");
-            eprintln!("bucketfs: {msg}");
+            eprintln!("bucketfs: cannot mount at {}: {e}", req.mountpoint.display());
             return EXIT_START;
         }
     };

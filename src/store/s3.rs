@@ -24,7 +24,6 @@ use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation, Respon
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as SdkPart};
-use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 use bytes::Bytes;
@@ -167,7 +166,7 @@ fn encode_key(key: &str) -> String {
 fn map_err<E, R>(err: SdkError<E, R>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + HasStatus,
+    R: std::fmt::Debug + HasStatus + Send + Sync + 'static,
 {
     match &err {
         SdkError::ServiceError(ctx) => {
@@ -189,8 +188,23 @@ where
             }
         }
         SdkError::TimeoutError(_) => StoreError::Network("request timed out".to_string()),
-        _ => StoreError::Network(format!("{}", DisplayErrorContext(&err))),
+        _ => StoreError::Network(error_chain(&err)),
     }
+}
+
+/// "outer: inner: innermost" from an error's source chain, without the
+/// Debug dumps some SDK errors add.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
 }
 
 /// The HTTP status of a raw response, for error mapping.
@@ -295,7 +309,7 @@ impl ObjectStore for S3Store {
             match tokio::time::timeout(BODY_CHUNK_TIMEOUT, body.try_next()).await {
                 Ok(Ok(Some(chunk))) => Some((Ok(chunk), Some(body))),
                 Ok(Ok(None)) => None,
-                Ok(Err(e)) => Some((Err(StoreError::Network(format!("reading body: {}", DisplayErrorContext(&e)))), None)),
+                Ok(Err(e)) => Some((Err(StoreError::Network(format!("reading body: {}", error_chain(&e)))), None)),
                 Err(_) => Some((Err(StoreError::Network("reading body timed out".to_string())), None)),
             }
         });
