@@ -8,7 +8,11 @@ use crate::logging::LogFormat;
 use crate::spec::{self, CredentialSource, FsSettings, MountSpec, S3Settings, SecretValue, Source};
 
 #[derive(Parser, Debug)]
-#[command(name = "bucketfs", version, about = "A FUSE file system for S3 and MinIO buckets")]
+#[command(
+    name = "bucketfs",
+    version,
+    about = "A FUSE file system for S3 and MinIO buckets"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -17,7 +21,33 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Mount a bucket (or a prefix of it) and serve it in the foreground.
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
+    /// Serve the mounts of a Fluid ThinRuntime config (the FUSE container's entry point).
+    Fluid(FluidArgs),
+    /// Readiness check: exit 0 when targetPath is mounted by bucketfs and answers.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FluidArgs {
+    /// Config file (default: $BUCKETFS_FLUID_CONFIG, /etc/fluid/config/config.json, /etc/fluid/config.json).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// Config file (default as for `bucketfs fluid`); $MOUNT_POINT is used when there is none.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Path to check instead of the config's targetPath.
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// How long `stat` may take.
+    #[arg(long, default_value = "5s", value_parser = spec::parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 /// Options shared by every command that talks to a server.
@@ -105,9 +135,10 @@ impl MountArgs {
             memory_limit: self.memory_limit,
         };
         let credentials = match (&self.access_key_file, &self.secret_key_file) {
-            (Some(a), Some(s)) => {
-                CredentialSource::Keys { access_key: SecretValue::File(a.clone()), secret_key: SecretValue::File(s.clone()) }
-            }
+            (Some(a), Some(s)) => CredentialSource::Keys {
+                access_key: SecretValue::File(a.clone()),
+                secret_key: SecretValue::File(s.clone()),
+            },
             _ => CredentialSource::Chain,
         };
         let endpoint = self.endpoint_url.clone().filter(|e| !e.trim().is_empty());

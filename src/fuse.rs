@@ -5,9 +5,9 @@ use std::ffi::OsStr;
 use std::sync::Arc;
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use tokio::runtime::Handle;
 
@@ -63,14 +63,17 @@ fn name_str(name: &OsStr) -> Option<String> {
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         let _ = config.set_max_readahead(MAX_READAHEAD);
         let _ = config.set_max_background(64);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Some(name) = name_str(name) else { return reply.error(Errno::ENOENT) };
+        let Some(name) = name_str(name) else {
+            return reply.error(Errno::ENOENT);
+        };
         let (fs, this) = (self.fs.clone(), self.attr_maker());
         self.rt.spawn(async move {
             match fs.lookup(parent.0, &name).await {
@@ -98,9 +101,14 @@ impl Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.open(ino.0, flags.0).await {
-                Ok((fh, keep)) => {
-                    reply.opened(FileHandle(fh), if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() })
-                }
+                Ok((fh, keep)) => reply.opened(
+                    FileHandle(fh),
+                    if keep {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    },
+                ),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -126,7 +134,14 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -151,13 +166,24 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.readdir(fh.0, offset).await {
                 Ok(items) => {
                     for (i, item) in items.iter().enumerate().skip(offset as usize) {
-                        let kind = if item.attr.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
+                        let kind = if item.attr.kind == Kind::Dir {
+                            FileType::Directory
+                        } else {
+                            FileType::RegularFile
+                        };
                         if reply.add(INodeNo(item.attr.ino), i as u64 + 1, kind, &item.name) {
                             break;
                         }
@@ -169,14 +195,28 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let (fs, this) = (self.fs.clone(), self.attr_maker());
         self.rt.spawn(async move {
             match fs.readdir(fh.0, offset).await {
                 Ok(items) => {
                     for (i, item) in items.iter().enumerate().skip(offset as usize) {
                         let attr = fs.remember_entry(ino.0, item);
-                        if reply.add(INodeNo(attr.ino), i as u64 + 1, &item.name, &attr.ttl, &this(&attr), Generation(0)) {
+                        if reply.add(
+                            INodeNo(attr.ino),
+                            i as u64 + 1,
+                            &item.name,
+                            &attr.ttl,
+                            &this(&attr),
+                            Generation(0),
+                        ) {
                             // Did not fit: the kernel never saw it.
                             if item.name != "." && item.name != ".." {
                                 fs.forget(attr.ino, 1);
@@ -191,30 +231,53 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
         // Objects carry no extended attributes.
         reply.error(Errno::from_i32(libc::ENODATA));
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.fs.statfs();
-        reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize);
+        reply.statfs(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+        );
     }
 }
 
 impl FuseAdapter {
     /// A cheap closure turning [`Attr`] into [`FileAttr`] inside spawned tasks.
     fn attr_maker(&self) -> impl Fn(&Attr) -> FileAttr + Send + 'static {
-        let adapter = FuseAdapter { fs: self.fs.clone(), rt: self.rt.clone() };
+        let adapter = FuseAdapter {
+            fs: self.fs.clone(),
+            rt: self.rt.clone(),
+        };
         move |a| adapter.file_attr(a)
     }
 }

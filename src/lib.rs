@@ -6,9 +6,11 @@
 //! is the object-store boundary.
 
 pub mod cli;
+pub mod fluid;
 pub mod fs;
 pub mod fuse;
 pub mod logging;
 pub mod mount;
+pub mod probe;
 pub mod spec;
 pub mod store;

@@ -1,37 +1,121 @@
-use clap::Parser;
+use std::path::PathBuf;
 
-use bucketfs::cli::{Cli, Command};
+use clap::Parser;
+use tracing::{info, warn};
+
+use bucketfs::cli::{Cli, Command, FluidArgs, MountArgs, ProbeArgs};
+use bucketfs::logging::LogFormat;
 use bucketfs::mount::{self, EXIT_START, MountRequest};
+use bucketfs::{fluid, probe};
 
 fn main() {
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            // clap prints help and version to stdout with code 0, errors with code 2.
-            e.exit();
-        }
-    };
+    let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
     let code = match cli.command {
-        Command::Mount(args) => {
-            bucketfs::logging::init(&args.log.log_level, args.log.log_format);
-            match args.to_specs() {
-                Ok((settings, spec)) => {
-                    if !args.read_only {
-                        tracing::info!("writes are not supported yet: mounting read-only");
+        Command::Mount(args) => run_mount(args),
+        Command::Fluid(args) => run_fluid(args),
+        Command::Probe(args) => run_probe(args),
+    };
+    std::process::exit(code);
+}
+
+fn fail_start(e: anyhow::Error) -> i32 {
+    eprintln!("bucketfs: {e:#}");
+    EXIT_START
+}
+
+fn run_mount(args: Box<MountArgs>) -> i32 {
+    bucketfs::logging::init(&args.log.log_level, args.log.log_format);
+    let (settings, spec) = match args.to_specs() {
+        Ok(v) => v,
+        Err(e) => return fail_start(e),
+    };
+    if !args.read_only {
+        info!("writes are not supported yet: mounting read-only");
+    }
+    mount::run(MountRequest {
+        mountpoint: args.mountpoint.clone(),
+        settings,
+        mounts: vec![spec],
+        check_first: true,
+    })
+}
+
+fn run_fluid(args: FluidArgs) -> i32 {
+    let path = match fluid::find_config(args.config.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return fail_start(e),
+    };
+    let mount_options = std::env::var("MOUNT_OPTIONS").ok();
+    let mut plan = match fluid::load(&path, mount_options.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return fail_start(e),
+    };
+    let level = plan.log_level.clone().unwrap_or(args.log.log_level.clone());
+    let format = match plan.log_format.as_deref() {
+        Some("json") => LogFormat::Json,
+        Some(_) => LogFormat::Text,
+        None => args.log.log_format,
+    };
+    bucketfs::logging::init(&level, format);
+    info!(
+        "Fluid config {}: {} mount(s) at {}",
+        path.display(),
+        plan.mounts.len(),
+        plan.target_path.display()
+    );
+    for key in &plan.unknown_options {
+        warn!("ignoring unknown option {key}");
+    }
+    if !plan.read_only_by_access_mode {
+        info!("writes are not supported yet: serving every mount read-only");
+    }
+    plan.settings.read_only = true;
+    for m in &mut plan.mounts {
+        m.read_only = true;
+    }
+    let target: PathBuf = plan.target_path.clone();
+    mount::clean_stale_mount(&target);
+    if let Err(e) = std::fs::create_dir_all(&target) {
+        return fail_start(anyhow::anyhow!(
+            "cannot create targetPath {}: {e}",
+            target.display()
+        ));
+    }
+    mount::run(MountRequest {
+        mountpoint: target,
+        settings: plan.settings,
+        mounts: plan.mounts,
+        check_first: false,
+    })
+}
+
+fn run_probe(args: ProbeArgs) -> i32 {
+    let target = match args.path {
+        Some(p) => p,
+        None => {
+            match fluid::find_config(args.config.as_deref()).and_then(|p| fluid::target_path(&p)) {
+                Ok(t) => t,
+                Err(e) => match std::env::var_os("MOUNT_POINT") {
+                    Some(mp) => PathBuf::from(mp),
+                    None => {
+                        eprintln!("bucketfs probe: {e:#}");
+                        return 1;
                     }
-                    mount::run(MountRequest {
-                        mountpoint: args.mountpoint.clone(),
-                        settings,
-                        mounts: vec![spec],
-                        check_first: true,
-                    })
-                }
-                Err(e) => {
-                    eprintln!("bucketfs: {e:#}");
-                    EXIT_START
-                }
+                },
             }
         }
     };
-    std::process::exit(code);
+    match probe::check(&target, args.timeout) {
+        Ok(()) => {
+            println!(
+                "ok: {} is mounted by bucketfs and answers",
+                target.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("bucketfs probe: {e}");
+            1
+        }
+    }
 }

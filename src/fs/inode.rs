@@ -69,7 +69,10 @@ pub struct InodeTable {
 
 impl InodeTable {
     pub fn new() -> Self {
-        Self { next: ROOT + 1, ..Self::default() }
+        Self {
+            next: ROOT + 1,
+            ..Self::default()
+        }
     }
 
     pub fn get(&self, ino: u64) -> Option<&Inode> {
@@ -119,21 +122,20 @@ impl InodeTable {
         count: bool,
     ) -> u64 {
         let name_key = (parent, entry.name.clone());
-        if let Some(&ino) = self.names.get(&name_key) {
-            if let Some(inode) = self.inodes.get_mut(&ino) {
-                if inode.kind == entry.kind {
-                    if entry.kind == Kind::File {
-                        inode.size = entry.size;
-                        inode.mtime = entry.mtime;
-                        inode.etag = entry.etag.clone();
-                    }
-                    inode.valid_until = valid_until;
-                    if count {
-                        inode.lookups += 1;
-                    }
-                    return ino;
-                }
+        if let Some(&ino) = self.names.get(&name_key)
+            && let Some(inode) = self.inodes.get_mut(&ino)
+            && inode.kind == entry.kind
+        {
+            if entry.kind == Kind::File {
+                inode.size = entry.size;
+                inode.mtime = entry.mtime;
+                inode.etag = entry.etag.clone();
             }
+            inode.valid_until = valid_until;
+            if count {
+                inode.lookups += 1;
+            }
+            return ino;
         }
         let ino = self.next;
         self.next += 1;
@@ -148,7 +150,10 @@ impl InodeTable {
                 parent,
                 name: entry.name.clone(),
                 kind: entry.kind,
-                loc: Loc::Object { mount: mount.clone(), key },
+                loc: Loc::Object {
+                    mount: mount.clone(),
+                    key,
+                },
                 size: entry.size,
                 mtime: entry.mtime,
                 etag: entry.etag.clone(),
@@ -172,7 +177,9 @@ impl InodeTable {
 
     /// Drops `n` kernel lookups; an unpinned inode nobody knows is removed.
     pub fn forget(&mut self, ino: u64, n: u64) {
-        let Some(inode) = self.inodes.get_mut(&ino) else { return };
+        let Some(inode) = self.inodes.get_mut(&ino) else {
+            return;
+        };
         inode.lookups = inode.lookups.saturating_sub(n);
         if inode.lookups == 0 && !inode.pinned {
             let key = (inode.parent, inode.name.clone());

@@ -147,7 +147,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Fs {
     /// Builds the tree: one mount with an empty path is the root; otherwise
     /// the root is virtual and each mount sits at its path.
-    pub fn new(settings: FsSettings, mounts: Vec<(Vec<String>, Arc<MountPoint>)>) -> anyhow::Result<Self> {
+    pub fn new(
+        settings: FsSettings,
+        mounts: Vec<(Vec<String>, Arc<MountPoint>)>,
+    ) -> anyhow::Result<Self> {
         let now = SystemTime::now();
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         let dir = |ino: u64, parent: u64, name: &str, loc: Loc| Inode {
@@ -168,30 +171,65 @@ impl Fs {
         let mut table = InodeTable::new();
         match mounts.as_slice() {
             [(path, mount)] if path.is_empty() => {
-                table.insert_pinned(dir(ROOT, ROOT, "", Loc::Object { mount: mount.clone(), key: mount.prefix.clone() }));
+                table.insert_pinned(dir(
+                    ROOT,
+                    ROOT,
+                    "",
+                    Loc::Object {
+                        mount: mount.clone(),
+                        key: mount.prefix.clone(),
+                    },
+                ));
             }
             _ => {
-                table.insert_pinned(dir(ROOT, ROOT, "", Loc::Virtual { children: BTreeMap::new() }));
+                table.insert_pinned(dir(
+                    ROOT,
+                    ROOT,
+                    "",
+                    Loc::Virtual {
+                        children: BTreeMap::new(),
+                    },
+                ));
                 for (path, mount) in &mounts {
-                    anyhow::ensure!(!path.is_empty(), "mount {} at the root cannot share the tree with other mounts", mount.name);
+                    anyhow::ensure!(
+                        !path.is_empty(),
+                        "mount {} at the root cannot share the tree with other mounts",
+                        mount.name
+                    );
                     let mut parent = ROOT;
                     for (depth, component) in path.iter().enumerate() {
                         let last = depth + 1 == path.len();
                         let existing = table.child(parent, component);
                         let ino = match existing {
                             Some(ino) => {
-                                let is_virtual = matches!(table.get(ino).map(|i| &i.loc), Some(Loc::Virtual { .. }));
-                                anyhow::ensure!(is_virtual && !last, "mount path /{} overlaps another mount", path.join("/"));
+                                let is_virtual = matches!(
+                                    table.get(ino).map(|i| &i.loc),
+                                    Some(Loc::Virtual { .. })
+                                );
+                                anyhow::ensure!(
+                                    is_virtual && !last,
+                                    "mount path /{} overlaps another mount",
+                                    path.join("/")
+                                );
                                 ino
                             }
                             None => {
                                 let loc = if last {
-                                    Loc::Object { mount: mount.clone(), key: mount.prefix.clone() }
+                                    Loc::Object {
+                                        mount: mount.clone(),
+                                        key: mount.prefix.clone(),
+                                    }
                                 } else {
-                                    Loc::Virtual { children: BTreeMap::new() }
+                                    Loc::Virtual {
+                                        children: BTreeMap::new(),
+                                    }
                                 };
                                 let ino = table.insert_pinned(dir(0, parent, component, loc));
-                                if let Some(Inode { loc: Loc::Virtual { children }, .. }) = table.get_mut(parent) {
+                                if let Some(Inode {
+                                    loc: Loc::Virtual { children },
+                                    ..
+                                }) = table.get_mut(parent)
+                                {
                                     children.insert(component.clone(), ino);
                                 }
                                 ino
@@ -234,8 +272,19 @@ impl Fs {
             Some(m) => (m.ttl, m.read_only || self.settings.read_only),
             None => (Duration::from_secs(365 * 24 * 3600), true),
         };
-        let mtime = if inode.kind == Kind::Dir && inode.mtime == SystemTime::UNIX_EPOCH { self.started } else { inode.mtime };
-        Attr { ino: inode.ino, kind: inode.kind, size: inode.size, mtime, ttl, read_only }
+        let mtime = if inode.kind == Kind::Dir && inode.mtime == SystemTime::UNIX_EPOCH {
+            self.started
+        } else {
+            inode.mtime
+        };
+        Attr {
+            ino: inode.ino,
+            kind: inode.kind,
+            size: inode.size,
+            mtime,
+            ttl,
+            read_only,
+        }
     }
 
     fn warn_once(&self, key: &str, message: impl FnOnce() -> String) {
@@ -261,7 +310,12 @@ impl Fs {
     fn log_store_error(&self, op: &str, mount: &MountPoint, key: &str, e: &StoreError) {
         match e {
             StoreError::NotFound => debug!(op, key, "{}: not found", mount.store.describe()),
-            _ => error!(op, key, "{}/{key}: {op} failed: {e}", mount.store.describe()),
+            _ => error!(
+                op,
+                key,
+                "{}/{key}: {op} failed: {e}",
+                mount.store.describe()
+            ),
         }
     }
 
@@ -289,30 +343,30 @@ impl Fs {
                     let (mount, key) = (mount.clone(), key.clone());
                     let now = Instant::now();
                     // A fresh listing answers both ways.
-                    if let Some((at, entries)) = &dir.listing {
-                        if now < *at + mount.ttl {
-                            let valid_until = *at + mount.ttl;
-                            let entry = entries.get(name).cloned().ok_or(FsError::NotFound)?;
-                            let ino = table.upsert(parent, &mount, &key, &entry, valid_until, true);
-                            return Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?));
-                        }
+                    if let Some((at, entries)) = &dir.listing
+                        && now < *at + mount.ttl
+                    {
+                        let valid_until = *at + mount.ttl;
+                        let entry = entries.get(name).cloned().ok_or(FsError::NotFound)?;
+                        let ino = table.upsert(parent, &mount, &key, &entry, valid_until, true);
+                        return Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?));
                     }
                     // A known child with fresh attributes.
-                    if let Some(ino) = table.child(parent, name) {
-                        if table.get(ino).is_some_and(|i| now < i.valid_until) {
-                            table.remember(ino);
-                            return Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?));
-                        }
+                    if let Some(ino) = table.child(parent, name)
+                        && table.get(ino).is_some_and(|i| now < i.valid_until)
+                    {
+                        table.remember(ino);
+                        return Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?));
                     }
                     (mount, key)
                 }
             }
         };
         let name_key = (parent, name.to_string());
-        if let Some(at) = lock(&self.negative).get(&name_key) {
-            if Instant::now() < *at + mount.ttl {
-                return Err(FsError::NotFound);
-            }
+        if let Some(at) = lock(&self.negative).get(&name_key)
+            && Instant::now() < *at + mount.ttl
+        {
+            return Err(FsError::NotFound);
         }
         let key = namespace::child_key(&dir_key, name);
         let started = Instant::now();
@@ -341,7 +395,10 @@ impl Fs {
     /// HEAD `key` and LIST `key/` at once; a directory wins over a file.
     async fn remote_lookup(&self, mount: &MountPoint, key: &str, name: &str) -> Result<Entry> {
         let dir_prefix = format!("{key}/");
-        let (head, list) = tokio::join!(mount.store.head(key), mount.store.list(&dir_prefix, true, None, Some(1)));
+        let (head, list) = tokio::join!(
+            mount.store.head(key),
+            mount.store.list(&dir_prefix, true, None, Some(1))
+        );
         match list {
             Ok(page) if !page.objects.is_empty() || !page.prefixes.is_empty() => {
                 if head.is_ok() {
@@ -417,8 +474,14 @@ impl Fs {
             if inode.kind == Kind::Dir {
                 return Err(FsError::IsDir);
             }
-            let Loc::Object { mount, key } = &inode.loc else { return Err(FsError::IsDir) };
-            (mount.clone(), key.clone(), Instant::now() >= inode.valid_until || inode.etag.is_none())
+            let Loc::Object { mount, key } = &inode.loc else {
+                return Err(FsError::IsDir);
+            };
+            (
+                mount.clone(),
+                key.clone(),
+                Instant::now() >= inode.valid_until || inode.etag.is_none(),
+            )
         };
         let writing = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         if writing {
@@ -434,7 +497,11 @@ impl Fs {
             let keep = inode.cached_etag.as_deref() == Some(etag.as_str());
             let changed = inode.cached_etag.is_some() && !keep;
             inode.cached_etag = Some(etag.clone());
-            let object = Arc::new(ObjectId { source: mount.source_id.clone(), key: key.clone(), etag });
+            let object = Arc::new(ObjectId {
+                source: mount.source_id.clone(),
+                key: key.clone(),
+                etag,
+            });
             (object, inode.size, keep, changed)
         };
         if changed {
@@ -455,7 +522,10 @@ impl Fs {
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes> {
-        let handle = lock(&self.files).get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        let handle = lock(&self.files)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
         match handle.reader.read(offset, size).await {
             Ok(b) => Ok(b),
             Err(e) => {
@@ -520,14 +590,23 @@ impl Fs {
         let (parent, mount, prefix) = {
             let table = lock(&self.inodes);
             let inode = table.get(ino).ok_or(FsError::NotFound)?;
-            let dot = |i: &Inode, name: &str| DirItem { name: name.to_string(), attr: self.attr_of(i) };
-            let parent = table.get(inode.parent).map(|p| dot(p, "..")).unwrap_or_else(|| dot(inode, ".."));
+            let dot = |i: &Inode, name: &str| DirItem {
+                name: name.to_string(),
+                attr: self.attr_of(i),
+            };
+            let parent = table
+                .get(inode.parent)
+                .map(|p| dot(p, ".."))
+                .unwrap_or_else(|| dot(inode, ".."));
             let mut items = vec![dot(inode, "."), parent];
             match &inode.loc {
                 Loc::Virtual { children } => {
                     for (name, child) in children {
                         if let Some(c) = table.get(*child) {
-                            items.push(DirItem { name: name.clone(), attr: self.attr_of(c) });
+                            items.push(DirItem {
+                                name: name.clone(),
+                                attr: self.attr_of(c),
+                            });
                         }
                     }
                     return Ok(items);
@@ -562,11 +641,17 @@ impl Fs {
         for entry in &entries {
             let child = table.upsert(ino, &mount, &prefix, entry, valid_until, false);
             if let Some(c) = table.get(child) {
-                items.push(DirItem { name: entry.name.clone(), attr: self.attr_of(c) });
+                items.push(DirItem {
+                    name: entry.name.clone(),
+                    attr: self.attr_of(c),
+                });
             }
         }
         if let Some(dir) = table.get_mut(ino) {
-            dir.listing = Some((started, Arc::new(entries.into_iter().map(|e| (e.name.clone(), e)).collect())));
+            dir.listing = Some((
+                started,
+                Arc::new(entries.into_iter().map(|e| (e.name.clone(), e)).collect()),
+            ));
         }
         Ok(items)
     }
@@ -606,7 +691,15 @@ impl Fs {
         // Object stores have no fixed capacity: report a large, constant
         // size so `df` and free-space checks in applications are happy.
         const BLOCKS: u64 = 1 << 40; // 4 PiB in 4 KiB blocks
-        StatFs { blocks: BLOCKS, bfree: BLOCKS, bavail: BLOCKS, files: 1 << 32, ffree: 1 << 32, bsize: 4096, namelen: 255 }
+        StatFs {
+            blocks: BLOCKS,
+            bfree: BLOCKS,
+            bavail: BLOCKS,
+            files: 1 << 32,
+            ffree: 1 << 32,
+            bsize: 4096,
+            namelen: 255,
+        }
     }
 
     /// Number of inodes known (for tests and metrics).

@@ -35,11 +35,23 @@ pub struct Entry {
 
 impl Entry {
     pub fn dir(name: &str) -> Self {
-        Entry { name: name.to_string(), kind: Kind::Dir, size: 0, etag: None, mtime: SystemTime::UNIX_EPOCH }
+        Entry {
+            name: name.to_string(),
+            kind: Kind::Dir,
+            size: 0,
+            etag: None,
+            mtime: SystemTime::UNIX_EPOCH,
+        }
     }
 
     pub fn file(name: &str, meta: &ObjectMeta) -> Self {
-        Entry { name: name.to_string(), kind: Kind::File, size: meta.size, etag: Some(meta.etag.clone()), mtime: meta.last_modified }
+        Entry {
+            name: name.to_string(),
+            kind: Kind::File,
+            size: meta.size,
+            etag: Some(meta.etag.clone()),
+            mtime: meta.last_modified,
+        }
     }
 }
 
@@ -54,17 +66,28 @@ pub enum Skipped {
 
 /// Checks that `name` can be a file name.
 pub fn valid_name(name: &str) -> bool {
-    !(name.is_empty() || name == "." || name == ".." || name.len() > NAME_MAX || name.contains('\0') || name.contains('/'))
+    !(name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.len() > NAME_MAX
+        || name.contains('\0')
+        || name.contains('/'))
 }
 
 /// Builds a directory's entries from a delimited listing of `prefix`
 /// (all pages concatenated). Returns the entries sorted by name, and what was
 /// skipped, for the caller to log.
-pub fn entries_from_listing(prefix: &str, objects: &[ObjectMeta], prefixes: &[String]) -> (Vec<Entry>, Vec<Skipped>) {
+pub fn entries_from_listing(
+    prefix: &str,
+    objects: &[ObjectMeta],
+    prefixes: &[String],
+) -> (Vec<Entry>, Vec<Skipped>) {
     let mut skipped = Vec::new();
     let mut entries: BTreeMap<&str, Entry> = BTreeMap::new();
     for p in prefixes {
-        let Some(name) = p.strip_prefix(prefix).and_then(|n| n.strip_suffix('/')) else { continue };
+        let Some(name) = p.strip_prefix(prefix).and_then(|n| n.strip_suffix('/')) else {
+            continue;
+        };
         if valid_name(name) {
             entries.insert(name, Entry::dir(name));
         } else {
@@ -72,7 +95,9 @@ pub fn entries_from_listing(prefix: &str, objects: &[ObjectMeta], prefixes: &[St
         }
     }
     for o in objects {
-        let Some(name) = o.key.strip_prefix(prefix) else { continue };
+        let Some(name) = o.key.strip_prefix(prefix) else {
+            continue;
+        };
         if name.is_empty() {
             continue; // the directory's own marker
         }
@@ -82,7 +107,9 @@ pub fn entries_from_listing(prefix: &str, objects: &[ObjectMeta], prefixes: &[St
             continue;
         }
         match entries.get(name) {
-            Some(e) if e.kind == Kind::Dir => skipped.push(Skipped::ShadowedByDir { key: o.key.clone() }),
+            Some(e) if e.kind == Kind::Dir => {
+                skipped.push(Skipped::ShadowedByDir { key: o.key.clone() })
+            }
             _ => {
                 entries.insert(name, Entry::file(name, o));
             }
@@ -115,7 +142,12 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn meta(key: &str) -> ObjectMeta {
-        ObjectMeta { key: key.into(), size: 1, etag: "\"e\"".into(), last_modified: SystemTime::UNIX_EPOCH }
+        ObjectMeta {
+            key: key.into(),
+            size: 1,
+            etag: "\"e\"".into(),
+            last_modified: SystemTime::UNIX_EPOCH,
+        }
     }
 
     #[test]
@@ -131,8 +163,19 @@ mod tests {
 
     #[test]
     fn directory_wins_marker_hidden_bad_names_skipped() {
-        let objects = [meta("p/"), meta("p/a"), meta("p/b"), meta("p/."), meta(&format!("p/{}", "y".repeat(300)))];
-        let prefixes = ["p/a/".to_string(), "p//".to_string(), "p/../".to_string(), "p/c/".to_string()];
+        let objects = [
+            meta("p/"),
+            meta("p/a"),
+            meta("p/b"),
+            meta("p/."),
+            meta(&format!("p/{}", "y".repeat(300))),
+        ];
+        let prefixes = [
+            "p/a/".to_string(),
+            "p//".to_string(),
+            "p/../".to_string(),
+            "p/c/".to_string(),
+        ];
         let (entries, skipped) = entries_from_listing("p/", &objects, &prefixes);
         let got: Vec<_> = entries.iter().map(|e| (e.name.as_str(), e.kind)).collect();
         assert_eq!(got, [("a", Kind::Dir), ("b", Kind::File), ("c", Kind::Dir)]);
@@ -160,7 +203,9 @@ mod tests {
         let mut dirs = BTreeSet::new();
         let mut files = BTreeSet::new();
         for k in keys {
-            let Some(rest) = k.strip_prefix(prefix) else { continue };
+            let Some(rest) = k.strip_prefix(prefix) else {
+                continue;
+            };
             match rest.split_once('/') {
                 Some((c, _)) => {
                     if valid_name(c) {
@@ -183,8 +228,18 @@ mod tests {
 
     fn key_strategy() -> impl Strategy<Value = String> {
         // Small alphabet so clashes, markers and empty components are common.
-        prop::collection::vec(prop_oneof![Just("a"), Just("b"), Just("/"), Just("."), Just("é"), Just("%+ ")], 1..7)
-            .prop_map(|parts| parts.concat())
+        prop::collection::vec(
+            prop_oneof![
+                Just("a"),
+                Just("b"),
+                Just("/"),
+                Just("."),
+                Just("é"),
+                Just("%+ ")
+            ],
+            1..7,
+        )
+        .prop_map(|parts| parts.concat())
     }
 
     proptest! {

@@ -63,9 +63,21 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub fn new(object: Arc<ObjectId>, size: u64, store: Arc<dyn ObjectStore>, cache: Arc<BlockCache>) -> Self {
+    pub fn new(
+        object: Arc<ObjectId>,
+        size: u64,
+        store: Arc<dyn ObjectStore>,
+        cache: Arc<BlockCache>,
+    ) -> Self {
         let max_window = MAX_WINDOW.min(cache.limit() / 4).max(INITIAL_WINDOW);
-        Self { object, size, store, cache, max_window, state: Mutex::new(State::default()) }
+        Self {
+            object,
+            size,
+            store,
+            cache,
+            max_window,
+            state: Mutex::new(State::default()),
+        }
     }
 
     pub fn object(&self) -> &ObjectId {
@@ -120,7 +132,10 @@ impl Reader {
         if sequential {
             st.streak += end.saturating_sub(st.next.max(offset));
         } else {
-            *st = State { started: true, ..State::default() };
+            *st = State {
+                started: true,
+                ..State::default()
+            };
         }
         st.next = st.next.max(end);
         if st.streak < SEQUENTIAL_TRIGGER || end >= self.size {
@@ -143,7 +158,12 @@ impl Reader {
     /// up to which blocks are requested (less than `blocks.end` when the cache
     /// refused optional room).
     fn fetch(&self, blocks: Range<u64>, optional: bool) -> u64 {
-        let (reserved, refused) = self.cache.reserve(&self.object, blocks.clone(), Self::block_len(self.size), optional);
+        let (reserved, refused) = self.cache.reserve(
+            &self.object,
+            blocks.clone(),
+            Self::block_len(self.size),
+            optional,
+        );
         let reached = refused.unwrap_or(blocks.end);
         let chunk_blocks = if optional {
             let window = self.state.lock().unwrap_or_else(|e| e.into_inner()).window;
@@ -174,19 +194,25 @@ impl Reader {
         tokio::spawn(async move {
             let block_len = Self::block_len(size);
             let start = run[0].0 * BLOCK_SIZE;
-            let end = (run[run.len() - 1].0 * BLOCK_SIZE + block_len(run[run.len() - 1].0)).min(size);
+            let end =
+                (run[run.len() - 1].0 * BLOCK_SIZE + block_len(run[run.len() - 1].0)).min(size);
             let mut pending = run.into_iter();
             let fail = |pending: &mut dyn Iterator<Item = (u64, BlockSender)>, e: StoreError| {
                 for (i, tx) in pending {
                     cache.fill(&object, i, tx, Err(e.clone()));
                 }
             };
-            let mut body = match store.get_range(&object.key, Some(&object.etag), start, end).await {
+            let mut body = match store
+                .get_range(&object.key, Some(&object.etag), start, end)
+                .await
+            {
                 Ok(b) => b,
                 Err(e) => return fail(&mut pending, e),
             };
             let mut current = pending.next();
-            let mut buf = BytesMut::with_capacity(current.as_ref().map_or(0, |(i, _)| block_len(*i)) as usize);
+            let mut buf = BytesMut::with_capacity(
+                current.as_ref().map_or(0, |(i, _)| block_len(*i)) as usize,
+            );
             while let Some((index, _)) = &current {
                 let want = block_len(*index) as usize;
                 match body.next().await {
@@ -200,8 +226,10 @@ impl Reader {
                             if buf.len() == want {
                                 let (i, tx) = current.take().unwrap_or_else(|| unreachable!());
                                 current = pending.next();
-                                let next_len = current.as_ref().map_or(0, |(i, _)| block_len(*i)) as usize;
-                                let full = std::mem::replace(&mut buf, BytesMut::with_capacity(next_len));
+                                let next_len =
+                                    current.as_ref().map_or(0, |(i, _)| block_len(*i)) as usize;
+                                let full =
+                                    std::mem::replace(&mut buf, BytesMut::with_capacity(next_len));
                                 cache.fill(&object, i, tx, Ok(full.freeze()));
                             }
                         }
@@ -213,7 +241,8 @@ impl Reader {
                     None => {
                         let _ = want;
                         let rest = current.take().into_iter().chain(pending.by_ref());
-                        let e = StoreError::Network("the body ended before the requested range".into());
+                        let e =
+                            StoreError::Network("the body ended before the requested range".into());
                         return fail(&mut rest.collect::<Vec<_>>().into_iter(), e);
                     }
                 }
@@ -243,7 +272,9 @@ impl Reader {
                 }
             }
         }
-        Err(StoreError::Network("block was evicted repeatedly; memory limit too small".into()))
+        Err(StoreError::Network(
+            "block was evicted repeatedly; memory limit too small".into(),
+        ))
     }
 }
 
@@ -256,8 +287,17 @@ mod tests {
         let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
         let store = Arc::new(MemoryStore::new());
         let etag = store.insert("k", data.clone());
-        let object = Arc::new(ObjectId { source: "t".into(), key: "k".into(), etag });
-        let reader = Reader::new(object, len as u64, store.clone(), Arc::new(BlockCache::new(limit)));
+        let object = Arc::new(ObjectId {
+            source: "t".into(),
+            key: "k".into(),
+            etag,
+        });
+        let reader = Reader::new(
+            object,
+            len as u64,
+            store.clone(),
+            Arc::new(BlockCache::new(limit)),
+        );
         (store, reader, data)
     }
 
@@ -265,7 +305,16 @@ mod tests {
     async fn every_offset_and_size_is_correct() {
         let len = 3 * BLOCK_SIZE as usize + 12345;
         let (_, reader, data) = setup(len, 64 << 20);
-        for (off, n) in [(0, 1), (0, 4096), (BLOCK_SIZE as usize - 1, 2), (1000, 300_000), (len - 1, 10), (len, 10), (len + 5, 1), (0, len as u32 as usize + 100)] {
+        for (off, n) in [
+            (0, 1),
+            (0, 4096),
+            (BLOCK_SIZE as usize - 1, 2),
+            (1000, 300_000),
+            (len - 1, 10),
+            (len, 10),
+            (len + 5, 1),
+            (0, len as u32 as usize + 100),
+        ] {
             let got = reader.read(off as u64, n as u32).await.unwrap();
             let want = &data[off.min(len)..(off + n).min(len)];
             assert_eq!(&got[..], want, "offset {off} len {n}");
@@ -290,8 +339,15 @@ mod tests {
             let off = (i * 7_919 * 4096) % (len as u64 - 300_000);
             reader.read(off, 256 * 1024).await.unwrap();
         }
-        let fetched = reader.cache.stats.fetched_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(fetched <= 2 * 20 * 256 * 1024, "random reads fetched {fetched} bytes");
+        let fetched = reader
+            .cache
+            .stats
+            .fetched_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            fetched <= 2 * 20 * 256 * 1024,
+            "random reads fetched {fetched} bytes"
+        );
         drop(store);
     }
 

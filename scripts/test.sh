@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite: unit and property tests, and integration tests that
+# start a SeaweedFS server on 127.0.0.1 and mount bucketfs through real FUSE.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+source scripts/weed-path.sh
+cargo test --locked "$@"
