@@ -76,7 +76,7 @@ pub struct MountArgs {
     /// Path-style addressing (bucket in the path); always on when --endpoint-url is given.
     #[arg(long)]
     pub force_path_style: bool,
-    /// Mount read-only.
+    /// Mount read-only: every change fails with EROFS.
     #[arg(long)]
     pub read_only: bool,
     /// Let other users (and containers running as other uids) use the mount.
@@ -109,6 +109,9 @@ pub struct MountArgs {
     /// Memory budget shared by prefetching and the block cache, e.g. 512MiB.
     #[arg(long, default_value = "512MiB", value_parser = spec::parse_size)]
     pub memory_limit: u64,
+    /// Directory for staging files of writes (default: the system temp dir).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
     /// Timeout of one request attempt, e.g. 20s.
     #[arg(long, default_value = "20s", value_parser = spec::parse_duration)]
     pub request_timeout: std::time::Duration,
@@ -130,9 +133,9 @@ impl MountArgs {
             file_mode: self.file_mode,
             dir_mode: self.dir_mode,
             allow_other: self.allow_other,
-            // Writes are not implemented yet: every mount is read-only.
-            read_only: true,
+            read_only: self.read_only,
             memory_limit: self.memory_limit,
+            cache_dir: self.cache_dir.clone(),
         };
         let credentials = match (&self.access_key_file, &self.secret_key_file) {
             (Some(a), Some(s)) => CredentialSource::Keys {
@@ -156,7 +159,7 @@ impl MountArgs {
             path: Vec::new(),
             source,
             s3,
-            read_only: true,
+            read_only: self.read_only,
             metadata_ttl: self.metadata_ttl,
         };
         Ok((settings, spec))

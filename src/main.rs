@@ -29,9 +29,6 @@ fn run_mount(args: Box<MountArgs>) -> i32 {
         Ok(v) => v,
         Err(e) => return fail_start(e),
     };
-    if !args.read_only {
-        info!("writes are not supported yet: mounting read-only");
-    }
     mount::run(MountRequest {
         mountpoint: args.mountpoint.clone(),
         settings,
@@ -46,7 +43,7 @@ fn run_fluid(args: FluidArgs) -> i32 {
         Err(e) => return fail_start(e),
     };
     let mount_options = std::env::var("MOUNT_OPTIONS").ok();
-    let mut plan = match fluid::load(&path, mount_options.as_deref()) {
+    let plan = match fluid::load(&path, mount_options.as_deref()) {
         Ok(p) => p,
         Err(e) => return fail_start(e),
     };
@@ -66,12 +63,8 @@ fn run_fluid(args: FluidArgs) -> i32 {
     for key in &plan.unknown_options {
         warn!("ignoring unknown option {key}");
     }
-    if !plan.read_only_by_access_mode {
-        info!("writes are not supported yet: serving every mount read-only");
-    }
-    plan.settings.read_only = true;
-    for m in &mut plan.mounts {
-        m.read_only = true;
+    if plan.read_only_by_access_mode {
+        info!("the dataset's access modes are read-only: serving every mount read-only");
     }
     let target: PathBuf = plan.target_path.clone();
     mount::clean_stale_mount(&target);

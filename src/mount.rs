@@ -24,6 +24,9 @@ pub const EXIT_START: i32 = 2;
 pub const FSNAME: &str = "bucketfs";
 /// How long the mount-time check may wait for the server.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long shutdown waits for open files to be uploaded: within the 30 s
+/// Kubernetes gives between SIGTERM and SIGKILL.
+const SHUTDOWN_UPLOAD_WAIT: Duration = Duration::from_secs(25);
 /// How long to wait for the session to end after unmounting.
 const UNMOUNT_WAIT: Duration = Duration::from_secs(10);
 
@@ -260,7 +263,14 @@ fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
                 };
             }
         };
-        info!("{signal}: unmounting {}", req.mountpoint.display());
+        info!("{signal}: finishing uploads, then unmounting {}", req.mountpoint.display());
+        let failed = match tokio::time::timeout(SHUTDOWN_UPLOAD_WAIT, fs.flush_all()).await {
+            Ok(n) => n,
+            Err(_) => {
+                error!("uploads still running after {}s; exiting without them", SHUTDOWN_UPLOAD_WAIT.as_secs());
+                1
+            }
+        };
         if let Err(e) = unmounter.unmount() {
             warn!("unmount of {} failed ({e}); detaching it lazily", req.mountpoint.display());
             lazy_unmount(&req.mountpoint);
@@ -269,7 +279,12 @@ fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
             Ok(_) => info!("unmounted {}; exiting", req.mountpoint.display()),
             Err(_) => warn!("the kernel still holds {} open; exiting anyway", req.mountpoint.display()),
         }
-        0
+        if failed > 0 {
+            error!("{failed} file(s) open at shutdown could not be uploaded");
+            1
+        } else {
+            0
+        }
     })
 }
 

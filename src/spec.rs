@@ -219,6 +219,8 @@ pub struct FsSettings {
     /// Mount the whole file system read-only (`MS_RDONLY`).
     pub read_only: bool,
     pub memory_limit: u64,
+    /// Where staging files for writes live (default: the system temp dir).
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for FsSettings {
@@ -231,8 +233,9 @@ impl Default for FsSettings {
             file_mode: 0o644,
             dir_mode: 0o755,
             allow_other: false,
-            read_only: true,
+            read_only: false,
             memory_limit: DEFAULT_MEMORY_LIMIT,
+            cache_dir: None,
         }
     }
 }

@@ -66,6 +66,8 @@ struct Inner {
     ready_bytes: u64,
     pending: HashMap<BlockKey, (watch::Receiver<BlockResult>, u64)>,
     pending_bytes: u64,
+    /// Memory held outside the cache: write buffers and parts in flight.
+    extra_bytes: u64,
 }
 
 /// See the module documentation.
@@ -83,6 +85,7 @@ impl BlockCache {
                 ready_bytes: 0,
                 pending: HashMap::new(),
                 pending_bytes: 0,
+                extra_bytes: 0,
             }),
             limit: limit.max(4 * BLOCK_SIZE),
             stats: CacheStats::default(),
@@ -96,7 +99,20 @@ impl BlockCache {
     /// Bytes held now: ready plus pending.
     pub fn used(&self) -> u64 {
         let i = self.lock();
-        i.ready_bytes + i.pending_bytes
+        i.ready_bytes + i.pending_bytes + i.extra_bytes
+    }
+
+    /// Counts `n` bytes of write buffers against the budget, evicting cached
+    /// blocks to make room. Always succeeds: writers bound their own buffers.
+    pub fn reserve_extra(&self, n: u64) {
+        let mut i = self.lock();
+        i.extra_bytes += n;
+        self.evict(&mut i);
+    }
+
+    pub fn release_extra(&self, n: u64) {
+        let mut i = self.lock();
+        i.extra_bytes = i.extra_bytes.saturating_sub(n);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -135,7 +151,7 @@ impl BlockCache {
                 continue;
             }
             let n = len(index);
-            if optional && i.pending_bytes + n > self.limit / 4 * PREFETCH_SHARE {
+            if optional && i.pending_bytes + i.extra_bytes + n > self.limit / 4 * PREFETCH_SHARE {
                 refused = Some(index);
                 break;
             }
@@ -182,7 +198,7 @@ impl BlockCache {
     }
 
     fn evict(&self, i: &mut Inner) {
-        while i.ready_bytes + i.pending_bytes > self.limit {
+        while i.ready_bytes + i.pending_bytes + i.extra_bytes > self.limit {
             match i.ready.pop_lru() {
                 Some((_, b)) => {
                     i.ready_bytes -= b.len() as u64;

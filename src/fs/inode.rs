@@ -49,6 +49,10 @@ pub struct Inode {
     pub listing: Option<(Instant, Arc<HashMap<String, Entry>>)>,
     /// For files: the ETag the kernel's page cache holds data of.
     pub cached_etag: Option<String>,
+    /// A file created here and not uploaded yet.
+    pub local: bool,
+    /// For directories: names of local (not yet uploaded) children.
+    pub local_children: std::collections::BTreeSet<String>,
 }
 
 impl Inode {
@@ -162,10 +166,84 @@ impl InodeTable {
                 pinned: false,
                 listing: None,
                 cached_etag: None,
+                local: false,
+                local_children: Default::default(),
             },
         );
         self.names.insert(name_key, ino);
         ino
+    }
+
+    /// Inserts a file created here (not in S3 yet), with one kernel lookup.
+    pub fn insert_local(
+        &mut self,
+        parent: u64,
+        mount: &Arc<MountPoint>,
+        key: String,
+        name: &str,
+        now: SystemTime,
+    ) -> u64 {
+        let ino = self.next;
+        self.next += 1;
+        self.inodes.insert(
+            ino,
+            Inode {
+                ino,
+                parent,
+                name: name.to_string(),
+                kind: Kind::File,
+                loc: Loc::Object {
+                    mount: mount.clone(),
+                    key,
+                },
+                size: 0,
+                mtime: now,
+                etag: None,
+                valid_until: Instant::now(),
+                lookups: 1,
+                pinned: false,
+                listing: None,
+                cached_etag: None,
+                local: true,
+                local_children: Default::default(),
+            },
+        );
+        self.names.insert((parent, name.to_string()), ino);
+        if let Some(p) = self.inodes.get_mut(&parent) {
+            p.local_children.insert(name.to_string());
+        }
+        ino
+    }
+
+    /// Moves an inode to a new parent and name (after a rename).
+    pub fn relink(&mut self, ino: u64, parent: u64, name: &str) {
+        let Some(inode) = self.inodes.get_mut(&ino) else {
+            return;
+        };
+        let old = (inode.parent, inode.name.clone());
+        inode.parent = parent;
+        inode.name = name.to_string();
+        if self.names.get(&old) == Some(&ino) {
+            self.names.remove(&old);
+        }
+        self.names.insert((parent, name.to_string()), ino);
+    }
+
+    /// Rewrites the keys of every inode of `mount` under `from` to be under `to`.
+    pub fn rekey(&mut self, mount: &Arc<MountPoint>, from: &str, to: &str) {
+        for inode in self.inodes.values_mut() {
+            if let Loc::Object { mount: m, key } = &mut inode.loc
+                && Arc::ptr_eq(m, mount)
+                && let Some(rest) = key.strip_prefix(from)
+            {
+                *key = format!("{to}{rest}");
+                inode.listing = None;
+            }
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Inode> {
+        self.inodes.values()
     }
 
     /// Adds one kernel lookup to a known inode.

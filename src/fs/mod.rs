@@ -10,11 +10,13 @@
 
 pub mod cache;
 pub mod inode;
+mod mutate;
 pub mod namespace;
 pub mod read;
+pub mod write;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,11 +29,24 @@ use cache::{BlockCache, ObjectId};
 use inode::{Inode, InodeTable, Loc, ROOT};
 use namespace::{Entry, Kind, Skipped};
 use read::Reader;
+use write::{WriteError, Writer};
 
 /// Bound on remembered negative lookups; the table is cleared when full.
 const NEGATIVE_CACHE_MAX: usize = 100_000;
 /// Bound on remembered warnings about odd keys, so each is logged once.
 const WARNED_MAX: usize = 10_000;
+
+/// The thread group (process) of a thread id, from /proc; the id itself if
+/// it cannot be read.
+fn tgid(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse().ok()))
+        })
+        .unwrap_or(pid)
+}
 
 /// One bucket (or prefix) served somewhere in the tree.
 pub struct MountPoint {
@@ -60,8 +75,20 @@ pub enum FsError {
     BadHandle,
     #[error("operation not supported")]
     NotSupported,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("cross-device rename")]
+    CrossDevice,
+    #[error("busy: files under it are open for writing")]
+    Busy,
+    #[error("invalid argument")]
+    Invalid,
     #[error("{0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Write(#[from] WriteError),
 }
 
 impl FsError {
@@ -73,11 +100,18 @@ impl FsError {
             FsError::NotDir => libc::ENOTDIR,
             FsError::BadHandle => libc::EBADF,
             FsError::NotSupported => libc::ENOTSUP,
-            FsError::Store(e) => match e {
+            FsError::Exists => libc::EEXIST,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::CrossDevice => libc::EXDEV,
+            FsError::Busy => libc::EBUSY,
+            FsError::Invalid => libc::EINVAL,
+            FsError::Store(e) | FsError::Write(WriteError::Store(e)) => match e {
                 StoreError::NotFound => libc::ENOENT,
                 StoreError::AccessDenied(_) => libc::EACCES,
                 _ => libc::EIO,
             },
+            FsError::Write(WriteError::Local { errno, .. }) => *errno,
+            FsError::Write(WriteError::Failed) => libc::EIO,
         }
     }
 }
@@ -104,9 +138,25 @@ pub struct DirItem {
     pub attr: Attr,
 }
 
+/// A writer shared by every write handle of one inode.
+struct WriterEntry {
+    writer: tokio::sync::Mutex<Writer>,
+    mount: Arc<MountPoint>,
+    /// The logical size, readable without the lock (for getattr).
+    size: AtomicU64,
+    handles: AtomicUsize,
+}
+
+enum HandleKind {
+    Read(Reader),
+    Write(Arc<WriterEntry>),
+}
+
 struct FileHandle {
     ino: u64,
-    reader: Reader,
+    kind: HandleKind,
+    /// Thread group of the process that opened the handle.
+    opener: u32,
 }
 
 struct DirHandle {
@@ -138,6 +188,10 @@ pub struct Fs {
     started: SystemTime,
     /// Tells the kernel to drop cached attributes and pages of an inode.
     invalidate: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+    writers: Mutex<HashMap<u64, Arc<WriterEntry>>>,
+    staging: tempfile::TempDir,
+    /// Uploads running now, so shutdown can wait for them.
+    uploads: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -167,6 +221,8 @@ impl Fs {
             pinned: true,
             listing: None,
             cached_etag: None,
+            local: false,
+            local_children: Default::default(),
         };
         let mut table = InodeTable::new();
         match mounts.as_slice() {
@@ -240,6 +296,17 @@ impl Fs {
                 }
             }
         }
+        let staging = match &settings.cache_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                tempfile::Builder::new()
+                    .prefix("bucketfs-staging-")
+                    .tempdir_in(dir)?
+            }
+            None => tempfile::Builder::new()
+                .prefix("bucketfs-staging-")
+                .tempdir()?,
+        };
         Ok(Self {
             cache: Arc::new(BlockCache::new(settings.memory_limit)),
             settings,
@@ -251,6 +318,9 @@ impl Fs {
             warned: Mutex::new(HashSet::new()),
             started: now,
             invalidate: OnceLock::new(),
+            writers: Mutex::new(HashMap::new()),
+            staging,
+            uploads: AtomicUsize::new(0),
         })
     }
 
@@ -323,6 +393,11 @@ impl Fs {
 
     /// Finds `name` in `parent`; counts one kernel lookup on success.
     pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
+        self.lookup_inner(parent, name, true).await
+    }
+
+    /// Finds `name` in `parent`; `count` adds a kernel lookup.
+    async fn lookup_inner(&self, parent: u64, name: &str, count: bool) -> Result<Attr> {
         if !namespace::valid_name(name) {
             return Err(FsError::NotFound);
         }
@@ -335,13 +410,24 @@ impl Fs {
             match &dir.loc {
                 Loc::Virtual { children } => {
                     let ino = *children.get(name).ok_or(FsError::NotFound)?;
-                    table.remember(ino);
+                    if count {
+                        table.remember(ino);
+                    }
                     let child = table.get(ino).ok_or(FsError::NotFound)?;
                     return Ok(self.attr_of(child));
                 }
                 Loc::Object { mount, key } => {
                     let (mount, key) = (mount.clone(), key.clone());
                     let now = Instant::now();
+                    // Files being created exist only here until uploaded.
+                    if let Some(ino) = table.child(parent, name)
+                        && table.get(ino).is_some_and(|i| i.local)
+                    {
+                        if count {
+                            table.remember(ino);
+                        }
+                        return Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?));
+                    }
                     // A fresh listing answers both ways.
                     if let Some((at, entries)) = &dir.listing
                         && now < *at + mount.ttl
@@ -374,7 +460,8 @@ impl Fs {
             Ok(entry) => {
                 lock(&self.negative).remove(&name_key);
                 let mut table = lock(&self.inodes);
-                let ino = table.upsert(parent, &mount, &dir_key, &entry, started + mount.ttl, true);
+                let ino =
+                    table.upsert(parent, &mount, &dir_key, &entry, started + mount.ttl, count);
                 Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?))
             }
             Err(FsError::NotFound) => {
@@ -430,6 +517,12 @@ impl Fs {
 
     /// Attributes, revalidated with a HEAD once the TTL has passed.
     pub async fn getattr(&self, ino: u64) -> Result<Attr> {
+        if let Some(w) = lock(&self.writers).get(&ino).cloned() {
+            let table = lock(&self.inodes);
+            let mut attr = self.attr_of(table.get(ino).ok_or(FsError::NotFound)?);
+            attr.size = w.size.load(Ordering::Relaxed);
+            return Ok(attr);
+        }
         let (mount, key) = {
             let table = lock(&self.inodes);
             let inode = table.get(ino).ok_or(FsError::NotFound)?;
@@ -465,10 +558,10 @@ impl Fs {
 
     // ----- files -----
 
-    /// Opens a file for reading. Returns the handle and whether the kernel's
-    /// page cache may be kept (the object is unchanged since it was filled).
-    pub async fn open(&self, ino: u64, flags: i32) -> Result<(u64, bool)> {
-        let (mount, key, stale) = {
+    /// Opens a file. Returns the handle and whether the kernel's page cache
+    /// may be kept (the object is unchanged since it was filled).
+    pub async fn open(&self, ino: u64, flags: i32, pid: u32) -> Result<(u64, bool)> {
+        let (mount, key, stale, local) = {
             let table = lock(&self.inodes);
             let inode = table.get(ino).ok_or(FsError::NotFound)?;
             if inode.kind == Kind::Dir {
@@ -481,21 +574,23 @@ impl Fs {
                 mount.clone(),
                 key.clone(),
                 Instant::now() >= inode.valid_until || inode.etag.is_none(),
+                inode.local,
             )
         };
         let writing = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         if writing {
-            return Err(FsError::ReadOnly);
+            return self.open_for_write(ino, &mount, &key, flags, pid).await;
         }
-        if stale {
+        let existing_writer = lock(&self.writers).contains_key(&ino);
+        if stale && !local && !existing_writer {
             self.revalidate(ino, &mount, &key).await?;
         }
         let (object, size, keep_cache, changed) = {
             let mut table = lock(&self.inodes);
             let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
             let etag = inode.etag.clone().unwrap_or_default();
-            let keep = inode.cached_etag.as_deref() == Some(etag.as_str());
-            let changed = inode.cached_etag.is_some() && !keep;
+            let keep = !existing_writer && inode.cached_etag.as_deref() == Some(etag.as_str());
+            let changed = inode.cached_etag.is_some() && !keep && !existing_writer;
             inode.cached_etag = Some(etag.clone());
             let object = Arc::new(ObjectId {
                 source: mount.source_id.clone(),
@@ -507,10 +602,24 @@ impl Fs {
         if changed {
             self.invalidate_kernel(ino);
         }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let reader = Reader::new(object, size, mount.store.clone(), self.cache.clone());
-        lock(&self.files).insert(fh, Arc::new(FileHandle { ino, reader }));
-        Ok((fh, keep_cache))
+        Ok((
+            self.add_handle(ino, HandleKind::Read(reader), pid),
+            keep_cache,
+        ))
+    }
+
+    fn add_handle(&self, ino: u64, kind: HandleKind, pid: u32) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.files).insert(
+            fh,
+            Arc::new(FileHandle {
+                ino,
+                kind,
+                opener: tgid(pid),
+            }),
+        );
+        fh
     }
 
     /// The hook must not notify the kernel synchronously: the kernel may hold
@@ -526,10 +635,25 @@ impl Fs {
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
-        match handle.reader.read(offset, size).await {
+        // While the file is open for writing, every handle reads what was written.
+        let writer = match &handle.kind {
+            HandleKind::Write(w) => Some(w.clone()),
+            HandleKind::Read(_) => lock(&self.writers).get(&handle.ino).cloned(),
+        };
+        if let Some(w) = writer {
+            let mut guard = w.writer.lock().await;
+            return guard.read(offset, size).await.map_err(|e| {
+                error!(key = %guard.key(), "read of {} (open for writing) failed: {e}", guard.key());
+                e.into()
+            });
+        }
+        let HandleKind::Read(reader) = &handle.kind else {
+            return Err(FsError::BadHandle);
+        };
+        match reader.read(offset, size).await {
             Ok(b) => Ok(b),
             Err(e) => {
-                let object = handle.reader.object();
+                let object = reader.object();
                 if e == StoreError::PreconditionFailed {
                     error!(
                         key = %object.key,
@@ -547,8 +671,30 @@ impl Fs {
         }
     }
 
-    pub fn release(&self, fh: u64) {
-        lock(&self.files).remove(&fh);
+    /// Last close of a handle: a write handle's data is uploaded if no other
+    /// close did it (errors can only be logged here).
+    pub async fn release(&self, fh: u64) {
+        let Some(handle) = lock(&self.files).remove(&fh) else {
+            return;
+        };
+        if let HandleKind::Write(w) = &handle.kind {
+            if w.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+                if let Err(e) = self.upload(handle.ino, w).await {
+                    error!(
+                        "{}: data written through a closed handle could not be uploaded: {e}",
+                        w.mount.store.describe()
+                    );
+                }
+                let mut writers = lock(&self.writers);
+                if writers
+                    .get(&handle.ino)
+                    .is_some_and(|cur| Arc::ptr_eq(cur, w))
+                    && w.handles.load(Ordering::Acquire) == 0
+                {
+                    writers.remove(&handle.ino);
+                }
+            }
+        }
     }
 
     // ----- directories -----
@@ -700,6 +846,30 @@ impl Fs {
             bsize: 4096,
             namelen: 255,
         }
+    }
+
+    /// Uploads every file open for writing (at shutdown) and waits for
+    /// uploads in progress. Returns how many files could not be uploaded.
+    pub async fn flush_all(&self) -> usize {
+        let writers: Vec<(u64, Arc<WriterEntry>)> = lock(&self.writers)
+            .iter()
+            .map(|(i, w)| (*i, w.clone()))
+            .collect();
+        let mut failed = 0;
+        for (ino, w) in writers {
+            let key = w.writer.lock().await.key().to_string();
+            match self.upload(ino, &w).await {
+                Ok(()) => tracing::info!("uploaded {key}, still open at shutdown"),
+                Err(e) => {
+                    failed += 1;
+                    error!("{key} was open at shutdown and could not be uploaded: {e}");
+                }
+            }
+        }
+        while self.uploads.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        failed
     }
 
     /// Number of inodes known (for tests and metrics).

@@ -1,0 +1,752 @@
+//! Operations that change the bucket: create, write, flush/fsync (upload),
+//! truncate, mkdir, unlink, rmdir and rename. See `write.rs` for how file
+//! contents reach S3, and the README's semantics table for what each
+//! operation costs and guarantees.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Instant, SystemTime};
+
+use tracing::{error, info};
+
+use super::inode::Loc;
+use super::namespace::{self, Entry, Kind};
+use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Writer};
+use super::{Attr, Fs, FsError, HandleKind, MountPoint, Result, WriterEntry, lock, tgid};
+use crate::store::{PutCondition, StoreError};
+
+/// Renames of directories copy this many objects at once.
+const RENAME_CONCURRENCY: usize = 16;
+
+impl Fs {
+    fn check_writable(&self, mount: &MountPoint) -> Result<()> {
+        if self.settings.read_only || mount.read_only {
+            Err(FsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The mount and prefix of directory `ino`.
+    fn dir_location(&self, ino: u64) -> Result<(Arc<MountPoint>, String)> {
+        let table = lock(&self.inodes);
+        let dir = table.get(ino).ok_or(FsError::NotFound)?;
+        if dir.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        match &dir.loc {
+            Loc::Object { mount, key } => Ok((mount.clone(), key.clone())),
+            // The synthetic directories above Fluid mounts cannot change.
+            Loc::Virtual { .. } => Err(FsError::ReadOnly),
+        }
+    }
+
+    pub(super) async fn open_for_write(
+        &self,
+        ino: u64,
+        mount: &Arc<MountPoint>,
+        key: &str,
+        flags: i32,
+        pid: u32,
+    ) -> Result<(u64, bool)> {
+        self.check_writable(mount)?;
+        let truncate = flags & libc::O_TRUNC != 0;
+        let existing = lock(&self.writers).get(&ino).cloned();
+        let entry = match existing {
+            Some(w) => {
+                w.handles.fetch_add(1, Ordering::AcqRel);
+                if truncate {
+                    let mut writer = w.writer.lock().await;
+                    writer.truncate(0).await?;
+                    w.size.store(0, Ordering::Relaxed);
+                }
+                w
+            }
+            None => {
+                let local = lock(&self.inodes).get(ino).is_some_and(|i| i.local);
+                let base = if local {
+                    None
+                } else {
+                    let attr = self.revalidate(ino, mount, key).await?;
+                    let etag = lock(&self.inodes)
+                        .get(ino)
+                        .and_then(|i| i.etag.clone())
+                        .unwrap_or_default();
+                    Some(Base {
+                        etag,
+                        size: attr.size,
+                    })
+                };
+                let dir = self.staging.path();
+                let writer = if truncate && flags & libc::O_ACCMODE == libc::O_WRONLY {
+                    Writer::streaming(
+                        mount.store.clone(),
+                        key.to_string(),
+                        self.cache.clone(),
+                        dir,
+                        base,
+                    )
+                } else {
+                    let mut w = Writer::staged(
+                        mount.store.clone(),
+                        key.to_string(),
+                        self.cache.clone(),
+                        dir,
+                        base,
+                    )?;
+                    if truncate {
+                        w.truncate(0).await?;
+                    }
+                    w
+                };
+                self.install_writer(ino, mount, writer)
+            }
+        };
+        Ok((self.add_handle(ino, HandleKind::Write(entry), pid), false))
+    }
+
+    fn install_writer(
+        &self,
+        ino: u64,
+        mount: &Arc<MountPoint>,
+        writer: Writer,
+    ) -> Arc<WriterEntry> {
+        let entry = Arc::new(WriterEntry {
+            size: AtomicU64::new(writer.size()),
+            writer: tokio::sync::Mutex::new(writer),
+            mount: mount.clone(),
+            handles: AtomicUsize::new(1),
+        });
+        lock(&self.writers).insert(ino, entry.clone());
+        entry
+    }
+
+    /// Creates and opens a new file. Returns its attributes and the handle.
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &str,
+        flags: i32,
+        pid: u32,
+    ) -> Result<(Attr, u64)> {
+        if !namespace::valid_name(name) {
+            return Err(FsError::Invalid);
+        }
+        let (mount, dir_key) = self.dir_location(parent)?;
+        self.check_writable(&mount)?;
+        let key = namespace::child_key(&dir_key, name);
+        let ino =
+            lock(&self.inodes).insert_local(parent, &mount, key.clone(), name, SystemTime::now());
+        lock(&self.negative).remove(&(parent, name.to_string()));
+        let dir = self.staging.path();
+        let writer = if flags & libc::O_ACCMODE == libc::O_WRONLY {
+            Writer::streaming(mount.store.clone(), key, self.cache.clone(), dir, None)
+        } else {
+            Writer::staged(mount.store.clone(), key, self.cache.clone(), dir, None)?
+        };
+        let entry = self.install_writer(ino, &mount, writer);
+        let fh = self.add_handle(ino, HandleKind::Write(entry), pid);
+        let attr = self.attr_of(lock(&self.inodes).get(ino).ok_or(FsError::NotFound)?);
+        Ok((attr, fh))
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let handle = lock(&self.files)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        let HandleKind::Write(w) = &handle.kind else {
+            return Err(FsError::BadHandle);
+        };
+        let mut writer = w.writer.lock().await;
+        if let Err(e) = writer.write(offset, data).await {
+            error!(key = %writer.key(), offset, "write to {} failed: {e}", writer.key());
+            return Err(e.into());
+        }
+        w.size.store(writer.size(), Ordering::Relaxed);
+        Ok(data.len() as u32)
+    }
+
+    /// close(): uploads what this process wrote. A close by another process
+    /// sharing the descriptor (a shell's dup'd fd) leaves it to the opener,
+    /// so a file is never uploaded half-written or twice.
+    pub async fn flush(&self, fh: u64, pid: u32) -> Result<()> {
+        let Some(handle) = lock(&self.files).get(&fh).cloned() else {
+            return Ok(());
+        };
+        let HandleKind::Write(w) = &handle.kind else {
+            return Ok(());
+        };
+        if tgid(pid) != handle.opener {
+            return Ok(());
+        }
+        self.upload(handle.ino, w).await
+    }
+
+    pub async fn fsync(&self, fh: u64) -> Result<()> {
+        let Some(handle) = lock(&self.files).get(&fh).cloned() else {
+            return Ok(());
+        };
+        match &handle.kind {
+            HandleKind::Write(w) => self.upload(handle.ino, w).await,
+            HandleKind::Read(_) => Ok(()),
+        }
+    }
+
+    /// Uploads a writer's content if it changed, and records the result.
+    pub(super) async fn upload(&self, ino: u64, w: &Arc<WriterEntry>) -> Result<()> {
+        let mut writer = w.writer.lock().await;
+        if !writer.is_dirty() || writer.unlinked {
+            return Ok(());
+        }
+        self.uploads.fetch_add(1, Ordering::AcqRel);
+        let result = writer.upload().await;
+        self.uploads.fetch_sub(1, Ordering::AcqRel);
+        match result {
+            Ok(()) => {
+                let etag = writer.base().map(|b| b.etag.clone()).unwrap_or_default();
+                self.record_upload(ino, &w.mount, writer.size(), etag);
+                Ok(())
+            }
+            Err(e) => {
+                error!(key = %writer.key(), "upload of {}/{} failed: {e}", w.mount.store.describe(), writer.key());
+                Err(e.into())
+            }
+        }
+    }
+
+    /// After an upload: the inode is remote, with the new size and ETag, and
+    /// the parent's cached listing knows it.
+    fn record_upload(&self, ino: u64, mount: &Arc<MountPoint>, size: u64, etag: String) {
+        let now = SystemTime::now();
+        let mut table = lock(&self.inodes);
+        let Some(inode) = table.get_mut(ino) else {
+            return;
+        };
+        inode.size = size;
+        inode.etag = Some(etag.clone());
+        inode.mtime = now;
+        inode.valid_until = Instant::now() + mount.ttl;
+        inode.local = false;
+        // The kernel's pages hold exactly what was uploaded.
+        inode.cached_etag = Some(etag.clone());
+        let (parent, name) = (inode.parent, inode.name.clone());
+        if let Some(dir) = table.get_mut(parent) {
+            dir.local_children.remove(&name);
+            if let Some((_, entries)) = &mut dir.listing {
+                let entry = Entry {
+                    name: name.clone(),
+                    kind: Kind::File,
+                    size,
+                    etag: Some(etag),
+                    mtime: now,
+                };
+                Arc::make_mut(entries).insert(name, entry);
+            }
+        }
+    }
+
+    /// Removes `name` from `parent` in every cache.
+    fn forget_name(&self, parent: u64, name: &str) {
+        let mut table = lock(&self.inodes);
+        table.unlink_name(parent, name);
+        if let Some(dir) = table.get_mut(parent) {
+            dir.local_children.remove(name);
+            if let Some((_, entries)) = &mut dir.listing {
+                Arc::make_mut(entries).remove(name);
+            }
+        }
+    }
+
+    /// Records a new directory in the parent's cached listing.
+    fn note_dir(&self, parent: u64, name: &str) {
+        lock(&self.negative).remove(&(parent, name.to_string()));
+        let mut table = lock(&self.inodes);
+        if let Some(dir) = table.get_mut(parent)
+            && let Some((_, entries)) = &mut dir.listing
+        {
+            Arc::make_mut(entries).insert(name.to_string(), Entry::dir(name));
+        }
+    }
+
+    /// truncate(2) and the attribute changes of chmod, chown and utimes.
+    /// Only the size is stored; mode, owner and times come from the mount
+    /// options (see the README's semantics table).
+    pub async fn setattr(
+        &self,
+        ino: u64,
+        size: Option<u64>,
+        mtime: Option<SystemTime>,
+    ) -> Result<Attr> {
+        if let Some(size) = size {
+            let (mount, key, kind) = {
+                let table = lock(&self.inodes);
+                let inode = table.get(ino).ok_or(FsError::NotFound)?;
+                match &inode.loc {
+                    Loc::Object { mount, key } => (mount.clone(), key.clone(), inode.kind),
+                    Loc::Virtual { .. } => return Err(FsError::IsDir),
+                }
+            };
+            if kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            self.check_writable(&mount)?;
+            let existing = lock(&self.writers).get(&ino).cloned();
+            match existing {
+                Some(w) => {
+                    let mut writer = w.writer.lock().await;
+                    writer.truncate(size).await?;
+                    w.size.store(size, Ordering::Relaxed);
+                }
+                None => {
+                    // truncate(path) without an open handle: edit and upload now.
+                    let attr = self.revalidate(ino, &mount, &key).await?;
+                    let etag = lock(&self.inodes)
+                        .get(ino)
+                        .and_then(|i| i.etag.clone())
+                        .unwrap_or_default();
+                    let base = Some(Base {
+                        etag,
+                        size: attr.size,
+                    });
+                    let dir = self.staging.path();
+                    let writer = if size == 0 {
+                        Writer::streaming(mount.store.clone(), key, self.cache.clone(), dir, base)
+                    } else {
+                        let mut w = Writer::staged(
+                            mount.store.clone(),
+                            key,
+                            self.cache.clone(),
+                            dir,
+                            base,
+                        )?;
+                        w.truncate(size).await?;
+                        w
+                    };
+                    let entry = self.install_writer(ino, &mount, writer);
+                    let result = self.upload(ino, &entry).await;
+                    lock(&self.writers).remove(&ino);
+                    result?;
+                }
+            }
+        }
+        let mut attr = self.getattr(ino).await?;
+        if let Some(t) = mtime {
+            if let Some(inode) = lock(&self.inodes).get_mut(ino) {
+                inode.mtime = t;
+            }
+            attr.mtime = t;
+        }
+        Ok(attr)
+    }
+
+    /// mkdir: writes the zero-byte `name/` marker.
+    pub async fn mkdir(&self, parent: u64, name: &str) -> Result<Attr> {
+        if !namespace::valid_name(name) {
+            return Err(FsError::Invalid);
+        }
+        let (mount, dir_key) = self.dir_location(parent)?;
+        self.check_writable(&mount)?;
+        let marker = namespace::child_prefix(&dir_key, name);
+        let put = match mount
+            .store
+            .put(&marker, bytes::Bytes::new(), PutCondition::IfAbsent)
+            .await
+        {
+            Err(StoreError::Server {
+                status: 400 | 501, ..
+            }) => {
+                mount
+                    .store
+                    .put(&marker, bytes::Bytes::new(), PutCondition::None)
+                    .await
+            }
+            other => other,
+        };
+        match put {
+            Ok(_) | Err(StoreError::PreconditionFailed) => {}
+            Err(e) => {
+                self.log_store_error("mkdir", &mount, &marker, &e);
+                return Err(e.into());
+            }
+        }
+        self.note_dir(parent, name);
+        let entry = Entry::dir(name);
+        let mut table = lock(&self.inodes);
+        let ino = table.upsert(
+            parent,
+            &mount,
+            &dir_key,
+            &entry,
+            Instant::now() + mount.ttl,
+            true,
+        );
+        if let Some(i) = table.get_mut(ino) {
+            i.mtime = SystemTime::now();
+        }
+        Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?))
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &str) -> Result<()> {
+        let (mount, dir_key) = self.dir_location(parent)?;
+        self.check_writable(&mount)?;
+        let attr = self.lookup_inner(parent, name, false).await?;
+        if attr.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let local = lock(&self.inodes).get(attr.ino).is_some_and(|i| i.local);
+        if let Some(w) = lock(&self.writers).get(&attr.ino).cloned() {
+            // Writes through open handles go nowhere now.
+            if let Ok(mut writer) = w.writer.try_lock() {
+                writer.unlinked = true;
+            } else {
+                let w = w.clone();
+                tokio::spawn(async move { w.writer.lock().await.unlinked = true });
+            }
+        }
+        if !local {
+            let key = namespace::child_key(&dir_key, name);
+            match mount.store.delete(&key).await {
+                Ok(()) | Err(StoreError::NotFound) => {}
+                Err(e) => {
+                    self.log_store_error("delete", &mount, &key, &e);
+                    return Err(e.into());
+                }
+            }
+        }
+        self.forget_name(parent, name);
+        Ok(())
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &str) -> Result<()> {
+        let (mount, dir_key) = self.dir_location(parent)?;
+        self.check_writable(&mount)?;
+        let attr = self.lookup_inner(parent, name, false).await?;
+        if attr.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if lock(&self.inodes)
+            .get(attr.ino)
+            .is_some_and(|d| !d.local_children.is_empty())
+        {
+            return Err(FsError::NotEmpty);
+        }
+        let prefix = namespace::child_prefix(&dir_key, name);
+        let page = mount
+            .store
+            .list(&prefix, false, None, Some(2))
+            .await
+            .inspect_err(|e| {
+                self.log_store_error("list", &mount, &prefix, e);
+            })?;
+        if page.objects.iter().any(|o| o.key != prefix) || !page.prefixes.is_empty() {
+            return Err(FsError::NotEmpty);
+        }
+        match mount.store.delete(&prefix).await {
+            Ok(()) | Err(StoreError::NotFound) => {}
+            Err(e) => {
+                self.log_store_error("delete", &mount, &prefix, &e);
+                return Err(e.into());
+            }
+        }
+        self.forget_name(parent, name);
+        Ok(())
+    }
+
+    /// rename: copy, then delete. A directory is renamed object by object
+    /// and is not atomic.
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+        flags: u32,
+    ) -> Result<()> {
+        if flags & libc::RENAME_EXCHANGE != 0 || !namespace::valid_name(newname) {
+            return Err(FsError::Invalid);
+        }
+        let (mount, src_dir) = self.dir_location(parent)?;
+        let (new_mount, dst_dir) = self.dir_location(newparent)?;
+        if !Arc::ptr_eq(&mount, &new_mount) {
+            return Err(FsError::CrossDevice);
+        }
+        self.check_writable(&mount)?;
+        let src = self.lookup_inner(parent, name, false).await?;
+        let dst = match self.lookup_inner(newparent, newname, false).await {
+            Ok(a) => Some(a),
+            Err(FsError::NotFound) => None,
+            Err(e) => return Err(e),
+        };
+        if dst.is_some() && flags & libc::RENAME_NOREPLACE != 0 {
+            return Err(FsError::Exists);
+        }
+        if dst.as_ref().is_some_and(|d| d.ino == src.ino) {
+            return Ok(());
+        }
+        match src.kind {
+            Kind::File => {
+                if dst.as_ref().is_some_and(|d| d.kind == Kind::Dir) {
+                    return Err(FsError::IsDir);
+                }
+                self.rename_file(
+                    &mount, src.ino, &src_dir, name, newparent, &dst_dir, newname,
+                )
+                .await?;
+            }
+            Kind::Dir => {
+                if let Some(d) = &dst {
+                    if d.kind != Kind::Dir {
+                        return Err(FsError::NotDir);
+                    }
+                    let dst_prefix = namespace::child_prefix(&dst_dir, newname);
+                    let page = mount.store.list(&dst_prefix, false, None, Some(2)).await?;
+                    if page.objects.iter().any(|o| o.key != dst_prefix) {
+                        return Err(FsError::NotEmpty);
+                    }
+                }
+                self.rename_dir(
+                    &mount, src.ino, &src_dir, name, newparent, &dst_dir, newname,
+                )
+                .await?;
+            }
+        }
+        if let Some(d) = dst {
+            let mut table = lock(&self.inodes);
+            if table.child(newparent, newname) == Some(d.ino) {
+                table.unlink_name(newparent, newname);
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn rename_file(
+        &self,
+        mount: &Arc<MountPoint>,
+        ino: u64,
+        src_dir: &str,
+        name: &str,
+        newparent: u64,
+        dst_dir: &str,
+        newname: &str,
+    ) -> Result<()> {
+        let src_key = namespace::child_key(src_dir, name);
+        let dst_key = namespace::child_key(dst_dir, newname);
+        // The object must be complete in S3 before it can be copied.
+        let writer = lock(&self.writers).get(&ino).cloned();
+        if let Some(w) = &writer {
+            self.upload(ino, w).await?;
+        }
+        let (size, local) = lock(&self.inodes)
+            .get(ino)
+            .map(|i| (i.size, i.local))
+            .unwrap_or((0, false));
+        if local {
+            // Created but never written or closed: it only exists here.
+            let w = writer.clone().ok_or(FsError::NotFound)?;
+            let mut guard = w.writer.lock().await;
+            guard.set_key(dst_key.clone());
+        } else {
+            self.copy_object(mount, &src_key, &dst_key, size).await?;
+            match mount.store.delete(&src_key).await {
+                Ok(()) | Err(StoreError::NotFound) => {}
+                Err(e) => {
+                    self.log_store_error("delete", mount, &src_key, &e);
+                    return Err(e.into());
+                }
+            }
+            if let Some(w) = &writer {
+                w.writer.lock().await.set_key(dst_key.clone());
+            }
+        }
+        let parent = lock(&self.inodes)
+            .get(ino)
+            .map(|i| i.parent)
+            .unwrap_or_default();
+        self.forget_name(parent, name);
+        self.forget_name(newparent, newname);
+        lock(&self.negative).remove(&(newparent, newname.to_string()));
+        let mut table = lock(&self.inodes);
+        table.relink(ino, newparent, newname);
+        let (etag, mtime) = match table.get_mut(ino) {
+            Some(inode) => {
+                inode.loc = Loc::Object {
+                    mount: mount.clone(),
+                    key: dst_key,
+                };
+                (inode.etag.clone(), inode.mtime)
+            }
+            None => (None, SystemTime::now()),
+        };
+        if let Some(dir) = table.get_mut(newparent) {
+            if local {
+                dir.local_children.insert(newname.to_string());
+            } else if let Some((_, entries)) = &mut dir.listing {
+                let e = Entry {
+                    name: newname.to_string(),
+                    kind: Kind::File,
+                    size,
+                    etag,
+                    mtime,
+                };
+                Arc::make_mut(entries).insert(newname.to_string(), e);
+            }
+        }
+        Ok(())
+    }
+
+    /// CopyObject, or a multipart copy above 5 GiB.
+    async fn copy_object(&self, mount: &MountPoint, from: &str, to: &str, size: u64) -> Result<()> {
+        let result = if size <= MAX_COPY {
+            mount.store.copy(from, to).await.map(|_| ())
+        } else {
+            self.multipart_copy(mount, from, to, size).await
+        };
+        result.map_err(|e| {
+            self.log_store_error("copy", mount, from, &e);
+            e.into()
+        })
+    }
+
+    async fn multipart_copy(
+        &self,
+        mount: &MountPoint,
+        from: &str,
+        to: &str,
+        size: u64,
+    ) -> std::result::Result<(), StoreError> {
+        let id = mount.store.create_multipart(to).await?;
+        let parts_n = size.div_ceil(MAX_COPY);
+        let part_len = size.div_ceil(parts_n);
+        let mut parts = Vec::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..parts_n {
+            let (start, end) = (n * part_len, ((n + 1) * part_len).min(size));
+            let (store, to, from, id) = (
+                mount.store.clone(),
+                to.to_string(),
+                from.to_string(),
+                id.clone(),
+            );
+            tasks.spawn(async move {
+                store
+                    .upload_part_copy(&to, &id, n as i32 + 1, &from, start, end)
+                    .await
+            });
+            while tasks.len() >= MAX_INFLIGHT_PARTS {
+                if let Some(r) = tasks.join_next().await {
+                    parts.push(r.map_err(|e| StoreError::Network(e.to_string()))??);
+                }
+            }
+        }
+        while let Some(r) = tasks.join_next().await {
+            match r
+                .map_err(|e| StoreError::Network(e.to_string()))
+                .and_then(|r| r)
+            {
+                Ok(p) => parts.push(p),
+                Err(e) => {
+                    let _ = mount.store.abort_multipart(to, &id).await;
+                    return Err(e);
+                }
+            }
+        }
+        parts.sort_by_key(|p| p.number);
+        mount
+            .store
+            .complete_multipart(to, &id, parts, PutCondition::None)
+            .await
+            .map(|_| ())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn rename_dir(
+        &self,
+        mount: &Arc<MountPoint>,
+        ino: u64,
+        src_dir: &str,
+        name: &str,
+        newparent: u64,
+        dst_dir: &str,
+        newname: &str,
+    ) -> Result<()> {
+        let from = namespace::child_prefix(src_dir, name);
+        let to = namespace::child_prefix(dst_dir, newname);
+        if to.starts_with(&from) {
+            return Err(FsError::Invalid);
+        }
+        let busy = {
+            let table = lock(&self.inodes);
+            let writers = lock(&self.writers);
+            writers.keys().any(|w| matches!(table.get(*w).map(|i| &i.loc), Some(Loc::Object { key, .. }) if key.starts_with(&from)))
+        };
+        if busy {
+            return Err(FsError::Busy);
+        }
+        // Every object under the old prefix, then copy all, then delete all.
+        let mut objects = Vec::new();
+        let mut token = None;
+        loop {
+            let page = mount.store.list(&from, false, token.take(), None).await?;
+            objects.extend(page.objects);
+            match page.next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        if objects.is_empty() {
+            mount
+                .store
+                .put(&to, bytes::Bytes::new(), PutCondition::None)
+                .await?;
+        }
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(RENAME_CONCURRENCY));
+        let mut tasks = tokio::task::JoinSet::new();
+        for o in &objects {
+            let target = format!("{to}{}", &o.key[from.len()..]);
+            let (store, key, size, sem) = (
+                mount.store.clone(),
+                o.key.clone(),
+                o.size,
+                semaphore.clone(),
+            );
+            tasks.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                if size <= MAX_COPY {
+                    store.copy(&key, &target).await.map(|_| ())
+                } else {
+                    Err(StoreError::InvalidRange)
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.map_err(|e| StoreError::Network(e.to_string()))??;
+        }
+        for o in &objects {
+            let (store, key, sem) = (mount.store.clone(), o.key.clone(), semaphore.clone());
+            tasks.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                match store.delete(&key).await {
+                    Err(StoreError::NotFound) => Ok(()),
+                    other => other,
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.map_err(|e| StoreError::Network(e.to_string()))??;
+        }
+        info!("renamed {} objects from {from} to {to}", objects.len());
+        let parent = lock(&self.inodes)
+            .get(ino)
+            .map(|i| i.parent)
+            .unwrap_or_default();
+        self.forget_name(parent, name);
+        self.forget_name(newparent, newname);
+        self.note_dir(newparent, newname);
+        let mut table = lock(&self.inodes);
+        table.rekey(mount, &from, &to);
+        table.relink(ino, newparent, newname);
+        Ok(())
+    }
+}
