@@ -779,8 +779,21 @@ impl Fs {
                 None => break,
             }
         }
-        let (entries, skipped) = namespace::entries_from_listing(&prefix, &objects, &prefixes);
+        let (mut entries, skipped) = namespace::entries_from_listing(&prefix, &objects, &prefixes);
         self.log_skipped(mount.store.as_ref(), &skipped);
+        {
+            // Names removed here within the TTL stay removed, even if the
+            // server still lists them for a moment.
+            let negative = lock(&self.negative);
+            if !negative.is_empty() {
+                let now = Instant::now();
+                entries.retain(|e| {
+                    negative
+                        .get(&(ino, e.name.clone()))
+                        .is_none_or(|at| now >= *at + mount.ttl)
+                });
+            }
+        }
         let valid_until = started + mount.ttl;
         let mut items = parent;
         let mut table = lock(&self.inodes);

@@ -246,8 +246,10 @@ impl Fs {
         }
     }
 
-    /// Removes `name` from `parent` in every cache.
+    /// Removes `name` from `parent` in every cache, and remembers for a TTL
+    /// that it is gone (some servers list emptied prefixes for a while).
     fn forget_name(&self, parent: u64, name: &str) {
+        lock(&self.negative).insert((parent, name.to_string()), Instant::now());
         let mut table = lock(&self.inodes);
         table.unlink_name(parent, name);
         if let Some(dir) = table.get_mut(parent) {
@@ -660,6 +662,29 @@ impl Fs {
             .map(|_| ())
     }
 
+    /// Waits for every task; logs and returns the first failure.
+    async fn join_all(
+        &self,
+        tasks: &mut tokio::task::JoinSet<std::result::Result<(), (String, StoreError)>>,
+        mount: &MountPoint,
+        op: &str,
+        context: &str,
+    ) -> Result<()> {
+        let mut first = None;
+        while let Some(r) = tasks.join_next().await {
+            let r = r
+                .unwrap_or_else(|e| Err((context.to_string(), StoreError::Network(e.to_string()))));
+            if let Err((key, e)) = r {
+                self.log_store_error(op, mount, &key, &e);
+                first.get_or_insert(e);
+            }
+        }
+        match first {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn rename_dir(
         &self,
@@ -702,7 +727,8 @@ impl Fs {
                 .await?;
         }
         let semaphore = Arc::new(tokio::sync::Semaphore::new(RENAME_CONCURRENCY));
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut tasks: tokio::task::JoinSet<std::result::Result<(), (String, StoreError)>> =
+            tokio::task::JoinSet::new();
         for o in &objects {
             let target = format!("{to}{}", &o.key[from.len()..]);
             let (store, key, size, sem) = (
@@ -713,29 +739,33 @@ impl Fs {
             );
             tasks.spawn(async move {
                 let _permit = sem.acquire_owned().await;
-                if size <= MAX_COPY {
+                if key.ends_with('/') && size == 0 {
+                    // A directory marker: writing a new one is cheaper than a
+                    // copy, and some servers cannot copy markers.
+                    store
+                        .put(&target, bytes::Bytes::new(), PutCondition::None)
+                        .await
+                        .map(|_| ())
+                } else if size <= MAX_COPY {
                     store.copy(&key, &target).await.map(|_| ())
                 } else {
                     Err(StoreError::InvalidRange)
                 }
+                .map_err(|e| (key, e))
             });
         }
-        while let Some(r) = tasks.join_next().await {
-            r.map_err(|e| StoreError::Network(e.to_string()))??;
-        }
+        self.join_all(&mut tasks, mount, "copy", &from).await?;
         for o in &objects {
             let (store, key, sem) = (mount.store.clone(), o.key.clone(), semaphore.clone());
             tasks.spawn(async move {
                 let _permit = sem.acquire_owned().await;
                 match store.delete(&key).await {
-                    Err(StoreError::NotFound) => Ok(()),
-                    other => other,
+                    Err(StoreError::NotFound) | Ok(()) => Ok(()),
+                    Err(e) => Err((key, e)),
                 }
             });
         }
-        while let Some(r) = tasks.join_next().await {
-            r.map_err(|e| StoreError::Network(e.to_string()))??;
-        }
+        self.join_all(&mut tasks, mount, "delete", &from).await?;
         info!("renamed {} objects from {from} to {to}", objects.len());
         let parent = lock(&self.inodes)
             .get(ino)
