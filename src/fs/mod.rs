@@ -10,6 +10,8 @@
 
 pub mod cache;
 pub mod inode;
+#[cfg(test)]
+mod model_tests;
 mod mutate;
 pub mod namespace;
 pub mod read;

@@ -349,6 +349,11 @@ impl Fs {
         }
         let (mount, dir_key) = self.dir_location(parent)?;
         self.check_writable(&mount)?;
+        match self.lookup_inner(parent, name, false).await {
+            Ok(_) => return Err(FsError::Exists),
+            Err(FsError::NotFound) => {}
+            Err(e) => return Err(e),
+        }
         let marker = namespace::child_prefix(&dir_key, name);
         let put = match mount
             .store
@@ -366,7 +371,8 @@ impl Fs {
             other => other,
         };
         match put {
-            Ok(_) | Err(StoreError::PreconditionFailed) => {}
+            Ok(_) => {}
+            Err(StoreError::PreconditionFailed) => return Err(FsError::Exists),
             Err(e) => {
                 self.log_store_error("mkdir", &mount, &marker, &e);
                 return Err(e.into());
