@@ -109,9 +109,15 @@ pub struct MountArgs {
     /// Memory budget shared by prefetching and the block cache, e.g. 512MiB.
     #[arg(long, default_value = "512MiB", value_parser = spec::parse_size)]
     pub memory_limit: u64,
-    /// Directory for staging files of writes (default: the system temp dir).
+    /// Serve Prometheus /metrics and /healthz on this address, e.g. 127.0.0.1:9567 (off by default).
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Directory for the persistent block cache and staging files of writes (default: no disk cache, staging in the system temp dir).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// Bound on the disk cache in --cache-dir, e.g. 20GiB (default: 10% of that file system).
+    #[arg(long, value_parser = spec::parse_size)]
+    pub max_cache_size: Option<u64>,
     /// Timeout of one request attempt, e.g. 20s.
     #[arg(long, default_value = "20s", value_parser = spec::parse_duration)]
     pub request_timeout: std::time::Duration,
@@ -136,6 +142,7 @@ impl MountArgs {
             read_only: self.read_only,
             memory_limit: self.memory_limit,
             cache_dir: self.cache_dir.clone(),
+            max_cache_size: self.max_cache_size,
         };
         let credentials = match (&self.access_key_file, &self.secret_key_file) {
             (Some(a), Some(s)) => CredentialSource::Keys {

@@ -67,6 +67,7 @@ pub struct FluidPlan {
     pub read_only_by_access_mode: bool,
     pub log_level: Option<String>,
     pub log_format: Option<String>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Option keys that were not understood, for one warning each.
     pub unknown_options: Vec<String>,
 }
@@ -242,6 +243,7 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
     let mut log_level = None;
     let mut log_format = None;
     let mut fs_read_only = false;
+    let mut metrics_addr = None;
     for (k, v) in &fs_opts {
         let field = format!("runtimeOptions.{k}");
         match k.as_str() {
@@ -268,6 +270,15 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
             "log-level" => log_level = Some(v.clone()),
             "log-format" => log_format = Some(v.clone()),
             "read-only" => fs_read_only = flag(&field, v)?,
+            "metrics-addr" => {
+                metrics_addr = Some(v.trim().parse().with_context(|| {
+                    format!("{field}: not an address such as 0.0.0.0:9567: {v:?}")
+                })?)
+            }
+            "cache-dir" => settings.cache_dir = Some(PathBuf::from(v.trim())),
+            "max-cache-size" => {
+                settings.max_cache_size = Some(spec::parse_size(v).with_context(|| field.clone())?)
+            }
             k if TTL_KEYS.contains(&k) => {
                 default_ttl = spec::parse_ttl(v).with_context(|| field.clone())?
             }
@@ -437,6 +448,7 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
         read_only_by_access_mode: access_ro,
         log_level,
         log_format,
+        metrics_addr,
         unknown_options: unknown.into_iter().collect(),
     })
 }

@@ -10,6 +10,7 @@ pub mod fluid;
 pub mod fs;
 pub mod fuse;
 pub mod logging;
+pub mod metrics;
 pub mod mount;
 pub mod probe;
 pub mod spec;

@@ -34,6 +34,7 @@ fn run_mount(args: Box<MountArgs>) -> i32 {
         settings,
         mounts: vec![spec],
         check_first: true,
+        metrics_addr: args.metrics_addr,
     })
 }
 
@@ -79,6 +80,7 @@ fn run_fluid(args: FluidArgs) -> i32 {
         settings: plan.settings,
         mounts: plan.mounts,
         check_first: false,
+        metrics_addr: plan.metrics_addr,
     })
 }
 

@@ -50,6 +50,8 @@ pub struct MountRequest {
     /// Check every bucket before mounting (`bucketfs mount`); Fluid mode
     /// mounts first and reports problems per operation instead.
     pub check_first: bool,
+    /// Where to serve `/metrics` and `/healthz`, if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Runs a mount until it is unmounted. Returns the process exit code.
@@ -65,8 +67,23 @@ pub fn run(req: MountRequest) -> i32 {
             return 1;
         }
     };
+    let listener = match req.metrics_addr {
+        Some(addr) => match rt.block_on(crate::metrics::bind(addr)) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("bucketfs: cannot serve metrics on {addr}: {e}");
+                return EXIT_START;
+            }
+        },
+        None => None,
+    };
     match rt.block_on(prepare(&req)) {
-        Ok(fs) => serve(&rt, &req, fs),
+        Ok(fs) => {
+            if let Some(l) = listener {
+                rt.spawn(crate::metrics::serve(l, fs.clone(), req.mountpoint.clone()));
+            }
+            serve(&rt, &req, fs)
+        }
         Err(e) => {
             eprintln!("bucketfs: {e}");
             EXIT_START

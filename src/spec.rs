@@ -219,8 +219,11 @@ pub struct FsSettings {
     /// Mount the whole file system read-only (`MS_RDONLY`).
     pub read_only: bool,
     pub memory_limit: u64,
-    /// Where staging files for writes live (default: the system temp dir).
+    /// Where staging files for writes and the disk cache live (default:
+    /// staging in the system temp dir, no disk cache).
     pub cache_dir: Option<PathBuf>,
+    /// Bound on the disk cache (default: 10% of the file system's size).
+    pub max_cache_size: Option<u64>,
 }
 
 impl Default for FsSettings {
@@ -236,6 +239,7 @@ impl Default for FsSettings {
             read_only: false,
             memory_limit: DEFAULT_MEMORY_LIMIT,
             cache_dir: None,
+            max_cache_size: None,
         }
     }
 }

@@ -203,6 +203,7 @@ impl BlockCache {
                 Some((_, b)) => {
                     i.ready_bytes -= b.len() as u64;
                     self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::metrics().cache_evictions.inc();
                 }
                 None => break,
             }
@@ -211,6 +212,7 @@ impl BlockCache {
 
     pub fn hit(&self) {
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::metrics().cache_hits.inc();
     }
 }
 

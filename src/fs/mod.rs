@@ -194,6 +194,8 @@ pub struct Fs {
     staging: tempfile::TempDir,
     /// Uploads running now, so shutdown can wait for them.
     uploads: AtomicUsize,
+    /// The mounts served now.
+    mounts: Mutex<Vec<Arc<MountPoint>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -323,7 +325,13 @@ impl Fs {
             writers: Mutex::new(HashMap::new()),
             staging,
             uploads: AtomicUsize::new(0),
+            mounts: Mutex::new(mounts.iter().map(|(_, m)| m.clone()).collect()),
         })
+    }
+
+    /// The mounts served now.
+    pub fn mounts(&self) -> Vec<Arc<MountPoint>> {
+        lock(&self.mounts).clone()
     }
 
     pub fn settings(&self) -> &FsSettings {
@@ -612,6 +620,7 @@ impl Fs {
     }
 
     fn add_handle(&self, ino: u64, kind: HandleKind, pid: u32) -> u64 {
+        crate::metrics::metrics().open_handles.inc();
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.files).insert(
             fh,
@@ -653,7 +662,10 @@ impl Fs {
             return Err(FsError::BadHandle);
         };
         match reader.read(offset, size).await {
-            Ok(b) => Ok(b),
+            Ok(b) => {
+                crate::metrics::metrics().bytes_read.inc_by(b.len() as u64);
+                Ok(b)
+            }
             Err(e) => {
                 let object = reader.object();
                 if e == StoreError::PreconditionFailed {

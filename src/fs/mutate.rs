@@ -164,6 +164,9 @@ impl Fs {
             return Err(e.into());
         }
         w.size.store(writer.size(), Ordering::Relaxed);
+        crate::metrics::metrics()
+            .bytes_written
+            .inc_by(data.len() as u64);
         Ok(data.len() as u32)
     }
 
@@ -178,6 +181,11 @@ impl Fs {
             return Ok(());
         };
         if tgid(pid) != handle.opener {
+            return Ok(());
+        }
+        // A new file nobody wrote to yet is created at release, not here: a
+        // shell closes its first descriptor of `> file` before writing.
+        if !w.writer.lock().await.has_changes() {
             return Ok(());
         }
         self.upload(handle.ino, w).await
@@ -209,6 +217,7 @@ impl Fs {
                 Ok(())
             }
             Err(e) => {
+                crate::metrics::metrics().uploads_failed.inc();
                 error!(key = %writer.key(), "upload of {}/{} failed: {e}", w.mount.store.describe(), writer.key());
                 Err(e.into())
             }

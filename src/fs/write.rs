@@ -197,6 +197,12 @@ impl Writer {
         self.size
     }
 
+    /// Written, truncated or otherwise changed since the last upload.
+    pub fn has_changes(&self) -> bool {
+        self.dirty && !self.unlinked
+    }
+
+    /// Has content S3 does not have yet, counting a new, still empty file.
     pub fn is_dirty(&self) -> bool {
         self.dirty || (self.new_file && !self.unlinked)
     }

@@ -107,15 +107,22 @@ impl S3Store {
     }
 
     /// Runs `op`, and once more with re-read credentials if it was denied.
-    async fn call<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    /// Every attempt is counted in the metrics under `name`.
+    async fn call<T, F, Fut>(&self, name: &'static str, op: F) -> Result<T, StoreError>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         let (client, generation) = self.client();
-        match op(client).await {
+        let started = std::time::Instant::now();
+        let result = op(client).await;
+        crate::metrics::record_request(name, started, &result);
+        match result {
             Err(StoreError::AccessDenied(_)) if self.reload_keys(generation).await => {
-                op(self.client().0).await
+                let started = std::time::Instant::now();
+                let result = op(self.client().0).await;
+                crate::metrics::record_request(name, started, &result);
+                result
             }
             other => other,
         }
@@ -284,7 +291,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn check_bucket(&self) -> Result<(), StoreError> {
-        self.call(|c| async move {
+        self.call("list", |c| async move {
             // HEAD cannot tell a missing bucket from other 404s, so list one key.
             c.list_objects_v2()
                 .bucket(&self.bucket)
@@ -305,7 +312,7 @@ impl ObjectStore for S3Store {
         max_keys: Option<i32>,
     ) -> Result<ListPage, StoreError> {
         let out = self
-            .call(|c| {
+            .call("list", |c| {
                 let token = token.clone();
                 async move {
                     c.list_objects_v2()
@@ -351,7 +358,7 @@ impl ObjectStore for S3Store {
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
         let out = self
-            .call(|c| async move {
+            .call("head", |c| async move {
                 c.head_object()
                     .bucket(&self.bucket)
                     .key(key)
@@ -379,7 +386,7 @@ impl ObjectStore for S3Store {
             return Ok(Box::pin(futures::stream::empty()));
         }
         let out = self
-            .call(|c| async move {
+            .call("get", |c| async move {
                 c.get_object()
                     .bucket(&self.bucket)
                     .key(key)
@@ -413,7 +420,7 @@ impl ObjectStore for S3Store {
 
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError> {
         let out = self
-            .call(|c| {
+            .call("put", |c| {
                 let body = body.clone();
                 let cond = cond.clone();
                 async move {
@@ -435,7 +442,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.call(|c| async move {
+        self.call("delete", |c| async move {
             c.delete_object()
                 .bucket(&self.bucket)
                 .key(key)
@@ -449,7 +456,7 @@ impl ObjectStore for S3Store {
 
     async fn copy(&self, from: &str, to: &str) -> Result<String, StoreError> {
         let out = self
-            .call(|c| async move {
+            .call("copy", |c| async move {
                 c.copy_object()
                     .bucket(&self.bucket)
                     .key(to)
@@ -468,7 +475,7 @@ impl ObjectStore for S3Store {
 
     async fn create_multipart(&self, key: &str) -> Result<String, StoreError> {
         let out = self
-            .call(|c| async move {
+            .call("create_multipart", |c| async move {
                 c.create_multipart_upload()
                     .bucket(&self.bucket)
                     .key(key)
@@ -493,7 +500,7 @@ impl ObjectStore for S3Store {
         body: Bytes,
     ) -> Result<CompletedPart, StoreError> {
         let out = self
-            .call(|c| {
+            .call("upload_part", |c| {
                 let body = body.clone();
                 async move {
                     c.upload_part()
@@ -524,7 +531,7 @@ impl ObjectStore for S3Store {
         end: u64,
     ) -> Result<CompletedPart, StoreError> {
         let out = self
-            .call(|c| async move {
+            .call("upload_part_copy", |c| async move {
                 c.upload_part_copy()
                     .bucket(&self.bucket)
                     .key(key)
@@ -568,7 +575,7 @@ impl ObjectStore for S3Store {
             ))
             .build();
         let out = self
-            .call(|c| {
+            .call("complete_multipart", |c| {
                 let upload = upload.clone();
                 let cond = cond.clone();
                 async move {
@@ -591,7 +598,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
-        self.call(|c| async move {
+        self.call("abort_multipart", |c| async move {
             c.abort_multipart_upload()
                 .bucket(&self.bucket)
                 .key(key)
