@@ -8,11 +8,7 @@ use crate::logging::LogFormat;
 use crate::spec::{self, CredentialSource, FsSettings, MountSpec, S3Settings, SecretValue, Source};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "bucketfs",
-    version,
-    about = "A FUSE file system for S3 and MinIO buckets"
-)]
+#[command(name = "bucketfs", version, about = "A FUSE file system for S3 and MinIO buckets")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -23,8 +23,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::spec::{
-    self, CredentialSource, DEFAULT_METADATA_TTL, FsSettings, MountSpec, S3Settings, SecretValue,
-    Source,
+    self, CredentialSource, DEFAULT_METADATA_TTL, FsSettings, MountSpec, S3Settings, SecretValue, Source,
 };
 
 /// Where Fluid puts the config, newest layout first.
@@ -86,18 +85,13 @@ pub fn find_config(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
             return Ok(PathBuf::from(p));
         }
     }
-    bail!(
-        "no Fluid config found: looked at {} and {} (set --config or {CONFIG_ENV})",
-        CONFIG_PATHS[0],
-        CONFIG_PATHS[1]
-    )
+    bail!("no Fluid config found: looked at {} and {} (set --config or {CONFIG_ENV})", CONFIG_PATHS[0], CONFIG_PATHS[1])
 }
 
 /// Only the `targetPath` of a config file (for the readiness probe, which
 /// must not depend on secrets being readable).
 pub fn target_path(path: &Path) -> anyhow::Result<PathBuf> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read Fluid config {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read Fluid config {}", path.display()))?;
     let v: Value = serde_json::from_str(text.trim())
         .with_context(|| format!("Fluid config {}: not valid JSON", path.display()))?;
     v.get("targetPath")
@@ -109,8 +103,7 @@ pub fn target_path(path: &Path) -> anyhow::Result<PathBuf> {
 
 /// Reads and plans a config file. `mount_options` is `$MOUNT_OPTIONS`.
 pub fn load(path: &Path, mount_options: Option<&str>) -> anyhow::Result<FluidPlan> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read Fluid config {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read Fluid config {}", path.display()))?;
     plan(&text, mount_options).with_context(|| format!("Fluid config {}", path.display()))
 }
 
@@ -124,14 +117,8 @@ fn scalar(field: &str, v: &Value) -> anyhow::Result<String> {
     })
 }
 
-fn string_map(
-    field: &str,
-    m: Option<BTreeMap<String, Value>>,
-) -> anyhow::Result<BTreeMap<String, String>> {
-    m.unwrap_or_default()
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), scalar(&format!("{field}.{k}"), v)?)))
-        .collect()
+fn string_map(field: &str, m: Option<BTreeMap<String, Value>>) -> anyhow::Result<BTreeMap<String, String>> {
+    m.unwrap_or_default().iter().map(|(k, v)| Ok((k.clone(), scalar(&format!("{field}.{k}"), v)?))).collect()
 }
 
 /// Parses `MOUNT_OPTIONS`: comma-separated `k=v` or bare `k`, in any order.
@@ -180,31 +167,13 @@ fn path_components(field: &str, path: &str) -> anyhow::Result<Vec<String>> {
 }
 
 const ENDPOINT_KEYS: [&str; 4] = ["minio-url", "endpoint", "url", "endpoint-url"];
-const CREDENTIAL_PAIRS: [(&str, &str); 3] = [
-    ("minio-access-key", "minio-access-secret"),
-    ("access-key", "secret-key"),
-    ("access-key-id", "secret-access-key"),
-];
+const CREDENTIAL_PAIRS: [(&str, &str); 3] =
+    [("minio-access-key", "minio-access-secret"), ("access-key", "secret-key"), ("access-key-id", "secret-access-key")];
 const TTL_KEYS: [&str; 3] = ["metadata-ttl", "attr-timeout", "stat-cache-ttl"];
-const MOUNT_KEYS: [&str; 6] = [
-    "region",
-    "path-style",
-    "force-path-style",
-    "ca-bundle",
-    "request-timeout",
-    "max-attempts",
-];
-const FS_KEYS: [&str; 9] = [
-    "uid",
-    "gid",
-    "file-mode",
-    "dir-mode",
-    "allow-other",
-    "memory-limit",
-    "log-level",
-    "log-format",
-    "read-only",
-];
+const MOUNT_KEYS: [&str; 6] =
+    ["region", "path-style", "force-path-style", "ca-bundle", "request-timeout", "max-attempts"];
+const FS_KEYS: [&str; 9] =
+    ["uid", "gid", "file-mode", "dir-mode", "allow-other", "memory-limit", "log-level", "log-format", "read-only"];
 
 fn known_mount_key(k: &str) -> bool {
     ENDPOINT_KEYS.contains(&k)
@@ -216,12 +185,8 @@ fn known_mount_key(k: &str) -> bool {
 
 /// Plans a config from its text.
 pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan> {
-    let raw: RawConfig =
-        serde_json::from_str(text.trim()).map_err(|e| anyhow::anyhow!("not valid JSON: {e}"))?;
-    let target = raw
-        .target_path
-        .filter(|t| !t.trim().is_empty())
-        .context("targetPath is missing or empty")?;
+    let raw: RawConfig = serde_json::from_str(text.trim()).map_err(|e| anyhow::anyhow!("not valid JSON: {e}"))?;
+    let target = raw.target_path.filter(|t| !t.trim().is_empty()).context("targetPath is missing or empty")?;
     let target_path = PathBuf::from(target.trim());
     if !target_path.is_absolute() {
         bail!("targetPath {target:?} is not an absolute path");
@@ -229,16 +194,12 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
     let mut unknown = BTreeSet::new();
 
     // File-system-wide options: MOUNT_OPTIONS as a fallback, runtimeOptions win.
-    let mut fs_opts: BTreeMap<String, String> =
-        mount_options.map(parse_mount_options).unwrap_or_default();
+    let mut fs_opts: BTreeMap<String, String> = mount_options.map(parse_mount_options).unwrap_or_default();
     fs_opts.remove("ro");
     fs_opts.remove("rw");
     fs_opts.extend(string_map("runtimeOptions", raw.runtime_options)?);
     let defaults = FsSettings::default();
-    let mut settings = FsSettings {
-        allow_other: true,
-        ..defaults
-    };
+    let mut settings = FsSettings { allow_other: true, ..defaults };
     let mut default_ttl = DEFAULT_METADATA_TTL;
     let mut log_level = None;
     let mut log_format = None;
@@ -247,41 +208,23 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
     for (k, v) in &fs_opts {
         let field = format!("runtimeOptions.{k}");
         match k.as_str() {
-            "uid" => {
-                settings.uid = v
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("{field}: not a number: {v:?}"))?
-            }
-            "gid" => {
-                settings.gid = v
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("{field}: not a number: {v:?}"))?
-            }
-            "file-mode" => {
-                settings.file_mode = spec::parse_mode(v).with_context(|| field.clone())?
-            }
+            "uid" => settings.uid = v.trim().parse().with_context(|| format!("{field}: not a number: {v:?}"))?,
+            "gid" => settings.gid = v.trim().parse().with_context(|| format!("{field}: not a number: {v:?}"))?,
+            "file-mode" => settings.file_mode = spec::parse_mode(v).with_context(|| field.clone())?,
             "dir-mode" => settings.dir_mode = spec::parse_mode(v).with_context(|| field.clone())?,
             "allow-other" => settings.allow_other = flag(&field, v)?,
-            "memory-limit" => {
-                settings.memory_limit = spec::parse_size(v).with_context(|| field.clone())?
-            }
+            "memory-limit" => settings.memory_limit = spec::parse_size(v).with_context(|| field.clone())?,
             "log-level" => log_level = Some(v.clone()),
             "log-format" => log_format = Some(v.clone()),
             "read-only" => fs_read_only = flag(&field, v)?,
             "metrics-addr" => {
-                metrics_addr = Some(v.trim().parse().with_context(|| {
-                    format!("{field}: not an address such as 0.0.0.0:9567: {v:?}")
-                })?)
+                metrics_addr = Some(
+                    v.trim().parse().with_context(|| format!("{field}: not an address such as 0.0.0.0:9567: {v:?}"))?,
+                )
             }
             "cache-dir" => settings.cache_dir = Some(PathBuf::from(v.trim())),
-            "max-cache-size" => {
-                settings.max_cache_size = Some(spec::parse_size(v).with_context(|| field.clone())?)
-            }
-            k if TTL_KEYS.contains(&k) => {
-                default_ttl = spec::parse_ttl(v).with_context(|| field.clone())?
-            }
+            "max-cache-size" => settings.max_cache_size = Some(spec::parse_size(v).with_context(|| field.clone())?),
+            k if TTL_KEYS.contains(&k) => default_ttl = spec::parse_ttl(v).with_context(|| field.clone())?,
             k if k.starts_with("fluid.") => {}
             k if known_mount_key(k) => {} // a per-mount option given for all; applied below
             _ => {
@@ -293,11 +236,8 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
     settings.read_only = access_ro || fs_read_only;
 
     let raw_mounts = raw.mounts.unwrap_or_default();
-    let single_root = raw_mounts.len() == 1
-        && raw_mounts[0]
-            .path
-            .as_deref()
-            .is_none_or(|p| p.trim_matches('/').is_empty());
+    let single_root =
+        raw_mounts.len() == 1 && raw_mounts[0].path.as_deref().is_none_or(|p| p.trim_matches('/').is_empty());
     let mut mounts = Vec::new();
     let mut seen_paths = BTreeSet::new();
     for (i, m) in raw_mounts.into_iter().enumerate() {
@@ -309,52 +249,27 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
             .mount_point
             .filter(|s| !s.trim().is_empty())
             .with_context(|| format!("{label}: mountPoint is missing"))?;
-        let source: Source = mount_point
-            .parse()
-            .with_context(|| format!("{label}: mountPoint {mount_point:?}"))?;
+        let source: Source = mount_point.parse().with_context(|| format!("{label}: mountPoint {mount_point:?}"))?;
         // runtimeOptions give defaults for per-mount keys; the mount's own options win.
-        let mut opts: BTreeMap<String, String> = fs_opts
-            .iter()
-            .filter(|(k, _)| known_mount_key(k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let mut opts: BTreeMap<String, String> =
+            fs_opts.iter().filter(|(k, _)| known_mount_key(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
         opts.extend(string_map(&format!("{label}.options"), m.options)?);
         let get = |k: &str| opts.get(k).map(|v| v.trim().to_string());
 
-        let endpoint = ENDPOINT_KEYS
-            .iter()
-            .find_map(|k| get(k))
-            .filter(|e| !e.is_empty());
-        let credentials = match CREDENTIAL_PAIRS
-            .iter()
-            .find(|(a, s)| opts.contains_key(*a) || opts.contains_key(*s))
-        {
+        let endpoint = ENDPOINT_KEYS.iter().find_map(|k| get(k)).filter(|e| !e.is_empty());
+        let credentials = match CREDENTIAL_PAIRS.iter().find(|(a, s)| opts.contains_key(*a) || opts.contains_key(*s)) {
             Some((a, s)) => {
-                let access = opts
-                    .get(*a)
-                    .with_context(|| format!("{label}: {s} is set but {a} is missing"))?;
-                let secret = opts
-                    .get(*s)
-                    .with_context(|| format!("{label}: {a} is set but {s} is missing"))?;
+                let access = opts.get(*a).with_context(|| format!("{label}: {s} is set but {a} is missing"))?;
+                let secret = opts.get(*s).with_context(|| format!("{label}: {a} is set but {s} is missing"))?;
                 let access_key = secret_value(&label, a, access)?;
                 let secret_key = secret_value(&label, s, secret)?;
-                let creds = CredentialSource::Keys {
-                    access_key,
-                    secret_key,
-                };
-                creds
-                    .static_keys()
-                    .with_context(|| format!("{label}: credentials"))?;
+                let creds = CredentialSource::Keys { access_key, secret_key };
+                creds.static_keys().with_context(|| format!("{label}: credentials"))?;
                 creds
             }
             None => CredentialSource::Chain,
         };
-        let mut s3 = S3Settings {
-            path_style: endpoint.is_some(),
-            endpoint,
-            credentials,
-            ..S3Settings::default()
-        };
+        let mut s3 = S3Settings { path_style: endpoint.is_some(), endpoint, credentials, ..S3Settings::default() };
         let mut ttl = default_ttl;
         let mut read_only = m.read_only.unwrap_or(false);
         for (k, v) in &opts {
@@ -363,25 +278,15 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
                 "region" => s3.region = Some(v.trim().to_string()).filter(|r| !r.is_empty()),
                 "path-style" | "force-path-style" => s3.path_style = flag(&field, v)?,
                 "ca-bundle" => s3.ca_bundle = Some(PathBuf::from(v.trim())),
-                "request-timeout" => {
-                    s3.request_timeout = spec::parse_duration(v).with_context(|| field.clone())?
-                }
+                "request-timeout" => s3.request_timeout = spec::parse_duration(v).with_context(|| field.clone())?,
                 "max-attempts" => {
-                    s3.max_attempts = v
-                        .trim()
-                        .parse::<u32>()
-                        .with_context(|| format!("{field}: not a number"))?
-                        .max(1)
+                    s3.max_attempts = v.trim().parse::<u32>().with_context(|| format!("{field}: not a number"))?.max(1)
                 }
                 "read-only" => read_only |= flag(&field, v)?,
-                k if TTL_KEYS.contains(&k) => {
-                    ttl = spec::parse_ttl(v).with_context(|| field.clone())?
-                }
+                k if TTL_KEYS.contains(&k) => ttl = spec::parse_ttl(v).with_context(|| field.clone())?,
                 k if known_mount_key(k) || k.starts_with("fluid.") => {}
                 k if FS_KEYS.contains(&k) => {
-                    unknown.insert(format!(
-                        "{field} (set it in the ThinRuntime's spec.fuse.options)"
-                    ));
+                    unknown.insert(format!("{field} (set it in the ThinRuntime's spec.fuse.options)"));
                 }
                 _ => {
                     unknown.insert(field);
@@ -395,9 +300,7 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
             let mut comps = path_components(&format!("{label}.path"), &raw_path)?;
             if comps.is_empty() {
                 if !raw_path.trim().is_empty() {
-                    bail!(
-                        "{label}: path \"/\" is only allowed when the dataset has a single mount"
-                    );
+                    bail!("{label}: path \"/\" is only allowed when the dataset has a single mount");
                 }
                 let name = m
                     .name
@@ -416,10 +319,7 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
             bail!("{label}: path /{joined} is used by another mount");
         }
         mounts.push(MountSpec {
-            name: m
-                .name
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| source.bucket.clone()),
+            name: m.name.filter(|n| !n.is_empty()).unwrap_or_else(|| source.bucket.clone()),
             path,
             source,
             s3,
@@ -459,15 +359,10 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
 fn secret_value(label: &str, key: &str, value: &str) -> anyhow::Result<SecretValue> {
     let path = Path::new(value.trim());
     if path.is_absolute()
-        && (path.exists()
-            || path.starts_with("/etc/fluid/secrets")
-            || path.parent().is_some_and(Path::exists))
+        && (path.exists() || path.starts_with("/etc/fluid/secrets") || path.parent().is_some_and(Path::exists))
     {
         if !path.is_file() {
-            bail!(
-                "{label}: secret file {} for option {key} does not exist",
-                path.display()
-            );
+            bail!("{label}: secret file {} for option {key} does not exist", path.display());
         }
         return Ok(SecretValue::File(path.to_path_buf()));
     }
@@ -498,10 +393,7 @@ mod tests {
             let d = dir.join(name);
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join(key), format!("{value}\n")).unwrap();
-            out = out.replace(
-                &format!("/etc/fluid/secrets/{name}/{key}"),
-                d.join(key).to_str().unwrap(),
-            );
+            out = out.replace(&format!("/etc/fluid/secrets/{name}/{key}"), d.join(key).to_str().unwrap());
         }
         out
     }
@@ -510,28 +402,16 @@ mod tests {
     fn single_minio_mount_is_the_root() {
         let dir = tempfile::tempdir().unwrap();
         let p = plan(&with_secrets(EX1, dir.path()), None).unwrap();
-        assert_eq!(
-            p.target_path,
-            PathBuf::from("/runtime-mnt/thin/default/minio-demo/thin-fuse")
-        );
+        assert_eq!(p.target_path, PathBuf::from("/runtime-mnt/thin/default/minio-demo/thin-fuse"));
         assert_eq!(p.mounts.len(), 1);
         let m = &p.mounts[0];
         assert!(m.path.is_empty());
-        assert_eq!(
-            (m.source.bucket.as_str(), m.source.prefix.as_str()),
-            ("my-first-bucket", "")
-        );
+        assert_eq!((m.source.bucket.as_str(), m.source.prefix.as_str()), ("my-first-bucket", ""));
         assert_eq!(m.s3.endpoint.as_deref(), Some("http://minio:9000"));
         assert!(m.s3.path_style);
-        assert_eq!(
-            m.s3.credentials.static_keys().unwrap(),
-            Some(("minioadmin".into(), "minioadmin-secret".into()))
-        );
+        assert_eq!(m.s3.credentials.static_keys().unwrap(), Some(("minioadmin".into(), "minioadmin-secret".into())));
         assert!(p.settings.read_only && p.settings.allow_other);
-        assert!(
-            !format!("{p:?}").contains("minioadmin"),
-            "a secret leaked into Debug output"
-        );
+        assert!(!format!("{p:?}").contains("minioadmin"), "a secret leaked into Debug output");
     }
 
     #[test]
@@ -549,11 +429,8 @@ mod tests {
     #[test]
     fn runtime_options_apply() {
         let dir = tempfile::tempdir().unwrap();
-        let p = plan(
-            &with_secrets(EX3, dir.path()),
-            Some("uid=1000,ro,allow-other,gid=1000,attr-timeout=60s"),
-        )
-        .unwrap();
+        let p =
+            plan(&with_secrets(EX3, dir.path()), Some("uid=1000,ro,allow-other,gid=1000,attr-timeout=60s")).unwrap();
         assert_eq!((p.settings.uid, p.settings.gid), (1000, 1000));
         assert!(p.settings.allow_other);
         assert_eq!(p.mounts[0].metadata_ttl, std::time::Duration::from_secs(60));
@@ -566,21 +443,12 @@ mod tests {
         let p = plan(EX4, None).unwrap();
         assert!(p.mounts.is_empty());
         let p = plan(EX5, None).unwrap();
-        assert_eq!(
-            p.mounts[0].s3.credentials.static_keys().unwrap(),
-            Some(("minioadmin".into(), "minioadmin".into()))
-        );
+        assert_eq!(p.mounts[0].s3.credentials.static_keys().unwrap(), Some(("minioadmin".into(), "minioadmin".into())));
         // Pretty-printed, trailing newline, unknown keys, escapes, no name, no accessModes, no mounts key.
         let text = "{\n  \"mounts\": [ { \"mountPoint\": \"s3://b/p\", \"options\": {\"endpoint\": \"http://h:1/?a=1\\u0026b=2\", \"fluid.fuse.hostvolume\": \"/x\"}, \"extra\": 1 } ],\n  \"targetPath\": \"/t\", \"future\": {\"x\": [1]}\n}\n";
         let p = plan(text, None).unwrap();
-        assert_eq!(
-            p.mounts[0].s3.endpoint.as_deref(),
-            Some("http://h:1/?a=1&b=2")
-        );
-        assert!(
-            !p.settings.read_only,
-            "no accessModes and no MOUNT_OPTIONS: read-write"
-        );
+        assert_eq!(p.mounts[0].s3.endpoint.as_deref(), Some("http://h:1/?a=1&b=2"));
+        assert!(!p.settings.read_only, "no accessModes and no MOUNT_OPTIONS: read-write");
         assert!(p.unknown_options.is_empty());
         let p = plan("{\"targetPath\":\"/t\"}", Some("ro")).unwrap();
         assert!(p.mounts.is_empty() && p.settings.read_only);
@@ -592,14 +460,8 @@ mod tests {
             ("not json", "not valid JSON"),
             ("{\"mounts\":[]}", "targetPath"),
             ("{\"targetPath\":\"rel\"}", "absolute"),
-            (
-                "{\"targetPath\":\"/t\",\"mounts\":[{\"name\":\"x\"}]}",
-                "mounts[0] (\"x\"): mountPoint is missing",
-            ),
-            (
-                "{\"targetPath\":\"/t\",\"mounts\":[{\"mountPoint\":\"s3://\"}]}",
-                "no bucket",
-            ),
+            ("{\"targetPath\":\"/t\",\"mounts\":[{\"name\":\"x\"}]}", "mounts[0] (\"x\"): mountPoint is missing"),
+            ("{\"targetPath\":\"/t\",\"mounts\":[{\"mountPoint\":\"s3://\"}]}", "no bucket"),
             (
                 "{\"targetPath\":\"/t\",\"mounts\":[{\"mountPoint\":\"a\",\"path\":\"/x\"},{\"mountPoint\":\"b\",\"path\":\"x/\"}]}",
                 "used by another mount",
@@ -624,10 +486,7 @@ mod tests {
                 "{\"targetPath\":\"/t\",\"mounts\":[{\"mountPoint\":\"a\",\"options\":{\"access-key\":\"AK\"}}]}",
                 "secret-key is missing",
             ),
-            (
-                "{\"targetPath\":\"/t\",\"runtimeOptions\":{\"uid\":\"root\"}}",
-                "runtimeOptions.uid",
-            ),
+            ("{\"targetPath\":\"/t\",\"runtimeOptions\":{\"uid\":\"root\"}}", "runtimeOptions.uid"),
             (
                 "{\"targetPath\":\"/t\",\"mounts\":[{\"mountPoint\":\"a\",\"options\":{\"metadata-ttl\":\"soon\"}}]}",
                 "options.metadata-ttl",
@@ -645,30 +504,16 @@ mod tests {
         let text = "{\"targetPath\":\"/t\",\"runtimeOptions\":{\"bogus\":\"1\",\"fluid.x\":\"y\"},\"mounts\":[{\"mountPoint\":\"a\",\"options\":{\"whatever\":\"1\",\"uid\":\"5\",\"fluid.fuse.hostvolume\":\"/h\"}}]}";
         let p = plan(text, None).unwrap();
         assert_eq!(p.unknown_options.len(), 3, "{:?}", p.unknown_options);
-        assert!(
-            p.unknown_options
-                .iter()
-                .any(|u| u.contains("runtimeOptions.bogus"))
-        );
-        assert!(
-            p.unknown_options
-                .iter()
-                .any(|u| u.contains("options.uid") && u.contains("spec.fuse.options"))
-        );
+        assert!(p.unknown_options.iter().any(|u| u.contains("runtimeOptions.bogus")));
+        assert!(p.unknown_options.iter().any(|u| u.contains("options.uid") && u.contains("spec.fuse.options")));
     }
 
     #[test]
     fn access_modes_decide_read_only() {
         let modes = |m: &[&str]| m.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert!(read_only_from(Some(&modes(&["ReadOnlyMany"])), None));
-        assert!(!read_only_from(
-            Some(&modes(&["ReadWriteMany"])),
-            Some("ro")
-        ));
-        assert!(!read_only_from(
-            Some(&modes(&["ReadOnlyMany", "ReadWriteOncePod"])),
-            None
-        ));
+        assert!(!read_only_from(Some(&modes(&["ReadWriteMany"])), Some("ro")));
+        assert!(!read_only_from(Some(&modes(&["ReadOnlyMany", "ReadWriteOncePod"])), None));
         assert!(read_only_from(None, Some("uid=1,ro")));
         assert!(!read_only_from(None, Some("uid=1")));
         assert!(!read_only_from(None, None));
@@ -698,9 +543,6 @@ mod tests {
             dir.path().display()
         );
         let p = plan(&text, None).unwrap();
-        assert_eq!(
-            p.mounts[0].s3.credentials.static_keys().unwrap(),
-            Some(("AKV".into(), "SKV".into()))
-        );
+        assert_eq!(p.mounts[0].s3.credentials.static_keys().unwrap(), Some(("AKV".into(), "SKV".into())));
     }
 }

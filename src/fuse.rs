@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
-    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 use tokio::runtime::Handle;
 
@@ -72,8 +72,7 @@ fn name_str(name: &OsStr) -> Option<String> {
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config
-            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         let _ = config.set_max_readahead(MAX_READAHEAD);
         let _ = config.set_max_background(64);
         Ok(())
@@ -111,14 +110,9 @@ impl Filesystem for FuseAdapter {
         let pid = req.pid();
         self.rt.spawn(async move {
             match fs.open(ino.0, flags.0, pid).await {
-                Ok((fh, keep)) => reply.opened(
-                    FileHandle(fh),
-                    if keep {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    },
-                ),
+                Ok((fh, keep)) => {
+                    reply.opened(FileHandle(fh), if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() })
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -144,41 +138,18 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn flush(
-        &self,
-        req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         let fs = self.fs.clone();
         let pid = req.pid();
-        self.rt
-            .spawn(async move { empty(reply, fs.flush(fh.0, pid).await) });
+        self.rt.spawn(async move { empty(reply, fs.flush(fh.0, pid).await) });
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let fs = self.fs.clone();
-        self.rt
-            .spawn(async move { empty(reply, fs.fsync(fh.0).await) });
+        self.rt.spawn(async move { empty(reply, fs.fsync(fh.0).await) });
     }
 
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // Directory changes are in S3 when their operation returns.
         reply.ok();
     }
@@ -217,13 +188,7 @@ impl Filesystem for FuseAdapter {
         let pid = req.pid();
         self.rt.spawn(async move {
             match fs.create(parent.0, &name, flags, pid).await {
-                Ok((a, fh)) => reply.created(
-                    &a.ttl,
-                    &this(&a),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                ),
+                Ok((a, fh)) => reply.created(&a.ttl, &this(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -282,15 +247,7 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn mkdir(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
         let Some(name) = name_str(name) else {
             return reply.error(Errno::EINVAL);
         };
@@ -308,8 +265,7 @@ impl Filesystem for FuseAdapter {
             return reply.error(Errno::ENOENT);
         };
         let fs = self.fs.clone();
-        self.rt
-            .spawn(async move { empty(reply, fs.unlink(parent.0, &name).await) });
+        self.rt.spawn(async move { empty(reply, fs.unlink(parent.0, &name).await) });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -317,8 +273,7 @@ impl Filesystem for FuseAdapter {
             return reply.error(Errno::ENOENT);
         };
         let fs = self.fs.clone();
-        self.rt
-            .spawn(async move { empty(reply, fs.rmdir(parent.0, &name).await) });
+        self.rt.spawn(async move { empty(reply, fs.rmdir(parent.0, &name).await) });
     }
 
     fn rename(
@@ -335,13 +290,8 @@ impl Filesystem for FuseAdapter {
             return reply.error(Errno::EINVAL);
         };
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
-            empty(
-                reply,
-                fs.rename(parent.0, &name, newparent.0, &newname, flags.bits())
-                    .await,
-            )
-        });
+        self.rt
+            .spawn(async move { empty(reply, fs.rename(parent.0, &name, newparent.0, &newname, flags.bits()).await) });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -351,24 +301,14 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.readdir(fh.0, offset).await {
                 Ok(items) => {
                     for (i, item) in items.iter().enumerate().skip(offset as usize) {
-                        let kind = if item.attr.kind == Kind::Dir {
-                            FileType::Directory
-                        } else {
-                            FileType::RegularFile
-                        };
+                        let kind =
+                            if item.attr.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
                         if reply.add(INodeNo(item.attr.ino), i as u64 + 1, kind, &item.name) {
                             break;
                         }
@@ -380,14 +320,7 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let (fs, this) = (self.fs.clone(), self.attr_maker());
         self.rt.spawn(async move {
             match fs.readdir(fh.0, offset).await {
@@ -416,53 +349,30 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
         // Objects carry no extended attributes.
         reply.error(Errno::from_i32(libc::ENODATA));
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
-        }
+        if size == 0 { reply.size(0) } else { reply.data(&[]) }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.fs.statfs();
-        reply.statfs(
-            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
-        );
+        reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize);
     }
 }
 
 impl FuseAdapter {
     /// A cheap closure turning [`Attr`] into [`FileAttr`] inside spawned tasks.
     fn attr_maker(&self) -> impl Fn(&Attr) -> FileAttr + Send + 'static {
-        let adapter = FuseAdapter {
-            fs: self.fs.clone(),
-            rt: self.rt.clone(),
-        };
+        let adapter = FuseAdapter { fs: self.fs.clone(), rt: self.rt.clone() };
         move |a| adapter.file_attr(a)
     }
 }

@@ -55,12 +55,7 @@ fn run_fluid(args: FluidArgs) -> i32 {
         None => args.log.log_format,
     };
     bucketfs::logging::init(&level, format);
-    info!(
-        "Fluid config {}: {} mount(s) at {}",
-        path.display(),
-        plan.mounts.len(),
-        plan.target_path.display()
-    );
+    info!("Fluid config {}: {} mount(s) at {}", path.display(), plan.mounts.len(), plan.target_path.display());
     for key in &plan.unknown_options {
         warn!("ignoring unknown option {key}");
     }
@@ -70,10 +65,7 @@ fn run_fluid(args: FluidArgs) -> i32 {
     let target: PathBuf = plan.target_path.clone();
     mount::clean_stale_mount(&target);
     if let Err(e) = std::fs::create_dir_all(&target) {
-        return fail_start(anyhow::anyhow!(
-            "cannot create targetPath {}: {e}",
-            target.display()
-        ));
+        return fail_start(anyhow::anyhow!("cannot create targetPath {}: {e}", target.display()));
     }
     mount::run(MountRequest {
         mountpoint: target,
@@ -87,25 +79,20 @@ fn run_fluid(args: FluidArgs) -> i32 {
 fn run_probe(args: ProbeArgs) -> i32 {
     let target = match args.path {
         Some(p) => p,
-        None => {
-            match fluid::find_config(args.config.as_deref()).and_then(|p| fluid::target_path(&p)) {
-                Ok(t) => t,
-                Err(e) => match std::env::var_os("MOUNT_POINT") {
-                    Some(mp) => PathBuf::from(mp),
-                    None => {
-                        eprintln!("bucketfs probe: {e:#}");
-                        return 1;
-                    }
-                },
-            }
-        }
+        None => match fluid::find_config(args.config.as_deref()).and_then(|p| fluid::target_path(&p)) {
+            Ok(t) => t,
+            Err(e) => match std::env::var_os("MOUNT_POINT") {
+                Some(mp) => PathBuf::from(mp),
+                None => {
+                    eprintln!("bucketfs probe: {e:#}");
+                    return 1;
+                }
+            },
+        },
     };
     match probe::check(&target, args.timeout) {
         Ok(()) => {
-            println!(
-                "ok: {} is mounted by bucketfs and answers",
-                target.display()
-            );
+            println!("ok: {} is mounted by bucketfs and answers", target.display());
             0
         }
         Err(e) => {

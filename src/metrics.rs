@@ -58,9 +58,7 @@ pub struct Metrics {
 
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~32 s
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        0.001, 2.0, 16,
-    ))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16))
 }
 
 /// The process's metrics.
@@ -86,72 +84,24 @@ pub fn metrics() -> &'static Metrics {
             uploads_failed: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "s3_requests",
-            "S3 requests by operation and outcome",
-            m.s3_requests.clone(),
-        );
-        registry.register(
-            "s3_request_duration_seconds",
-            "S3 request latency by operation",
-            m.s3_latency.clone(),
-        );
-        registry.register(
-            "read_bytes",
-            "Bytes returned to readers",
-            m.bytes_read.clone(),
-        );
-        registry.register(
-            "written_bytes",
-            "Bytes accepted from writers",
-            m.bytes_written.clone(),
-        );
-        registry.register(
-            "fetched_bytes",
-            "Bytes downloaded from S3 into the block cache",
-            m.bytes_fetched.clone(),
-        );
-        registry.register(
-            "cache_hits",
-            "Block reads served from memory",
-            m.cache_hits.clone(),
-        );
-        registry.register(
-            "cache_misses",
-            "Blocks fetched because they were not cached",
-            m.cache_misses.clone(),
-        );
-        registry.register(
-            "cache_evictions",
-            "Blocks evicted from the memory cache",
-            m.cache_evictions.clone(),
-        );
-        registry.register(
-            "disk_cache_hits",
-            "Blocks served from the disk cache",
-            m.disk_cache_hits.clone(),
-        );
-        registry.register(
-            "disk_cache_size_bytes",
-            "Bytes held by the disk cache",
-            m.disk_cache_bytes.clone(),
-        );
-        registry.register(
-            "prefetch_restarts",
-            "Sequential streams broken by a seek",
-            m.prefetch_restarts.clone(),
-        );
+        registry.register("s3_requests", "S3 requests by operation and outcome", m.s3_requests.clone());
+        registry.register("s3_request_duration_seconds", "S3 request latency by operation", m.s3_latency.clone());
+        registry.register("read_bytes", "Bytes returned to readers", m.bytes_read.clone());
+        registry.register("written_bytes", "Bytes accepted from writers", m.bytes_written.clone());
+        registry.register("fetched_bytes", "Bytes downloaded from S3 into the block cache", m.bytes_fetched.clone());
+        registry.register("cache_hits", "Block reads served from memory", m.cache_hits.clone());
+        registry.register("cache_misses", "Blocks fetched because they were not cached", m.cache_misses.clone());
+        registry.register("cache_evictions", "Blocks evicted from the memory cache", m.cache_evictions.clone());
+        registry.register("disk_cache_hits", "Blocks served from the disk cache", m.disk_cache_hits.clone());
+        registry.register("disk_cache_size_bytes", "Bytes held by the disk cache", m.disk_cache_bytes.clone());
+        registry.register("prefetch_restarts", "Sequential streams broken by a seek", m.prefetch_restarts.clone());
         registry.register("open_handles", "Open file handles", m.open_handles.clone());
         registry.register(
             "memory_used_bytes",
             "Memory budget in use (cache, prefetch, write buffers)",
             m.memory_used.clone(),
         );
-        registry.register(
-            "memory_limit_bytes",
-            "Memory budget (--memory-limit)",
-            m.memory_limit.clone(),
-        );
+        registry.register("memory_limit_bytes", "Memory budget (--memory-limit)", m.memory_limit.clone());
         registry.register(
             "uploads_failed",
             "Uploads that failed and were reported to the application",
@@ -178,15 +128,8 @@ pub fn outcome<T>(r: &Result<T, StoreError>) -> String {
 /// Records one S3 request.
 pub fn record_request<T>(operation: &'static str, started: Instant, r: &Result<T, StoreError>) {
     let m = metrics();
-    m.s3_requests
-        .get_or_create(&RequestLabels {
-            operation,
-            status: outcome(r),
-        })
-        .inc();
-    m.s3_latency
-        .get_or_create(&OperationLabels { operation })
-        .observe(started.elapsed().as_secs_f64());
+    m.s3_requests.get_or_create(&RequestLabels { operation, status: outcome(r) }).inc();
+    m.s3_latency.get_or_create(&OperationLabels { operation }).observe(started.elapsed().as_secs_f64());
 }
 
 #[derive(Clone)]
@@ -207,10 +150,7 @@ pub async fn serve(listener: tokio::net::TcpListener, fs: Arc<Fs>, mountpoint: P
         .route("/metrics", get(scrape))
         .route("/healthz", get(healthz))
         .with_state(AppState { fs, mountpoint });
-    info!(
-        "metrics and health on http://{}",
-        addr.map(|a| a.to_string()).unwrap_or_default()
-    );
+    info!("metrics and health on http://{}", addr.map(|a| a.to_string()).unwrap_or_default());
     if let Err(e) = axum::serve(listener, app).await {
         warn!("the metrics server stopped: {e}");
     }
@@ -222,20 +162,9 @@ async fn scrape(State(state): State<AppState>) -> impl IntoResponse {
     m.memory_limit.set(state.fs.cache().limit() as i64);
     let mut body = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &m.registry) {
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain")],
-            e.to_string(),
-        );
+        return (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], e.to_string());
     }
-    (
-        StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
 }
 
 /// 200 when the mount answers `stat` and every bucket answers a listing;
@@ -243,10 +172,7 @@ async fn scrape(State(state): State<AppState>) -> impl IntoResponse {
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     const TIMEOUT: Duration = Duration::from_secs(3);
     let path = state.mountpoint.clone();
-    let stat = tokio::time::timeout(
-        TIMEOUT,
-        tokio::task::spawn_blocking(move || std::fs::metadata(&path).map(|_| ())),
-    );
+    let stat = tokio::time::timeout(TIMEOUT, tokio::task::spawn_blocking(move || std::fs::metadata(&path).map(|_| ())));
     let mount = match stat.await {
         Ok(Ok(Ok(()))) => serde_json::json!({"ok": true}),
         Ok(Ok(Err(e))) => serde_json::json!({"ok": false, "error": e.to_string()}),
@@ -270,15 +196,8 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         all_ok &= entry["ok"] == true;
         servers.push(entry);
     }
-    let body = serde_json::json!({"status": if all_ok { "ok" } else { "unhealthy" }, "mount": mount, "servers": servers});
-    let code = if all_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        code,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
+    let body =
+        serde_json::json!({"status": if all_ok { "ok" } else { "unhealthy" }, "mount": mount, "servers": servers});
+    let code = if all_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string())
 }

@@ -56,11 +56,7 @@ pub struct MountRequest {
 
 /// Runs a mount until it is unmounted. Returns the process exit code.
 pub fn run(req: MountRequest) -> i32 {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("bucketfs")
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("bucketfs").build() {
         Ok(rt) => rt,
         Err(e) => {
             error!("cannot start the runtime: {e}");
@@ -94,10 +90,7 @@ pub fn run(req: MountRequest) -> i32 {
 fn endpoint_name(spec: &MountSpec) -> String {
     match &spec.s3.endpoint {
         Some(e) => e.clone(),
-        None => format!(
-            "AWS S3 ({})",
-            spec.s3.region.as_deref().unwrap_or("default region")
-        ),
+        None => format!("AWS S3 ({})", spec.s3.region.as_deref().unwrap_or("default region")),
     }
 }
 
@@ -107,9 +100,7 @@ pub fn explain_check_failure(spec: &MountSpec, e: &StoreError) -> String {
     let endpoint = endpoint_name(spec);
     match e {
         StoreError::NoSuchBucket | StoreError::NotFound => {
-            format!(
-                "bucket {bucket:?} does not exist at {endpoint}: check the name, or create the bucket"
-            )
+            format!("bucket {bucket:?} does not exist at {endpoint}: check the name, or create the bucket")
         }
         StoreError::AccessDenied(code) => format!(
             "access to bucket {bucket:?} at {endpoint} was denied ({code}): check the access key and secret key, or the bucket policy"
@@ -127,16 +118,10 @@ async fn prepare(req: &MountRequest) -> Result<Arc<Fs>, StartError> {
     match std::fs::metadata(mountpoint) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
-            return Err(StartError(format!(
-                "mount point {} is not a directory",
-                mountpoint.display()
-            )));
+            return Err(StartError(format!("mount point {} is not a directory", mountpoint.display())));
         }
         Err(e) => {
-            return Err(StartError(format!(
-                "mount point {}: {e}",
-                mountpoint.display()
-            )));
+            return Err(StartError(format!("mount point {}: {e}", mountpoint.display())));
         }
     }
     let mut points = Vec::new();
@@ -176,12 +161,8 @@ async fn prepare(req: &MountRequest) -> Result<Arc<Fs>, StartError> {
                 }
             });
         }
-        let source_id: Arc<str> = format!(
-            "{}|{}",
-            spec.s3.endpoint.as_deref().unwrap_or("aws"),
-            spec.source.bucket
-        )
-        .into();
+        let source_id: Arc<str> =
+            format!("{}|{}", spec.s3.endpoint.as_deref().unwrap_or("aws"), spec.source.bucket).into();
         points.push((
             spec.path.clone(),
             Arc::new(MountPoint {
@@ -212,21 +193,14 @@ fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
     }
     let mut config = Config::default();
     config.mount_options = options;
-    config.acl = if req.settings.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
+    config.acl = if req.settings.allow_other { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(2);
     config.clone_fd = true;
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
     let mut session = match Session::new(adapter, &req.mountpoint, &config) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!(
-                "bucketfs: cannot mount at {}: {e}",
-                req.mountpoint.display()
-            );
+            eprintln!("bucketfs: cannot mount at {}: {e}", req.mountpoint.display());
             return EXIT_START;
         }
     };
@@ -239,12 +213,10 @@ fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
     }));
     let mut unmounter = session.unmount_callable();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let runner = std::thread::Builder::new()
-        .name("fuse-session".into())
-        .spawn(move || {
-            let result = session.run();
-            let _ = done_tx.send(result);
-        });
+    let runner = std::thread::Builder::new().name("fuse-session".into()).spawn(move || {
+        let result = session.run();
+        let _ = done_tx.send(result);
+    });
     if let Err(e) = runner {
         error!("cannot start the FUSE session thread: {e}");
         return 1;
@@ -254,11 +226,7 @@ fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
         "mounted {} at {}{}",
         sources.join(", "),
         req.mountpoint.display(),
-        if req.settings.read_only {
-            " (read-only)"
-        } else {
-            ""
-        }
+        if req.settings.read_only { " (read-only)" } else { "" }
     );
     rt.block_on(async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -328,12 +296,7 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -365,25 +328,16 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
 pub fn mounts_at(path: &Path) -> Vec<MountInfo> {
     let target = absolute(path);
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    parse_mountinfo(&text)
-        .into_iter()
-        .filter(|m| m.mount_point == target)
-        .collect()
+    parse_mountinfo(&text).into_iter().filter(|m| m.mount_point == target).collect()
 }
 
 /// The absolute path of `path` without following its last component (which
 /// may be a dead mount that cannot be resolved).
 pub fn absolute(path: &Path) -> PathBuf {
-    let abs = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir().unwrap_or_default().join(path)
-    };
+    let abs =
+        if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir().unwrap_or_default().join(path) };
     match (abs.parent(), abs.file_name()) {
-        (Some(parent), Some(name)) => parent
-            .canonicalize()
-            .unwrap_or_else(|_| parent.to_path_buf())
-            .join(name),
+        (Some(parent), Some(name)) => parent.canonicalize().unwrap_or_else(|_| parent.to_path_buf()).join(name),
         _ => abs,
     }
 }
@@ -391,10 +345,7 @@ pub fn absolute(path: &Path) -> PathBuf {
 /// True if `path` is a FUSE mount whose server is gone.
 pub fn is_dead_mount(path: &Path) -> bool {
     match std::fs::metadata(path) {
-        Err(e) => matches!(
-            e.raw_os_error(),
-            Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
-        ),
+        Err(e) => matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)),
         Ok(_) => false,
     }
 }
@@ -408,25 +359,15 @@ pub fn clean_stale_mount(path: &Path) -> usize {
             break;
         }
         if !lazy_unmount(&absolute(path)) {
-            warn!(
-                "cannot detach the dead mount at {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
+            warn!("cannot detach the dead mount at {}: {}", path.display(), std::io::Error::last_os_error());
             break;
         }
         removed += 1;
     }
     if removed > 0 {
-        info!(
-            "removed {removed} dead mount(s) left at {} by a previous instance",
-            path.display()
-        );
+        info!("removed {removed} dead mount(s) left at {} by a previous instance", path.display());
     } else if !mounts_at(path).is_empty() {
-        warn!(
-            "a working file system is already mounted at {}; mounting on top of it",
-            path.display()
-        );
+        warn!("a working file system is already mounted at {}; mounting on top of it", path.display());
     }
     removed
 }

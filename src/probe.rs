@@ -8,10 +8,7 @@ use crate::mount::{FSNAME, mounts_at};
 
 pub fn check(target: &Path, timeout: Duration) -> Result<(), String> {
     let entries = mounts_at(target);
-    if !entries
-        .iter()
-        .any(|m| m.source == FSNAME || m.fs_type.ends_with(FSNAME))
-    {
+    if !entries.iter().any(|m| m.source == FSNAME || m.fs_type.ends_with(FSNAME)) {
         return Err(format!("{} is not mounted by bucketfs", target.display()));
     }
     let (tx, rx) = std::sync::mpsc::channel();
@@ -23,10 +20,6 @@ pub fn check(target: &Path, timeout: Duration) -> Result<(), String> {
     match rx.recv_timeout(timeout) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("stat {} failed: {e}", target.display())),
-        Err(_) => Err(format!(
-            "stat {} did not answer within {:?}",
-            target.display(),
-            timeout
-        )),
+        Err(_) => Err(format!("stat {} did not answer within {:?}", target.display(), timeout)),
     }
 }

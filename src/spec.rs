@@ -40,9 +40,9 @@ impl FromStr for Source {
         let rest = if let Some((scheme, rest)) = s.split_once("://") {
             match scheme {
                 "s3" | "minio" => rest,
-                _ => bail!(
-                    "unsupported scheme {scheme:?} in {s:?}: use s3://BUCKET[/PREFIX] or minio://BUCKET[/PREFIX]"
-                ),
+                _ => {
+                    bail!("unsupported scheme {scheme:?} in {s:?}: use s3://BUCKET[/PREFIX] or minio://BUCKET[/PREFIX]")
+                }
             }
         } else {
             s
@@ -54,30 +54,17 @@ impl FromStr for Source {
         if bucket.is_empty() {
             bail!("no bucket name in {s:?}: expected BUCKET[/PREFIX]");
         }
-        if bucket.len() > 255
-            || bucket
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control() || c == '\\')
-        {
+        if bucket.len() > 255 || bucket.chars().any(|c| c.is_whitespace() || c.is_control() || c == '\\') {
             bail!("invalid bucket name {bucket:?}");
         }
         let prefix = prefix.trim_matches('/');
         if !prefix.is_empty()
-            && prefix
-                .split('/')
-                .any(|c| c.is_empty() || c == "." || c == ".." || c.len() > 255 || c.contains('\0'))
+            && prefix.split('/').any(|c| c.is_empty() || c == "." || c == ".." || c.len() > 255 || c.contains('\0'))
         {
             bail!("invalid prefix {prefix:?} in {s:?}: components must be non-empty file names");
         }
-        let prefix = if prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{prefix}/")
-        };
-        Ok(Source {
-            bucket: bucket.to_string(),
-            prefix,
-        })
+        let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+        Ok(Source { bucket: bucket.to_string(), prefix })
     }
 }
 
@@ -122,8 +109,8 @@ impl SecretValue {
         match self {
             SecretValue::Literal(v) => Ok(v.clone()),
             SecretValue::File(p) => {
-                let mut v = std::fs::read_to_string(p)
-                    .with_context(|| format!("cannot read secret file {}", p.display()))?;
+                let mut v =
+                    std::fs::read_to_string(p).with_context(|| format!("cannot read secret file {}", p.display()))?;
                 if v.ends_with('\n') {
                     v.pop();
                     if v.ends_with('\r') {
@@ -153,10 +140,7 @@ impl CredentialSource {
     pub fn static_keys(&self) -> anyhow::Result<Option<(String, String)>> {
         match self {
             CredentialSource::Chain => Ok(None),
-            CredentialSource::Keys {
-                access_key,
-                secret_key,
-            } => {
+            CredentialSource::Keys { access_key, secret_key } => {
                 let a = access_key.read().context("access key")?;
                 let s = secret_key.read().context("secret key")?;
                 if a.is_empty() {
@@ -263,20 +247,15 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     {
         return Ok(Duration::from_secs_f64(secs));
     }
-    humantime::parse_duration(s)
-        .with_context(|| format!("invalid duration {s:?}: use e.g. 500ms, 20s, 5m"))
+    humantime::parse_duration(s).with_context(|| format!("invalid duration {s:?}: use e.g. 500ms, 20s, 5m"))
 }
 
 /// Parses a size such as `512MiB`, `1G`, `4096` (bytes).
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let num: f64 = num
-        .parse()
-        .with_context(|| format!("invalid size {s:?}: use e.g. 512MiB or 2GiB"))?;
+    let num: f64 = num.parse().with_context(|| format!("invalid size {s:?}: use e.g. 512MiB or 2GiB"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -314,10 +293,7 @@ mod tests {
         let s: Source = "s3://bucket/a/".parse().unwrap();
         assert_eq!((s.bucket.as_str(), s.prefix.as_str()), ("bucket", "a/"));
         let s: Source = "minio://my-first-bucket".parse().unwrap();
-        assert_eq!(
-            (s.bucket.as_str(), s.prefix.as_str()),
-            ("my-first-bucket", "")
-        );
+        assert_eq!((s.bucket.as_str(), s.prefix.as_str()), ("my-first-bucket", ""));
         assert!("".parse::<Source>().is_err());
         assert!("s3://".parse::<Source>().is_err());
         assert!("gs://b".parse::<Source>().is_err());
@@ -353,9 +329,6 @@ mod tests {
         let lit = SecretValue::from_option("hunter2");
         assert_eq!(lit.read().unwrap(), "hunter2");
         assert!(!format!("{lit:?}").contains("hunter2"));
-        assert_eq!(
-            SecretValue::from_option("/no/such/file"),
-            SecretValue::Literal("/no/such/file".into())
-        );
+        assert_eq!(SecretValue::from_option("/no/such/file"), SecretValue::Literal("/no/such/file".into()));
     }
 }

@@ -162,21 +162,13 @@ impl BlockCache {
         }
         self.evict(&mut i);
         if !out.is_empty() {
-            self.stats
-                .misses
-                .fetch_add(out.len() as u64, Ordering::Relaxed);
+            self.stats.misses.fetch_add(out.len() as u64, Ordering::Relaxed);
         }
         (out, refused)
     }
 
     /// Records the outcome of a fetch and wakes the block's waiters.
-    pub fn fill(
-        &self,
-        object: &Arc<ObjectId>,
-        index: u64,
-        tx: BlockSender,
-        result: Result<Bytes, StoreError>,
-    ) {
+    pub fn fill(&self, object: &Arc<ObjectId>, index: u64, tx: BlockSender, result: Result<Bytes, StoreError>) {
         {
             let mut i = self.lock();
             let key = (object.clone(), index);
@@ -184,9 +176,7 @@ impl BlockCache {
                 i.pending_bytes -= n;
             }
             if let Ok(b) = &result {
-                self.stats
-                    .fetched_bytes
-                    .fetch_add(b.len() as u64, Ordering::Relaxed);
+                self.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                 i.ready_bytes += b.len() as u64;
                 if let Some(old) = i.ready.put(key, b.clone()) {
                     i.ready_bytes -= old.len() as u64;
@@ -221,11 +211,7 @@ mod tests {
     use super::*;
 
     fn obj(k: &str) -> Arc<ObjectId> {
-        Arc::new(ObjectId {
-            source: "t".into(),
-            key: k.into(),
-            etag: "e".into(),
-        })
+        Arc::new(ObjectId { source: "t".into(), key: k.into(), etag: "e".into() })
     }
 
     #[test]
@@ -237,12 +223,7 @@ mod tests {
         // Nothing twice.
         assert!(cache.reserve(&a, 0..8, |_| BLOCK_SIZE, false).0.is_empty());
         for (i, tx) in got {
-            cache.fill(
-                &a,
-                i,
-                tx,
-                Ok(Bytes::from(vec![i as u8; BLOCK_SIZE as usize])),
-            );
+            cache.fill(&a, i, tx, Ok(Bytes::from(vec![i as u8; BLOCK_SIZE as usize])));
         }
         assert_eq!(cache.used(), 8 * BLOCK_SIZE);
         // Touch block 0 so block 1 is the least recently used.
@@ -266,9 +247,7 @@ mod tests {
         let a = obj("a");
         let (mut got, _) = cache.reserve(&a, 0..1, |_| 10, false);
         let (i, tx) = got.pop().unwrap();
-        let Probe::Pending(rx) = cache.probe(&(a.clone(), 0)) else {
-            panic!()
-        };
+        let Probe::Pending(rx) = cache.probe(&(a.clone(), 0)) else { panic!() };
         cache.fill(&a, i, tx, Err(StoreError::PreconditionFailed));
         assert_eq!(*rx.borrow(), Some(Err(StoreError::PreconditionFailed)));
         assert!(matches!(cache.probe(&(a.clone(), 0)), Probe::Missing));

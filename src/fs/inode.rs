@@ -73,10 +73,7 @@ pub struct InodeTable {
 
 impl InodeTable {
     pub fn new() -> Self {
-        Self {
-            next: ROOT + 1,
-            ..Self::default()
-        }
+        Self { next: ROOT + 1, ..Self::default() }
     }
 
     pub fn get(&self, ino: u64) -> Option<&Inode> {
@@ -154,10 +151,7 @@ impl InodeTable {
                 parent,
                 name: entry.name.clone(),
                 kind: entry.kind,
-                loc: Loc::Object {
-                    mount: mount.clone(),
-                    key,
-                },
+                loc: Loc::Object { mount: mount.clone(), key },
                 size: entry.size,
                 mtime: entry.mtime,
                 etag: entry.etag.clone(),
@@ -192,10 +186,7 @@ impl InodeTable {
                 parent,
                 name: name.to_string(),
                 kind: Kind::File,
-                loc: Loc::Object {
-                    mount: mount.clone(),
-                    key,
-                },
+                loc: Loc::Object { mount: mount.clone(), key },
                 size: 0,
                 mtime: now,
                 etag: None,

@@ -9,6 +9,7 @@
 //! with the key and the cause.
 
 pub mod cache;
+pub mod disk_cache;
 pub mod inode;
 #[cfg(test)]
 mod model_tests;
@@ -43,10 +44,7 @@ const WARNED_MAX: usize = 10_000;
 fn tgid(pid: u32) -> u32 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse().ok()))
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:").and_then(|v| v.trim().parse().ok())))
         .unwrap_or(pid)
 }
 
@@ -196,6 +194,7 @@ pub struct Fs {
     uploads: AtomicUsize,
     /// The mounts served now.
     mounts: Mutex<Vec<Arc<MountPoint>>>,
+    disk: Option<Arc<disk_cache::DiskCache>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -205,10 +204,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Fs {
     /// Builds the tree: one mount with an empty path is the root; otherwise
     /// the root is virtual and each mount sits at its path.
-    pub fn new(
-        settings: FsSettings,
-        mounts: Vec<(Vec<String>, Arc<MountPoint>)>,
-    ) -> anyhow::Result<Self> {
+    pub fn new(settings: FsSettings, mounts: Vec<(Vec<String>, Arc<MountPoint>)>) -> anyhow::Result<Self> {
         let now = SystemTime::now();
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         let dir = |ino: u64, parent: u64, name: &str, loc: Loc| Inode {
@@ -235,21 +231,11 @@ impl Fs {
                     ROOT,
                     ROOT,
                     "",
-                    Loc::Object {
-                        mount: mount.clone(),
-                        key: mount.prefix.clone(),
-                    },
+                    Loc::Object { mount: mount.clone(), key: mount.prefix.clone() },
                 ));
             }
             _ => {
-                table.insert_pinned(dir(
-                    ROOT,
-                    ROOT,
-                    "",
-                    Loc::Virtual {
-                        children: BTreeMap::new(),
-                    },
-                ));
+                table.insert_pinned(dir(ROOT, ROOT, "", Loc::Virtual { children: BTreeMap::new() }));
                 for (path, mount) in &mounts {
                     anyhow::ensure!(
                         !path.is_empty(),
@@ -262,10 +248,7 @@ impl Fs {
                         let existing = table.child(parent, component);
                         let ino = match existing {
                             Some(ino) => {
-                                let is_virtual = matches!(
-                                    table.get(ino).map(|i| &i.loc),
-                                    Some(Loc::Virtual { .. })
-                                );
+                                let is_virtual = matches!(table.get(ino).map(|i| &i.loc), Some(Loc::Virtual { .. }));
                                 anyhow::ensure!(
                                     is_virtual && !last,
                                     "mount path /{} overlaps another mount",
@@ -275,21 +258,12 @@ impl Fs {
                             }
                             None => {
                                 let loc = if last {
-                                    Loc::Object {
-                                        mount: mount.clone(),
-                                        key: mount.prefix.clone(),
-                                    }
+                                    Loc::Object { mount: mount.clone(), key: mount.prefix.clone() }
                                 } else {
-                                    Loc::Virtual {
-                                        children: BTreeMap::new(),
-                                    }
+                                    Loc::Virtual { children: BTreeMap::new() }
                                 };
                                 let ino = table.insert_pinned(dir(0, parent, component, loc));
-                                if let Some(Inode {
-                                    loc: Loc::Virtual { children },
-                                    ..
-                                }) = table.get_mut(parent)
-                                {
+                                if let Some(Inode { loc: Loc::Virtual { children }, .. }) = table.get_mut(parent) {
                                     children.insert(component.clone(), ino);
                                 }
                                 ino
@@ -300,16 +274,17 @@ impl Fs {
                 }
             }
         }
-        let staging = match &settings.cache_dir {
+        let (staging, disk) = match &settings.cache_dir {
             Some(dir) => {
-                std::fs::create_dir_all(dir)?;
-                tempfile::Builder::new()
-                    .prefix("bucketfs-staging-")
-                    .tempdir_in(dir)?
+                let staging_root = dir.join("staging");
+                std::fs::create_dir_all(&staging_root)
+                    .map_err(|e| anyhow::anyhow!("cache directory {}: {e}", dir.display()))?;
+                let staging = tempfile::Builder::new().prefix("bucketfs-").tempdir_in(&staging_root)?;
+                let disk = disk_cache::DiskCache::open(dir, settings.max_cache_size)
+                    .map_err(|e| anyhow::anyhow!("cache directory {}: {e}", dir.display()))?;
+                (staging, Some(disk))
             }
-            None => tempfile::Builder::new()
-                .prefix("bucketfs-staging-")
-                .tempdir()?,
+            None => (tempfile::Builder::new().prefix("bucketfs-staging-").tempdir()?, None),
         };
         Ok(Self {
             cache: Arc::new(BlockCache::new(settings.memory_limit)),
@@ -326,6 +301,7 @@ impl Fs {
             staging,
             uploads: AtomicUsize::new(0),
             mounts: Mutex::new(mounts.iter().map(|(_, m)| m.clone()).collect()),
+            disk,
         })
     }
 
@@ -352,19 +328,9 @@ impl Fs {
             Some(m) => (m.ttl, m.read_only || self.settings.read_only),
             None => (Duration::from_secs(365 * 24 * 3600), true),
         };
-        let mtime = if inode.kind == Kind::Dir && inode.mtime == SystemTime::UNIX_EPOCH {
-            self.started
-        } else {
-            inode.mtime
-        };
-        Attr {
-            ino: inode.ino,
-            kind: inode.kind,
-            size: inode.size,
-            mtime,
-            ttl,
-            read_only,
-        }
+        let mtime =
+            if inode.kind == Kind::Dir && inode.mtime == SystemTime::UNIX_EPOCH { self.started } else { inode.mtime };
+        Attr { ino: inode.ino, kind: inode.kind, size: inode.size, mtime, ttl, read_only }
     }
 
     fn warn_once(&self, key: &str, message: impl FnOnce() -> String) {
@@ -378,10 +344,16 @@ impl Fs {
         for s in skipped {
             match s {
                 Skipped::InvalidName { key } => self.warn_once(key, || {
-                    format!("{}/{key:?}: skipped: the key is not a valid file name (empty, '.', '..', or over 255 bytes)", store.describe())
+                    format!(
+                        "{}/{key:?}: skipped: the key is not a valid file name (empty, '.', '..', or over 255 bytes)",
+                        store.describe()
+                    )
                 }),
                 Skipped::ShadowedByDir { key } => self.warn_once(key, || {
-                    format!("{}/{key}: hidden: a directory of the same name exists, and the directory wins", store.describe())
+                    format!(
+                        "{}/{key}: hidden: a directory of the same name exists, and the directory wins",
+                        store.describe()
+                    )
                 }),
             }
         }
@@ -390,12 +362,7 @@ impl Fs {
     fn log_store_error(&self, op: &str, mount: &MountPoint, key: &str, e: &StoreError) {
         match e {
             StoreError::NotFound => debug!(op, key, "{}: not found", mount.store.describe()),
-            _ => error!(
-                op,
-                key,
-                "{}/{key}: {op} failed: {e}",
-                mount.store.describe()
-            ),
+            _ => error!(op, key, "{}/{key}: {op} failed: {e}", mount.store.describe()),
         }
     }
 
@@ -470,8 +437,7 @@ impl Fs {
             Ok(entry) => {
                 lock(&self.negative).remove(&name_key);
                 let mut table = lock(&self.inodes);
-                let ino =
-                    table.upsert(parent, &mount, &dir_key, &entry, started + mount.ttl, count);
+                let ino = table.upsert(parent, &mount, &dir_key, &entry, started + mount.ttl, count);
                 Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?))
             }
             Err(FsError::NotFound) => {
@@ -492,15 +458,15 @@ impl Fs {
     /// HEAD `key` and LIST `key/` at once; a directory wins over a file.
     async fn remote_lookup(&self, mount: &MountPoint, key: &str, name: &str) -> Result<Entry> {
         let dir_prefix = format!("{key}/");
-        let (head, list) = tokio::join!(
-            mount.store.head(key),
-            mount.store.list(&dir_prefix, true, None, Some(1))
-        );
+        let (head, list) = tokio::join!(mount.store.head(key), mount.store.list(&dir_prefix, true, None, Some(1)));
         match list {
             Ok(page) if !page.objects.is_empty() || !page.prefixes.is_empty() => {
                 if head.is_ok() {
                     self.warn_once(key, || {
-                        format!("{}/{key}: hidden: a directory of the same name exists, and the directory wins", mount.store.describe())
+                        format!(
+                            "{}/{key}: hidden: a directory of the same name exists, and the directory wins",
+                            mount.store.describe()
+                        )
                     });
                 }
                 return Ok(Entry::dir(name));
@@ -580,12 +546,7 @@ impl Fs {
             let Loc::Object { mount, key } = &inode.loc else {
                 return Err(FsError::IsDir);
             };
-            (
-                mount.clone(),
-                key.clone(),
-                Instant::now() >= inode.valid_until || inode.etag.is_none(),
-                inode.local,
-            )
+            (mount.clone(), key.clone(), Instant::now() >= inode.valid_until || inode.etag.is_none(), inode.local)
         };
         let writing = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         if writing {
@@ -602,34 +563,20 @@ impl Fs {
             let keep = !existing_writer && inode.cached_etag.as_deref() == Some(etag.as_str());
             let changed = inode.cached_etag.is_some() && !keep && !existing_writer;
             inode.cached_etag = Some(etag.clone());
-            let object = Arc::new(ObjectId {
-                source: mount.source_id.clone(),
-                key: key.clone(),
-                etag,
-            });
+            let object = Arc::new(ObjectId { source: mount.source_id.clone(), key: key.clone(), etag });
             (object, inode.size, keep, changed)
         };
         if changed {
             self.invalidate_kernel(ino);
         }
-        let reader = Reader::new(object, size, mount.store.clone(), self.cache.clone());
-        Ok((
-            self.add_handle(ino, HandleKind::Read(reader), pid),
-            keep_cache,
-        ))
+        let reader = Reader::new(object, size, mount.store.clone(), self.cache.clone(), self.disk.clone());
+        Ok((self.add_handle(ino, HandleKind::Read(reader), pid), keep_cache))
     }
 
     fn add_handle(&self, ino: u64, kind: HandleKind, pid: u32) -> u64 {
         crate::metrics::metrics().open_handles.inc();
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.files).insert(
-            fh,
-            Arc::new(FileHandle {
-                ino,
-                kind,
-                opener: tgid(pid),
-            }),
-        );
+        lock(&self.files).insert(fh, Arc::new(FileHandle { ino, kind, opener: tgid(pid) }));
         fh
     }
 
@@ -642,10 +589,7 @@ impl Fs {
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes> {
-        let handle = lock(&self.files)
-            .get(&fh)
-            .cloned()
-            .ok_or(FsError::BadHandle)?;
+        let handle = lock(&self.files).get(&fh).cloned().ok_or(FsError::BadHandle)?;
         // While the file is open for writing, every handle reads what was written.
         let writer = match &handle.kind {
             HandleKind::Write(w) => Some(w.clone()),
@@ -700,9 +644,7 @@ impl Fs {
                     );
                 }
                 let mut writers = lock(&self.writers);
-                if writers
-                    .get(&handle.ino)
-                    .is_some_and(|cur| Arc::ptr_eq(cur, w))
+                if writers.get(&handle.ino).is_some_and(|cur| Arc::ptr_eq(cur, w))
                     && w.handles.load(Ordering::Acquire) == 0
                 {
                     writers.remove(&handle.ino);
@@ -750,23 +692,14 @@ impl Fs {
         let (parent, mount, prefix) = {
             let table = lock(&self.inodes);
             let inode = table.get(ino).ok_or(FsError::NotFound)?;
-            let dot = |i: &Inode, name: &str| DirItem {
-                name: name.to_string(),
-                attr: self.attr_of(i),
-            };
-            let parent = table
-                .get(inode.parent)
-                .map(|p| dot(p, ".."))
-                .unwrap_or_else(|| dot(inode, ".."));
+            let dot = |i: &Inode, name: &str| DirItem { name: name.to_string(), attr: self.attr_of(i) };
+            let parent = table.get(inode.parent).map(|p| dot(p, "..")).unwrap_or_else(|| dot(inode, ".."));
             let mut items = vec![dot(inode, "."), parent];
             match &inode.loc {
                 Loc::Virtual { children } => {
                     for (name, child) in children {
                         if let Some(c) = table.get(*child) {
-                            items.push(DirItem {
-                                name: name.clone(),
-                                attr: self.attr_of(c),
-                            });
+                            items.push(DirItem { name: name.clone(), attr: self.attr_of(c) });
                         }
                     }
                     return Ok(items);
@@ -801,11 +734,7 @@ impl Fs {
             let negative = lock(&self.negative);
             if !negative.is_empty() {
                 let now = Instant::now();
-                entries.retain(|e| {
-                    negative
-                        .get(&(ino, e.name.clone()))
-                        .is_none_or(|at| now >= *at + mount.ttl)
-                });
+                entries.retain(|e| negative.get(&(ino, e.name.clone())).is_none_or(|at| now >= *at + mount.ttl));
             }
         }
         let valid_until = started + mount.ttl;
@@ -814,17 +743,11 @@ impl Fs {
         for entry in &entries {
             let child = table.upsert(ino, &mount, &prefix, entry, valid_until, false);
             if let Some(c) = table.get(child) {
-                items.push(DirItem {
-                    name: entry.name.clone(),
-                    attr: self.attr_of(c),
-                });
+                items.push(DirItem { name: entry.name.clone(), attr: self.attr_of(c) });
             }
         }
         if let Some(dir) = table.get_mut(ino) {
-            dir.listing = Some((
-                started,
-                Arc::new(entries.into_iter().map(|e| (e.name.clone(), e)).collect()),
-            ));
+            dir.listing = Some((started, Arc::new(entries.into_iter().map(|e| (e.name.clone(), e)).collect())));
         }
         Ok(items)
     }
@@ -878,10 +801,7 @@ impl Fs {
     /// Uploads every file open for writing (at shutdown) and waits for
     /// uploads in progress. Returns how many files could not be uploaded.
     pub async fn flush_all(&self) -> usize {
-        let writers: Vec<(u64, Arc<WriterEntry>)> = lock(&self.writers)
-            .iter()
-            .map(|(i, w)| (*i, w.clone()))
-            .collect();
+        let writers: Vec<(u64, Arc<WriterEntry>)> = lock(&self.writers).iter().map(|(i, w)| (*i, w.clone())).collect();
         let mut failed = 0;
         for (ino, w) in writers {
             let key = w.writer.lock().await.key().to_string();

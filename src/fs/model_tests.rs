@@ -39,8 +39,7 @@ fn op() -> impl Strategy<Value = Op> {
         (d.clone(), n.clone(), data.clone()).prop_map(|(d, n, v)| Op::Append(d, n, v)),
         (d.clone(), n.clone(), 0u16..400, data).prop_map(|(d, n, o, v)| Op::Write(d, n, o, v)),
         (d.clone(), n.clone(), 0u16..400).prop_map(|(d, n, l)| Op::Truncate(d, n, l)),
-        (d.clone(), n.clone(), d.clone(), n.clone())
-            .prop_map(|(a, b, c, e)| Op::Rename(a, b, c, e)),
+        (d.clone(), n.clone(), d.clone(), n.clone()).prop_map(|(a, b, c, e)| Op::Rename(a, b, c, e)),
         (d.clone(), n).prop_map(|(d, n)| Op::Unlink(d, n)),
         (1..DIRS.len()).prop_map(Op::Mkdir),
         (1..DIRS.len()).prop_map(Op::Rmdir),
@@ -48,11 +47,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn path(d: usize, n: usize) -> String {
-    if DIRS[d].is_empty() {
-        NAMES[n].to_string()
-    } else {
-        format!("{}/{}", DIRS[d], NAMES[n])
-    }
+    if DIRS[d].is_empty() { NAMES[n].to_string() } else { format!("{}/{}", DIRS[d], NAMES[n]) }
 }
 
 #[derive(Default, Debug)]
@@ -106,9 +101,7 @@ impl Model {
             Op::Mkdir(d) => return self.dirs.insert(DIRS[*d].to_string()),
             Op::Rmdir(d) => {
                 let prefix = format!("{}/", DIRS[*d]);
-                if !self.dirs.contains(DIRS[*d])
-                    || self.files.keys().any(|k| k.starts_with(&prefix))
-                {
+                if !self.dirs.contains(DIRS[*d]) || self.files.keys().any(|k| k.starts_with(&prefix)) {
                     return false;
                 }
                 self.dirs.remove(DIRS[*d]);
@@ -125,21 +118,13 @@ struct Harness {
 
 impl Harness {
     async fn dir(&self, d: usize) -> Result<u64, FsError> {
-        if d == 0 {
-            Ok(1)
-        } else {
-            Ok(self.fs.lookup(1, DIRS[d]).await?.ino)
-        }
+        if d == 0 { Ok(1) } else { Ok(self.fs.lookup(1, DIRS[d]).await?.ino) }
     }
 
     async fn file(&self, d: usize, n: usize) -> Result<u64, FsError> {
         let parent = self.dir(d).await?;
         let a = self.fs.lookup(parent, NAMES[n]).await?;
-        if a.kind == Kind::Dir {
-            Err(FsError::IsDir)
-        } else {
-            Ok(a.ino)
-        }
+        if a.kind == Kind::Dir { Err(FsError::IsDir) } else { Ok(a.ino) }
     }
 
     /// Opens, runs `f` on the handle, flushes and releases like close(2).
@@ -166,15 +151,9 @@ impl Harness {
             Op::Create(d, n, v) => {
                 let parent = self.dir(*d).await?;
                 match self.fs.lookup(parent, NAMES[*n]).await {
-                    Ok(a) => {
-                        self.with_open(a.ino, libc::O_WRONLY | libc::O_TRUNC, &[(0, v)])
-                            .await
-                    }
+                    Ok(a) => self.with_open(a.ino, libc::O_WRONLY | libc::O_TRUNC, &[(0, v)]).await,
                     Err(FsError::NotFound) => {
-                        let (_, fh) = self
-                            .fs
-                            .create(parent, NAMES[*n], libc::O_WRONLY, self.pid)
-                            .await?;
+                        let (_, fh) = self.fs.create(parent, NAMES[*n], libc::O_WRONLY, self.pid).await?;
                         self.finish(fh, &[(0, v)]).await
                     }
                     Err(e) => Err(e),
@@ -183,8 +162,7 @@ impl Harness {
             Op::Append(d, n, v) => {
                 let ino = self.file(*d, *n).await?;
                 let size = self.fs.getattr(ino).await?.size;
-                self.with_open(ino, libc::O_WRONLY | libc::O_APPEND, &[(size, v)])
-                    .await
+                self.with_open(ino, libc::O_WRONLY | libc::O_APPEND, &[(size, v)]).await
             }
             Op::Write(d, n, off, v) => {
                 let ino = self.file(*d, *n).await?;
@@ -192,10 +170,7 @@ impl Harness {
             }
             Op::Truncate(d, n, len) => {
                 let ino = self.file(*d, *n).await?;
-                self.fs
-                    .setattr(ino, Some(*len as u64), None)
-                    .await
-                    .map(|_| ())
+                self.fs.setattr(ino, Some(*len as u64), None).await.map(|_| ())
             }
             Op::Rename(d, n, d2, n2) => {
                 let (from, to) = (self.dir(*d).await?, self.dir(*d2).await?);
@@ -214,12 +189,7 @@ impl Harness {
     async fn read_all(&self, ino: u64) -> Vec<u8> {
         let (fh, _) = self.fs.open(ino, libc::O_RDONLY, self.pid).await.unwrap();
         let size = self.fs.getattr(ino).await.unwrap().size;
-        let data = self
-            .fs
-            .read(fh, 0, size as u32 + 10)
-            .await
-            .unwrap()
-            .to_vec();
+        let data = self.fs.read(fh, 0, size as u32 + 10).await.unwrap().to_vec();
         self.fs.release(fh).await;
         data
     }
@@ -233,11 +203,7 @@ impl Harness {
             let items = self.fs.readdir(fh, 0).await.unwrap();
             self.fs.releasedir(fh);
             for item in items.iter().skip(2) {
-                let p = if prefix.is_empty() {
-                    item.name.clone()
-                } else {
-                    format!("{prefix}/{}", item.name)
-                };
+                let p = if prefix.is_empty() { item.name.clone() } else { format!("{prefix}/{}", item.name) };
                 match item.attr.kind {
                     Kind::Dir => {
                         m.dirs.insert(p.clone());
@@ -256,11 +222,7 @@ impl Harness {
 }
 
 fn run(ops: Vec<Op>, ttl: Duration) -> Result<(), TestCaseError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let store = Arc::new(MemoryStore::new());
         let mount = Arc::new(MountPoint {
@@ -271,14 +233,8 @@ fn run(ops: Vec<Op>, ttl: Duration) -> Result<(), TestCaseError> {
             ttl,
             source_id: "memory".into(),
         });
-        let settings = FsSettings {
-            memory_limit: 16 << 20,
-            ..FsSettings::default()
-        };
-        let h = Harness {
-            fs: Fs::new(settings, vec![(Vec::new(), mount)]).unwrap(),
-            pid: std::process::id(),
-        };
+        let settings = FsSettings { memory_limit: 16 << 20, ..FsSettings::default() };
+        let h = Harness { fs: Fs::new(settings, vec![(Vec::new(), mount)]).unwrap(), pid: std::process::id() };
         let mut model = Model::default();
         for (i, op) in ops.iter().enumerate() {
             let expect = model.apply(op);

@@ -20,11 +20,7 @@ const RENAME_CONCURRENCY: usize = 16;
 
 impl Fs {
     fn check_writable(&self, mount: &MountPoint) -> Result<()> {
-        if self.settings.read_only || mount.read_only {
-            Err(FsError::ReadOnly)
-        } else {
-            Ok(())
-        }
+        if self.settings.read_only || mount.read_only { Err(FsError::ReadOnly) } else { Ok(()) }
     }
 
     /// The mount and prefix of directory `ino`.
@@ -68,32 +64,14 @@ impl Fs {
                     None
                 } else {
                     let attr = self.revalidate(ino, mount, key).await?;
-                    let etag = lock(&self.inodes)
-                        .get(ino)
-                        .and_then(|i| i.etag.clone())
-                        .unwrap_or_default();
-                    Some(Base {
-                        etag,
-                        size: attr.size,
-                    })
+                    let etag = lock(&self.inodes).get(ino).and_then(|i| i.etag.clone()).unwrap_or_default();
+                    Some(Base { etag, size: attr.size })
                 };
                 let dir = self.staging.path();
                 let writer = if truncate && flags & libc::O_ACCMODE == libc::O_WRONLY {
-                    Writer::streaming(
-                        mount.store.clone(),
-                        key.to_string(),
-                        self.cache.clone(),
-                        dir,
-                        base,
-                    )
+                    Writer::streaming(mount.store.clone(), key.to_string(), self.cache.clone(), dir, base)
                 } else {
-                    let mut w = Writer::staged(
-                        mount.store.clone(),
-                        key.to_string(),
-                        self.cache.clone(),
-                        dir,
-                        base,
-                    )?;
+                    let mut w = Writer::staged(mount.store.clone(), key.to_string(), self.cache.clone(), dir, base)?;
                     if truncate {
                         w.truncate(0).await?;
                     }
@@ -105,12 +83,7 @@ impl Fs {
         Ok((self.add_handle(ino, HandleKind::Write(entry), pid), false))
     }
 
-    fn install_writer(
-        &self,
-        ino: u64,
-        mount: &Arc<MountPoint>,
-        writer: Writer,
-    ) -> Arc<WriterEntry> {
+    fn install_writer(&self, ino: u64, mount: &Arc<MountPoint>, writer: Writer) -> Arc<WriterEntry> {
         let entry = Arc::new(WriterEntry {
             size: AtomicU64::new(writer.size()),
             writer: tokio::sync::Mutex::new(writer),
@@ -122,21 +95,14 @@ impl Fs {
     }
 
     /// Creates and opens a new file. Returns its attributes and the handle.
-    pub async fn create(
-        &self,
-        parent: u64,
-        name: &str,
-        flags: i32,
-        pid: u32,
-    ) -> Result<(Attr, u64)> {
+    pub async fn create(&self, parent: u64, name: &str, flags: i32, pid: u32) -> Result<(Attr, u64)> {
         if !namespace::valid_name(name) {
             return Err(FsError::Invalid);
         }
         let (mount, dir_key) = self.dir_location(parent)?;
         self.check_writable(&mount)?;
         let key = namespace::child_key(&dir_key, name);
-        let ino =
-            lock(&self.inodes).insert_local(parent, &mount, key.clone(), name, SystemTime::now());
+        let ino = lock(&self.inodes).insert_local(parent, &mount, key.clone(), name, SystemTime::now());
         lock(&self.negative).remove(&(parent, name.to_string()));
         let dir = self.staging.path();
         let writer = if flags & libc::O_ACCMODE == libc::O_WRONLY {
@@ -151,10 +117,7 @@ impl Fs {
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        let handle = lock(&self.files)
-            .get(&fh)
-            .cloned()
-            .ok_or(FsError::BadHandle)?;
+        let handle = lock(&self.files).get(&fh).cloned().ok_or(FsError::BadHandle)?;
         let HandleKind::Write(w) = &handle.kind else {
             return Err(FsError::BadHandle);
         };
@@ -164,9 +127,7 @@ impl Fs {
             return Err(e.into());
         }
         w.size.store(writer.size(), Ordering::Relaxed);
-        crate::metrics::metrics()
-            .bytes_written
-            .inc_by(data.len() as u64);
+        crate::metrics::metrics().bytes_written.inc_by(data.len() as u64);
         Ok(data.len() as u32)
     }
 
@@ -243,13 +204,7 @@ impl Fs {
         if let Some(dir) = table.get_mut(parent) {
             dir.local_children.remove(&name);
             if let Some((_, entries)) = &mut dir.listing {
-                let entry = Entry {
-                    name: name.clone(),
-                    kind: Kind::File,
-                    size,
-                    etag: Some(etag),
-                    mtime: now,
-                };
+                let entry = Entry { name: name.clone(), kind: Kind::File, size, etag: Some(etag), mtime: now };
                 Arc::make_mut(entries).insert(name, entry);
             }
         }
@@ -283,12 +238,7 @@ impl Fs {
     /// truncate(2) and the attribute changes of chmod, chown and utimes.
     /// Only the size is stored; mode, owner and times come from the mount
     /// options (see the README's semantics table).
-    pub async fn setattr(
-        &self,
-        ino: u64,
-        size: Option<u64>,
-        mtime: Option<SystemTime>,
-    ) -> Result<Attr> {
+    pub async fn setattr(&self, ino: u64, size: Option<u64>, mtime: Option<SystemTime>) -> Result<Attr> {
         if let Some(size) = size {
             let (mount, key, kind) = {
                 let table = lock(&self.inodes);
@@ -312,25 +262,13 @@ impl Fs {
                 None => {
                     // truncate(path) without an open handle: edit and upload now.
                     let attr = self.revalidate(ino, &mount, &key).await?;
-                    let etag = lock(&self.inodes)
-                        .get(ino)
-                        .and_then(|i| i.etag.clone())
-                        .unwrap_or_default();
-                    let base = Some(Base {
-                        etag,
-                        size: attr.size,
-                    });
+                    let etag = lock(&self.inodes).get(ino).and_then(|i| i.etag.clone()).unwrap_or_default();
+                    let base = Some(Base { etag, size: attr.size });
                     let dir = self.staging.path();
                     let writer = if size == 0 {
                         Writer::streaming(mount.store.clone(), key, self.cache.clone(), dir, base)
                     } else {
-                        let mut w = Writer::staged(
-                            mount.store.clone(),
-                            key,
-                            self.cache.clone(),
-                            dir,
-                            base,
-                        )?;
+                        let mut w = Writer::staged(mount.store.clone(), key, self.cache.clone(), dir, base)?;
                         w.truncate(size).await?;
                         w
                     };
@@ -364,18 +302,9 @@ impl Fs {
             Err(e) => return Err(e),
         }
         let marker = namespace::child_prefix(&dir_key, name);
-        let put = match mount
-            .store
-            .put(&marker, bytes::Bytes::new(), PutCondition::IfAbsent)
-            .await
-        {
-            Err(StoreError::Server {
-                status: 400 | 501, ..
-            }) => {
-                mount
-                    .store
-                    .put(&marker, bytes::Bytes::new(), PutCondition::None)
-                    .await
+        let put = match mount.store.put(&marker, bytes::Bytes::new(), PutCondition::IfAbsent).await {
+            Err(StoreError::Server { status: 400 | 501, .. }) => {
+                mount.store.put(&marker, bytes::Bytes::new(), PutCondition::None).await
             }
             other => other,
         };
@@ -390,14 +319,7 @@ impl Fs {
         self.note_dir(parent, name);
         let entry = Entry::dir(name);
         let mut table = lock(&self.inodes);
-        let ino = table.upsert(
-            parent,
-            &mount,
-            &dir_key,
-            &entry,
-            Instant::now() + mount.ttl,
-            true,
-        );
+        let ino = table.upsert(parent, &mount, &dir_key, &entry, Instant::now() + mount.ttl, true);
         if let Some(i) = table.get_mut(ino) {
             i.mtime = SystemTime::now();
         }
@@ -442,20 +364,13 @@ impl Fs {
         if attr.kind != Kind::Dir {
             return Err(FsError::NotDir);
         }
-        if lock(&self.inodes)
-            .get(attr.ino)
-            .is_some_and(|d| !d.local_children.is_empty())
-        {
+        if lock(&self.inodes).get(attr.ino).is_some_and(|d| !d.local_children.is_empty()) {
             return Err(FsError::NotEmpty);
         }
         let prefix = namespace::child_prefix(&dir_key, name);
-        let page = mount
-            .store
-            .list(&prefix, false, None, Some(2))
-            .await
-            .inspect_err(|e| {
-                self.log_store_error("list", &mount, &prefix, e);
-            })?;
+        let page = mount.store.list(&prefix, false, None, Some(2)).await.inspect_err(|e| {
+            self.log_store_error("list", &mount, &prefix, e);
+        })?;
         if page.objects.iter().any(|o| o.key != prefix) || !page.prefixes.is_empty() {
             return Err(FsError::NotEmpty);
         }
@@ -472,14 +387,7 @@ impl Fs {
 
     /// rename: copy, then delete. A directory is renamed object by object
     /// and is not atomic.
-    pub async fn rename(
-        &self,
-        parent: u64,
-        name: &str,
-        newparent: u64,
-        newname: &str,
-        flags: u32,
-    ) -> Result<()> {
+    pub async fn rename(&self, parent: u64, name: &str, newparent: u64, newname: &str, flags: u32) -> Result<()> {
         if flags & libc::RENAME_EXCHANGE != 0 || !namespace::valid_name(newname) {
             return Err(FsError::Invalid);
         }
@@ -506,10 +414,7 @@ impl Fs {
                 if dst.as_ref().is_some_and(|d| d.kind == Kind::Dir) {
                     return Err(FsError::IsDir);
                 }
-                self.rename_file(
-                    &mount, src.ino, &src_dir, name, newparent, &dst_dir, newname,
-                )
-                .await?;
+                self.rename_file(&mount, src.ino, &src_dir, name, newparent, &dst_dir, newname).await?;
             }
             Kind::Dir => {
                 if let Some(d) = &dst {
@@ -522,10 +427,7 @@ impl Fs {
                         return Err(FsError::NotEmpty);
                     }
                 }
-                self.rename_dir(
-                    &mount, src.ino, &src_dir, name, newparent, &dst_dir, newname,
-                )
-                .await?;
+                self.rename_dir(&mount, src.ino, &src_dir, name, newparent, &dst_dir, newname).await?;
             }
         }
         if let Some(d) = dst {
@@ -555,10 +457,7 @@ impl Fs {
         if let Some(w) = &writer {
             self.upload(ino, w).await?;
         }
-        let (size, local) = lock(&self.inodes)
-            .get(ino)
-            .map(|i| (i.size, i.local))
-            .unwrap_or((0, false));
+        let (size, local) = lock(&self.inodes).get(ino).map(|i| (i.size, i.local)).unwrap_or((0, false));
         if local {
             // Created but never written or closed: it only exists here.
             let w = writer.clone().ok_or(FsError::NotFound)?;
@@ -577,10 +476,7 @@ impl Fs {
                 w.writer.lock().await.set_key(dst_key.clone());
             }
         }
-        let parent = lock(&self.inodes)
-            .get(ino)
-            .map(|i| i.parent)
-            .unwrap_or_default();
+        let parent = lock(&self.inodes).get(ino).map(|i| i.parent).unwrap_or_default();
         self.forget_name(parent, name);
         self.forget_name(newparent, newname);
         lock(&self.negative).remove(&(newparent, newname.to_string()));
@@ -588,10 +484,7 @@ impl Fs {
         table.relink(ino, newparent, newname);
         let (etag, mtime) = match table.get_mut(ino) {
             Some(inode) => {
-                inode.loc = Loc::Object {
-                    mount: mount.clone(),
-                    key: dst_key,
-                };
+                inode.loc = Loc::Object { mount: mount.clone(), key: dst_key };
                 (inode.etag.clone(), inode.mtime)
             }
             None => (None, SystemTime::now()),
@@ -600,13 +493,7 @@ impl Fs {
             if local {
                 dir.local_children.insert(newname.to_string());
             } else if let Some((_, entries)) = &mut dir.listing {
-                let e = Entry {
-                    name: newname.to_string(),
-                    kind: Kind::File,
-                    size,
-                    etag,
-                    mtime,
-                };
+                let e = Entry { name: newname.to_string(), kind: Kind::File, size, etag, mtime };
                 Arc::make_mut(entries).insert(newname.to_string(), e);
             }
         }
@@ -640,17 +527,8 @@ impl Fs {
         let mut tasks = tokio::task::JoinSet::new();
         for n in 0..parts_n {
             let (start, end) = (n * part_len, ((n + 1) * part_len).min(size));
-            let (store, to, from, id) = (
-                mount.store.clone(),
-                to.to_string(),
-                from.to_string(),
-                id.clone(),
-            );
-            tasks.spawn(async move {
-                store
-                    .upload_part_copy(&to, &id, n as i32 + 1, &from, start, end)
-                    .await
-            });
+            let (store, to, from, id) = (mount.store.clone(), to.to_string(), from.to_string(), id.clone());
+            tasks.spawn(async move { store.upload_part_copy(&to, &id, n as i32 + 1, &from, start, end).await });
             while tasks.len() >= MAX_INFLIGHT_PARTS {
                 if let Some(r) = tasks.join_next().await {
                     parts.push(r.map_err(|e| StoreError::Network(e.to_string()))??);
@@ -658,10 +536,7 @@ impl Fs {
             }
         }
         while let Some(r) = tasks.join_next().await {
-            match r
-                .map_err(|e| StoreError::Network(e.to_string()))
-                .and_then(|r| r)
-            {
+            match r.map_err(|e| StoreError::Network(e.to_string())).and_then(|r| r) {
                 Ok(p) => parts.push(p),
                 Err(e) => {
                     let _ = mount.store.abort_multipart(to, &id).await;
@@ -670,11 +545,7 @@ impl Fs {
             }
         }
         parts.sort_by_key(|p| p.number);
-        mount
-            .store
-            .complete_multipart(to, &id, parts, PutCondition::None)
-            .await
-            .map(|_| ())
+        mount.store.complete_multipart(to, &id, parts, PutCondition::None).await.map(|_| ())
     }
 
     /// Waits for every task; logs and returns the first failure.
@@ -687,8 +558,7 @@ impl Fs {
     ) -> Result<()> {
         let mut first = None;
         while let Some(r) = tasks.join_next().await {
-            let r = r
-                .unwrap_or_else(|e| Err((context.to_string(), StoreError::Network(e.to_string()))));
+            let r = r.unwrap_or_else(|e| Err((context.to_string(), StoreError::Network(e.to_string()))));
             if let Err((key, e)) = r {
                 self.log_store_error(op, mount, &key, &e);
                 first.get_or_insert(e);
@@ -719,7 +589,9 @@ impl Fs {
         let busy = {
             let table = lock(&self.inodes);
             let writers = lock(&self.writers);
-            writers.keys().any(|w| matches!(table.get(*w).map(|i| &i.loc), Some(Loc::Object { key, .. }) if key.starts_with(&from)))
+            writers.keys().any(
+                |w| matches!(table.get(*w).map(|i| &i.loc), Some(Loc::Object { key, .. }) if key.starts_with(&from)),
+            )
         };
         if busy {
             return Err(FsError::Busy);
@@ -736,31 +608,20 @@ impl Fs {
             }
         }
         if objects.is_empty() {
-            mount
-                .store
-                .put(&to, bytes::Bytes::new(), PutCondition::None)
-                .await?;
+            mount.store.put(&to, bytes::Bytes::new(), PutCondition::None).await?;
         }
         let semaphore = Arc::new(tokio::sync::Semaphore::new(RENAME_CONCURRENCY));
         let mut tasks: tokio::task::JoinSet<std::result::Result<(), (String, StoreError)>> =
             tokio::task::JoinSet::new();
         for o in &objects {
             let target = format!("{to}{}", &o.key[from.len()..]);
-            let (store, key, size, sem) = (
-                mount.store.clone(),
-                o.key.clone(),
-                o.size,
-                semaphore.clone(),
-            );
+            let (store, key, size, sem) = (mount.store.clone(), o.key.clone(), o.size, semaphore.clone());
             tasks.spawn(async move {
                 let _permit = sem.acquire_owned().await;
                 if key.ends_with('/') && size == 0 {
                     // A directory marker: writing a new one is cheaper than a
                     // copy, and some servers cannot copy markers.
-                    store
-                        .put(&target, bytes::Bytes::new(), PutCondition::None)
-                        .await
-                        .map(|_| ())
+                    store.put(&target, bytes::Bytes::new(), PutCondition::None).await.map(|_| ())
                 } else if size <= MAX_COPY {
                     store.copy(&key, &target).await.map(|_| ())
                 } else {
@@ -782,10 +643,7 @@ impl Fs {
         }
         self.join_all(&mut tasks, mount, "delete", &from).await?;
         info!("renamed {} objects from {from} to {to}", objects.len());
-        let parent = lock(&self.inodes)
-            .get(ino)
-            .map(|i| i.parent)
-            .unwrap_or_default();
+        let parent = lock(&self.inodes).get(ino).map(|i| i.parent).unwrap_or_default();
         self.forget_name(parent, name);
         self.forget_name(newparent, newname);
         self.note_dir(newparent, newname);

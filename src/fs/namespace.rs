@@ -35,13 +35,7 @@ pub struct Entry {
 
 impl Entry {
     pub fn dir(name: &str) -> Self {
-        Entry {
-            name: name.to_string(),
-            kind: Kind::Dir,
-            size: 0,
-            etag: None,
-            mtime: SystemTime::UNIX_EPOCH,
-        }
+        Entry { name: name.to_string(), kind: Kind::Dir, size: 0, etag: None, mtime: SystemTime::UNIX_EPOCH }
     }
 
     pub fn file(name: &str, meta: &ObjectMeta) -> Self {
@@ -77,11 +71,7 @@ pub fn valid_name(name: &str) -> bool {
 /// Builds a directory's entries from a delimited listing of `prefix`
 /// (all pages concatenated). Returns the entries sorted by name, and what was
 /// skipped, for the caller to log.
-pub fn entries_from_listing(
-    prefix: &str,
-    objects: &[ObjectMeta],
-    prefixes: &[String],
-) -> (Vec<Entry>, Vec<Skipped>) {
+pub fn entries_from_listing(prefix: &str, objects: &[ObjectMeta], prefixes: &[String]) -> (Vec<Entry>, Vec<Skipped>) {
     let mut skipped = Vec::new();
     let mut entries: BTreeMap<&str, Entry> = BTreeMap::new();
     for p in prefixes {
@@ -107,9 +97,7 @@ pub fn entries_from_listing(
             continue;
         }
         match entries.get(name) {
-            Some(e) if e.kind == Kind::Dir => {
-                skipped.push(Skipped::ShadowedByDir { key: o.key.clone() })
-            }
+            Some(e) if e.kind == Kind::Dir => skipped.push(Skipped::ShadowedByDir { key: o.key.clone() }),
             _ => {
                 entries.insert(name, Entry::file(name, o));
             }
@@ -142,12 +130,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn meta(key: &str) -> ObjectMeta {
-        ObjectMeta {
-            key: key.into(),
-            size: 1,
-            etag: "\"e\"".into(),
-            last_modified: SystemTime::UNIX_EPOCH,
-        }
+        ObjectMeta { key: key.into(), size: 1, etag: "\"e\"".into(), last_modified: SystemTime::UNIX_EPOCH }
     }
 
     #[test]
@@ -163,19 +146,8 @@ mod tests {
 
     #[test]
     fn directory_wins_marker_hidden_bad_names_skipped() {
-        let objects = [
-            meta("p/"),
-            meta("p/a"),
-            meta("p/b"),
-            meta("p/."),
-            meta(&format!("p/{}", "y".repeat(300))),
-        ];
-        let prefixes = [
-            "p/a/".to_string(),
-            "p//".to_string(),
-            "p/../".to_string(),
-            "p/c/".to_string(),
-        ];
+        let objects = [meta("p/"), meta("p/a"), meta("p/b"), meta("p/."), meta(&format!("p/{}", "y".repeat(300)))];
+        let prefixes = ["p/a/".to_string(), "p//".to_string(), "p/../".to_string(), "p/c/".to_string()];
         let (entries, skipped) = entries_from_listing("p/", &objects, &prefixes);
         let got: Vec<_> = entries.iter().map(|e| (e.name.as_str(), e.kind)).collect();
         assert_eq!(got, [("a", Kind::Dir), ("b", Kind::File), ("c", Kind::Dir)]);
@@ -228,18 +200,8 @@ mod tests {
 
     fn key_strategy() -> impl Strategy<Value = String> {
         // Small alphabet so clashes, markers and empty components are common.
-        prop::collection::vec(
-            prop_oneof![
-                Just("a"),
-                Just("b"),
-                Just("/"),
-                Just("."),
-                Just("é"),
-                Just("%+ ")
-            ],
-            1..7,
-        )
-        .prop_map(|parts| parts.concat())
+        prop::collection::vec(prop_oneof![Just("a"), Just("b"), Just("/"), Just("."), Just("é"), Just("%+ ")], 1..7)
+            .prop_map(|parts| parts.concat())
     }
 
     proptest! {

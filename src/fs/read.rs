@@ -23,6 +23,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
 
 use super::cache::{BLOCK_SIZE, BlockCache, BlockSender, ObjectId, Probe};
+use super::disk_cache::DiskCache;
 use crate::store::{ObjectStore, StoreError};
 
 /// Contiguous bytes after which a handle counts as sequential.
@@ -58,6 +59,7 @@ pub struct Reader {
     size: u64,
     store: Arc<dyn ObjectStore>,
     cache: Arc<BlockCache>,
+    disk: Option<Arc<DiskCache>>,
     max_window: u64,
     state: Mutex<State>,
 }
@@ -68,16 +70,10 @@ impl Reader {
         size: u64,
         store: Arc<dyn ObjectStore>,
         cache: Arc<BlockCache>,
+        disk: Option<Arc<DiskCache>>,
     ) -> Self {
         let max_window = MAX_WINDOW.min(cache.limit() / 4).max(INITIAL_WINDOW);
-        Self {
-            object,
-            size,
-            store,
-            cache,
-            max_window,
-            state: Mutex::new(State::default()),
-        }
+        Self { object, size, store, cache, disk, max_window, state: Mutex::new(State::default()) }
     }
 
     pub fn object(&self) -> &ObjectId {
@@ -126,16 +122,12 @@ impl Reader {
     /// Updates the access pattern and returns the blocks to prefetch.
     fn plan(&self, offset: u64, end: u64) -> Option<Range<u64>> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let sequential = st.started
-            && offset + BACKWARD_SLACK >= st.next
-            && offset <= st.next.max(st.ahead) + BLOCK_SIZE;
+        let sequential =
+            st.started && offset + BACKWARD_SLACK >= st.next && offset <= st.next.max(st.ahead) + BLOCK_SIZE;
         if sequential {
             st.streak += end.saturating_sub(st.next.max(offset));
         } else {
-            *st = State {
-                started: true,
-                ..State::default()
-            };
+            *st = State { started: true, ..State::default() };
         }
         st.next = st.next.max(end);
         if st.streak < SEQUENTIAL_TRIGGER || end >= self.size {
@@ -158,12 +150,8 @@ impl Reader {
     /// up to which blocks are requested (less than `blocks.end` when the cache
     /// refused optional room).
     fn fetch(&self, blocks: Range<u64>, optional: bool) -> u64 {
-        let (reserved, refused) = self.cache.reserve(
-            &self.object,
-            blocks.clone(),
-            Self::block_len(self.size),
-            optional,
-        );
+        let (reserved, refused) =
+            self.cache.reserve(&self.object, blocks.clone(), Self::block_len(self.size), optional);
         let reached = refused.unwrap_or(blocks.end);
         let chunk_blocks = if optional {
             let window = self.state.lock().unwrap_or_else(|e| e.into_inner()).window;
@@ -185,69 +173,100 @@ impl Reader {
         reached
     }
 
-    /// One ranged GET that fills a run of consecutive blocks as bytes arrive.
+    /// Fills a run of consecutive blocks: from the disk cache where it has
+    /// them, the rest with ranged GETs that fill blocks as bytes arrive.
     fn spawn_get(&self, run: Vec<(u64, BlockSender)>) {
         let store = self.store.clone();
         let cache = self.cache.clone();
+        let disk = self.disk.clone();
         let object = self.object.clone();
         let size = self.size;
         tokio::spawn(async move {
             let block_len = Self::block_len(size);
-            let start = run[0].0 * BLOCK_SIZE;
-            let end =
-                (run[run.len() - 1].0 * BLOCK_SIZE + block_len(run[run.len() - 1].0)).min(size);
-            let mut pending = run.into_iter();
-            let fail = |pending: &mut dyn Iterator<Item = (u64, BlockSender)>, e: StoreError| {
-                for (i, tx) in pending {
-                    cache.fill(&object, i, tx, Err(e.clone()));
-                }
-            };
-            let mut body = match store
-                .get_range(&object.key, Some(&object.etag), start, end)
-                .await
-            {
-                Ok(b) => b,
-                Err(e) => return fail(&mut pending, e),
-            };
-            let mut current = pending.next();
-            let mut buf = BytesMut::with_capacity(
-                current.as_ref().map_or(0, |(i, _)| block_len(*i)) as usize,
-            );
-            while let Some((index, _)) = &current {
-                let want = block_len(*index) as usize;
-                match body.next().await {
-                    Some(Ok(mut chunk)) => {
-                        while !chunk.is_empty() {
-                            let Some((index, _)) = &current else { break };
-                            let want = block_len(*index) as usize;
-                            let take = (want - buf.len()).min(chunk.len());
-                            buf.extend_from_slice(&chunk[..take]);
-                            chunk.advance(take);
-                            if buf.len() == want {
-                                let (i, tx) = current.take().unwrap_or_else(|| unreachable!());
-                                current = pending.next();
-                                let next_len =
-                                    current.as_ref().map_or(0, |(i, _)| block_len(*i)) as usize;
-                                let full =
-                                    std::mem::replace(&mut buf, BytesMut::with_capacity(next_len));
-                                cache.fill(&object, i, tx, Ok(full.freeze()));
+            let mut missing = Vec::with_capacity(run.len());
+            match &disk {
+                Some(d) => {
+                    for (i, tx) in run {
+                        match d.get(&object, i).await {
+                            Some(b) if b.len() as u64 == block_len(i) => {
+                                crate::metrics::metrics().disk_cache_hits.inc();
+                                cache.fill(&object, i, tx, Ok(b));
                             }
+                            _ => missing.push((i, tx)),
                         }
                     }
-                    Some(Err(e)) => {
-                        let rest = current.take().into_iter().chain(pending.by_ref());
-                        return fail(&mut rest.collect::<Vec<_>>().into_iter(), e);
-                    }
-                    None => {
-                        let _ = want;
-                        let rest = current.take().into_iter().chain(pending.by_ref());
-                        let e =
-                            StoreError::Network("the body ended before the requested range".into());
-                        return fail(&mut rest.collect::<Vec<_>>().into_iter(), e);
-                    }
                 }
+                None => missing = run,
+            }
+            // Consecutive stretches of what is still missing, one GET each.
+            let mut stretch: Vec<(u64, BlockSender)> = Vec::new();
+            for (i, tx) in missing {
+                if stretch.last().is_some_and(|(last, _)| *last + 1 != i) {
+                    Self::get_run(&*store, &cache, disk.as_ref(), &object, size, std::mem::take(&mut stretch)).await;
+                }
+                stretch.push((i, tx));
+            }
+            if !stretch.is_empty() {
+                Self::get_run(&*store, &cache, disk.as_ref(), &object, size, stretch).await;
             }
         });
+    }
+
+    async fn get_run(
+        store: &dyn ObjectStore,
+        cache: &BlockCache,
+        disk: Option<&Arc<DiskCache>>,
+        object: &Arc<ObjectId>,
+        size: u64,
+        run: Vec<(u64, BlockSender)>,
+    ) {
+        let block_len = Self::block_len(size);
+        let start = run[0].0 * BLOCK_SIZE;
+        let end = (run[run.len() - 1].0 * BLOCK_SIZE + block_len(run[run.len() - 1].0)).min(size);
+        let mut pending = run.into_iter();
+        let fail = |pending: &mut dyn Iterator<Item = (u64, BlockSender)>, e: StoreError| {
+            for (i, tx) in pending {
+                cache.fill(object, i, tx, Err(e.clone()));
+            }
+        };
+        let mut body = match store.get_range(&object.key, Some(&object.etag), start, end).await {
+            Ok(b) => b,
+            Err(e) => return fail(&mut pending, e),
+        };
+        let mut current = pending.next();
+        let mut buf = BytesMut::with_capacity(current.as_ref().map_or(0, |(i, _)| block_len(*i)) as usize);
+        while current.is_some() {
+            match body.next().await {
+                Some(Ok(mut chunk)) => {
+                    while !chunk.is_empty() {
+                        let Some((index, _)) = &current else { break };
+                        let want = block_len(*index) as usize;
+                        let take = (want - buf.len()).min(chunk.len());
+                        buf.extend_from_slice(&chunk[..take]);
+                        chunk.advance(take);
+                        if buf.len() == want {
+                            let Some((i, tx)) = current.take() else { break };
+                            current = pending.next();
+                            let next_len = current.as_ref().map_or(0, |(i, _)| block_len(*i)) as usize;
+                            let full = std::mem::replace(&mut buf, BytesMut::with_capacity(next_len)).freeze();
+                            if let Some(d) = disk {
+                                d.put(object, i, full.clone());
+                            }
+                            cache.fill(object, i, tx, Ok(full));
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    let rest: Vec<_> = current.take().into_iter().chain(pending.by_ref()).collect();
+                    return fail(&mut rest.into_iter(), e);
+                }
+                None => {
+                    let rest: Vec<_> = current.take().into_iter().chain(pending.by_ref()).collect();
+                    let e = StoreError::Network("the body ended before the requested range".into());
+                    return fail(&mut rest.into_iter(), e);
+                }
+            }
+        }
     }
 
     /// Waits for block `index`, fetching it again if it was evicted or failed
@@ -272,9 +291,7 @@ impl Reader {
                 }
             }
         }
-        Err(StoreError::Network(
-            "block was evicted repeatedly; memory limit too small".into(),
-        ))
+        Err(StoreError::Network("block was evicted repeatedly; memory limit too small".into()))
     }
 }
 
@@ -287,17 +304,8 @@ mod tests {
         let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
         let store = Arc::new(MemoryStore::new());
         let etag = store.insert("k", data.clone());
-        let object = Arc::new(ObjectId {
-            source: "t".into(),
-            key: "k".into(),
-            etag,
-        });
-        let reader = Reader::new(
-            object,
-            len as u64,
-            store.clone(),
-            Arc::new(BlockCache::new(limit)),
-        );
+        let object = Arc::new(ObjectId { source: "t".into(), key: "k".into(), etag });
+        let reader = Reader::new(object, len as u64, store.clone(), Arc::new(BlockCache::new(limit)), None);
         (store, reader, data)
     }
 
@@ -339,15 +347,8 @@ mod tests {
             let off = (i * 7_919 * 4096) % (len as u64 - 300_000);
             reader.read(off, 256 * 1024).await.unwrap();
         }
-        let fetched = reader
-            .cache
-            .stats
-            .fetched_bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
-        assert!(
-            fetched <= 2 * 20 * 256 * 1024,
-            "random reads fetched {fetched} bytes"
-        );
+        let fetched = reader.cache.stats.fetched_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(fetched <= 2 * 20 * 256 * 1024, "random reads fetched {fetched} bytes");
         drop(store);
     }
 

@@ -73,17 +73,12 @@ pub enum WriteError {
     Store(#[from] StoreError),
     #[error("local staging file: {message}")]
     Local { errno: i32, message: String },
-    #[error(
-        "an earlier upload of this file failed and its data is lost; reopen and write it again"
-    )]
+    #[error("an earlier upload of this file failed and its data is lost; reopen and write it again")]
     Failed,
 }
 
 fn local(e: std::io::Error) -> WriteError {
-    WriteError::Local {
-        errno: e.raw_os_error().unwrap_or(libc::EIO),
-        message: e.to_string(),
-    }
+    WriteError::Local { errno: e.raw_os_error().unwrap_or(libc::EIO), message: e.to_string() }
 }
 
 /// The remote object the content started from.
@@ -181,10 +176,7 @@ impl Writer {
             key,
             cache,
             staging_dir: staging_dir.to_path_buf(),
-            mode: Mode::Staged(Staged {
-                file,
-                base_prefix: size,
-            }),
+            mode: Mode::Staged(Staged { file, base_prefix: size }),
             size,
             dirty: false,
             base,
@@ -275,11 +267,7 @@ impl Writer {
             let body = s.buf.split_to(want as usize).freeze();
             let number = s.next_part;
             s.next_part += 1;
-            let (store, key, id) = (
-                self.store.clone(),
-                self.key.clone(),
-                s.upload_id.clone().unwrap_or_default(),
-            );
+            let (store, key, id) = (self.store.clone(), self.key.clone(), s.upload_id.clone().unwrap_or_default());
             let cache = self.cache.clone();
             s.inflight.spawn(async move {
                 let len = body.len() as u64;
@@ -289,8 +277,7 @@ impl Writer {
             });
             // The part's memory is released by its task.
             self.reserved = self.reserved.saturating_sub(want);
-            while matches!(&self.mode, Mode::Streaming(s) if s.inflight.len() >= MAX_INFLIGHT_PARTS)
-            {
+            while matches!(&self.mode, Mode::Streaming(s) if s.inflight.len() >= MAX_INFLIGHT_PARTS) {
                 self.join_one().await?;
             }
         }
@@ -306,9 +293,7 @@ impl Writer {
                 Ok(())
             }
             Some(Ok(Err(e))) => Err(self.fail(e).await),
-            Some(Err(join)) => Err(self
-                .fail(StoreError::Network(format!("upload task failed: {join}")))
-                .await),
+            Some(Err(join)) => Err(self.fail(StoreError::Network(format!("upload task failed: {join}"))).await),
             None => Ok(()),
         }
     }
@@ -350,8 +335,7 @@ impl Writer {
     {
         let cond = self.condition();
         match f(cond.clone()).await {
-            Err(StoreError::Server { status: 501, .. })
-            | Err(StoreError::Server { status: 400, .. })
+            Err(StoreError::Server { status: 501, .. }) | Err(StoreError::Server { status: 400, .. })
                 if cond != PutCondition::None =>
             {
                 if !NO_CONDITIONAL.swap(true, Ordering::Relaxed) {
@@ -387,20 +371,14 @@ impl Writer {
                 result?
             }
         };
-        self.base = Some(Base {
-            etag,
-            size: self.size,
-        });
+        self.base = Some(Base { etag, size: self.size });
         self.new_file = false;
         self.dirty = false;
         if matches!(self.mode, Mode::Failed) {
             // Streaming finished: later writes append to the new object.
             let file = tempfile::tempfile_in(&self.staging_dir).map_err(local)?;
             file.set_len(self.size).map_err(local)?;
-            self.mode = Mode::Staged(Staged {
-                file,
-                base_prefix: self.size,
-            });
+            self.mode = Mode::Staged(Staged { file, base_prefix: self.size });
         }
         Ok(())
     }
@@ -415,9 +393,7 @@ impl Writer {
                 }
                 Err(join) => {
                     self.mode = Mode::Streaming(s);
-                    return Err(self
-                        .fail(StoreError::Network(format!("upload task failed: {join}")))
-                        .await);
+                    return Err(self.fail(StoreError::Network(format!("upload task failed: {join}"))).await);
                 }
             }
         }
@@ -426,17 +402,12 @@ impl Writer {
         let result = match &s.upload_id {
             None => {
                 let key = self.key.clone();
-                self.conditional(|c| self.store.put(&key, rest.clone(), c))
-                    .await
+                self.conditional(|c| self.store.put(&key, rest.clone(), c)).await
             }
             Some(id) => {
                 let mut parts = std::mem::take(&mut s.parts);
                 if !rest.is_empty() {
-                    match self
-                        .store
-                        .upload_part(&self.key, id, s.next_part, rest)
-                        .await
-                    {
+                    match self.store.upload_part(&self.key, id, s.next_part, rest).await {
                         Ok(p) => parts.push(p),
                         Err(e) => {
                             self.mode = Mode::Streaming(s);
@@ -446,9 +417,7 @@ impl Writer {
                 }
                 parts.sort_by_key(|p| p.number);
                 let (key, id) = (self.key.clone(), id.clone());
-                let r = self
-                    .conditional(|c| self.store.complete_multipart(&key, &id, parts.clone(), c))
-                    .await;
+                let r = self.conditional(|c| self.store.complete_multipart(&key, &id, parts.clone(), c)).await;
                 if r.is_err() {
                     let _ = self.store.abort_multipart(&key, &id).await;
                 }
@@ -467,16 +436,12 @@ impl Writer {
             let mut buf = vec![0u8; self.size as usize];
             st.file.read_exact_at(&mut buf, 0).map_err(local)?;
             let body = Bytes::from(buf);
-            return Ok(self
-                .conditional(|c| self.store.put(&key, body.clone(), c))
-                .await?);
+            return Ok(self.conditional(|c| self.store.put(&key, body.clone(), c)).await?);
         }
         let id = self.store.create_multipart(&key).await?;
         match self.staged_parts(st, &id).await {
             Ok(parts) => {
-                let r = self
-                    .conditional(|c| self.store.complete_multipart(&key, &id, parts.clone(), c))
-                    .await;
+                let r = self.conditional(|c| self.store.complete_multipart(&key, &id, parts.clone(), c)).await;
                 if r.is_err() {
                     let _ = self.store.abort_multipart(&key, &id).await;
                 }
@@ -502,18 +467,9 @@ impl Writer {
         let copy_len = st.base_prefix.div_ceil(copies);
         while offset < st.base_prefix {
             let len = (st.base_prefix - offset).min(copy_len);
-            let (store, key, id, from) = (
-                self.store.clone(),
-                self.key.clone(),
-                id.to_string(),
-                self.key.clone(),
-            );
+            let (store, key, id, from) = (self.store.clone(), self.key.clone(), id.to_string(), self.key.clone());
             let (start, n) = (offset, number);
-            tasks.spawn(async move {
-                Ok(store
-                    .upload_part_copy(&key, &id, n, &from, start, start + len)
-                    .await?)
-            });
+            tasks.spawn(async move { Ok(store.upload_part_copy(&key, &id, n, &from, start, start + len).await?) });
             offset += len;
             number += 1;
             Self::drain(&mut tasks, &mut parts, MAX_INFLIGHT_PARTS).await?;
@@ -522,8 +478,7 @@ impl Writer {
             let len = (self.size - offset).min(part_size(number));
             let mut buf = vec![0u8; len as usize];
             st.file.read_exact_at(&mut buf, offset).map_err(local)?;
-            let (store, key, id, n) =
-                (self.store.clone(), self.key.clone(), id.to_string(), number);
+            let (store, key, id, n) = (self.store.clone(), self.key.clone(), id.to_string(), number);
             self.cache.reserve_extra(len);
             let cache = self.cache.clone();
             tasks.spawn(async move {
@@ -553,9 +508,7 @@ impl Writer {
                 Some(Ok(Ok(p))) => parts.push(p),
                 Some(Ok(Err(e))) => return Err(e),
                 Some(Err(e)) => {
-                    return Err(WriteError::Store(StoreError::Network(format!(
-                        "upload task failed: {e}"
-                    ))));
+                    return Err(WriteError::Store(StoreError::Network(format!("upload task failed: {e}"))));
                 }
                 None => break,
             }
@@ -573,10 +526,7 @@ impl Writer {
             file.write_all_at(&s.buf, 0).map_err(local)?;
             file.set_len(self.size).map_err(local)?;
             let n = s.buf.len() as u64;
-            self.mode = Mode::Staged(Staged {
-                file,
-                base_prefix: 0,
-            });
+            self.mode = Mode::Staged(Staged { file, base_prefix: 0 });
             self.unreserve(n);
             return Ok(());
         }
@@ -596,10 +546,7 @@ impl Writer {
         let mut start = 0;
         while start < st.base_prefix {
             let end = (start + DOWNLOAD_CHUNK).min(st.base_prefix);
-            let body = self
-                .store
-                .get_range(&self.key, etag.as_deref(), start, end)
-                .await?;
+            let body = self.store.get_range(&self.key, etag.as_deref(), start, end).await?;
             let data = collect_body(body).await?;
             st.file.write_all_at(&data, start).map_err(local)?;
             start = end;
@@ -615,9 +562,7 @@ impl Writer {
         let end = (offset + len as u64).min(self.size);
         if let Mode::Streaming(s) = &self.mode {
             if s.upload_id.is_none() {
-                return Ok(Bytes::copy_from_slice(
-                    &s.buf[offset as usize..end as usize],
-                ));
+                return Ok(Bytes::copy_from_slice(&s.buf[offset as usize..end as usize]));
             }
             self.to_staged().await?;
         }
@@ -628,20 +573,14 @@ impl Writer {
         let mut out = vec![0u8; (end - offset) as usize];
         if offset < st.base_prefix {
             let remote_end = end.min(st.base_prefix);
-            let data = collect_body(
-                self.store
-                    .get_range(&self.key, etag.as_deref(), offset, remote_end)
-                    .await?,
-            )
-            .await?;
+            let data =
+                collect_body(self.store.get_range(&self.key, etag.as_deref(), offset, remote_end).await?).await?;
             out[..data.len()].copy_from_slice(&data);
         }
         let local_start = offset.max(st.base_prefix);
         if local_start < end {
             let at = (local_start - offset) as usize;
-            st.file
-                .read_exact_at(&mut out[at..], local_start)
-                .map_err(local)?;
+            st.file.read_exact_at(&mut out[at..], local_start).map_err(local)?;
         }
         Ok(Bytes::from(out))
     }

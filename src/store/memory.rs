@@ -11,9 +11,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
-use super::{
-    BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreError,
-};
+use super::{BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreError};
 
 #[derive(Clone)]
 struct Object {
@@ -47,34 +45,23 @@ impl MemoryStore {
     }
 
     fn next_etag(&self) -> String {
-        format!(
-            "\"{:032x}\"",
-            self.counter.fetch_add(1, Ordering::Relaxed) + 1
-        )
+        format!("\"{:032x}\"", self.counter.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
     /// Test helper: stores `body` under `key` unconditionally.
     pub fn insert(&self, key: &str, body: impl Into<Bytes>) -> String {
         let etag = self.next_etag();
-        self.state.lock().unwrap().objects.insert(
-            key.to_string(),
-            Object {
-                body: body.into(),
-                etag: etag.clone(),
-                modified: SystemTime::now(),
-            },
-        );
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .insert(key.to_string(), Object { body: body.into(), etag: etag.clone(), modified: SystemTime::now() });
         etag
     }
 
     /// Test helper: the body under `key`, if any.
     pub fn body(&self, key: &str) -> Option<Bytes> {
-        self.state
-            .lock()
-            .unwrap()
-            .objects
-            .get(key)
-            .map(|o| o.body.clone())
+        self.state.lock().unwrap().objects.get(key).map(|o| o.body.clone())
     }
 
     /// Test helper: every key, in order.
@@ -85,21 +72,14 @@ impl MemoryStore {
     fn check(state: &State, key: &str, cond: &PutCondition) -> Result<(), StoreError> {
         match (cond, state.objects.get(key)) {
             (PutCondition::IfAbsent, Some(_)) => Err(StoreError::PreconditionFailed),
-            (PutCondition::IfMatch(e), Some(o)) if &o.etag != e => {
-                Err(StoreError::PreconditionFailed)
-            }
+            (PutCondition::IfMatch(e), Some(o)) if &o.etag != e => Err(StoreError::PreconditionFailed),
             (PutCondition::IfMatch(_), None) => Err(StoreError::PreconditionFailed),
             _ => Ok(()),
         }
     }
 
     fn meta(key: &str, o: &Object) -> ObjectMeta {
-        ObjectMeta {
-            key: key.to_string(),
-            size: o.body.len() as u64,
-            etag: o.etag.clone(),
-            last_modified: o.modified,
-        }
+        ObjectMeta { key: key.to_string(), size: o.body.len() as u64, etag: o.etag.clone(), last_modified: o.modified }
     }
 }
 
@@ -162,20 +142,10 @@ impl ObjectStore for MemoryStore {
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
         self.count("head");
         let state = self.state.lock().unwrap();
-        state
-            .objects
-            .get(key)
-            .map(|o| Self::meta(key, o))
-            .ok_or(StoreError::NotFound)
+        state.objects.get(key).map(|o| Self::meta(key, o)).ok_or(StoreError::NotFound)
     }
 
-    async fn get_range(
-        &self,
-        key: &str,
-        etag: Option<&str>,
-        start: u64,
-        end: u64,
-    ) -> Result<BodyStream, StoreError> {
+    async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError> {
         self.count("get");
         let state = self.state.lock().unwrap();
         let obj = state.objects.get(key).ok_or(StoreError::NotFound)?;
@@ -195,14 +165,7 @@ impl ObjectStore for MemoryStore {
         let etag = self.next_etag();
         let mut state = self.state.lock().unwrap();
         Self::check(&state, key, &cond)?;
-        state.objects.insert(
-            key.to_string(),
-            Object {
-                body,
-                etag: etag.clone(),
-                modified: SystemTime::now(),
-            },
-        );
+        state.objects.insert(key.to_string(), Object { body, etag: etag.clone(), modified: SystemTime::now() });
         Ok(etag)
     }
 
@@ -216,31 +179,15 @@ impl ObjectStore for MemoryStore {
         self.count("copy");
         let etag = self.next_etag();
         let mut state = self.state.lock().unwrap();
-        let body = state
-            .objects
-            .get(from)
-            .ok_or(StoreError::NotFound)?
-            .body
-            .clone();
-        state.objects.insert(
-            to.to_string(),
-            Object {
-                body,
-                etag: etag.clone(),
-                modified: SystemTime::now(),
-            },
-        );
+        let body = state.objects.get(from).ok_or(StoreError::NotFound)?.body.clone();
+        state.objects.insert(to.to_string(), Object { body, etag: etag.clone(), modified: SystemTime::now() });
         Ok(etag)
     }
 
     async fn create_multipart(&self, key: &str) -> Result<String, StoreError> {
         self.count("create_multipart");
         let id = format!("upload-{}", self.counter.fetch_add(1, Ordering::Relaxed));
-        self.state
-            .lock()
-            .unwrap()
-            .uploads
-            .insert(id.clone(), (key.to_string(), BTreeMap::new()));
+        self.state.lock().unwrap().uploads.insert(id.clone(), (key.to_string(), BTreeMap::new()));
         Ok(id)
     }
 
@@ -254,10 +201,7 @@ impl ObjectStore for MemoryStore {
         self.count("upload_part");
         let etag = self.next_etag();
         let mut state = self.state.lock().unwrap();
-        let upload = state
-            .uploads
-            .get_mut(upload_id)
-            .ok_or(StoreError::NotFound)?;
+        let upload = state.uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
         upload.1.insert(number, body);
         Ok(CompletedPart { number, etag })
     }
@@ -274,22 +218,12 @@ impl ObjectStore for MemoryStore {
         self.count("upload_part_copy");
         let etag = self.next_etag();
         let mut state = self.state.lock().unwrap();
-        let src = state
-            .objects
-            .get(from)
-            .ok_or(StoreError::NotFound)?
-            .body
-            .clone();
+        let src = state.objects.get(from).ok_or(StoreError::NotFound)?.body.clone();
         if end > src.len() as u64 || start > end {
             return Err(StoreError::InvalidRange);
         }
-        let upload = state
-            .uploads
-            .get_mut(upload_id)
-            .ok_or(StoreError::NotFound)?;
-        upload
-            .1
-            .insert(number, src.slice(start as usize..end as usize));
+        let upload = state.uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
+        upload.1.insert(number, src.slice(start as usize..end as usize));
         Ok(CompletedPart { number, etag })
     }
 
@@ -304,10 +238,7 @@ impl ObjectStore for MemoryStore {
         let etag = self.next_etag();
         let mut state = self.state.lock().unwrap();
         Self::check(&state, key, &cond)?;
-        let (_, stored) = state
-            .uploads
-            .remove(upload_id)
-            .ok_or(StoreError::NotFound)?;
+        let (_, stored) = state.uploads.remove(upload_id).ok_or(StoreError::NotFound)?;
         let mut body = BytesMut::new();
         for p in &parts {
             body.extend_from_slice(stored.get(&p.number).ok_or(StoreError::InvalidRange)?);

@@ -119,13 +119,7 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Bytes `start..end` of `key`. With `etag`, the read carries `If-Match`
     /// and fails with [`StoreError::PreconditionFailed`] if the object changed.
-    async fn get_range(
-        &self,
-        key: &str,
-        etag: Option<&str>,
-        start: u64,
-        end: u64,
-    ) -> Result<BodyStream, StoreError>;
+    async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError>;
 
     /// Single-request upload. Returns the new ETag.
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError>;

@@ -20,9 +20,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::{
-    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-};
+use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as SdkPart};
@@ -31,9 +29,7 @@ use aws_smithy_types::timeout::TimeoutConfig;
 use bytes::Bytes;
 use tracing::{info, warn};
 
-use super::{
-    BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreError,
-};
+use super::{BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreError};
 use crate::spec::{CredentialSource, S3Settings};
 
 /// How long one body chunk may take to arrive before the read is abandoned.
@@ -64,10 +60,7 @@ impl S3Store {
     }
 
     fn client(&self) -> (Client, u64) {
-        self.client
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.client.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// After a denial by the client of generation `used`: re-reads the key
@@ -133,33 +126,19 @@ impl S3Store {
     }
 }
 
-async fn build_client(
-    settings: &S3Settings,
-    keys: Option<(String, String)>,
-) -> anyhow::Result<Client> {
-    let region = settings
-        .region
-        .clone()
-        .unwrap_or_else(|| "us-east-1".to_string());
+async fn build_client(settings: &S3Settings, keys: Option<(String, String)>) -> anyhow::Result<Client> {
+    let region = settings.region.clone().unwrap_or_else(|| "us-east-1".to_string());
     let mut builder = match keys {
         Some((access, secret)) => aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(region))
-            .credentials_provider(Credentials::new(
-                access,
-                secret,
-                None,
-                None,
-                "bucketfs-keys",
-            )),
+            .credentials_provider(Credentials::new(access, secret, None, None, "bucketfs-keys")),
         None => {
             let loader = aws_config::defaults(BehaviorVersion::latest());
             let loader = match &settings.region {
                 Some(r) => loader.region(Region::new(r.clone())),
-                None => loader.region(
-                    aws_config::meta::region::RegionProviderChain::default_provider()
-                        .or_else("us-east-1"),
-                ),
+                None => loader
+                    .region(aws_config::meta::region::RegionProviderChain::default_provider().or_else("us-east-1")),
             };
             aws_sdk_s3::config::Builder::from(&loader.load().await)
         }
@@ -184,20 +163,15 @@ async fn build_client(
     Ok(Client::from_conf(builder.build()))
 }
 
-fn https_client_with_ca(
-    path: &PathBuf,
-) -> anyhow::Result<aws_smithy_runtime_api::client::http::SharedHttpClient> {
+fn https_client_with_ca(path: &PathBuf) -> anyhow::Result<aws_smithy_runtime_api::client::http::SharedHttpClient> {
     use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
-    let pem = std::fs::read(path)
-        .map_err(|e| anyhow::anyhow!("cannot read CA bundle {}: {e}", path.display()))?;
+    let pem = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read CA bundle {}: {e}", path.display()))?;
     let context = TlsContext::builder()
         .with_trust_store(TrustStore::default().with_pem_certificate(pem))
         .build()
         .map_err(|e| anyhow::anyhow!("invalid CA bundle {}: {e}", path.display()))?;
     Ok(aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::AwsLc,
-        ))
+        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
         .tls_context(context)
         .build_https())
 }
@@ -205,12 +179,7 @@ fn https_client_with_ca(
 /// Percent-encodes a key for `x-amz-copy-source`, keeping `/`.
 fn encode_key(key: &str) -> String {
     use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-    const KEEP: &AsciiSet = &NON_ALPHANUMERIC
-        .remove(b'/')
-        .remove(b'-')
-        .remove(b'_')
-        .remove(b'.')
-        .remove(b'~');
+    const KEEP: &AsciiSet = &NON_ALPHANUMERIC.remove(b'/').remove(b'-').remove(b'_').remove(b'.').remove(b'~');
     utf8_percent_encode(key, KEEP).to_string()
 }
 
@@ -228,23 +197,14 @@ where
             match (status, code) {
                 (_, "NoSuchBucket") => StoreError::NoSuchBucket,
                 (_, "NoSuchKey") | (404, _) => StoreError::NotFound,
-                (403, _)
-                | (_, "AccessDenied")
-                | (_, "InvalidAccessKeyId")
-                | (_, "SignatureDoesNotMatch") => StoreError::AccessDenied(if code.is_empty() {
-                    format!("HTTP {status}")
-                } else {
-                    code.to_string()
-                }),
+                (403, _) | (_, "AccessDenied") | (_, "InvalidAccessKeyId") | (_, "SignatureDoesNotMatch") => {
+                    StoreError::AccessDenied(if code.is_empty() { format!("HTTP {status}") } else { code.to_string() })
+                }
                 (412, _) | (_, "PreconditionFailed") => StoreError::PreconditionFailed,
                 (416, _) => StoreError::InvalidRange,
                 _ => StoreError::Server {
                     status,
-                    message: if message.is_empty() {
-                        code.to_string()
-                    } else {
-                        format!("{code}: {message}")
-                    },
+                    message: if message.is_empty() { code.to_string() } else { format!("{code}: {message}") },
                 },
             }
         }
@@ -280,8 +240,7 @@ impl HasStatus for aws_smithy_runtime_api::client::orchestrator::HttpResponse {
 }
 
 fn system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {
-    t.and_then(|t| SystemTime::try_from(*t).ok())
-        .unwrap_or(SystemTime::UNIX_EPOCH)
+    t.and_then(|t| SystemTime::try_from(*t).ok()).unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 #[async_trait]
@@ -293,13 +252,7 @@ impl ObjectStore for S3Store {
     async fn check_bucket(&self) -> Result<(), StoreError> {
         self.call("list", |c| async move {
             // HEAD cannot tell a missing bucket from other 404s, so list one key.
-            c.list_objects_v2()
-                .bucket(&self.bucket)
-                .max_keys(1)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(map_err)
+            c.list_objects_v2().bucket(&self.bucket).max_keys(1).send().await.map(|_| ()).map_err(map_err)
         })
         .await
     }
@@ -339,32 +292,16 @@ impl ObjectStore for S3Store {
                 })
             })
             .collect();
-        let prefixes = out
-            .common_prefixes()
-            .iter()
-            .filter_map(|p| p.prefix().map(str::to_string))
-            .collect();
-        let next = if out.is_truncated() == Some(true) {
-            out.next_continuation_token().map(str::to_string)
-        } else {
-            None
-        };
-        Ok(ListPage {
-            objects,
-            prefixes,
-            next,
-        })
+        let prefixes = out.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_string)).collect();
+        let next =
+            if out.is_truncated() == Some(true) { out.next_continuation_token().map(str::to_string) } else { None };
+        Ok(ListPage { objects, prefixes, next })
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
-        let out = self
-            .call("head", |c| async move {
-                c.head_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .send()
-                    .await
-                    .map_err(map_err)
+        let out =
+            self.call("head", |c| async move {
+                c.head_object().bucket(&self.bucket).key(key).send().await.map_err(map_err)
             })
             .await?;
         Ok(ObjectMeta {
@@ -375,13 +312,7 @@ impl ObjectStore for S3Store {
         })
     }
 
-    async fn get_range(
-        &self,
-        key: &str,
-        etag: Option<&str>,
-        start: u64,
-        end: u64,
-    ) -> Result<BodyStream, StoreError> {
+    async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError> {
         if end <= start {
             return Ok(Box::pin(futures::stream::empty()));
         }
@@ -402,17 +333,8 @@ impl ObjectStore for S3Store {
             match tokio::time::timeout(BODY_CHUNK_TIMEOUT, body.try_next()).await {
                 Ok(Ok(Some(chunk))) => Some((Ok(chunk), Some(body))),
                 Ok(Ok(None)) => None,
-                Ok(Err(e)) => Some((
-                    Err(StoreError::Network(format!(
-                        "reading body: {}",
-                        error_chain(&e)
-                    ))),
-                    None,
-                )),
-                Err(_) => Some((
-                    Err(StoreError::Network("reading body timed out".to_string())),
-                    None,
-                )),
+                Ok(Err(e)) => Some((Err(StoreError::Network(format!("reading body: {}", error_chain(&e)))), None)),
+                Err(_) => Some((Err(StoreError::Network("reading body timed out".to_string())), None)),
             }
         });
         Ok(Box::pin(stream))
@@ -424,11 +346,7 @@ impl ObjectStore for S3Store {
                 let body = body.clone();
                 let cond = cond.clone();
                 async move {
-                    let mut req = c
-                        .put_object()
-                        .bucket(&self.bucket)
-                        .key(key)
-                        .body(ByteStream::from(body));
+                    let mut req = c.put_object().bucket(&self.bucket).key(key).body(ByteStream::from(body));
                     req = match cond {
                         PutCondition::None => req,
                         PutCondition::IfAbsent => req.if_none_match("*"),
@@ -443,13 +361,7 @@ impl ObjectStore for S3Store {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.call("delete", |c| async move {
-            c.delete_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(map_err)
+            c.delete_object().bucket(&self.bucket).key(key).send().await.map(|_| ()).map_err(map_err)
         })
         .await
     }
@@ -466,30 +378,18 @@ impl ObjectStore for S3Store {
                     .map_err(map_err)
             })
             .await?;
-        Ok(out
-            .copy_object_result()
-            .and_then(|r| r.e_tag())
-            .unwrap_or("")
-            .to_string())
+        Ok(out.copy_object_result().and_then(|r| r.e_tag()).unwrap_or("").to_string())
     }
 
     async fn create_multipart(&self, key: &str) -> Result<String, StoreError> {
         let out = self
             .call("create_multipart", |c| async move {
-                c.create_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .send()
-                    .await
-                    .map_err(map_err)
+                c.create_multipart_upload().bucket(&self.bucket).key(key).send().await.map_err(map_err)
             })
             .await?;
         out.upload_id()
             .map(str::to_string)
-            .ok_or_else(|| StoreError::Server {
-                status: 200,
-                message: "no upload id in CreateMultipartUpload".into(),
-            })
+            .ok_or_else(|| StoreError::Server { status: 200, message: "no upload id in CreateMultipartUpload".into() })
     }
 
     async fn upload_part(
@@ -515,10 +415,7 @@ impl ObjectStore for S3Store {
                 }
             })
             .await?;
-        Ok(CompletedPart {
-            number,
-            etag: out.e_tag().unwrap_or("").to_string(),
-        })
+        Ok(CompletedPart { number, etag: out.e_tag().unwrap_or("").to_string() })
     }
 
     async fn upload_part_copy(
@@ -544,14 +441,7 @@ impl ObjectStore for S3Store {
                     .map_err(map_err)
             })
             .await?;
-        Ok(CompletedPart {
-            number,
-            etag: out
-                .copy_part_result()
-                .and_then(|r| r.e_tag())
-                .unwrap_or("")
-                .to_string(),
-        })
+        Ok(CompletedPart { number, etag: out.copy_part_result().and_then(|r| r.e_tag()).unwrap_or("").to_string() })
     }
 
     async fn complete_multipart(
@@ -563,15 +453,7 @@ impl ObjectStore for S3Store {
     ) -> Result<String, StoreError> {
         let upload = CompletedMultipartUpload::builder()
             .set_parts(Some(
-                parts
-                    .iter()
-                    .map(|p| {
-                        SdkPart::builder()
-                            .part_number(p.number)
-                            .e_tag(&p.etag)
-                            .build()
-                    })
-                    .collect(),
+                parts.iter().map(|p| SdkPart::builder().part_number(p.number).e_tag(&p.etag).build()).collect(),
             ))
             .build();
         let out = self
