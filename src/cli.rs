@@ -22,6 +22,50 @@ pub enum Command {
     Fluid(FluidArgs),
     /// Readiness check: exit 0 when targetPath is mounted by bucketfs and answers.
     Probe(ProbeArgs),
+    /// Read files or trees through a mount so they are cached (a Fluid DataLoad).
+    Warm(WarmArgs),
+    /// Validate a configuration and reach the server, step by step.
+    Check(Box<CheckArgs>),
+}
+
+#[derive(Args, Debug)]
+pub struct WarmArgs {
+    /// Files or directories on a bucketfs mount.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Files read at once.
+    #[arg(long, short = 'j', default_value_t = 8)]
+    pub jobs: usize,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// BUCKET[/PREFIX] or s3://BUCKET[/PREFIX] to check (or use --config for a Fluid config).
+    pub source: Option<String>,
+    /// A Fluid config to check (default locations as for `bucketfs fluid` when no SOURCE is given).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Also create and delete a small test object.
+    #[arg(long)]
+    pub write_test: bool,
+    /// The directory you would mount on (SOURCE mode).
+    #[arg(long)]
+    pub mountpoint: Option<PathBuf>,
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub endpoint_url: Option<String>,
+    #[arg(long)]
+    pub region: Option<String>,
+    #[arg(long)]
+    pub force_path_style: bool,
+    #[arg(long, requires = "secret_key_file")]
+    pub access_key_file: Option<PathBuf>,
+    #[arg(long, requires = "access_key_file")]
+    pub secret_key_file: Option<PathBuf>,
+    #[arg(long)]
+    pub ca_bundle: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +169,32 @@ pub struct MountArgs {
 }
 
 impl MountArgs {
+    /// The mount arguments `bucketfs check SOURCE` stands for.
+    pub fn for_check(source: &str, c: &CheckArgs) -> anyhow::Result<Self> {
+        let mut args = vec!["bucketfs".to_string(), "mount".into(), source.to_string(), "/".into()];
+        if let Some(e) = &c.endpoint_url {
+            args.extend(["--endpoint-url".into(), e.clone()]);
+        }
+        if let Some(r) = &c.region {
+            args.extend(["--region".into(), r.clone()]);
+        }
+        if c.force_path_style {
+            args.push("--force-path-style".into());
+        }
+        if let (Some(a), Some(s)) = (&c.access_key_file, &c.secret_key_file) {
+            args.extend(["--access-key-file".into(), a.display().to_string()]);
+            args.extend(["--secret-key-file".into(), s.display().to_string()]);
+        }
+        if let Some(ca) = &c.ca_bundle {
+            args.extend(["--ca-bundle".into(), ca.display().to_string()]);
+        }
+        match Cli::try_parse_from(args) {
+            Ok(Cli { command: Command::Mount(m) }) => Ok(*m),
+            Ok(_) => anyhow::bail!("internal: not a mount command"),
+            Err(e) => anyhow::bail!("{}", e.to_string().lines().next().unwrap_or("invalid arguments")),
+        }
+    }
+
     /// Turns the arguments into the file-system settings and the one mount.
     pub fn to_specs(&self) -> anyhow::Result<(FsSettings, MountSpec)> {
         let source: Source = self.source.parse()?;

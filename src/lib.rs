@@ -5,6 +5,7 @@
 //! [`fuse`] translates kernel requests; [`fs`] is the file system; [`store`]
 //! is the object-store boundary.
 
+pub mod check;
 pub mod cli;
 pub mod fluid;
 pub mod fs;
@@ -15,3 +16,4 @@ pub mod mount;
 pub mod probe;
 pub mod spec;
 pub mod store;
+pub mod warm;

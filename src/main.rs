@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use tracing::{info, warn};
 
-use bucketfs::cli::{Cli, Command, FluidArgs, MountArgs, ProbeArgs};
+use bucketfs::cli::{CheckArgs, Cli, Command, FluidArgs, MountArgs, ProbeArgs, WarmArgs};
 use bucketfs::logging::LogFormat;
 use bucketfs::mount::{self, EXIT_START, MountRequest};
 use bucketfs::{fluid, probe};
@@ -14,6 +14,8 @@ fn main() {
         Command::Mount(args) => run_mount(args),
         Command::Fluid(args) => run_fluid(args),
         Command::Probe(args) => run_probe(args),
+        Command::Warm(args) => run_warm(args),
+        Command::Check(args) => run_check(*args),
     };
     std::process::exit(code);
 }
@@ -99,5 +101,83 @@ fn run_probe(args: ProbeArgs) -> i32 {
             eprintln!("bucketfs probe: {e}");
             1
         }
+    }
+}
+
+fn run_warm(args: WarmArgs) -> i32 {
+    use std::io::IsTerminal;
+    let progress = !args.quiet && std::io::stderr().is_terminal();
+    let s = bucketfs::warm::warm(&args.paths, args.jobs, progress);
+    println!(
+        "warmed {} files, {:.1} MiB in {:.1}s ({:.1} MB/s){}",
+        s.files,
+        s.bytes as f64 / (1 << 20) as f64,
+        s.seconds,
+        s.mb_per_s(),
+        if s.failed > 0 { format!(", {} failed", s.failed) } else { String::new() }
+    );
+    if s.failed > 0 { 1 } else { 0 }
+}
+
+fn run_check(args: CheckArgs) -> i32 {
+    use bucketfs::check::{Report, check_local, check_mount};
+    let mut report = Report::default();
+    let (specs, mountpoint) = match &args.source {
+        Some(source) => match MountArgs::for_check(source, &args).and_then(|m| m.to_specs()) {
+            Ok((_, spec)) => {
+                report.pass("configuration", format!("source {}", spec.source));
+                (vec![spec], args.mountpoint.clone())
+            }
+            Err(e) => {
+                report.fail("configuration", format!("{e:#}"), "use BUCKET, BUCKET/PREFIX or s3://BUCKET/PREFIX");
+                (Vec::new(), None)
+            }
+        },
+        None => {
+            let loaded = fluid::find_config(args.config.as_deref())
+                .and_then(|p| fluid::load(&p, std::env::var("MOUNT_OPTIONS").ok().as_deref()).map(|plan| (p, plan)));
+            match loaded {
+                Ok((p, plan)) => {
+                    report.pass(
+                        "configuration",
+                        format!("{}: {} mount(s) at {}", p.display(), plan.mounts.len(), plan.target_path.display()),
+                    );
+                    for u in &plan.unknown_options {
+                        report.pass("configuration", format!("unknown option {u} will be ignored"));
+                    }
+                    (plan.mounts, Some(plan.target_path))
+                }
+                Err(e) => {
+                    report.fail(
+                        "configuration",
+                        format!("{e:#}"),
+                        "fix the field named above in the Dataset or ThinRuntime",
+                    );
+                    (Vec::new(), None)
+                }
+            }
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bucketfs check: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async {
+        for spec in &specs {
+            check_mount(&mut report, spec, args.write_test).await;
+        }
+    });
+    if let Some(mp) = mountpoint {
+        check_local(&mut report, &mp);
+    }
+    println!("{}", report.text());
+    if report.ok() {
+        println!("all checks passed");
+        0
+    } else {
+        1
     }
 }
