@@ -5,7 +5,7 @@ use tracing::{info, warn};
 
 use bucketfs::cli::{CheckArgs, Cli, Command, FluidArgs, MountArgs, ProbeArgs, WarmArgs};
 use bucketfs::logging::LogFormat;
-use bucketfs::mount::{self, EXIT_START, MountRequest};
+use bucketfs::mount::{self, ConfigWatch, EXIT_START, MountRequest};
 use bucketfs::{fluid, probe};
 
 fn main() {
@@ -37,6 +37,7 @@ fn run_mount(args: Box<MountArgs>) -> i32 {
         mounts: vec![spec],
         check_first: true,
         metrics_addr: args.metrics_addr,
+        watch: None,
     })
 }
 
@@ -75,6 +76,7 @@ fn run_fluid(args: FluidArgs) -> i32 {
         mounts: plan.mounts,
         check_first: false,
         metrics_addr: plan.metrics_addr,
+        watch: Some(ConfigWatch { path, mount_options }),
     })
 }
 

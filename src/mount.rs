@@ -12,7 +12,7 @@ use std::time::Duration;
 use fuser::{Config, INodeNo, MountOption, Session, SessionACL};
 use tracing::{error, info, warn};
 
-use crate::fs::{Fs, MountPoint};
+use crate::fs::{Fs, Invalidate, MountPoint};
 use crate::fuse::FuseAdapter;
 use crate::spec::{FsSettings, MountSpec};
 use crate::store::s3::S3Store;
@@ -27,6 +27,8 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long shutdown waits for open files to be uploaded: within the 30 s
 /// Kubernetes gives between SIGTERM and SIGKILL.
 const SHUTDOWN_UPLOAD_WAIT: Duration = Duration::from_secs(25);
+/// How often the Fluid config is read for changes.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
 /// How long to wait for the session to end after unmounting.
 const UNMOUNT_WAIT: Duration = Duration::from_secs(10);
 
@@ -52,6 +54,14 @@ pub struct MountRequest {
     pub check_first: bool,
     /// Where to serve `/metrics` and `/healthz`, if anywhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// A Fluid config to follow for live updates.
+    pub watch: Option<ConfigWatch>,
+}
+
+/// The config file `bucketfs fluid` follows.
+pub struct ConfigWatch {
+    pub path: PathBuf,
+    pub mount_options: Option<String>,
 }
 
 /// Runs a mount until it is unmounted. Returns the process exit code.
@@ -112,6 +122,102 @@ pub fn explain_check_failure(spec: &MountSpec, e: &StoreError) -> String {
     }
 }
 
+/// The store and mount point for one spec. With `check_first`, the bucket
+/// must answer now; otherwise problems are logged and the mount comes up.
+async fn build_point(spec: &MountSpec, check_first: bool) -> Result<(Vec<String>, Arc<MountPoint>), StartError> {
+    let store = S3Store::new(&spec.source.bucket, spec.s3.clone())
+        .await
+        .map_err(|e| StartError(format!("mount {}: {e:#}", spec.name)))?;
+    let store: Arc<dyn ObjectStore> = Arc::new(store);
+    if check_first {
+        match tokio::time::timeout(CHECK_TIMEOUT, store.check_bucket()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(StartError(explain_check_failure(spec, &e))),
+            Err(_) => {
+                return Err(StartError(format!(
+                    "no answer from {} for bucket {:?} within {}s",
+                    endpoint_name(spec),
+                    spec.source.bucket,
+                    CHECK_TIMEOUT.as_secs()
+                )));
+            }
+        }
+    } else {
+        let (store, spec) = (store.clone(), spec.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(CHECK_TIMEOUT, store.check_bucket()).await {
+                Ok(Ok(())) => info!("mount {}: {} is reachable", spec.name, spec.source),
+                Ok(Err(e)) => warn!(
+                    "mount {}: {}; operations under it will fail until this is fixed",
+                    spec.name,
+                    explain_check_failure(&spec, &e)
+                ),
+                Err(_) => warn!(
+                    "mount {}: no answer from {} yet; operations will fail with EIO until it answers",
+                    spec.name,
+                    endpoint_name(&spec)
+                ),
+            }
+        });
+    }
+    let source_id: Arc<str> = format!("{}|{}", spec.s3.endpoint.as_deref().unwrap_or("aws"), spec.source.bucket).into();
+    Ok((
+        spec.path.clone(),
+        Arc::new(MountPoint {
+            name: spec.name.clone(),
+            store,
+            prefix: spec.source.prefix.clone(),
+            read_only: spec.read_only,
+            ttl: spec.metadata_ttl,
+            source_id,
+        }),
+    ))
+}
+
+/// Follows a Fluid config file and applies changes to the mounts without
+/// remounting. Kubelet swaps the whole directory (`..data`), so the file is
+/// polled by content rather than watched by inode.
+async fn watch_config(fs: Arc<Fs>, watch: ConfigWatch, mut current: Vec<(MountSpec, (Vec<String>, Arc<MountPoint>))>) {
+    let mut last = std::fs::read(&watch.path).unwrap_or_default();
+    loop {
+        tokio::time::sleep(CONFIG_POLL).await;
+        let Ok(text) = tokio::fs::read(&watch.path).await else { continue };
+        if text == last {
+            continue;
+        }
+        last = text.clone();
+        let plan = match crate::fluid::plan(&String::from_utf8_lossy(&text), watch.mount_options.as_deref()) {
+            Ok(p) => p,
+            Err(e) => {
+                error!("config update of {} ignored: {e:#}", watch.path.display());
+                continue;
+            }
+        };
+        if plan.settings != *fs.settings() {
+            warn!("config update changes uid, gid, modes, memory or cache options: restart the FUSE pod to apply them");
+        }
+        let mut next = Vec::new();
+        for spec in plan.mounts {
+            if let Some((_, point)) = current.iter().find(|(old, _)| *old == spec) {
+                point.1.store.reload_credentials().await;
+                next.push((spec, point.clone()));
+                continue;
+            }
+            match build_point(&spec, false).await {
+                Ok(point) => next.push((spec, point)),
+                Err(e) => error!("config update: mount {} not served: {e}", spec.name),
+            }
+        }
+        match fs.reconfigure(next.iter().map(|(_, p)| p.clone()).collect()) {
+            Ok(()) => {
+                info!("config updated: serving {} mount(s) without remounting", next.len());
+                current = next;
+            }
+            Err(e) => error!("config update of {} ignored: {e:#}", watch.path.display()),
+        }
+    }
+}
+
 async fn prepare(req: &MountRequest) -> Result<Arc<Fs>, StartError> {
     let mountpoint = &req.mountpoint;
     clean_stale_mount(mountpoint);
@@ -126,54 +232,7 @@ async fn prepare(req: &MountRequest) -> Result<Arc<Fs>, StartError> {
     }
     let mut points = Vec::new();
     for spec in &req.mounts {
-        let store = S3Store::new(&spec.source.bucket, spec.s3.clone())
-            .await
-            .map_err(|e| StartError(format!("mount {}: {e:#}", spec.name)))?;
-        let store: Arc<dyn ObjectStore> = Arc::new(store);
-        if req.check_first {
-            match tokio::time::timeout(CHECK_TIMEOUT, store.check_bucket()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(StartError(explain_check_failure(spec, &e))),
-                Err(_) => {
-                    return Err(StartError(format!(
-                        "no answer from {} for bucket {:?} within {}s",
-                        endpoint_name(spec),
-                        spec.source.bucket,
-                        CHECK_TIMEOUT.as_secs()
-                    )));
-                }
-            }
-        } else {
-            let (store, spec) = (store.clone(), spec.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(CHECK_TIMEOUT, store.check_bucket()).await {
-                    Ok(Ok(())) => info!("mount {}: {} is reachable", spec.name, spec.source),
-                    Ok(Err(e)) => warn!(
-                        "mount {}: {}; operations under it will fail until this is fixed",
-                        spec.name,
-                        explain_check_failure(&spec, &e)
-                    ),
-                    Err(_) => warn!(
-                        "mount {}: no answer from {} yet; operations will fail with EIO until it answers",
-                        spec.name,
-                        endpoint_name(&spec)
-                    ),
-                }
-            });
-        }
-        let source_id: Arc<str> =
-            format!("{}|{}", spec.s3.endpoint.as_deref().unwrap_or("aws"), spec.source.bucket).into();
-        points.push((
-            spec.path.clone(),
-            Arc::new(MountPoint {
-                name: spec.name.clone(),
-                store,
-                prefix: spec.source.prefix.clone(),
-                read_only: spec.read_only,
-                ttl: spec.metadata_ttl,
-                source_id,
-            }),
-        ));
+        points.push(build_point(spec, req.check_first).await?);
     }
     let fs = Fs::new(req.settings.clone(), points).map_err(|e| StartError(format!("{e:#}")))?;
     Ok(Arc::new(fs))
@@ -205,13 +264,30 @@ fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
         }
     };
     let notifier = session.notifier();
-    fs.set_invalidator(Box::new(move |ino| {
+    fs.set_invalidator(Box::new(move |what| {
         let notifier = notifier.clone();
         std::thread::spawn(move || {
-            let _ = notifier.inval_inode(INodeNo(ino), 0, -1);
+            let _ = match what {
+                Invalidate::Inode(ino) => notifier.inval_inode(INodeNo(ino), 0, -1),
+                Invalidate::Entry(parent, name) => notifier.inval_entry(INodeNo(parent), std::ffi::OsStr::new(&name)),
+            };
         });
     }));
     let mut unmounter = session.unmount_callable();
+    if let Some(w) = &req.watch {
+        let current = req
+            .mounts
+            .iter()
+            .cloned()
+            .zip(fs.mounts())
+            .map(|(spec, point)| {
+                let path = spec.path.clone();
+                (spec, (path, point))
+            })
+            .collect();
+        let watch = ConfigWatch { path: w.path.clone(), mount_options: w.mount_options.clone() };
+        rt.spawn(watch_config(fs.clone(), watch, current));
+    }
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let runner = std::thread::Builder::new().name("fuse-session".into()).spawn(move || {
         let result = session.run();

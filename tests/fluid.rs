@@ -31,13 +31,7 @@ impl FluidEnv {
         let parent = dir.path().join(format!("runtime-mnt/thin/default/{name}"));
         std::fs::create_dir_all(&parent).unwrap();
         let target = parent.join("thin-fuse");
-        let mut env = FluidEnv {
-            dir,
-            config_dir,
-            secrets,
-            target,
-            generation: 0,
-        };
+        let mut env = FluidEnv { dir, config_dir, secrets, target, generation: 0 };
         env.write_secrets(ACCESS_KEY, SECRET_KEY);
         env
     }
@@ -46,10 +40,7 @@ impl FluidEnv {
     /// directory, `..data_tmp` pointing at it, renamed over `..data`.
     fn kubelet_swap(&mut self, dir: &Path, files: &[(&str, String)]) {
         self.generation += 1;
-        let ts = format!(
-            "..2026_01_01_00_00_{:02}.{:09}",
-            self.generation, self.generation
-        );
+        let ts = format!("..2026_01_01_00_00_{:02}.{:09}", self.generation, self.generation);
         std::fs::create_dir(dir.join(&ts)).unwrap();
         for (name, content) in files {
             std::fs::write(dir.join(&ts).join(name), content).unwrap();
@@ -68,13 +59,7 @@ impl FluidEnv {
 
     fn write_secrets(&mut self, ak: &str, sk: &str) {
         let dir = self.secrets.clone();
-        self.kubelet_swap(
-            &dir,
-            &[
-                ("minio-access-key", format!("{ak}\n")),
-                ("minio-access-secret", format!("{sk}\n")),
-            ],
-        );
+        self.kubelet_swap(&dir, &[("minio-access-key", format!("{ak}\n")), ("minio-access-secret", format!("{sk}\n"))]);
     }
 
     fn write_config(&mut self, json: &str) {
@@ -102,21 +87,13 @@ impl FluidEnv {
 
     fn start(&self) -> Mount {
         let log_dir = tempfile::tempdir().unwrap();
-        let args = vec![
-            "fluid".to_string(),
-            "--config".into(),
-            self.config_path().to_str().unwrap().into(),
-        ];
+        let args = vec!["fluid".to_string(), "--config".into(), self.config_path().to_str().unwrap().into()];
         let target = self.target.to_str().unwrap().to_string();
         Mount::spawn(
             log_dir,
             self.target.clone(),
             &args,
-            &[
-                ("MOUNT_POINT", target.as_str()),
-                ("FLUID_RUNTIME_TYPE", "thin"),
-                ("MOUNT_OPTIONS", "ro"),
-            ],
+            &[("MOUNT_POINT", target.as_str()), ("FLUID_RUNTIME_TYPE", "thin"), ("MOUNT_OPTIONS", "ro")],
         )
     }
 
@@ -125,10 +102,7 @@ impl FluidEnv {
             .args(["fluid", "--config", self.config_path().to_str().unwrap()])
             .output()
             .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 
@@ -151,24 +125,14 @@ fn goofys_flow_mounts_at_target_root_and_passes_fluid_checks() {
     // Fluid's sidecar post-start check, with bash and the same greps.
     let parent = env.target.parent().unwrap();
     let check = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/data/check-mount.sh"
-        ))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/check-mount.sh"))
         .args([parent.to_str().unwrap(), "bucketfs", "testfile"])
         .output()
         .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
 
     // The bucket is at the root of targetPath, as with goofys.
-    assert_eq!(
-        std::fs::read_to_string(env.target.join("testfile")).unwrap(),
-        "hello fluid\n"
-    );
+    assert_eq!(std::fs::read_to_string(env.target.join("testfile")).unwrap(), "hello fluid\n");
     // The app sees it through a bind mount, as CSI hands it over (read-only for ROX).
     let app = env.dir.path().join("pod-volume");
     std::fs::create_dir(&app).unwrap();
@@ -187,33 +151,17 @@ fn goofys_flow_mounts_at_target_root_and_passes_fluid_checks() {
     let err = std::fs::write(env.target.join("new"), "x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
     // `bucketfs probe` agrees.
-    let probe = Command::new(bucketfs())
-        .args(["probe", "--config", env.config_path().to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        probe.status.success(),
-        "{}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
+    let probe =
+        Command::new(bucketfs()).args(["probe", "--config", env.config_path().to_str().unwrap()]).output().unwrap();
+    assert!(probe.status.success(), "{}", String::from_utf8_lossy(&probe.stderr));
 
-    assert_eq!(
-        m.signal_and_wait(libc::SIGTERM),
-        Some(0),
-        "{}",
-        m.log_text()
-    );
+    assert_eq!(m.signal_and_wait(libc::SIGTERM), Some(0), "{}", m.log_text());
     assert!(mountinfo_at(&env.target).is_empty());
-    let probe = Command::new(bucketfs())
-        .args(["probe", "--config", env.config_path().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let probe =
+        Command::new(bucketfs()).args(["probe", "--config", env.config_path().to_str().unwrap()]).output().unwrap();
     assert_eq!(probe.status.code(), Some(1));
     let log = m.log_text();
-    assert!(
-        !log.contains(SECRET_KEY) && !log.contains(ACCESS_KEY),
-        "a secret reached the log:\n{log}"
-    );
+    assert!(!log.contains(SECRET_KEY) && !log.contains(ACCESS_KEY), "a secret reached the log:\n{log}");
 }
 
 #[test]
@@ -237,25 +185,13 @@ fn several_mounts_share_one_session_with_read_only_subtrees() {
     );
     env.write_config(&cfg);
     let _m = env.start();
-    assert_eq!(
-        mountinfo_at(&env.target).len(),
-        1,
-        "one FUSE session for all mounts"
-    );
-    let mut names: Vec<String> = std::fs::read_dir(&env.target)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    assert_eq!(mountinfo_at(&env.target).len(), 1, "one FUSE session for all mounts");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&env.target).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["ckpt", "imagenet"]);
-    assert_eq!(
-        std::fs::read_to_string(env.target.join("imagenet/x.bin")).unwrap(),
-        "images"
-    );
-    assert_eq!(
-        std::fs::read_to_string(env.target.join("ckpt/ckpt")).unwrap(),
-        "weights"
-    );
+    assert_eq!(std::fs::read_to_string(env.target.join("imagenet/x.bin")).unwrap(), "images");
+    assert_eq!(std::fs::read_to_string(env.target.join("ckpt/ckpt")).unwrap(), "weights");
     assert!(std::fs::metadata(env.target.join("imagenet/other")).is_err());
     let err = std::fs::write(env.target.join("imagenet/new"), "x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
@@ -275,13 +211,8 @@ fn kill_nine_then_restart_cleans_the_stale_mount() {
     let err = std::fs::metadata(&env.target).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
     let m2 = env.start();
-    assert!(wait_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(env.target.join("testfile")).is_ok()
-    }));
-    assert_eq!(
-        std::fs::read_to_string(env.target.join("testfile")).unwrap(),
-        "still here"
-    );
+    assert!(wait_until(Duration::from_secs(10), || { std::fs::read_to_string(env.target.join("testfile")).is_ok() }));
+    assert_eq!(std::fs::read_to_string(env.target.join("testfile")).unwrap(), "still here");
     assert_eq!(mountinfo_at(&env.target).len(), 1, "exactly one live entry");
     assert!(m2.log_text().contains("dead mount"), "{}", m2.log_text());
     drop(m);
@@ -297,13 +228,7 @@ fn external_umount_exits_zero() {
     env.write_config(&cfg);
     let mut m = env.start();
     // Fluid's default preStop: `umount <targetPath>`, no shell.
-    assert!(
-        Command::new("umount")
-            .arg(&env.target)
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("umount").arg(&env.target).status().unwrap().success());
     assert_eq!(m.wait_exit(), Some(0), "{}", m.log_text());
     assert!(mountinfo_at(&env.target).is_empty());
 }
@@ -318,12 +243,7 @@ fn sigterm_with_an_open_file_unmounts_and_exits_zero() {
     env.write_config(&cfg);
     let mut m = env.start();
     let open = std::fs::File::open(env.target.join("testfile")).unwrap();
-    assert_eq!(
-        m.signal_and_wait(libc::SIGTERM),
-        Some(0),
-        "{}",
-        m.log_text()
-    );
+    assert_eq!(m.signal_and_wait(libc::SIGTERM), Some(0), "{}", m.log_text());
     assert!(mountinfo_at(&env.target).is_empty());
     drop(open);
 }
@@ -338,22 +258,11 @@ fn healthy_foreign_mount_is_left_alone() {
     env.write_config(&cfg);
     let first = env.start();
     let second = env.start_over();
-    assert_eq!(
-        mountinfo_at(&env.target).len(),
-        2,
-        "the healthy mount must stay"
-    );
-    assert!(
-        second.log_text().contains("already mounted"),
-        "{}",
-        second.log_text()
-    );
+    assert_eq!(mountinfo_at(&env.target).len(), 2, "the healthy mount must stay");
+    assert!(second.log_text().contains("already mounted"), "{}", second.log_text());
     drop(second);
     assert_eq!(mountinfo_at(&env.target).len(), 1);
-    assert_eq!(
-        std::fs::read_to_string(env.target.join("testfile")).unwrap(),
-        "first"
-    );
+    assert_eq!(std::fs::read_to_string(env.target.join("testfile")).unwrap(), "first");
     drop(first);
 }
 
@@ -371,18 +280,8 @@ impl FluidEnv {
             .spawn()
             .unwrap();
         let baseline = mount_ids(&self.target);
-        assert!(wait_until(Duration::from_secs(20), || mountinfo_at(
-            &self.target
-        )
-        .len()
-            == 2));
-        Mount {
-            child: Some(child),
-            baseline,
-            dir: log_dir,
-            mountpoint: self.target.clone(),
-            log,
-        }
+        assert!(wait_until(Duration::from_secs(20), || mountinfo_at(&self.target).len() == 2));
+        Mount { child: Some(child), baseline, dir: log_dir, mountpoint: self.target.clone(), log }
     }
 }
 
@@ -391,23 +290,13 @@ fn malformed_configs_exit_2_and_mount_nothing() {
     let srv = server();
     let bucket = srv.bucket("fluid-bad");
     let mut env = FluidEnv::new("bad");
-    let missing_secret = env
-        .minio_config(&bucket, &srv.endpoint, "\"ReadOnlyMany\"")
-        .replace("minio-access-secret\"}", "nope\"}");
+    let missing_secret =
+        env.minio_config(&bucket, &srv.endpoint, "\"ReadOnlyMany\"").replace("minio-access-secret\"}", "nope\"}");
     let cases = [
         ("this is not json".to_string(), "not valid JSON"),
         (r#"{"mounts":[]}"#.to_string(), "targetPath"),
-        (
-            format!(
-                r#"{{"mounts":[{{"mountPoint":"minio://"}}],"targetPath":"{}"}}"#,
-                env.target.display()
-            ),
-            "mounts[0]",
-        ),
-        (
-            missing_secret.replace(&env.key_path("minio-access-secret"), &env.key_path("nope")),
-            "does not exist",
-        ),
+        (format!(r#"{{"mounts":[{{"mountPoint":"minio://"}}],"targetPath":"{}"}}"#, env.target.display()), "mounts[0]"),
+        (missing_secret.replace(&env.key_path("minio-access-secret"), &env.key_path("nope")), "does not exist"),
     ];
     for (cfg, want) in cases {
         env.write_config(&cfg);
@@ -418,10 +307,7 @@ fn malformed_configs_exit_2_and_mount_nothing() {
         assert!(mountinfo_at(&env.target).is_empty());
     }
     // No config at all.
-    let out = Command::new(bucketfs())
-        .args(["fluid", "--config", "/nonexistent/config.json"])
-        .output()
-        .unwrap();
+    let out = Command::new(bucketfs()).args(["fluid", "--config", "/nonexistent/config.json"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/config.json"));
 }
@@ -442,48 +328,72 @@ fn rotated_secret_works_without_restart() {
     // Kubelet refreshes the Secret volume; the next denied request re-reads it.
     env.write_secrets(ACCESS_KEY, SECRET_KEY);
     std::thread::sleep(Duration::from_millis(1100)); // the negative lookup expires
-    assert_eq!(
-        std::fs::read_to_string(env.target.join("testfile")).unwrap(),
-        "rotated"
-    );
+    assert_eq!(std::fs::read_to_string(env.target.join("testfile")).unwrap(), "rotated");
     let log = m.log_text();
     assert!(log.contains("credentials changed"), "{log}");
-    assert!(
-        !log.contains("an-old-secret-that-was-revoked") && !log.contains(SECRET_KEY),
-        "secret in log:\n{log}"
-    );
+    assert!(!log.contains("an-old-secret-that-was-revoked") && !log.contains(SECRET_KEY), "secret in log:\n{log}");
 }
 
 #[test]
 fn unreachable_server_mounts_promptly_and_fails_operations_with_eio() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut env = FluidEnv::new("down");
-    let cfg = env.minio_config(
-        "somebucket",
-        &format!("http://127.0.0.1:{port}"),
-        "\"ReadOnlyMany\"",
-    );
+    let cfg = env.minio_config("somebucket", &format!("http://127.0.0.1:{port}"), "\"ReadOnlyMany\"");
     env.write_config(&cfg);
     let start = std::time::Instant::now();
     let m = env.start();
     assert!(start.elapsed() < Duration::from_secs(10));
-    assert!(
-        std::fs::metadata(&env.target).unwrap().is_dir(),
-        "getattr of the root answers"
-    );
-    let err = std::fs::read_dir(&env.target)
-        .and_then(|mut d| d.next().transpose())
-        .unwrap_err();
+    assert!(std::fs::metadata(&env.target).unwrap().is_dir(), "getattr of the root answers");
+    let err = std::fs::read_dir(&env.target).and_then(|mut d| d.next().transpose()).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    assert!(
-        wait_until(Duration::from_secs(10), || m
-            .log_text()
-            .contains("list failed")),
-        "{}",
-        m.log_text()
-    );
+    assert!(wait_until(Duration::from_secs(10), || m.log_text().contains("list failed")), "{}", m.log_text());
+}
+
+#[test]
+fn config_swap_changes_mounts_without_remounting() {
+    let srv = server();
+    let a = srv.bucket("reload-a");
+    let b = srv.bucket("reload-b");
+    srv.put(&a, "in-a", "A");
+    srv.put(&b, "in-b", "B");
+    let mut env = FluidEnv::new("reload");
+    let mount = |bucket: &str, name: &str| {
+        format!(
+            r#"{{"mountPoint":"s3://{bucket}","name":"{name}","path":"/{name}","options":{{"endpoint":"{}","access-key":"{}","secret-key":"{}"}}}}"#,
+            srv.endpoint,
+            env.key_path("minio-access-key"),
+            env.key_path("minio-access-secret")
+        )
+    };
+    let config = |mounts: &[String]| {
+        format!(
+            r#"{{"mounts":[{}],"targetPath":"{}","accessModes":["ReadOnlyMany"]}}"#,
+            mounts.join(","),
+            env.target.display()
+        )
+    };
+    let (ma, mb) = (mount(&a, "a"), mount(&b, "b"));
+    let one = config(std::slice::from_ref(&ma));
+    let both = config(&[ma.clone(), mb.clone()]);
+    let only_b = config(std::slice::from_ref(&mb));
+    env.write_config(&one);
+    let m = env.start();
+    let id = mount_ids(&env.target);
+    assert_eq!(std::fs::read_to_string(env.target.join("a/in-a")).unwrap(), "A");
+
+    env.write_config(&both);
+    assert!(wait_until(Duration::from_secs(15), || env.target.join("b/in-b").exists()), "{}", m.log_text());
+    assert_eq!(std::fs::read_to_string(env.target.join("b/in-b")).unwrap(), "B");
+    assert_eq!(std::fs::read_to_string(env.target.join("a/in-a")).unwrap(), "A");
+    assert_eq!(mount_ids(&env.target), id, "the FUSE mount was replaced");
+
+    // A broken update is ignored; the mounts keep working.
+    env.write_config("{ not json");
+    assert!(wait_until(Duration::from_secs(15), || m.log_text().contains("ignored")), "{}", m.log_text());
+    assert_eq!(std::fs::read_to_string(env.target.join("b/in-b")).unwrap(), "B");
+
+    env.write_config(&only_b);
+    assert!(wait_until(Duration::from_secs(15), || !env.target.join("a").exists()), "{}", m.log_text());
+    assert_eq!(std::fs::read_to_string(env.target.join("b/in-b")).unwrap(), "B");
+    assert_eq!(mount_ids(&env.target), id);
 }

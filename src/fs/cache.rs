@@ -163,6 +163,7 @@ impl BlockCache {
         self.evict(&mut i);
         if !out.is_empty() {
             self.stats.misses.fetch_add(out.len() as u64, Ordering::Relaxed);
+            crate::metrics::metrics().cache_misses.inc_by(out.len() as u64);
         }
         (out, refused)
     }
@@ -177,6 +178,7 @@ impl BlockCache {
             }
             if let Ok(b) = &result {
                 self.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                crate::metrics::metrics().bytes_fetched.inc_by(b.len() as u64);
                 i.ready_bytes += b.len() as u64;
                 if let Some(old) = i.ready.put(key, b.clone()) {
                     i.ready_bytes -= old.len() as u64;

@@ -48,6 +48,15 @@ fn tgid(pid: u32) -> u32 {
         .unwrap_or(pid)
 }
 
+/// Something the kernel should stop caching.
+#[derive(Clone, Debug)]
+pub enum Invalidate {
+    /// Attributes and pages of an inode.
+    Inode(u64),
+    /// The entry `name` in directory `parent`.
+    Entry(u64, String),
+}
+
 /// One bucket (or prefix) served somewhere in the tree.
 pub struct MountPoint {
     pub name: String,
@@ -186,8 +195,8 @@ pub struct Fs {
     cache: Arc<BlockCache>,
     warned: Mutex<HashSet<String>>,
     started: SystemTime,
-    /// Tells the kernel to drop cached attributes and pages of an inode.
-    invalidate: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+    /// Tells the kernel to drop what it caches about an inode or an entry.
+    invalidate: OnceLock<Box<dyn Fn(Invalidate) + Send + Sync>>,
     writers: Mutex<HashMap<u64, Arc<WriterEntry>>>,
     staging: tempfile::TempDir,
     /// Uploads running now, so shutdown can wait for them.
@@ -318,9 +327,156 @@ impl Fs {
         &self.cache
     }
 
-    /// Installs the hook that drops the kernel's cache of an inode.
-    pub fn set_invalidator(&self, f: Box<dyn Fn(u64) + Send + Sync>) {
+    /// Installs the hook that drops the kernel's caches.
+    pub fn set_invalidator(&self, f: Box<dyn Fn(Invalidate) + Send + Sync>) {
         let _ = self.invalidate.set(f);
+    }
+
+    /// Replaces the mounts without remounting (Fluid's live config update):
+    /// mounts whose path is unchanged keep their directory inode (re-targeted
+    /// if the mount changed), new paths appear, removed ones disappear.
+    pub fn reconfigure(&self, mounts: Vec<(Vec<String>, Arc<MountPoint>)>) -> anyhow::Result<()> {
+        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let now = SystemTime::now();
+        let mut gone: Vec<(u64, String)> = Vec::new();
+        let mut retargeted: Vec<u64> = Vec::new();
+        {
+            let mut table = lock(&self.inodes);
+            let old_children: Vec<(String, u64)> = match table.get(ROOT).map(|r| r.loc.clone()) {
+                Some(Loc::Virtual { children }) => children.into_iter().collect(),
+                _ => Vec::new(),
+            };
+            let set_loc = |table: &mut InodeTable, ino: u64, loc: Loc| {
+                if let Some(i) = table.get_mut(ino) {
+                    i.loc = loc;
+                    i.listing = None;
+                    i.local_children.clear();
+                }
+            };
+            if let [(path, mount)] = mounts.as_slice()
+                && path.is_empty()
+            {
+                set_loc(&mut table, ROOT, Loc::Object { mount: mount.clone(), key: mount.prefix.clone() });
+                gone.extend(old_children.into_iter().map(|(n, _)| (ROOT, n)));
+                retargeted.push(ROOT);
+            } else {
+                // Walk every mount path, reusing the pinned inodes already there.
+                let mut children: HashMap<u64, BTreeMap<String, u64>> = HashMap::new();
+                let was_virtual =
+                    !old_children.is_empty() || matches!(table.get(ROOT).map(|r| &r.loc), Some(Loc::Virtual { .. }));
+                let existing: HashMap<(u64, String), u64> = if was_virtual {
+                    let mut m = HashMap::new();
+                    let mut stack: Vec<u64> = vec![ROOT];
+                    while let Some(dir) = stack.pop() {
+                        if let Some(Inode { loc: Loc::Virtual { children }, .. }) = table.get(dir) {
+                            for (n, c) in children {
+                                m.insert((dir, n.clone()), *c);
+                                stack.push(*c);
+                            }
+                        }
+                    }
+                    m
+                } else {
+                    HashMap::new()
+                };
+                for (path, mount) in &mounts {
+                    anyhow::ensure!(
+                        !path.is_empty(),
+                        "mount {} at the root cannot share the tree with other mounts",
+                        mount.name
+                    );
+                    let mut parent = ROOT;
+                    for (depth, component) in path.iter().enumerate() {
+                        let last = depth + 1 == path.len();
+                        let ino = match existing.get(&(parent, component.clone())).copied() {
+                            Some(ino) => ino,
+                            None => {
+                                let loc = Loc::Virtual { children: BTreeMap::new() };
+                                let inode = Inode {
+                                    ino: 0,
+                                    parent,
+                                    name: component.clone(),
+                                    kind: Kind::Dir,
+                                    loc,
+                                    size: 0,
+                                    mtime: now,
+                                    etag: None,
+                                    valid_until: far,
+                                    lookups: 0,
+                                    pinned: true,
+                                    listing: None,
+                                    cached_etag: None,
+                                    local: false,
+                                    local_children: Default::default(),
+                                };
+                                table.insert_pinned(inode)
+                            }
+                        };
+                        if last {
+                            let same = matches!(table.get(ino).map(|i| &i.loc), Some(Loc::Object { mount: m, .. }) if Arc::ptr_eq(m, mount));
+                            if !same {
+                                set_loc(
+                                    &mut table,
+                                    ino,
+                                    Loc::Object { mount: mount.clone(), key: mount.prefix.clone() },
+                                );
+                                retargeted.push(ino);
+                            }
+                        } else if !matches!(table.get(ino).map(|i| &i.loc), Some(Loc::Virtual { .. })) {
+                            set_loc(&mut table, ino, Loc::Virtual { children: BTreeMap::new() });
+                        }
+                        anyhow::ensure!(
+                            !(last && children.contains_key(&ino))
+                                && !children.get(&parent).is_some_and(|c| c.get(component).is_some_and(|c| *c != ino)),
+                            "mount path /{} overlaps another mount",
+                            path.join("/")
+                        );
+                        children.entry(parent).or_default().insert(component.clone(), ino);
+                        parent = ino;
+                    }
+                }
+                // Install the new children maps; what is no longer reachable goes.
+                let mut dirs: Vec<u64> = vec![ROOT];
+                dirs.extend(existing.values().copied());
+                for dir in dirs {
+                    let old: BTreeMap<String, u64> = match table.get(dir).map(|i| &i.loc) {
+                        Some(Loc::Virtual { children }) => children.clone(),
+                        _ => BTreeMap::new(),
+                    };
+                    let new = children.remove(&dir);
+                    for (name, ino) in &old {
+                        if new.as_ref().and_then(|n| n.get(name)) != Some(ino) {
+                            gone.push((dir, name.clone()));
+                            table.unlink_name(dir, name);
+                            if let Some(i) = table.get_mut(*ino) {
+                                i.pinned = false;
+                            }
+                        }
+                    }
+                    if let Some(new) = new.or_else(|| (dir == ROOT).then(BTreeMap::new))
+                        && let Some(i) = table.get_mut(dir)
+                    {
+                        i.loc = Loc::Virtual { children: new };
+                    }
+                }
+                // Directories created by this walk.
+                for (dir, map) in children {
+                    if let Some(i) = table.get_mut(dir) {
+                        i.loc = Loc::Virtual { children: map };
+                    }
+                }
+            }
+        }
+        *lock(&self.mounts) = mounts.into_iter().map(|(_, m)| m).collect();
+        if let Some(f) = self.invalidate.get() {
+            for (parent, name) in gone {
+                f(Invalidate::Entry(parent, name));
+            }
+            for ino in retargeted {
+                f(Invalidate::Inode(ino));
+            }
+        }
+        Ok(())
     }
 
     fn attr_of(&self, inode: &Inode) -> Attr {
@@ -584,7 +740,7 @@ impl Fs {
     /// the inode's lock while it waits for the request being answered.
     fn invalidate_kernel(&self, ino: u64) {
         if let Some(f) = self.invalidate.get() {
-            f(ino);
+            f(Invalidate::Inode(ino));
         }
     }
 
@@ -635,6 +791,7 @@ impl Fs {
         let Some(handle) = lock(&self.files).remove(&fh) else {
             return;
         };
+        crate::metrics::metrics().open_handles.dec();
         if let HandleKind::Write(w) = &handle.kind {
             if w.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
                 if let Err(e) = self.upload(handle.ino, w).await {

@@ -127,6 +127,9 @@ impl Reader {
         if sequential {
             st.streak += end.saturating_sub(st.next.max(offset));
         } else {
+            if st.window > 0 {
+                crate::metrics::metrics().prefetch_restarts.inc();
+            }
             *st = State { started: true, ..State::default() };
         }
         st.next = st.next.max(end);

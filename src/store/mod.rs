@@ -105,6 +105,9 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Checks that the bucket exists and that the credentials may use it.
     async fn check_bucket(&self) -> Result<(), StoreError>;
 
+    /// Re-reads credentials from wherever they come from (key files).
+    async fn reload_credentials(&self) {}
+
     /// One page of ListObjectsV2 under `prefix`, with `/` as delimiter when
     /// `delimited` is true.
     async fn list(

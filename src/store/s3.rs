@@ -249,6 +249,11 @@ impl ObjectStore for S3Store {
         format!("s3://{}", self.bucket)
     }
 
+    async fn reload_credentials(&self) {
+        let generation = self.client().1;
+        self.reload_keys(generation).await;
+    }
+
     async fn check_bucket(&self) -> Result<(), StoreError> {
         self.call("list", |c| async move {
             // HEAD cannot tell a missing bucket from other 404s, so list one key.
