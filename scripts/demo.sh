@@ -38,7 +38,7 @@ echo "== creating bucket 'demo' and uploading a few objects"
 s3 -X PUT "http://127.0.0.1:$port/demo" >/dev/null
 printf 'Hello from S3!\n' > "$work/hello.txt"
 s3 -T "$work/hello.txt" "http://127.0.0.1:$port/demo/hello.txt" >/dev/null
-s3 -T Cargo.toml "http://127.0.0.1:$port/demo/docs/Cargo.toml" >/dev/null
+s3 -T README.md "http://127.0.0.1:$port/demo/docs/README.md" >/dev/null
 head -c 10485760 /dev/urandom > "$work/random.bin"
 s3 -T "$work/random.bin" "http://127.0.0.1:$port/demo/data/random.bin" >/dev/null
 
