@@ -1,0 +1,111 @@
+//! The write path under faults, through a real mount whose endpoint is the
+//! fault-injection proxy: writes land whole or close() reports an error, no
+//! partial object ever becomes visible, and the mount recovers.
+
+mod common;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::fd::IntoRawFd;
+
+use common::proxy::{Mode, Proxy};
+use common::*;
+
+fn mount_via(endpoint: &str, source: &str, extra: &[&str]) -> Mount {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, s) = server().key_files(dir.path());
+    let mountpoint = dir.path().join("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let mut args: Vec<String> = vec![
+        "mount".into(),
+        source.into(),
+        mountpoint.to_str().unwrap().into(),
+        "--endpoint-url".into(),
+        endpoint.into(),
+        "--access-key-file".into(),
+        a.to_str().unwrap().into(),
+        "--secret-key-file".into(),
+        s.to_str().unwrap().into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Mount::spawn(dir, mountpoint, &args, &[])
+}
+
+/// close(2) on the descriptor, returning its error.
+fn close(f: std::fs::File) -> std::io::Result<()> {
+    let fd = f.into_raw_fd();
+    // SAFETY: the descriptor is ours and closed once.
+    if unsafe { libc::close(fd) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+#[test]
+fn upload_failing_midway_is_an_error_and_leaves_no_object() {
+    let srv = server();
+    let bucket = srv.bucket("wfault");
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], srv.s3_port)));
+    let m = mount_via(&proxy.endpoint(), &bucket, &["--request-timeout", "2s", "--max-attempts", "2"]);
+    let chunk = pattern(1 << 20, 3);
+
+    // A 40 MiB streaming upload; the server goes away after 16 MiB.
+    let mut f = std::fs::File::create(m.path("big.bin")).unwrap();
+    let mut write_failed = false;
+    for i in 0..40 {
+        if i == 16 {
+            proxy.set_mode(Mode::Down);
+        }
+        if f.write_all(&chunk).is_err() {
+            write_failed = true;
+            break;
+        }
+    }
+    let closed = close(f);
+    assert!(write_failed || closed.is_err(), "neither a write nor close() reported the failed upload");
+    if let Err(e) = &closed {
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    }
+    proxy.set_mode(Mode::Pass);
+    assert_eq!(srv.get(&bucket, "big.bin"), None, "a partial object became visible");
+    assert!(m.log_text().contains("upload of"), "{}", m.log_text());
+
+    // A small file whose server goes away before close(): close() says so.
+    let mut f = std::fs::File::create(m.path("small.txt")).unwrap();
+    f.write_all(b"never lost silently").unwrap();
+    proxy.set_mode(Mode::Down);
+    let err = close(f).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    proxy.set_mode(Mode::Pass);
+    assert_eq!(srv.get(&bucket, "small.txt"), None);
+
+    // The mount recovers by itself once the server is back.
+    std::fs::write(m.path("after.txt"), "back").unwrap();
+    assert_eq!(srv.get(&bucket, "after.txt").unwrap(), b"back");
+}
+
+#[test]
+fn throttling_during_uploads_is_retried() {
+    let srv = server();
+    let bucket = srv.bucket("wthrottle");
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], srv.s3_port)));
+    let m = mount_via(&proxy.endpoint(), &bucket, &[]);
+    let data = pattern(20 << 20, 4);
+    let mut f = std::fs::File::create(m.path("t.bin")).unwrap();
+    proxy.set_mode(Mode::Error503 { remaining: 3 });
+    f.write_all(&data).unwrap();
+    close(f).unwrap();
+    assert!(proxy.stats().faults() >= 3);
+    assert!(srv.get(&bucket, "t.bin").unwrap() == data);
+}
+
+#[test]
+fn mounts_are_nosuid_nodev_and_private_unless_asked() {
+    let srv = server();
+    let bucket = srv.bucket("secopts");
+    let m = Mount::start(&bucket, &[]);
+    let line = mountinfo_at(&m.mountpoint).join("\n");
+    assert!(line.contains("nosuid") && line.contains("nodev"), "{line}");
+    assert!(line.contains("default_permissions"), "{line}");
+    assert!(!line.contains("allow_other"), "allow_other without --allow-other: {line}");
+    drop(m);
+    let m = Mount::start(&bucket, &["--allow-other"]);
+    assert!(mountinfo_at(&m.mountpoint).join("\n").contains("allow_other"));
+}
