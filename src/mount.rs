@@ -12,7 +12,7 @@ use std::time::Duration;
 use fuser::{Config, INodeNo, MountOption, Session, SessionACL};
 use tracing::{error, info, warn};
 
-use crate::fs::{Fs, Invalidate, MountPoint};
+use crate::fs::{Fs, Invalidate, MountPoint, PlacedMount};
 use crate::fuse::FuseAdapter;
 use crate::spec::{FsSettings, MountSpec};
 use crate::store::s3::S3Store;
@@ -177,7 +177,7 @@ async fn build_point(spec: &MountSpec, check_first: bool) -> Result<(Vec<String>
 /// Follows a Fluid config file and applies changes to the mounts without
 /// remounting. Kubelet swaps the whole directory (`..data`), so the file is
 /// polled by content rather than watched by inode.
-async fn watch_config(fs: Arc<Fs>, watch: ConfigWatch, mut current: Vec<(MountSpec, (Vec<String>, Arc<MountPoint>))>) {
+async fn watch_config(fs: Arc<Fs>, watch: ConfigWatch, mut current: Vec<(MountSpec, PlacedMount)>) {
     let mut last = std::fs::read(&watch.path).unwrap_or_default();
     loop {
         tokio::time::sleep(CONFIG_POLL).await;

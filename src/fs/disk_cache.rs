@@ -104,9 +104,7 @@ impl DiskCache {
     pub async fn get(self: &Arc<Self>, object: &ObjectId, block: u64) -> Option<Bytes> {
         let id = identity(object, block);
         let name = name_of(&id);
-        if self.lock().lru.get(&name).is_none() {
-            return None;
-        }
+        self.lock().lru.get(&name)?;
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let path = this.path(&name);

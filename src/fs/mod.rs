@@ -57,6 +57,9 @@ pub enum Invalidate {
     Entry(u64, String),
 }
 
+/// A mount and where it sits in the tree.
+pub type PlacedMount = (Vec<String>, Arc<MountPoint>);
+
 /// One bucket (or prefix) served somewhere in the tree.
 pub struct MountPoint {
     pub name: String,
@@ -427,7 +430,7 @@ impl Fs {
                         }
                         anyhow::ensure!(
                             !(last && children.contains_key(&ino))
-                                && !children.get(&parent).is_some_and(|c| c.get(component).is_some_and(|c| *c != ino)),
+                                && children.get(&parent).is_none_or(|c| c.get(component).is_none_or(|c| *c == ino)),
                             "mount path /{} overlaps another mount",
                             path.join("/")
                         );
@@ -792,20 +795,16 @@ impl Fs {
             return;
         };
         crate::metrics::metrics().open_handles.dec();
-        if let HandleKind::Write(w) = &handle.kind {
-            if w.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
-                if let Err(e) = self.upload(handle.ino, w).await {
-                    error!(
-                        "{}: data written through a closed handle could not be uploaded: {e}",
-                        w.mount.store.describe()
-                    );
-                }
-                let mut writers = lock(&self.writers);
-                if writers.get(&handle.ino).is_some_and(|cur| Arc::ptr_eq(cur, w))
-                    && w.handles.load(Ordering::Acquire) == 0
-                {
-                    writers.remove(&handle.ino);
-                }
+        if let HandleKind::Write(w) = &handle.kind
+            && w.handles.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            if let Err(e) = self.upload(handle.ino, w).await {
+                error!("{}: data written through a closed handle could not be uploaded: {e}", w.mount.store.describe());
+            }
+            let mut writers = lock(&self.writers);
+            if writers.get(&handle.ino).is_some_and(|cur| Arc::ptr_eq(cur, w)) && w.handles.load(Ordering::Acquire) == 0
+            {
+                writers.remove(&handle.ino);
             }
         }
     }

@@ -231,7 +231,7 @@ impl Writer {
                 self.reserve(data.len() as u64);
                 return self.send_full_parts().await;
             }
-            self.to_staged().await?;
+            self.switch_to_staging().await?;
         }
         let end = offset + data.len() as u64;
         self.materialise_below(offset.min(self.size)).await?;
@@ -304,10 +304,10 @@ impl Writer {
             let mut s = s;
             s.inflight.abort_all();
             while s.inflight.join_next().await.is_some() {}
-            if let Some(id) = &s.upload_id {
-                if let Err(abort) = self.store.abort_multipart(&self.key, id).await {
-                    warn!(key = %self.key, "aborting the failed upload of {} also failed: {abort}", self.key);
-                }
+            if let Some(id) = &s.upload_id
+                && let Err(abort) = self.store.abort_multipart(&self.key, id).await
+            {
+                warn!(key = %self.key, "aborting the failed upload of {} also failed: {abort}", self.key);
             }
         }
         let r = self.reserved;
@@ -517,7 +517,7 @@ impl Writer {
     }
 
     /// Turns a streaming writer into a staged one (see the module docs).
-    async fn to_staged(&mut self) -> Result<(), WriteError> {
+    async fn switch_to_staging(&mut self) -> Result<(), WriteError> {
         let Mode::Streaming(s) = &mut self.mode else {
             return Ok(());
         };
@@ -564,7 +564,7 @@ impl Writer {
             if s.upload_id.is_none() {
                 return Ok(Bytes::copy_from_slice(&s.buf[offset as usize..end as usize]));
             }
-            self.to_staged().await?;
+            self.switch_to_staging().await?;
         }
         let etag = self.base.as_ref().map(|b| b.etag.clone());
         let Mode::Staged(st) = &self.mode else {
@@ -592,18 +592,18 @@ impl Writer {
         if matches!(self.mode, Mode::Streaming(_)) {
             if size == 0 {
                 // Truncating an unsent stream to zero is the O_TRUNC pattern.
-                if let Mode::Streaming(s) = &mut self.mode {
-                    if s.upload_id.is_none() {
-                        let n = s.buf.len() as u64;
-                        s.buf.clear();
-                        self.size = 0;
-                        self.dirty = true;
-                        self.unreserve(n);
-                        return Ok(());
-                    }
+                if let Mode::Streaming(s) = &mut self.mode
+                    && s.upload_id.is_none()
+                {
+                    let n = s.buf.len() as u64;
+                    s.buf.clear();
+                    self.size = 0;
+                    self.dirty = true;
+                    self.unreserve(n);
+                    return Ok(());
                 }
             }
-            self.to_staged().await?;
+            self.switch_to_staging().await?;
         }
         self.materialise_below(size.min(self.size)).await?;
         let Mode::Staged(st) = &self.mode else {
