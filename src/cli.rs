@@ -54,18 +54,8 @@ pub struct CheckArgs {
     /// The directory you would mount on (SOURCE mode).
     #[arg(long)]
     pub mountpoint: Option<PathBuf>,
-    #[arg(long, env = "AWS_ENDPOINT_URL")]
-    pub endpoint_url: Option<String>,
-    #[arg(long)]
-    pub region: Option<String>,
-    #[arg(long)]
-    pub force_path_style: bool,
-    #[arg(long, requires = "secret_key_file")]
-    pub access_key_file: Option<PathBuf>,
-    #[arg(long, requires = "access_key_file")]
-    pub secret_key_file: Option<PathBuf>,
-    #[arg(long)]
-    pub ca_bundle: Option<PathBuf>,
+    #[command(flatten)]
+    pub s3: S3Args,
 }
 
 #[derive(Args, Debug)]
@@ -90,7 +80,7 @@ pub struct ProbeArgs {
     pub timeout: std::time::Duration,
 }
 
-/// Options shared by every command that talks to a server.
+/// Logging options.
 #[derive(Args, Debug, Clone)]
 pub struct LogArgs {
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
@@ -101,12 +91,9 @@ pub struct LogArgs {
     pub log_format: LogFormat,
 }
 
-#[derive(Args, Debug)]
-pub struct MountArgs {
-    /// BUCKET, BUCKET/PREFIX, s3://BUCKET[/PREFIX] or minio://BUCKET[/PREFIX].
-    pub source: String,
-    /// An existing directory to mount on.
-    pub mountpoint: PathBuf,
+/// How to reach the server: shared by every command that talks to one.
+#[derive(Args, Debug, Clone)]
+pub struct S3Args {
     /// S3 endpoint, e.g. http://localhost:9000 for MinIO. Implies path-style addressing.
     #[arg(long, env = "AWS_ENDPOINT_URL")]
     pub endpoint_url: Option<String>,
@@ -116,6 +103,66 @@ pub struct MountArgs {
     /// Path-style addressing (bucket in the path); always on when --endpoint-url is given.
     #[arg(long)]
     pub force_path_style: bool,
+    /// File holding the access key id (instead of the AWS credential chain).
+    #[arg(long, requires = "secret_key_file")]
+    pub access_key_file: Option<PathBuf>,
+    /// File holding the secret access key.
+    #[arg(long, requires = "access_key_file")]
+    pub secret_key_file: Option<PathBuf>,
+    /// PEM file with extra CA certificates to trust for HTTPS endpoints.
+    #[arg(long)]
+    pub ca_bundle: Option<PathBuf>,
+    /// Timeout of one request attempt, e.g. 20s.
+    #[arg(long, default_value = "20s", value_parser = spec::parse_duration)]
+    pub request_timeout: std::time::Duration,
+    /// Attempts per request, including the first (retries back off with jitter).
+    #[arg(long, default_value_t = spec::DEFAULT_MAX_ATTEMPTS)]
+    pub max_attempts: u32,
+}
+
+impl S3Args {
+    pub fn settings(&self) -> S3Settings {
+        let credentials = match (&self.access_key_file, &self.secret_key_file) {
+            (Some(a), Some(s)) => CredentialSource::Keys {
+                access_key: SecretValue::File(a.clone()),
+                secret_key: SecretValue::File(s.clone()),
+            },
+            _ => CredentialSource::Chain,
+        };
+        let endpoint = self.endpoint_url.clone().filter(|e| !e.trim().is_empty());
+        S3Settings {
+            path_style: self.force_path_style || endpoint.is_some(),
+            endpoint,
+            region: self.region.clone(),
+            ca_bundle: self.ca_bundle.clone(),
+            credentials,
+            request_timeout: self.request_timeout,
+            max_attempts: self.max_attempts.max(1),
+        }
+    }
+
+    /// The one mount of `source` with these settings.
+    pub fn spec(&self, source: &str, read_only: bool, metadata_ttl: std::time::Duration) -> anyhow::Result<MountSpec> {
+        let source: Source = source.parse()?;
+        Ok(MountSpec {
+            name: source.bucket.clone(),
+            path: Vec::new(),
+            source,
+            s3: self.settings(),
+            read_only,
+            metadata_ttl,
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// BUCKET, BUCKET/PREFIX, s3://BUCKET[/PREFIX] or minio://BUCKET[/PREFIX].
+    pub source: String,
+    /// An existing directory to mount on.
+    pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub s3: S3Args,
     /// Mount read-only: every change fails with EROFS.
     #[arg(long)]
     pub read_only: bool,
@@ -134,19 +181,10 @@ pub struct MountArgs {
     /// Permission bits of directories, in octal.
     #[arg(long, default_value = "0755", value_parser = spec::parse_mode)]
     pub dir_mode: u16,
-    /// File holding the access key id (instead of the AWS credential chain).
-    #[arg(long, requires = "secret_key_file")]
-    pub access_key_file: Option<PathBuf>,
-    /// File holding the secret access key.
-    #[arg(long, requires = "access_key_file")]
-    pub secret_key_file: Option<PathBuf>,
-    /// PEM file with extra CA certificates to trust for HTTPS endpoints.
-    #[arg(long)]
-    pub ca_bundle: Option<PathBuf>,
     /// How long metadata and listings are trusted: e.g. 1s, 5m, or "indefinite" for immutable data.
     #[arg(long, default_value = "1s", value_parser = spec::parse_ttl)]
     pub metadata_ttl: std::time::Duration,
-    /// Memory budget shared by prefetching and the block cache, e.g. 512MiB.
+    /// Memory budget shared by prefetching, the block cache and write buffers, e.g. 512MiB.
     #[arg(long, default_value = "512MiB", value_parser = spec::parse_size)]
     pub memory_limit: u64,
     /// Serve Prometheus /metrics and /healthz on this address, e.g. 127.0.0.1:9567 (off by default).
@@ -158,46 +196,14 @@ pub struct MountArgs {
     /// Bound on the disk cache in --cache-dir, e.g. 20GiB (default: 10% of that file system).
     #[arg(long, value_parser = spec::parse_size)]
     pub max_cache_size: Option<u64>,
-    /// Timeout of one request attempt, e.g. 20s.
-    #[arg(long, default_value = "20s", value_parser = spec::parse_duration)]
-    pub request_timeout: std::time::Duration,
-    /// Attempts per request, including the first (retries back off with jitter).
-    #[arg(long, default_value_t = spec::DEFAULT_MAX_ATTEMPTS)]
-    pub max_attempts: u32,
     #[command(flatten)]
     pub log: LogArgs,
 }
 
 impl MountArgs {
-    /// The mount arguments `bucketfs check SOURCE` stands for.
-    pub fn for_check(source: &str, c: &CheckArgs) -> anyhow::Result<Self> {
-        let mut args = vec!["bucketfs".to_string(), "mount".into(), source.to_string(), "/".into()];
-        if let Some(e) = &c.endpoint_url {
-            args.extend(["--endpoint-url".into(), e.clone()]);
-        }
-        if let Some(r) = &c.region {
-            args.extend(["--region".into(), r.clone()]);
-        }
-        if c.force_path_style {
-            args.push("--force-path-style".into());
-        }
-        if let (Some(a), Some(s)) = (&c.access_key_file, &c.secret_key_file) {
-            args.extend(["--access-key-file".into(), a.display().to_string()]);
-            args.extend(["--secret-key-file".into(), s.display().to_string()]);
-        }
-        if let Some(ca) = &c.ca_bundle {
-            args.extend(["--ca-bundle".into(), ca.display().to_string()]);
-        }
-        match Cli::try_parse_from(args) {
-            Ok(Cli { command: Command::Mount(m) }) => Ok(*m),
-            Ok(_) => anyhow::bail!("internal: not a mount command"),
-            Err(e) => anyhow::bail!("{}", e.to_string().lines().next().unwrap_or("invalid arguments")),
-        }
-    }
-
     /// Turns the arguments into the file-system settings and the one mount.
     pub fn to_specs(&self) -> anyhow::Result<(FsSettings, MountSpec)> {
-        let source: Source = self.source.parse()?;
+        let spec = self.s3.spec(&self.source, self.read_only, self.metadata_ttl)?;
         let defaults = FsSettings::default();
         let settings = FsSettings {
             uid: self.uid.unwrap_or(defaults.uid),
@@ -209,31 +215,6 @@ impl MountArgs {
             memory_limit: self.memory_limit,
             cache_dir: self.cache_dir.clone(),
             max_cache_size: self.max_cache_size,
-        };
-        let credentials = match (&self.access_key_file, &self.secret_key_file) {
-            (Some(a), Some(s)) => CredentialSource::Keys {
-                access_key: SecretValue::File(a.clone()),
-                secret_key: SecretValue::File(s.clone()),
-            },
-            _ => CredentialSource::Chain,
-        };
-        let endpoint = self.endpoint_url.clone().filter(|e| !e.trim().is_empty());
-        let s3 = S3Settings {
-            path_style: self.force_path_style || endpoint.is_some(),
-            endpoint,
-            region: self.region.clone(),
-            ca_bundle: self.ca_bundle.clone(),
-            credentials,
-            request_timeout: self.request_timeout,
-            max_attempts: self.max_attempts.max(1),
-        };
-        let spec = MountSpec {
-            name: source.bucket.clone(),
-            path: Vec::new(),
-            source,
-            s3,
-            read_only: self.read_only,
-            metadata_ttl: self.metadata_ttl,
         };
         Ok((settings, spec))
     }

@@ -125,8 +125,8 @@ fn run_check(args: CheckArgs) -> i32 {
     use bucketfs::check::{Report, check_local, check_mount};
     let mut report = Report::default();
     let (specs, mountpoint) = match &args.source {
-        Some(source) => match MountArgs::for_check(source, &args).and_then(|m| m.to_specs()) {
-            Ok((_, spec)) => {
+        Some(source) => match args.s3.spec(source, false, bucketfs::spec::DEFAULT_METADATA_TTL) {
+            Ok(spec) => {
                 report.pass("configuration", format!("source {}", spec.source));
                 (vec![spec], args.mountpoint.clone())
             }

@@ -11,26 +11,6 @@ use std::os::fd::IntoRawFd;
 use common::proxy::{Mode, Proxy};
 use common::*;
 
-fn mount_via(endpoint: &str, source: &str, extra: &[&str]) -> Mount {
-    let dir = tempfile::tempdir().unwrap();
-    let (a, s) = server().key_files(dir.path());
-    let mountpoint = dir.path().join("mnt");
-    std::fs::create_dir(&mountpoint).unwrap();
-    let mut args: Vec<String> = vec![
-        "mount".into(),
-        source.into(),
-        mountpoint.to_str().unwrap().into(),
-        "--endpoint-url".into(),
-        endpoint.into(),
-        "--access-key-file".into(),
-        a.to_str().unwrap().into(),
-        "--secret-key-file".into(),
-        s.to_str().unwrap().into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Mount::spawn(dir, mountpoint, &args, &[])
-}
-
 /// close(2) on the descriptor, returning its error.
 fn close(f: std::fs::File) -> std::io::Result<()> {
     let fd = f.into_raw_fd();
@@ -43,7 +23,7 @@ fn upload_failing_midway_is_an_error_and_leaves_no_object() {
     let srv = server();
     let bucket = srv.bucket("wfault");
     let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], srv.s3_port)));
-    let m = mount_via(&proxy.endpoint(), &bucket, &["--request-timeout", "2s", "--max-attempts", "2"]);
+    let m = Mount::start_via(&proxy.endpoint(), &bucket, &["--request-timeout", "2s", "--max-attempts", "2"]);
     let chunk = pattern(1 << 20, 3);
 
     // A 40 MiB streaming upload; the server goes away after 16 MiB.
@@ -86,7 +66,7 @@ fn throttling_during_uploads_is_retried() {
     let srv = server();
     let bucket = srv.bucket("wthrottle");
     let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], srv.s3_port)));
-    let m = mount_via(&proxy.endpoint(), &bucket, &[]);
+    let m = Mount::start_via(&proxy.endpoint(), &bucket, &[]);
     let data = pattern(20 << 20, 4);
     let mut f = std::fs::File::create(m.path("t.bin")).unwrap();
     proxy.set_mode(Mode::Error503 { remaining: 3 });

@@ -56,6 +56,28 @@ pub struct Inode {
 }
 
 impl Inode {
+    /// A directory that lives for the whole mount: the root, a virtual
+    /// directory, or a mount's root. `ino` 0 means "allocate one".
+    pub fn pinned_dir(ino: u64, parent: u64, name: &str, loc: Loc, now: SystemTime) -> Self {
+        Inode {
+            ino,
+            parent,
+            name: name.to_string(),
+            kind: Kind::Dir,
+            loc,
+            size: 0,
+            mtime: now,
+            etag: None,
+            valid_until: Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600),
+            lookups: 0,
+            pinned: true,
+            listing: None,
+            cached_etag: None,
+            local: false,
+            local_children: Default::default(),
+        }
+    }
+
     pub fn mount(&self) -> Option<&Arc<MountPoint>> {
         match &self.loc {
             Loc::Object { mount, .. } => Some(mount),

@@ -218,24 +218,7 @@ impl Fs {
     /// the root is virtual and each mount sits at its path.
     pub fn new(settings: FsSettings, mounts: Vec<(Vec<String>, Arc<MountPoint>)>) -> anyhow::Result<Self> {
         let now = SystemTime::now();
-        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-        let dir = |ino: u64, parent: u64, name: &str, loc: Loc| Inode {
-            ino,
-            parent,
-            name: name.to_string(),
-            kind: Kind::Dir,
-            loc,
-            size: 0,
-            mtime: now,
-            etag: None,
-            valid_until: far,
-            lookups: 0,
-            pinned: true,
-            listing: None,
-            cached_etag: None,
-            local: false,
-            local_children: Default::default(),
-        };
+        let dir = |ino: u64, parent: u64, name: &str, loc: Loc| Inode::pinned_dir(ino, parent, name, loc, now);
         let mut table = InodeTable::new();
         match mounts.as_slice() {
             [(path, mount)] if path.is_empty() => {
@@ -339,7 +322,6 @@ impl Fs {
     /// mounts whose path is unchanged keep their directory inode (re-targeted
     /// if the mount changed), new paths appear, removed ones disappear.
     pub fn reconfigure(&self, mounts: Vec<(Vec<String>, Arc<MountPoint>)>) -> anyhow::Result<()> {
-        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         let now = SystemTime::now();
         let mut gone: Vec<(u64, String)> = Vec::new();
         let mut retargeted: Vec<u64> = Vec::new();
@@ -395,24 +377,7 @@ impl Fs {
                             Some(ino) => ino,
                             None => {
                                 let loc = Loc::Virtual { children: BTreeMap::new() };
-                                let inode = Inode {
-                                    ino: 0,
-                                    parent,
-                                    name: component.clone(),
-                                    kind: Kind::Dir,
-                                    loc,
-                                    size: 0,
-                                    mtime: now,
-                                    etag: None,
-                                    valid_until: far,
-                                    lookups: 0,
-                                    pinned: true,
-                                    listing: None,
-                                    cached_etag: None,
-                                    local: false,
-                                    local_children: Default::default(),
-                                };
-                                table.insert_pinned(inode)
+                                table.insert_pinned(Inode::pinned_dir(0, parent, component, loc, now))
                             }
                         };
                         if last {

@@ -65,9 +65,39 @@ fn start_server() -> Server {
     std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
     let p = |x: &PathBuf| x.to_str().unwrap().to_string();
     for args in [
-        vec!["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=bucketfs-test-ca", "-keyout", &p(&ca_key), "-out", &p(&ca)],
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=bucketfs-test-ca",
+            "-keyout",
+            &p(&ca_key),
+            "-out",
+            &p(&ca),
+        ],
         vec!["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", &p(&key), "-out", &p(&csr)],
-        vec!["x509", "-req", "-in", &p(&csr), "-CA", &p(&ca), "-CAkey", &p(&ca_key), "-CAcreateserial", "-days", "2", "-extfile", &p(&ext), "-out", &p(&cert)],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &p(&csr),
+            "-CA",
+            &p(&ca),
+            "-CAkey",
+            &p(&ca_key),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &p(&ext),
+            "-out",
+            &p(&cert),
+        ],
     ] {
         let out = Command::new("openssl").args(&args).output().expect("openssl");
         assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -257,6 +287,11 @@ pub struct Mount {
 impl Mount {
     /// `bucketfs mount SOURCE <tmp>/mnt ARGS...` with the test server and key files.
     pub fn start(source: &str, extra: &[&str]) -> Mount {
+        Self::start_via(&server().endpoint, source, extra)
+    }
+
+    /// As [`Mount::start`], with another endpoint (a proxy in front of the server).
+    pub fn start_via(endpoint: &str, source: &str, extra: &[&str]) -> Mount {
         let srv = server();
         let dir = tempfile::tempdir().unwrap();
         let (a, s) = srv.key_files(dir.path());
@@ -267,7 +302,7 @@ impl Mount {
             source.into(),
             mountpoint.to_str().unwrap().into(),
             "--endpoint-url".into(),
-            srv.endpoint.clone(),
+            endpoint.to_string(),
             "--access-key-file".into(),
             a.to_str().unwrap().into(),
             "--secret-key-file".into(),
@@ -295,7 +330,8 @@ impl Mount {
         let mut m = Mount { child: Some(child), baseline, dir, mountpoint, log };
         // bucketfs logs "mounted ..." once the FUSE session is up.
         let up = |m: &Mount| m.log_text().contains("mounted ") && !mountinfo_at(&m.mountpoint).is_empty();
-        let ok = wait_until(Duration::from_secs(20), || up(&m) || m.child.as_mut().unwrap().try_wait().unwrap().is_some());
+        let ok =
+            wait_until(Duration::from_secs(20), || up(&m) || m.child.as_mut().unwrap().try_wait().unwrap().is_some());
         assert!(ok && up(&m), "bucketfs did not mount; log:\n{}", m.log_text());
         m
     }
