@@ -107,6 +107,11 @@ pub fn load(path: &Path, mount_options: Option<&str>) -> anyhow::Result<FluidPla
     plan(&text, mount_options).with_context(|| format!("Fluid config {}", path.display()))
 }
 
+/// A user-provided string made safe for a one-line message.
+fn esc(s: &str) -> String {
+    s.escape_debug().to_string()
+}
+
 fn scalar(field: &str, v: &Value) -> anyhow::Result<String> {
     Ok(match v {
         Value::String(s) => s.clone(),
@@ -118,7 +123,7 @@ fn scalar(field: &str, v: &Value) -> anyhow::Result<String> {
 }
 
 fn string_map(field: &str, m: Option<BTreeMap<String, Value>>) -> anyhow::Result<BTreeMap<String, String>> {
-    m.unwrap_or_default().iter().map(|(k, v)| Ok((k.clone(), scalar(&format!("{field}.{k}"), v)?))).collect()
+    m.unwrap_or_default().iter().map(|(k, v)| Ok((k.clone(), scalar(&format!("{field}.{}", esc(k)), v)?))).collect()
 }
 
 /// Parses `MOUNT_OPTIONS`: comma-separated `k=v` or bare `k`, in any order.
@@ -185,7 +190,14 @@ fn known_mount_key(k: &str) -> bool {
 
 /// Plans a config from its text.
 pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan> {
-    let raw: RawConfig = serde_json::from_str(text.trim()).map_err(|e| anyhow::anyhow!("not valid JSON: {e}"))?;
+    let value: Value = serde_json::from_str(text.trim()).map_err(|e| anyhow::anyhow!("not valid JSON: {e}"))?;
+    if !value.is_object() {
+        bail!("not a JSON object: the config must be {{\"mounts\": [...], \"targetPath\": ...}}");
+    }
+    let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        anyhow::anyhow!("{}: {}", if path == "." { "the top level".to_string() } else { esc(&path) }, e.inner())
+    })?;
     let target = raw.target_path.filter(|t| !t.trim().is_empty()).context("targetPath is missing or empty")?;
     let target_path = PathBuf::from(target.trim());
     if !target_path.is_absolute() {
@@ -206,7 +218,7 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
     let mut fs_read_only = false;
     let mut metrics_addr = None;
     for (k, v) in &fs_opts {
-        let field = format!("runtimeOptions.{k}");
+        let field = format!("runtimeOptions.{}", esc(k));
         match k.as_str() {
             "uid" => settings.uid = v.trim().parse().with_context(|| format!("{field}: not a number: {v:?}"))?,
             "gid" => settings.gid = v.trim().parse().with_context(|| format!("{field}: not a number: {v:?}"))?,
@@ -273,7 +285,7 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
         let mut ttl = default_ttl;
         let mut read_only = m.read_only.unwrap_or(false);
         for (k, v) in &opts {
-            let field = format!("{label}.options.{k}");
+            let field = format!("{label}.options.{}", esc(k));
             match k.as_str() {
                 "region" => s3.region = Some(v.trim().to_string()).filter(|r| !r.is_empty()),
                 "path-style" | "force-path-style" => s3.path_style = flag(&field, v)?,
@@ -314,7 +326,7 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
             }
             comps
         };
-        let joined = path.join("/");
+        let joined = esc(&path.join("/"));
         if !seen_paths.insert(joined.clone()) {
             bail!("{label}: path /{joined} is used by another mount");
         }
@@ -334,9 +346,9 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
                 bail!(
                     "mount {:?} at /{} lies inside mount {:?} at /{}",
                     b.name,
-                    b.path.join("/"),
+                    esc(&b.path.join("/")),
                     a.name,
-                    a.path.join("/")
+                    esc(&a.path.join("/"))
                 );
             }
         }
@@ -362,7 +374,7 @@ fn secret_value(label: &str, key: &str, value: &str) -> anyhow::Result<SecretVal
         && (path.exists() || path.starts_with("/etc/fluid/secrets") || path.parent().is_some_and(Path::exists))
     {
         if !path.is_file() {
-            bail!("{label}: secret file {} for option {key} does not exist", path.display());
+            bail!("{label}: secret file {} for option {key} does not exist", esc(&path.to_string_lossy()));
         }
         return Ok(SecretValue::File(path.to_path_buf()));
     }

@@ -86,6 +86,22 @@ impl Filesystem for FuseAdapter {
         self.rt.spawn(async move {
             match fs.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&a.ttl, &this(&a), Generation(0)),
+                // A negative entry (inode 0) lets the kernel remember the miss
+                // for the directory's TTL, as the in-process cache does.
+                Err(FsError::NotFound) => match fs.dir_ttl(parent.0) {
+                    Some(ttl) if !ttl.is_zero() => {
+                        let attr = Attr {
+                            ino: 0,
+                            kind: Kind::File,
+                            size: 0,
+                            mtime: std::time::UNIX_EPOCH,
+                            ttl,
+                            read_only: true,
+                        };
+                        reply.entry(&ttl, &this(&attr), Generation(0))
+                    }
+                    _ => reply.error(Errno::ENOENT),
+                },
                 Err(e) => reply.error(errno(&e)),
             }
         });

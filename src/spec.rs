@@ -229,25 +229,36 @@ impl Default for FsSettings {
 }
 
 /// Parses `1s`, `500ms`, `2m`, a bare number of seconds, or `indefinite`.
+/// Anything longer than a year is `indefinite`.
 pub fn parse_ttl(s: &str) -> anyhow::Result<Duration> {
     let s = s.trim();
     match s {
         "indefinite" | "infinite" | "forever" => Ok(INDEFINITE_TTL),
         "minimal" | "0" => Ok(Duration::ZERO),
-        _ => parse_duration(s),
+        _ => Ok(parse_duration(s)?.min(INDEFINITE_TTL)),
     }
 }
+
+/// The longest duration accepted anywhere: long durations are clamped by
+/// their users, but must not overflow on the way.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Parses a duration such as `20s`, `500ms` or `1m`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     let s = s.trim();
-    if let Ok(secs) = s.parse::<f64>()
-        && secs.is_finite()
-        && secs >= 0.0
-    {
-        return Ok(Duration::from_secs_f64(secs));
+    let d = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Duration::try_from_secs_f64(secs).map_err(|_| anyhow::anyhow!("duration {s:?} is too long"))?
+        }
+        Ok(_) => bail!("invalid duration {s:?}: must be a non-negative number of seconds"),
+        Err(_) => {
+            humantime::parse_duration(s).with_context(|| format!("invalid duration {s:?}: use e.g. 500ms, 20s, 5m"))?
+        }
+    };
+    if d > MAX_DURATION {
+        bail!("duration {s:?} is too long (at most 100 years; use \"indefinite\" for metadata that never changes)");
     }
-    humantime::parse_duration(s).with_context(|| format!("invalid duration {s:?}: use e.g. 500ms, 20s, 5m"))
+    Ok(d)
 }
 
 /// Parses a size such as `512MiB`, `1G`, `4096` (bytes).

@@ -277,11 +277,11 @@ fn overwrite_while_open_gives_eio_then_new_version() {
 }
 
 #[test]
-fn statfs_is_sane_and_writes_are_refused() {
+fn statfs_is_sane_and_read_only_refuses_writes() {
     let srv = server();
     let bucket = srv.bucket("statfs");
     srv.put(&bucket, "f", "x");
-    let m = Mount::start(&bucket, &[]);
+    let m = Mount::start(&bucket, &["--read-only"]);
     let df = sh(&format!("df --block-size=1 {} | tail -1", m.mountpoint.display()));
     let fields: Vec<&str> = df.split_whitespace().collect();
     assert_eq!(fields.len(), 6, "{df}");

@@ -300,6 +300,11 @@ impl Fs {
         })
     }
 
+    /// The metadata TTL of a directory's mount (None for virtual directories).
+    pub fn dir_ttl(&self, ino: u64) -> Option<Duration> {
+        lock(&self.inodes).get(ino).and_then(|i| i.mount().map(|m| m.ttl))
+    }
+
     /// The mounts served now.
     pub fn mounts(&self) -> Vec<Arc<MountPoint>> {
         lock(&self.mounts).clone()
