@@ -223,6 +223,10 @@ impl Writer {
     }
 
     pub async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), WriteError> {
+        if data.is_empty() {
+            // POSIX: writing nothing does not extend the file.
+            return Ok(());
+        }
         if let Mode::Streaming(s) = &mut self.mode {
             if offset == self.size {
                 s.buf.extend_from_slice(data);
