@@ -16,8 +16,10 @@ use tokio::runtime::Handle;
 use crate::fs::namespace::Kind;
 use crate::fs::{Attr, Fs, FsError};
 
-/// Largest read the kernel may send in one request (needs FUSE_MAX_PAGES).
-const MAX_READAHEAD: u32 = 1 << 20;
+/// The kernel's own readahead. Small on purpose: a random 256 KiB read then
+/// costs 256 KiB, not the 2–4× the kernel reads ahead with a larger window;
+/// sequential streams are prefetched by `fs::read`, far beyond this.
+const MAX_READAHEAD: u32 = 256 << 10;
 
 pub struct FuseAdapter {
     fs: Arc<Fs>,

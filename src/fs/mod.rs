@@ -36,6 +36,9 @@ use write::{WriteError, Writer};
 
 /// Bound on remembered negative lookups; the table is cleared when full.
 const NEGATIVE_CACHE_MAX: usize = 100_000;
+/// Lookups that miss in one directory within a TTL before it is listed
+/// whole instead: two requests per name cost more than a listing page.
+const LIST_AFTER_MISSES: u32 = 3;
 /// Bound on remembered warnings about odd keys, so each is logged once.
 const WARNED_MAX: usize = 10_000;
 
@@ -192,6 +195,8 @@ pub struct Fs {
     settings: FsSettings,
     inodes: Mutex<InodeTable>,
     negative: Mutex<HashMap<(u64, String), Instant>>,
+    /// Per directory: when counting started, and lookups that missed.
+    misses: Mutex<HashMap<u64, (Instant, u32)>>,
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
     dirs: Mutex<HashMap<u64, DirHandle>>,
     next_fh: AtomicU64,
@@ -286,6 +291,7 @@ impl Fs {
             settings,
             inodes: Mutex::new(table),
             negative: Mutex::new(HashMap::new()),
+            misses: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -560,6 +566,14 @@ impl Fs {
         {
             return Err(FsError::NotFound);
         }
+        // Many names looked up one by one in the same directory (a program
+        // opening files by path): one listing answers them all for the TTL.
+        if self.busy_directory(parent, mount.ttl) {
+            match self.list_dir(parent).await {
+                Ok(_) => return Box::pin(self.lookup_inner(parent, name, count)).await,
+                Err(e) => debug!("listing {dir_key} to answer lookups failed: {e}"),
+            }
+        }
         let key = namespace::child_key(&dir_key, name);
         let started = Instant::now();
         match self.remote_lookup(&mount, &key, name).await {
@@ -581,6 +595,30 @@ impl Fs {
                 Err(FsError::NotFound)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Counts a lookup that missed the caches of `dir`; true once a directory
+    /// has had [`LIST_AFTER_MISSES`] such lookups within one TTL.
+    fn busy_directory(&self, dir: u64, ttl: Duration) -> bool {
+        if ttl.is_zero() {
+            return false;
+        }
+        let now = Instant::now();
+        let mut misses = lock(&self.misses);
+        if misses.len() > NEGATIVE_CACHE_MAX {
+            misses.clear();
+        }
+        let entry = misses.entry(dir).or_insert((now, 0));
+        if now >= entry.0 + ttl {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        if entry.1 > LIST_AFTER_MISSES {
+            *entry = (now, 0);
+            true
+        } else {
+            false
         }
     }
 

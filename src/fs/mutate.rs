@@ -333,16 +333,19 @@ impl Fs {
         if attr.kind == Kind::Dir {
             return Err(FsError::IsDir);
         }
-        let local = lock(&self.inodes).get(attr.ino).is_some_and(|i| i.local);
-        if let Some(w) = lock(&self.writers).get(&attr.ino).cloned() {
-            // Writes through open handles go nowhere now.
-            if let Ok(mut writer) = w.writer.try_lock() {
-                writer.unlinked = true;
-            } else {
-                let w = w.clone();
-                tokio::spawn(async move { w.writer.lock().await.unlinked = true });
+        // Writes through open handles go nowhere now. Taking the writer's
+        // lock waits for an upload in progress (a last close racing this
+        // unlink), so whether the object exists is known below.
+        let writer = lock(&self.writers).get(&attr.ino).cloned();
+        let _guard = match &writer {
+            Some(w) => {
+                let mut g = w.writer.lock().await;
+                g.unlinked = true;
+                Some(g)
             }
-        }
+            None => None,
+        };
+        let local = lock(&self.inodes).get(attr.ino).is_some_and(|i| i.local);
         if !local {
             let key = namespace::child_key(&dir_key, name);
             match mount.store.delete(&key).await {
@@ -458,6 +461,7 @@ impl Fs {
             self.upload(ino, w).await?;
         }
         let (size, local) = lock(&self.inodes).get(ino).map(|i| (i.size, i.local)).unwrap_or((0, false));
+        tracing::debug!(local, "rename {src_key} -> {dst_key}");
         if local {
             // Created but never written or closed: it only exists here.
             let w = writer.clone().ok_or(FsError::NotFound)?;

@@ -26,16 +26,19 @@ use super::cache::{BLOCK_SIZE, BlockCache, BlockSender, ObjectId, Probe};
 use super::disk_cache::DiskCache;
 use crate::store::{ObjectStore, StoreError};
 
-/// Contiguous bytes after which a handle counts as sequential.
-pub const SEQUENTIAL_TRIGGER: u64 = 256 * 1024;
+/// Contiguous bytes, after the read that starts a run, before a handle
+/// counts as sequential. Above the kernel's readahead of one random read
+/// (at most 2 × 256 KiB), so random readers never trigger prefetch.
+pub const SEQUENTIAL_TRIGGER: u64 = 1 << 20;
 /// First prefetch window: covers an application's 1 MiB read plus kernel readahead.
 pub const INITIAL_WINDOW: u64 = 1 << 20;
 /// Largest single ranged GET issued for prefetch.
 pub const MAX_CHUNK: u64 = 8 << 20;
 /// Smallest ranged GET issued for prefetch once the window is large.
 const MIN_CHUNK: u64 = 1 << 20;
-/// How far back a read may step and still count as sequential.
-pub const BACKWARD_SLACK: u64 = 1 << 20;
+/// How far back a read may step and still count as sequential: the kernel
+/// sends readahead requests from several threads, slightly out of order.
+pub const BACKWARD_SLACK: u64 = 4 << 20;
 /// Largest per-handle window, before the memory budget's own limit.
 pub const MAX_WINDOW: u64 = 64 << 20;
 
@@ -270,6 +273,9 @@ impl Reader {
                 }
             }
         }
+        // Read the end of the body, so the connection returns to the pool
+        // instead of being closed.
+        while let Some(Ok(_)) = body.next().await {}
     }
 
     /// Waits for block `index`, fetching it again if it was evicted or failed

@@ -360,6 +360,7 @@ impl Writer {
         if self.unlinked || !self.is_dirty() {
             return Ok(());
         }
+        tracing::debug!(key = %self.key, size = self.size, condition = ?self.condition(), "uploading");
         let etag = match std::mem::replace(&mut self.mode, Mode::Failed) {
             Mode::Failed => return Err(WriteError::Failed),
             Mode::Streaming(s) => self.finish_streaming(s).await?,
