@@ -6,8 +6,9 @@
 //! - Once reads have been contiguous for [`SEQUENTIAL_TRIGGER`] bytes, the
 //!   reader keeps a window of blocks requested ahead of the read position. The
 //!   window starts at [`INITIAL_WINDOW`] and doubles each time it is topped up,
-//!   up to the handle's maximum; it is topped up when less than half remains,
-//!   as parallel ranged GETs of up to [`MAX_CHUNK`] each.
+//!   up to the handle's maximum ([`MAX_WINDOW`], at most a quarter of the
+//!   memory budget); it is kept full, as parallel ranged GETs of
+//!   [`PREFETCH_CHUNK`] each.
 //! - A read that skips forward inside what was already requested, or steps
 //!   back at most [`BACKWARD_SLACK`] (the kernel's readahead reorders reads),
 //!   keeps the stream going. Anything else is a seek: the window resets.
@@ -30,17 +31,19 @@ use crate::store::{ObjectStore, StoreError};
 /// counts as sequential. Above the kernel's readahead of one random read
 /// (at most 2 × 256 KiB), so random readers never trigger prefetch.
 pub const SEQUENTIAL_TRIGGER: u64 = 1 << 20;
-/// First prefetch window: covers an application's 1 MiB read plus kernel readahead.
-pub const INITIAL_WINDOW: u64 = 1 << 20;
-/// Largest single ranged GET issued for prefetch.
+/// First prefetch window, once a stream is known to be sequential.
+pub const INITIAL_WINDOW: u64 = 8 << 20;
+/// Largest single ranged GET for blocks a read is waiting for.
 pub const MAX_CHUNK: u64 = 8 << 20;
-/// Smallest ranged GET issued for prefetch once the window is large.
-const MIN_CHUNK: u64 = 1 << 20;
+/// Size of each prefetch GET: small enough that many run in parallel (S3
+/// and S3-compatible servers serve parallel ranges faster than one stream),
+/// large enough that request overhead stays small.
+pub const PREFETCH_CHUNK: u64 = 4 << 20;
 /// How far back a read may step and still count as sequential: the kernel
 /// sends readahead requests from several threads, slightly out of order.
 pub const BACKWARD_SLACK: u64 = 4 << 20;
 /// Largest per-handle window, before the memory budget's own limit.
-pub const MAX_WINDOW: u64 = 64 << 20;
+pub const MAX_WINDOW: u64 = 128 << 20;
 
 #[derive(Debug, Default)]
 struct State {
@@ -142,11 +145,12 @@ impl Reader {
         if st.window == 0 {
             st.window = INITIAL_WINDOW;
         }
-        if st.ahead >= end + st.window / 2 {
-            return None;
-        }
+        // Keep the whole window requested, in whole chunks.
         let from = st.ahead.max(end);
         let to = (end + st.window).min(self.size);
+        if to < from + PREFETCH_CHUNK && to < self.size {
+            return None;
+        }
         st.ahead = to;
         st.window = (st.window * 2).min(self.max_window);
         (from < to).then(|| from / BLOCK_SIZE..to.div_ceil(BLOCK_SIZE))
@@ -159,12 +163,7 @@ impl Reader {
         let (reserved, refused) =
             self.cache.reserve(&self.object, blocks.clone(), Self::block_len(self.size), optional);
         let reached = refused.unwrap_or(blocks.end);
-        let chunk_blocks = if optional {
-            let window = self.state.lock().unwrap_or_else(|e| e.into_inner()).window;
-            (window / 8).clamp(MIN_CHUNK, MAX_CHUNK) / BLOCK_SIZE
-        } else {
-            MAX_CHUNK / BLOCK_SIZE
-        };
+        let chunk_blocks = if optional { PREFETCH_CHUNK / BLOCK_SIZE } else { MAX_CHUNK / BLOCK_SIZE };
         let mut run: Vec<(u64, BlockSender)> = Vec::new();
         for (index, tx) in reserved {
             let contiguous = run.last().is_none_or(|(last, _)| *last + 1 == index);
