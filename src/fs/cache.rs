@@ -119,10 +119,14 @@ impl BlockCache {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn probe(&self, key: &BlockKey) -> Probe {
+    /// What the cache holds for `key`. `promote` refreshes the block's place
+    /// in the LRU; sequential readers pass false, so the blocks they have
+    /// consumed are evicted before blocks prefetched for them but not read yet.
+    pub fn probe(&self, key: &BlockKey, promote: bool) -> Probe {
         let mut i = self.lock();
-        if let Some(b) = i.ready.get(key) {
-            return Probe::Ready(b.clone());
+        let ready = if promote { i.ready.get(key).cloned() } else { i.ready.peek(key).cloned() };
+        if let Some(b) = ready {
+            return Probe::Ready(b);
         }
         match i.pending.get(key) {
             Some((rx, _)) => Probe::Pending(rx.clone()),
@@ -229,12 +233,12 @@ mod tests {
         }
         assert_eq!(cache.used(), 8 * BLOCK_SIZE);
         // Touch block 0 so block 1 is the least recently used.
-        assert!(matches!(cache.probe(&(a.clone(), 0)), Probe::Ready(_)));
+        assert!(matches!(cache.probe(&(a.clone(), 0), true), Probe::Ready(_)));
         let b = obj("b");
         let (more, _) = cache.reserve(&b, 0..1, |_| BLOCK_SIZE, false);
         assert_eq!(more.len(), 1);
-        assert!(matches!(cache.probe(&(a.clone(), 1)), Probe::Missing));
-        assert!(matches!(cache.probe(&(a.clone(), 0)), Probe::Ready(_)));
+        assert!(matches!(cache.probe(&(a.clone(), 1), true), Probe::Missing));
+        assert!(matches!(cache.probe(&(a.clone(), 0), true), Probe::Ready(_)));
         assert!(cache.used() <= cache.limit());
         // Optional reservations stop at the prefetch share.
         let c = obj("c");
@@ -249,10 +253,10 @@ mod tests {
         let a = obj("a");
         let (mut got, _) = cache.reserve(&a, 0..1, |_| 10, false);
         let (i, tx) = got.pop().unwrap();
-        let Probe::Pending(rx) = cache.probe(&(a.clone(), 0)) else { panic!() };
+        let Probe::Pending(rx) = cache.probe(&(a.clone(), 0), true) else { panic!() };
         cache.fill(&a, i, tx, Err(StoreError::PreconditionFailed));
         assert_eq!(*rx.borrow(), Some(Err(StoreError::PreconditionFailed)));
-        assert!(matches!(cache.probe(&(a.clone(), 0)), Probe::Missing));
+        assert!(matches!(cache.probe(&(a.clone(), 0), true), Probe::Missing));
         assert_eq!(cache.used(), 0);
     }
 }

@@ -39,6 +39,9 @@ pub const MAX_CHUNK: u64 = 8 << 20;
 /// and S3-compatible servers serve parallel ranges faster than one stream),
 /// large enough that request overhead stays small.
 pub const PREFETCH_CHUNK: u64 = 4 << 20;
+/// Smallest fetch for a read that is not part of a sequential stream: an
+/// application's 256 KiB read costs one GET, at most 1.5× its bytes.
+pub const RANDOM_MIN_FETCH: u64 = 2 * BLOCK_SIZE;
 /// How far back a read may step and still count as sequential: the kernel
 /// sends readahead requests from several threads, slightly out of order.
 pub const BACKWARD_SLACK: u64 = 4 << 20;
@@ -99,7 +102,13 @@ impl Reader {
         let prefetch = self.plan(offset, end);
         let first = offset / BLOCK_SIZE;
         let last = (end - 1) / BLOCK_SIZE;
-        self.fetch(first..last + 1, false);
+        // A random read fetches at least RANDOM_MIN_FETCH: the kernel splits
+        // one application read into 128 KiB requests that arrive one after
+        // the other, and the next block is then already on its way.
+        let sequential = prefetch.is_some() || self.is_sequential();
+        let min_last = first + RANDOM_MIN_FETCH / BLOCK_SIZE - 1;
+        let last_fetch = if sequential { last } else { last.max(min_last).min((self.size - 1) / BLOCK_SIZE) };
+        self.fetch(first..last_fetch + 1, false);
         if let Some(range) = prefetch {
             let requested = self.fetch(range.clone(), true);
             if requested < range.end {
@@ -123,6 +132,11 @@ impl Reader {
             out.extend_from_slice(&block[start.min(stop)..stop]);
         }
         Ok(out.freeze())
+    }
+
+    /// True once the handle reads sequentially (prefetch is running).
+    fn is_sequential(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).window > 0
     }
 
     /// Updates the access pattern and returns the blocks to prefetch.
@@ -282,7 +296,7 @@ impl Reader {
     async fn block(&self, index: u64) -> Result<Bytes, StoreError> {
         let key = (self.object.clone(), index);
         for _ in 0..3 {
-            match self.cache.probe(&key) {
+            match self.cache.probe(&key, !self.is_sequential()) {
                 Probe::Ready(b) => {
                     self.cache.hit();
                     return Ok(b);
