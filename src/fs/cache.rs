@@ -75,6 +75,8 @@ pub struct BlockCache {
     inner: Mutex<Inner>,
     limit: u64,
     pub stats: CacheStats,
+    /// Sequential streams prefetching now; they share the budget.
+    pub streams: std::sync::atomic::AtomicUsize,
 }
 
 impl BlockCache {
@@ -89,6 +91,7 @@ impl BlockCache {
             }),
             limit: limit.max(4 * BLOCK_SIZE),
             stats: CacheStats::default(),
+            streams: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 

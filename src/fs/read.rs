@@ -39,9 +39,14 @@ pub const MAX_CHUNK: u64 = 8 << 20;
 /// and S3-compatible servers serve parallel ranges faster than one stream),
 /// large enough that request overhead stays small.
 pub const PREFETCH_CHUNK: u64 = 4 << 20;
-/// Smallest fetch for a read that is not part of a sequential stream: an
-/// application's 256 KiB read costs one GET, at most 1.5× its bytes.
-pub const RANDOM_MIN_FETCH: u64 = 2 * BLOCK_SIZE;
+/// Smallest fetch for a large read (≥ [`LARGE_READ`]) that is not part of a
+/// sequential stream: the kernel splits an application's 256 KiB read into
+/// 128 KiB requests that arrive one after the other, and three blocks cover
+/// the whole read at any alignment, so it costs one GET and 1.5× its bytes.
+pub const RANDOM_MIN_FETCH: u64 = 3 * BLOCK_SIZE;
+/// Requests at least this large get [`RANDOM_MIN_FETCH`]; small random reads
+/// fetch only the blocks they touch.
+pub const LARGE_READ: u64 = 64 << 10;
 /// How far back a read may step and still count as sequential: the kernel
 /// sends readahead requests from several threads, slightly out of order.
 pub const BACKWARD_SLACK: u64 = 4 << 20;
@@ -107,7 +112,8 @@ impl Reader {
         // the other, and the next block is then already on its way.
         let sequential = prefetch.is_some() || self.is_sequential();
         let min_last = first + RANDOM_MIN_FETCH / BLOCK_SIZE - 1;
-        let last_fetch = if sequential { last } else { last.max(min_last).min((self.size - 1) / BLOCK_SIZE) };
+        let large = end - offset >= LARGE_READ;
+        let last_fetch = if sequential || !large { last } else { last.max(min_last).min((self.size - 1) / BLOCK_SIZE) };
         self.fetch(first..last_fetch + 1, false);
         if let Some(range) = prefetch {
             let requested = self.fetch(range.clone(), true);
@@ -134,6 +140,14 @@ impl Reader {
         Ok(out.freeze())
     }
 
+    /// The largest window this handle may use now: sequential streams share
+    /// half the memory budget, so prefetched blocks are not evicted by other
+    /// streams' prefetch before they are read.
+    fn window_cap(&self) -> u64 {
+        let streams = self.cache.streams.load(std::sync::atomic::Ordering::Relaxed).max(1) as u64;
+        (self.cache.limit() / 2 / streams).clamp(INITIAL_WINDOW, self.max_window)
+    }
+
     /// True once the handle reads sequentially (prefetch is running).
     fn is_sequential(&self) -> bool {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).window > 0
@@ -149,6 +163,7 @@ impl Reader {
         } else {
             if st.window > 0 {
                 crate::metrics::metrics().prefetch_restarts.inc();
+                self.cache.streams.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
             *st = State { started: true, ..State::default() };
         }
@@ -158,6 +173,7 @@ impl Reader {
         }
         if st.window == 0 {
             st.window = INITIAL_WINDOW;
+            self.cache.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         // Keep the whole window requested, in whole chunks.
         let from = st.ahead.max(end);
@@ -166,7 +182,7 @@ impl Reader {
             return None;
         }
         st.ahead = to;
-        st.window = (st.window * 2).min(self.max_window);
+        st.window = (st.window * 2).min(self.window_cap());
         (from < to).then(|| from / BLOCK_SIZE..to.div_ceil(BLOCK_SIZE))
     }
 
@@ -314,6 +330,14 @@ impl Reader {
             }
         }
         Err(StoreError::Network("block was evicted repeatedly; memory limit too small".into()))
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if self.state.lock().unwrap_or_else(|e| e.into_inner()).window > 0 {
+            self.cache.streams.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

@@ -1,0 +1,206 @@
+//! Write throughput through a real bucketfs mount on a SeaweedFS S3 server,
+//! next to raw aws-sdk-s3 uploads of the same data in the same run.
+//!
+//! `cargo bench --bench write`. Workloads:
+//! - `seq_write_256MiB`: one 256 MiB file written with 1 MiB writes and
+//!   closed (the upload is complete when close returns); raw: a multipart
+//!   upload of 8 MiB parts, 4 in flight (what bucketfs does), and one PUT.
+//! - `create_1000x4KiB`: 1,000 new 4 KiB files written and closed, one after
+//!   another; raw: 1,000 PutObject requests, one after another.
+//!
+//! The summary is printed and written to `target/criterion-summary-write.txt`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use criterion::{Criterion, Throughput};
+
+const MIB: usize = 1 << 20;
+const BIG: usize = 256 * MIB;
+const SMALL: usize = 4096;
+const FILES: usize = 1000;
+
+static SUMMARY: Mutex<Vec<(String, Vec<Duration>, f64)>> = Mutex::new(Vec::new());
+
+fn record(name: &str, elapsed: Duration, units: f64) {
+    let mut s = SUMMARY.lock().unwrap();
+    match s.iter_mut().find(|(n, _, _)| n == name) {
+        Some((_, times, _)) => times.push(elapsed),
+        None => s.push((name.to_string(), vec![elapsed], units)),
+    }
+}
+
+fn median(times: &[Duration]) -> Duration {
+    let mut t = times.to_vec();
+    t.sort();
+    t[t.len() / 2]
+}
+
+async fn raw_multipart(client: &aws_sdk_s3::Client, bucket: &str, key: &str, data: &[u8]) {
+    let id = client.create_multipart_upload().bucket(bucket).key(key).send().await.unwrap().upload_id.unwrap();
+    let mut set = tokio::task::JoinSet::new();
+    let mut parts = Vec::new();
+    for (i, chunk) in data.chunks(8 * MIB).enumerate() {
+        let (client, bucket, key, id, body) =
+            (client.clone(), bucket.to_string(), key.to_string(), id.clone(), chunk.to_vec());
+        set.spawn(async move {
+            let out = client
+                .upload_part()
+                .bucket(&bucket)
+                .key(&key)
+                .upload_id(&id)
+                .part_number(i as i32 + 1)
+                .body(ByteStream::from(body))
+                .send()
+                .await
+                .unwrap();
+            CompletedPart::builder().part_number(i as i32 + 1).e_tag(out.e_tag.unwrap_or_default()).build()
+        });
+        while set.len() >= 4 {
+            parts.push(set.join_next().await.unwrap().unwrap());
+        }
+    }
+    while let Some(p) = set.join_next().await {
+        parts.push(p.unwrap());
+    }
+    parts.sort_by_key(|p| p.part_number());
+    client
+        .complete_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(&id)
+        .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+        .send()
+        .await
+        .unwrap();
+}
+
+fn benches(c: &mut Criterion) {
+    let srv = common::server();
+    let bucket = srv.bucket("bench-write");
+    let data = common::pattern(BIG, 1);
+    let small = common::pattern(SMALL, 2);
+
+    let mut g = c.benchmark_group("seq_write_256MiB");
+    g.sample_size(10).measurement_time(Duration::from_secs(30)).throughput(Throughput::Bytes(BIG as u64));
+    let m = common::Mount::start(&bucket, &[]);
+    g.bench_function("bucketfs", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for i in 0..iters {
+                let start = Instant::now();
+                let mut f = std::fs::File::create(m.path(&format!("seq-{i}"))).unwrap();
+                for chunk in data.chunks(MIB) {
+                    f.write_all(chunk).unwrap();
+                }
+                drop(f); // close: returns once the object is complete in S3
+                let t = start.elapsed();
+                record("seq_write_256MiB/bucketfs", t, BIG as f64);
+                total += t;
+            }
+            total
+        })
+    });
+    g.bench_function("raw_multipart_8MiB_x4", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for i in 0..iters {
+                let start = Instant::now();
+                srv.block_on(raw_multipart(&srv.client, &bucket, &format!("raw-seq-{i}"), &data));
+                let t = start.elapsed();
+                record("seq_write_256MiB/raw_multipart_8MiB_x4", t, BIG as f64);
+                total += t;
+            }
+            total
+        })
+    });
+    g.bench_function("raw_single_put", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for i in 0..iters {
+                let start = Instant::now();
+                srv.put(&bucket, &format!("raw-put-{i}"), data.clone());
+                let t = start.elapsed();
+                record("seq_write_256MiB/raw_single_put", t, BIG as f64);
+                total += t;
+            }
+            total
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("create_1000x4KiB");
+    g.sample_size(10).measurement_time(Duration::from_secs(30)).throughput(Throughput::Elements(FILES as u64));
+    let mut round = 0;
+    g.bench_function("bucketfs", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                round += 1;
+                let dir = m.path(&format!("small-{round}"));
+                std::fs::create_dir(&dir).unwrap();
+                let start = Instant::now();
+                for i in 0..FILES {
+                    std::fs::write(dir.join(format!("f{i}")), &small).unwrap();
+                }
+                let t = start.elapsed();
+                record("create_1000x4KiB/bucketfs", t, FILES as f64);
+                total += t;
+            }
+            total
+        })
+    });
+    g.bench_function("raw_put_serial", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                round += 1;
+                let start = Instant::now();
+                srv.block_on(async {
+                    for i in 0..FILES {
+                        srv.client
+                            .put_object()
+                            .bucket(&bucket)
+                            .key(format!("raw-small-{round}/f{i}"))
+                            .body(ByteStream::from(small.clone()))
+                            .send()
+                            .await
+                            .unwrap();
+                    }
+                });
+                let t = start.elapsed();
+                record("create_1000x4KiB/raw_put_serial", t, FILES as f64);
+                total += t;
+            }
+            total
+        })
+    });
+    g.finish();
+    drop(m);
+
+    let mut out = String::from("workload/config                          median       rate\n");
+    for (name, times, units) in SUMMARY.lock().unwrap().iter() {
+        let t = median(times);
+        let rate = if name.starts_with("seq") {
+            format!("{:.1} MiB/s", units / t.as_secs_f64() / MIB as f64)
+        } else {
+            format!("{:.0} files/s ({:.2} ms per file)", units / t.as_secs_f64(), t.as_secs_f64() * 1000.0 / units)
+        };
+        out += &format!("{name:<40} {:>8.3} s  {rate}\n", t.as_secs_f64());
+    }
+    eprintln!("\n{out}");
+    let _ = std::fs::create_dir_all("target");
+    let _ = std::fs::write("target/criterion-summary-write.txt", out);
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    benches(&mut c);
+    c.final_summary();
+}
