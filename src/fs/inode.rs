@@ -149,12 +149,17 @@ impl InodeTable {
             && let Some(inode) = self.inodes.get_mut(&ino)
             && inode.kind == entry.kind
         {
-            if entry.kind == Kind::File {
-                inode.size = entry.size;
-                inode.mtime = entry.mtime;
-                inode.etag = entry.etag.clone();
+            // Only newer information replaces what is known: a listing that
+            // started before an upload finished must not bring back the
+            // object's previous version.
+            if valid_until >= inode.valid_until && !inode.local {
+                if entry.kind == Kind::File {
+                    inode.size = entry.size;
+                    inode.mtime = entry.mtime;
+                    inode.etag = entry.etag.clone();
+                }
+                inode.valid_until = valid_until;
             }
-            inode.valid_until = valid_until;
             if count {
                 inode.lookups += 1;
             }

@@ -51,7 +51,21 @@ pub fn server() -> &'static Server {
     SERVER.get_or_init(start_server)
 }
 
+/// Removes data left by earlier test processes that are gone.
+fn remove_stale_server_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("bucketfs-weed-").and_then(|p| p.parse::<u32>().ok())
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn start_server() -> Server {
+    remove_stale_server_dirs();
     let dir = std::env::temp_dir().join(format!("bucketfs-weed-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("data")).unwrap();
