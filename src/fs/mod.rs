@@ -223,57 +223,10 @@ impl Fs {
     /// the root is virtual and each mount sits at its path.
     pub fn new(settings: FsSettings, mounts: Vec<(Vec<String>, Arc<MountPoint>)>) -> anyhow::Result<Self> {
         let now = SystemTime::now();
-        let dir = |ino: u64, parent: u64, name: &str, loc: Loc| Inode::pinned_dir(ino, parent, name, loc, now);
         let mut table = InodeTable::new();
-        match mounts.as_slice() {
-            [(path, mount)] if path.is_empty() => {
-                table.insert_pinned(dir(
-                    ROOT,
-                    ROOT,
-                    "",
-                    Loc::Object { mount: mount.clone(), key: mount.prefix.clone() },
-                ));
-            }
-            _ => {
-                table.insert_pinned(dir(ROOT, ROOT, "", Loc::Virtual { children: BTreeMap::new() }));
-                for (path, mount) in &mounts {
-                    anyhow::ensure!(
-                        !path.is_empty(),
-                        "mount {} at the root cannot share the tree with other mounts",
-                        mount.name
-                    );
-                    let mut parent = ROOT;
-                    for (depth, component) in path.iter().enumerate() {
-                        let last = depth + 1 == path.len();
-                        let existing = table.child(parent, component);
-                        let ino = match existing {
-                            Some(ino) => {
-                                let is_virtual = matches!(table.get(ino).map(|i| &i.loc), Some(Loc::Virtual { .. }));
-                                anyhow::ensure!(
-                                    is_virtual && !last,
-                                    "mount path /{} overlaps another mount",
-                                    path.join("/")
-                                );
-                                ino
-                            }
-                            None => {
-                                let loc = if last {
-                                    Loc::Object { mount: mount.clone(), key: mount.prefix.clone() }
-                                } else {
-                                    Loc::Virtual { children: BTreeMap::new() }
-                                };
-                                let ino = table.insert_pinned(dir(0, parent, component, loc));
-                                if let Some(Inode { loc: Loc::Virtual { children }, .. }) = table.get_mut(parent) {
-                                    children.insert(component.clone(), ino);
-                                }
-                                ino
-                            }
-                        };
-                        parent = ino;
-                    }
-                }
-            }
-        }
+        // The root starts as an empty virtual directory; `reconfigure` lays
+        // out the mounts, as it does for a live config update.
+        table.insert_pinned(Inode::pinned_dir(ROOT, ROOT, "", Loc::Virtual { children: BTreeMap::new() }, now));
         let (staging, disk) = match &settings.cache_dir {
             Some(dir) => {
                 let staging_root = dir.join("staging");
@@ -286,7 +239,7 @@ impl Fs {
             }
             None => (tempfile::Builder::new().prefix("bucketfs-staging-").tempdir()?, None),
         };
-        Ok(Self {
+        let fs = Self {
             cache: Arc::new(BlockCache::new(settings.memory_limit)),
             settings,
             inodes: Mutex::new(table),
@@ -301,9 +254,11 @@ impl Fs {
             writers: Mutex::new(HashMap::new()),
             staging,
             uploads: AtomicUsize::new(0),
-            mounts: Mutex::new(mounts.iter().map(|(_, m)| m.clone()).collect()),
+            mounts: Mutex::new(Vec::new()),
             disk,
-        })
+        };
+        fs.reconfigure(mounts)?;
+        Ok(fs)
     }
 
     /// The metadata TTL of a directory's mount (None for virtual directories).
