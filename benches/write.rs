@@ -36,6 +36,27 @@ fn record(name: &str, elapsed: Duration, units: f64) {
     }
 }
 
+/// Runs `iters` iterations, timing only `run` (not `setup`), records each
+/// iteration under `name` and returns the total for criterion.
+fn timed<S>(
+    name: &str,
+    units: usize,
+    iters: u64,
+    mut setup: impl FnMut(u64) -> S,
+    mut run: impl FnMut(u64, S),
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for i in 0..iters {
+        let state = setup(i);
+        let start = Instant::now();
+        run(i, state);
+        let t = start.elapsed();
+        record(name, t, units as f64);
+        total += t;
+    }
+    total
+}
+
 fn median(times: &[Duration]) -> Duration {
     let mut t = times.to_vec();
     t.sort();
@@ -92,93 +113,89 @@ fn benches(c: &mut Criterion) {
     let m = common::Mount::start(&bucket, &[]);
     g.bench_function("bucketfs", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for i in 0..iters {
-                let start = Instant::now();
-                let mut f = std::fs::File::create(m.path(&format!("seq-{i}"))).unwrap();
-                for chunk in data.chunks(MIB) {
-                    f.write_all(chunk).unwrap();
-                }
-                drop(f); // close: returns once the object is complete in S3
-                let t = start.elapsed();
-                record("seq_write_256MiB/bucketfs", t, BIG as f64);
-                total += t;
-            }
-            total
+            timed(
+                "seq_write_256MiB/bucketfs",
+                BIG,
+                iters,
+                |_| (),
+                |i, ()| {
+                    let mut f = std::fs::File::create(m.path(&format!("seq-{i}"))).unwrap();
+                    for chunk in data.chunks(MIB) {
+                        f.write_all(chunk).unwrap();
+                    }
+                    drop(f); // close: returns once the object is complete in S3
+                },
+            )
         })
     });
     g.bench_function("raw_multipart_8MiB_x4", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for i in 0..iters {
-                let start = Instant::now();
-                srv.block_on(raw_multipart(&srv.client, &bucket, &format!("raw-seq-{i}"), &data));
-                let t = start.elapsed();
-                record("seq_write_256MiB/raw_multipart_8MiB_x4", t, BIG as f64);
-                total += t;
-            }
-            total
+            timed(
+                "seq_write_256MiB/raw_multipart_8MiB_x4",
+                BIG,
+                iters,
+                |_| (),
+                |i, ()| srv.block_on(raw_multipart(&srv.client, &bucket, &format!("raw-seq-{i}"), &data)),
+            )
         })
     });
     g.bench_function("raw_single_put", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for i in 0..iters {
-                let start = Instant::now();
-                srv.put(&bucket, &format!("raw-put-{i}"), data.clone());
-                let t = start.elapsed();
-                record("seq_write_256MiB/raw_single_put", t, BIG as f64);
-                total += t;
-            }
-            total
+            timed(
+                "seq_write_256MiB/raw_single_put",
+                BIG,
+                iters,
+                |_| (),
+                |i, ()| srv.put(&bucket, &format!("raw-put-{i}"), data.clone()),
+            )
         })
     });
     g.finish();
 
     let mut g = c.benchmark_group("create_1000x4KiB");
     g.sample_size(10).measurement_time(Duration::from_secs(30)).throughput(Throughput::Elements(FILES as u64));
-    let mut round = 0;
+    let round = std::cell::Cell::new(0u64);
+    let next_round = || {
+        round.set(round.get() + 1);
+        round.get()
+    };
     g.bench_function("bucketfs", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                round += 1;
-                let dir = m.path(&format!("small-{round}"));
+            // The directory is made outside the timed part.
+            let setup = |_| {
+                let dir = m.path(&format!("small-{}", next_round()));
                 std::fs::create_dir(&dir).unwrap();
-                let start = Instant::now();
+                dir
+            };
+            timed("create_1000x4KiB/bucketfs", FILES, iters, setup, |_, dir| {
                 for i in 0..FILES {
                     std::fs::write(dir.join(format!("f{i}")), &small).unwrap();
                 }
-                let t = start.elapsed();
-                record("create_1000x4KiB/bucketfs", t, FILES as f64);
-                total += t;
-            }
-            total
+            })
         })
     });
     g.bench_function("raw_put_serial", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                round += 1;
-                let start = Instant::now();
-                srv.block_on(async {
-                    for i in 0..FILES {
-                        srv.client
-                            .put_object()
-                            .bucket(&bucket)
-                            .key(format!("raw-small-{round}/f{i}"))
-                            .body(ByteStream::from(small.clone()))
-                            .send()
-                            .await
-                            .unwrap();
-                    }
-                });
-                let t = start.elapsed();
-                record("create_1000x4KiB/raw_put_serial", t, FILES as f64);
-                total += t;
-            }
-            total
+            timed(
+                "create_1000x4KiB/raw_put_serial",
+                FILES,
+                iters,
+                |_| next_round(),
+                |_, r| {
+                    srv.block_on(async {
+                        for i in 0..FILES {
+                            srv.client
+                                .put_object()
+                                .bucket(&bucket)
+                                .key(format!("raw-small-{r}/f{i}"))
+                                .body(ByteStream::from(small.clone()))
+                                .send()
+                                .await
+                                .unwrap();
+                        }
+                    })
+                },
+            )
         })
     });
     g.finish();

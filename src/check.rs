@@ -125,8 +125,7 @@ pub fn check_local(report: &mut Report, mountpoint: &Path) {
         ),
     }
     let mounted = mounts_at(mountpoint);
-    if let Some(m) = mounted.iter().find(|m| m.source == FSNAME) {
-        let _ = m;
+    if mounted.iter().any(|m| m.source == FSNAME) {
         report.pass("mount point", format!("{} is already mounted by bucketfs", mountpoint.display()));
     } else if !mounted.is_empty() {
         report.pass(

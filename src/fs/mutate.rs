@@ -433,12 +433,7 @@ impl Fs {
                 self.rename_dir(&mount, src.ino, &src_dir, name, newparent, &dst_dir, newname).await?;
             }
         }
-        if let Some(d) = dst {
-            let mut table = lock(&self.inodes);
-            if table.child(newparent, newname) == Some(d.ino) {
-                table.unlink_name(newparent, newname);
-            }
-        }
+        // Both paths forgot the replaced destination and relinked the source.
         Ok(())
     }
 
