@@ -187,6 +187,9 @@ pub struct MountArgs {
     /// Memory budget shared by prefetching, the block cache and write buffers, e.g. 512MiB.
     #[arg(long, default_value = "512MiB", value_parser = spec::parse_size)]
     pub memory_limit: u64,
+    /// Kernel readahead of the mount, e.g. 1MiB: sequential reads reach bucketfs as requests this large (needs root to set; 0 keeps the kernel's 128 KiB).
+    #[arg(long, default_value = "1MiB", value_parser = spec::parse_size)]
+    pub read_ahead: u64,
     /// Serve Prometheus /metrics and /healthz on this address, e.g. 127.0.0.1:9567 (off by default).
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -213,6 +216,7 @@ impl MountArgs {
             allow_other: self.allow_other,
             read_only: self.read_only,
             memory_limit: self.memory_limit,
+            read_ahead: self.read_ahead,
             cache_dir: self.cache_dir.clone(),
             max_cache_size: self.max_cache_size,
         };

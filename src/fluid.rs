@@ -177,8 +177,18 @@ const CREDENTIAL_PAIRS: [(&str, &str); 3] =
 const TTL_KEYS: [&str; 3] = ["metadata-ttl", "attr-timeout", "stat-cache-ttl"];
 const MOUNT_KEYS: [&str; 6] =
     ["region", "path-style", "force-path-style", "ca-bundle", "request-timeout", "max-attempts"];
-const FS_KEYS: [&str; 9] =
-    ["uid", "gid", "file-mode", "dir-mode", "allow-other", "memory-limit", "log-level", "log-format", "read-only"];
+const FS_KEYS: [&str; 10] = [
+    "uid",
+    "gid",
+    "file-mode",
+    "dir-mode",
+    "allow-other",
+    "memory-limit",
+    "read-ahead",
+    "log-level",
+    "log-format",
+    "read-only",
+];
 
 fn known_mount_key(k: &str) -> bool {
     ENDPOINT_KEYS.contains(&k)
@@ -226,6 +236,7 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
             "dir-mode" => settings.dir_mode = spec::parse_mode(v).with_context(|| field.clone())?,
             "allow-other" => settings.allow_other = flag(&field, v)?,
             "memory-limit" => settings.memory_limit = spec::parse_size(v).with_context(|| field.clone())?,
+            "read-ahead" => settings.read_ahead = spec::parse_size(v).with_context(|| field.clone())?,
             "log-level" => log_level = Some(v.clone()),
             "log-format" => log_format = Some(v.clone()),
             "read-only" => fs_read_only = flag(&field, v)?,

@@ -2,7 +2,8 @@
 //! [`FsError`]s into errno values. No file-system logic lives here.
 
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Once};
 use std::time::SystemTime;
 
 use fuser::{
@@ -16,44 +17,61 @@ use tokio::runtime::Handle;
 use crate::fs::namespace::Kind;
 use crate::fs::{Attr, Fs, FsError};
 
-/// The kernel's own readahead. Small on purpose: a random 256 KiB read then
-/// costs 256 KiB, not the 2–4× the kernel reads ahead with a larger window;
-/// sequential streams are prefetched by `fs::read`, far beyond this.
-const MAX_READAHEAD: u32 = 256 << 10;
-
 pub struct FuseAdapter {
     fs: Arc<Fs>,
     rt: Handle,
+    mountpoint: PathBuf,
+    /// Set once the kernel readahead has been tuned (after INIT).
+    tuned: Once,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<Fs>, rt: Handle) -> Self {
-        Self { fs, rt }
+    pub fn new(fs: Arc<Fs>, rt: Handle, mountpoint: PathBuf) -> Self {
+        Self { fs, rt, mountpoint, tuned: Once::new() }
     }
 
-    fn file_attr(&self, a: &Attr) -> FileAttr {
-        let s = self.fs.settings();
-        let (kind, perm, nlink) = match a.kind {
-            Kind::Dir => (FileType::Directory, s.dir_mode, 2),
-            Kind::File => (FileType::RegularFile, s.file_mode, 1),
-        };
-        FileAttr {
-            ino: INodeNo(a.ino),
-            size: a.size,
-            blocks: a.size.div_ceil(512),
-            atime: a.mtime,
-            mtime: a.mtime,
-            ctime: a.mtime,
-            crtime: a.mtime,
-            kind,
-            perm,
-            nlink,
-            uid: s.uid,
-            gid: s.gid,
-            rdev: 0,
-            blksize: 128 * 1024,
-            flags: 0,
-        }
+    /// Raises the kernel readahead to `--read-ahead`, on the first open (INIT
+    /// has been answered by then, and INIT can only lower it). With the
+    /// kernel's 128 KiB, a sequential reader costs eight FUSE round trips per
+    /// MiB; with 1 MiB, one. Random reads are not affected: the kernel reads
+    /// a lone random read as it is, whatever the readahead.
+    fn tune_read_ahead(&self) {
+        self.tuned.call_once(|| {
+            let bytes = self.fs.settings().read_ahead;
+            if bytes == 0 {
+                return;
+            }
+            match crate::mount::set_read_ahead(&self.mountpoint, bytes) {
+                Ok(file) => tracing::debug!("kernel readahead set to {} KiB ({})", bytes / 1024, file.display()),
+                Err(e) => tracing::info!(
+                    "kernel readahead left at its default (sequential reads arrive in 128 KiB requests): cannot set it: {e}"
+                ),
+            }
+        });
+    }
+}
+
+fn file_attr(s: &crate::spec::FsSettings, a: &Attr) -> FileAttr {
+    let (kind, perm, nlink) = match a.kind {
+        Kind::Dir => (FileType::Directory, s.dir_mode, 2),
+        Kind::File => (FileType::RegularFile, s.file_mode, 1),
+    };
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind,
+        perm,
+        nlink,
+        uid: s.uid,
+        gid: s.gid,
+        rdev: 0,
+        blksize: 128 * 1024,
+        flags: 0,
     }
 }
 
@@ -75,7 +93,11 @@ fn name_str(name: &OsStr) -> Option<String> {
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
-        let _ = config.set_max_readahead(MAX_READAHEAD);
+        // INIT can only lower the readahead; `tune_read_ahead` raises it later.
+        let ra = self.fs.settings().read_ahead.clamp(128 << 10, u32::MAX as u64) as u32;
+        if let Err(max) = config.set_max_readahead(ra) {
+            let _ = config.set_max_readahead(max);
+        }
         let _ = config.set_max_background(64);
         Ok(())
     }
@@ -124,6 +146,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.tune_read_ahead();
         let fs = self.fs.clone();
         let pid = req.pid();
         self.rt.spawn(async move {
@@ -150,7 +173,7 @@ impl Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.read(fh.0, offset, size).await {
-                Ok(data) => reply.data(&data),
+                Ok(data) => data.with_slice(|bytes| reply.data(bytes)),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -390,7 +413,7 @@ impl Filesystem for FuseAdapter {
 impl FuseAdapter {
     /// A cheap closure turning [`Attr`] into [`FileAttr`] inside spawned tasks.
     fn attr_maker(&self) -> impl Fn(&Attr) -> FileAttr + Send + 'static {
-        let adapter = FuseAdapter { fs: self.fs.clone(), rt: self.rt.clone() };
-        move |a| adapter.file_attr(a)
+        let fs = self.fs.clone();
+        move |a| file_attr(fs.settings(), a)
     }
 }

@@ -255,7 +255,7 @@ fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
     config.acl = if req.settings.allow_other { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(2);
     config.clone_fd = true;
-    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
+    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone(), req.mountpoint.clone());
     let mut session = match Session::new(adapter, &req.mountpoint, &config) {
         Ok(s) => s,
         Err(e) => {
@@ -360,6 +360,8 @@ fn lazy_unmount(path: &Path) -> bool {
 /// One line of /proc/self/mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountInfo {
+    /// `major:minor` of the mounted file system.
+    pub dev: String,
     pub mount_point: PathBuf,
     pub fs_type: String,
     pub source: String,
@@ -391,6 +393,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
             let fields: Vec<&str> = line.split(' ').collect();
             let sep = fields.iter().position(|f| *f == "-")?;
             Some(MountInfo {
+                dev: fields.get(2)?.to_string(),
                 mount_point: PathBuf::from(unescape(fields.get(4)?)),
                 fs_type: fields.get(sep + 1)?.to_string(),
                 source: unescape(fields.get(sep + 2)?),
@@ -398,6 +401,22 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
             })
         })
         .collect()
+}
+
+/// Sets the kernel readahead of the bucketfs mount at `path` (its backing
+/// device's `read_ahead_kb`). FUSE can only lower the kernel's 128 KiB default
+/// at INIT, so this runs once the session is up; it needs root (or a writable
+/// /sys). Returns the sysfs file written.
+pub fn set_read_ahead(path: &Path, bytes: u64) -> Result<PathBuf, String> {
+    let dev = mounts_at(path)
+        .into_iter()
+        .rev()
+        .find(|m| m.source == FSNAME)
+        .map(|m| m.dev)
+        .ok_or_else(|| format!("no {FSNAME} mount at {}", path.display()))?;
+    let file = PathBuf::from(format!("/sys/class/bdi/{dev}/read_ahead_kb"));
+    std::fs::write(&file, format!("{}\n", bytes.div_ceil(1024))).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(file)
 }
 
 /// Entries of this process's mount table at `path`.

@@ -16,6 +16,9 @@ pub const DEFAULT_METADATA_TTL: Duration = Duration::from_secs(1);
 pub const INDEFINITE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Default global memory budget shared by prefetch windows and the block cache.
 pub const DEFAULT_MEMORY_LIMIT: u64 = 512 << 20;
+/// Kernel readahead of the mount (`--read-ahead`): sequential reads arrive as
+/// FUSE requests of up to this size (the kernel's own default is 128 KiB).
+pub const DEFAULT_READ_AHEAD: u64 = 1 << 20;
 /// Default per-attempt request timeout: long enough for an 8 MiB part on a
 /// slow link, short enough that a frozen server gives EIO in bounded time.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
@@ -203,6 +206,8 @@ pub struct FsSettings {
     /// Mount the whole file system read-only (`MS_RDONLY`).
     pub read_only: bool,
     pub memory_limit: u64,
+    /// Kernel readahead for the mount in bytes; 0 leaves the kernel's default.
+    pub read_ahead: u64,
     /// Where staging files for writes and the disk cache live (default:
     /// staging in the system temp dir, no disk cache).
     pub cache_dir: Option<PathBuf>,
@@ -222,6 +227,7 @@ impl Default for FsSettings {
             allow_other: false,
             read_only: false,
             memory_limit: DEFAULT_MEMORY_LIMIT,
+            read_ahead: DEFAULT_READ_AHEAD,
             cache_dir: None,
             max_cache_size: None,
         }

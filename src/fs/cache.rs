@@ -43,12 +43,102 @@ pub struct ObjectId {
 }
 
 pub type BlockKey = (Arc<ObjectId>, u64);
-pub type BlockResult = Option<Result<Bytes, StoreError>>;
+pub type BlockResult = Option<Result<Block, StoreError>>;
+
+/// The bytes of one block. The blocks one GET fills within one [`RUN_SIZE`]
+/// stretch share one allocation, back to back, and carry the same `run`
+/// number, so a read that spans them is answered without copying
+/// ([`ReadData`]). Run 0 is a block with an allocation of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub bytes: Bytes,
+    pub run: u64,
+}
+
+/// Blocks filled by one GET share allocations of at most this many bytes
+/// (aligned in the object): the largest FUSE read, so a read never needs two,
+/// and little enough that a run kept alive by one cached block costs little.
+pub const RUN_SIZE: u64 = 1 << 20;
+
+static NEXT_RUN: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh run number for a new shared allocation.
+pub fn new_run() -> u64 {
+    NEXT_RUN.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Block {
+    /// A block with its own allocation.
+    pub fn own(bytes: Bytes) -> Self {
+        Self { bytes, run: 0 }
+    }
+}
+
+/// The answer to one read: consecutive pieces of blocks.
+#[derive(Clone, Debug, Default)]
+pub struct ReadData {
+    parts: Vec<Bytes>,
+    /// All parts lie back to back in one allocation.
+    contiguous: bool,
+}
+
+impl ReadData {
+    /// Pieces of consecutive blocks, in order; `runs[i]` is the run of `parts[i]`.
+    pub fn from_parts(parts: Vec<Bytes>, runs: &[u64]) -> Self {
+        let contiguous = parts.len() <= 1
+            || (runs[0] != 0
+                && runs.iter().all(|r| *r == runs[0])
+                && parts.windows(2).all(|w| w[0].as_ptr().wrapping_add(w[0].len()) == w[1].as_ptr()));
+        Self { parts, contiguous }
+    }
+
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f` with all the bytes as one slice: borrowed in place when the
+    /// parts are contiguous, else copied once.
+    pub fn with_slice<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        match self.parts.as_slice() {
+            [] => f(&[]),
+            [one] => f(one),
+            parts if self.contiguous => {
+                // SAFETY: `from_parts` set `contiguous` only for parts of one
+                // run: slices of a single allocation (one `BytesMut` split
+                // into blocks), each starting where the previous one ends. The
+                // span is inside that allocation and `self` keeps it alive and
+                // unchanged (`Bytes` is immutable) for the borrow.
+                let joined = unsafe { std::slice::from_raw_parts(parts[0].as_ptr(), self.len()) };
+                f(joined)
+            }
+            parts => f(&parts.concat()),
+        }
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.with_slice(<[u8]>::to_vec)
+    }
+
+    /// True when [`Self::with_slice`] borrows in place.
+    pub fn is_contiguous(&self) -> bool {
+        self.parts.len() <= 1 || self.contiguous
+    }
+}
+
+impl From<Bytes> for ReadData {
+    fn from(b: Bytes) -> Self {
+        Self { parts: vec![b], contiguous: true }
+    }
+}
 pub type BlockSender = watch::Sender<BlockResult>;
 
 /// What the cache knows about a block.
 pub enum Probe {
-    Ready(Bytes),
+    Ready(Block),
     Pending(watch::Receiver<BlockResult>),
     Missing,
 }
@@ -62,7 +152,7 @@ pub struct CacheStats {
 }
 
 struct Inner {
-    ready: LruCache<BlockKey, Bytes>,
+    ready: LruCache<BlockKey, Block>,
     ready_bytes: u64,
     pending: HashMap<BlockKey, (watch::Receiver<BlockResult>, u64)>,
     pending_bytes: u64,
@@ -125,9 +215,21 @@ impl BlockCache {
     /// What the cache holds for `key`. `promote` refreshes the block's place
     /// in the LRU; sequential readers pass false, so the blocks they have
     /// consumed are evicted before blocks prefetched for them but not read yet.
+    /// A promoted block that shares its run's allocation gets one of its own
+    /// first: kept on its own, it must not keep the rest of its run alive
+    /// outside the budget.
     pub fn probe(&self, key: &BlockKey, promote: bool) -> Probe {
         let mut i = self.lock();
-        let ready = if promote { i.ready.get(key).cloned() } else { i.ready.peek(key).cloned() };
+        let ready = if promote {
+            i.ready.get_mut(key).map(|b| {
+                if b.run != 0 {
+                    *b = Block::own(Bytes::copy_from_slice(&b.bytes));
+                }
+                b.clone()
+            })
+        } else {
+            i.ready.peek(key).cloned()
+        };
         if let Some(b) = ready {
             return Probe::Ready(b);
         }
@@ -176,7 +278,7 @@ impl BlockCache {
     }
 
     /// Records the outcome of a fetch and wakes the block's waiters.
-    pub fn fill(&self, object: &Arc<ObjectId>, index: u64, tx: BlockSender, result: Result<Bytes, StoreError>) {
+    pub fn fill(&self, object: &Arc<ObjectId>, index: u64, tx: BlockSender, result: Result<Block, StoreError>) {
         {
             let mut i = self.lock();
             let key = (object.clone(), index);
@@ -184,11 +286,12 @@ impl BlockCache {
                 i.pending_bytes -= n;
             }
             if let Ok(b) = &result {
-                self.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
-                crate::metrics::metrics().bytes_fetched.inc_by(b.len() as u64);
-                i.ready_bytes += b.len() as u64;
+                let n = b.bytes.len() as u64;
+                self.stats.fetched_bytes.fetch_add(n, Ordering::Relaxed);
+                crate::metrics::metrics().bytes_fetched.inc_by(n);
+                i.ready_bytes += n;
                 if let Some(old) = i.ready.put(key, b.clone()) {
-                    i.ready_bytes -= old.len() as u64;
+                    i.ready_bytes -= old.bytes.len() as u64;
                 }
                 self.evict(&mut i);
             }
@@ -200,7 +303,7 @@ impl BlockCache {
         while i.ready_bytes + i.pending_bytes + i.extra_bytes > self.limit {
             match i.ready.pop_lru() {
                 Some((_, b)) => {
-                    i.ready_bytes -= b.len() as u64;
+                    i.ready_bytes -= b.bytes.len() as u64;
                     self.stats.evictions.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::metrics().cache_evictions.inc();
                 }
@@ -232,7 +335,7 @@ mod tests {
         // Nothing twice.
         assert!(cache.reserve(&a, 0..8, |_| BLOCK_SIZE, false).0.is_empty());
         for (i, tx) in got {
-            cache.fill(&a, i, tx, Ok(Bytes::from(vec![i as u8; BLOCK_SIZE as usize])));
+            cache.fill(&a, i, tx, Ok(Block::own(Bytes::from(vec![i as u8; BLOCK_SIZE as usize]))));
         }
         assert_eq!(cache.used(), 8 * BLOCK_SIZE);
         // Touch block 0 so block 1 is the least recently used.
@@ -248,6 +351,45 @@ mod tests {
         let (opt, refused) = cache.reserve(&c, 0..100, |_| BLOCK_SIZE, true);
         assert!(opt.len() < 8, "{}", opt.len());
         assert_eq!(refused, Some(opt.len() as u64));
+    }
+
+    #[test]
+    fn reads_join_blocks_of_one_run_without_copying() {
+        let mut run = bytes::BytesMut::with_capacity(4 * 8);
+        run.extend_from_slice(&[1u8; 32]);
+        for (i, b) in run.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let a = run.split_to(8).freeze();
+        let b = run.split_to(8).freeze();
+        let c = run.split_to(8).freeze();
+        let joined = ReadData::from_parts(vec![a.slice(3..), b.clone(), c.slice(..5)], &[7, 7, 7]);
+        assert!(joined.is_contiguous());
+        assert_eq!(joined.to_vec(), (3..21).collect::<Vec<u8>>());
+        // Different runs, or blocks of their own, are copied, with the same bytes.
+        let copied = ReadData::from_parts(vec![a.slice(3..), b.clone(), c.slice(..5)], &[7, 8, 7]);
+        assert!(!copied.is_contiguous());
+        assert_eq!(copied.to_vec(), joined.to_vec());
+        let own = ReadData::from_parts(vec![b.clone(), a.clone()], &[0, 0]);
+        assert!(!own.is_contiguous());
+        assert_eq!(own.to_vec(), [&b[..], &a[..]].concat());
+        assert!(ReadData::default().is_empty());
+    }
+
+    #[test]
+    fn a_promoted_block_stops_sharing_its_run() {
+        let cache = BlockCache::new(8 * BLOCK_SIZE);
+        let a = obj("a");
+        let (mut got, _) = cache.reserve(&a, 0..1, |_| BLOCK_SIZE, false);
+        let (i, tx) = got.pop().unwrap();
+        let run = Bytes::from(vec![5u8; 2 * BLOCK_SIZE as usize]);
+        cache.fill(&a, i, tx, Ok(Block { bytes: run.slice(..BLOCK_SIZE as usize), run: 9 }));
+        let Probe::Ready(seq) = cache.probe(&(a.clone(), 0), false) else { panic!() };
+        assert_eq!(seq.run, 9, "a sequential reader keeps the shared allocation");
+        let Probe::Ready(own) = cache.probe(&(a.clone(), 0), true) else { panic!() };
+        assert_eq!(own.run, 0);
+        assert_ne!(own.bytes.as_ptr(), run.as_ptr());
+        assert_eq!(own.bytes, seq.bytes);
     }
 
     #[test]

@@ -23,12 +23,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use tracing::{debug, error, warn};
 
 use crate::spec::FsSettings;
 use crate::store::{ObjectStore, StoreError};
-use cache::{BlockCache, ObjectId};
+use cache::{BlockCache, ObjectId, ReadData};
 use inode::{Inode, InodeTable, Loc, ROOT};
 use namespace::{Entry, Kind, Skipped};
 use read::Reader;
@@ -710,7 +709,7 @@ impl Fs {
         }
     }
 
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes> {
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadData> {
         let handle = lock(&self.files).get(&fh).cloned().ok_or(FsError::BadHandle)?;
         // While the file is open for writing, every handle reads what was written.
         let writer = match &handle.kind {
@@ -719,7 +718,7 @@ impl Fs {
         };
         if let Some(w) = writer {
             let mut guard = w.writer.lock().await;
-            return guard.read(offset, size).await.map_err(|e| {
+            return guard.read(offset, size).await.map(ReadData::from).map_err(|e| {
                 error!(key = %guard.key(), "read of {} (open for writing) failed: {e}", guard.key());
                 e.into()
             });

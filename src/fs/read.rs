@@ -20,10 +20,10 @@
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use futures::StreamExt;
 
-use super::cache::{BLOCK_SIZE, BlockCache, BlockSender, ObjectId, Probe};
+use super::cache::{BLOCK_SIZE, Block, BlockCache, BlockSender, ObjectId, Probe, RUN_SIZE, ReadData, new_run};
 use super::disk_cache::DiskCache;
 use crate::store::{ObjectStore, StoreError};
 
@@ -38,7 +38,7 @@ pub const MAX_CHUNK: u64 = 8 << 20;
 /// Size of each prefetch GET: small enough that many run in parallel (S3
 /// and S3-compatible servers serve parallel ranges faster than one stream),
 /// large enough that request overhead stays small.
-pub const PREFETCH_CHUNK: u64 = 4 << 20;
+pub const PREFETCH_CHUNK: u64 = 8 << 20;
 /// Smallest fetch for a large read (≥ [`LARGE_READ`]) that is not part of a
 /// sequential stream: the kernel splits an application's 256 KiB read into
 /// 128 KiB requests that arrive one after the other, and three blocks cover
@@ -99,9 +99,9 @@ impl Reader {
     }
 
     /// Reads up to `len` bytes at `offset`; short only at end of file.
-    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, StoreError> {
+    pub async fn read(&self, offset: u64, len: u32) -> Result<ReadData, StoreError> {
         if offset >= self.size || len == 0 {
-            return Ok(Bytes::new());
+            return Ok(ReadData::default());
         }
         let end = (offset + len as u64).min(self.size);
         let prefetch = self.plan(offset, end);
@@ -123,21 +123,17 @@ impl Reader {
                 st.window = (st.window / 2).max(INITIAL_WINDOW);
             }
         }
-        if first == last {
-            let block = self.block(first).await?;
-            let start = (offset - first * BLOCK_SIZE) as usize;
-            let stop = (end - first * BLOCK_SIZE) as usize;
-            return Ok(block.slice(start.min(block.len())..stop.min(block.len())));
-        }
-        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        let count = (last - first + 1) as usize;
+        let (mut parts, mut runs) = (Vec::with_capacity(count), Vec::with_capacity(count));
         for index in first..=last {
             let block = self.block(index).await?;
             let base = index * BLOCK_SIZE;
             let start = offset.saturating_sub(base) as usize;
-            let stop = ((end - base) as usize).min(block.len());
-            out.extend_from_slice(&block[start.min(stop)..stop]);
+            let stop = ((end - base) as usize).min(block.bytes.len());
+            parts.push(block.bytes.slice(start.min(stop)..stop));
+            runs.push(block.run);
         }
-        Ok(out.freeze())
+        Ok(ReadData::from_parts(parts, &runs))
     }
 
     /// The largest window this handle may use now: sequential streams share
@@ -198,19 +194,22 @@ impl Reader {
         for (index, tx) in reserved {
             let contiguous = run.last().is_none_or(|(last, _)| *last + 1 == index);
             if !contiguous || run.len() as u64 >= chunk_blocks {
-                self.spawn_get(std::mem::take(&mut run));
+                self.spawn_get(std::mem::take(&mut run), optional);
             }
             run.push((index, tx));
         }
         if !run.is_empty() {
-            self.spawn_get(run);
+            self.spawn_get(run, optional);
         }
         reached
     }
 
     /// Fills a run of consecutive blocks: from the disk cache where it has
     /// them, the rest with ranged GETs that fill blocks as bytes arrive.
-    fn spawn_get(&self, run: Vec<(u64, BlockSender)>) {
+    /// Prefetched blocks (`shared`) are cut from shared allocations (see
+    /// [`Block`]); blocks a read asked for get their own, as they are likely
+    /// to be kept on their own.
+    fn spawn_get(&self, run: Vec<(u64, BlockSender)>, shared: bool) {
         let store = self.store.clone();
         let cache = self.cache.clone();
         let disk = self.disk.clone();
@@ -225,7 +224,7 @@ impl Reader {
                         match d.get(&object, i).await {
                             Some(b) if b.len() as u64 == block_len(i) => {
                                 crate::metrics::metrics().disk_cache_hits.inc();
-                                cache.fill(&object, i, tx, Ok(b));
+                                cache.fill(&object, i, tx, Ok(Block::own(b)));
                             }
                             _ => missing.push((i, tx)),
                         }
@@ -237,12 +236,13 @@ impl Reader {
             let mut stretch: Vec<(u64, BlockSender)> = Vec::new();
             for (i, tx) in missing {
                 if stretch.last().is_some_and(|(last, _)| *last + 1 != i) {
-                    Self::get_run(&*store, &cache, disk.as_ref(), &object, size, std::mem::take(&mut stretch)).await;
+                    let stretch = std::mem::take(&mut stretch);
+                    Self::get_run(&*store, &cache, disk.as_ref(), &object, size, stretch, shared).await;
                 }
                 stretch.push((i, tx));
             }
             if !stretch.is_empty() {
-                Self::get_run(&*store, &cache, disk.as_ref(), &object, size, stretch).await;
+                Self::get_run(&*store, &cache, disk.as_ref(), &object, size, stretch, shared).await;
             }
         });
     }
@@ -254,6 +254,7 @@ impl Reader {
         object: &Arc<ObjectId>,
         size: u64,
         run: Vec<(u64, BlockSender)>,
+        shared: bool,
     ) {
         let block_len = Self::block_len(size);
         let start = run[0].0 * BLOCK_SIZE;
@@ -268,26 +269,41 @@ impl Reader {
             Ok(b) => b,
             Err(e) => return fail(&mut pending, e),
         };
+        // Shared: blocks are cut from one allocation per RUN_SIZE stretch of
+        // the object, back to back, so reads spanning them need no copy.
+        let run_start = |i: u64| -> (u64, usize) {
+            let from = i * BLOCK_SIZE;
+            if !shared {
+                return (0, block_len(i) as usize);
+            }
+            let run_end = ((from / RUN_SIZE + 1) * RUN_SIZE).min(end);
+            (new_run(), (run_end - from) as usize)
+        };
         let mut current = pending.next();
-        let mut buf = BytesMut::with_capacity(current.as_ref().map_or(0, |(i, _)| block_len(*i)) as usize);
+        let (mut run, mut buf) = (0, BytesMut::new());
         while current.is_some() {
             match body.next().await {
                 Some(Ok(mut chunk)) => {
                     while !chunk.is_empty() {
                         let Some((index, _)) = &current else { break };
                         let want = block_len(*index) as usize;
+                        if buf.is_empty() && buf.capacity() < want {
+                            let (id, len) = run_start(*index);
+                            (run, buf) = (id, BytesMut::with_capacity(len.max(want)));
+                        }
+                        // Never more than the capacity: the block stays in
+                        // its run's allocation.
                         let take = (want - buf.len()).min(chunk.len());
                         buf.extend_from_slice(&chunk[..take]);
                         chunk.advance(take);
                         if buf.len() == want {
                             let Some((i, tx)) = current.take() else { break };
                             current = pending.next();
-                            let next_len = current.as_ref().map_or(0, |(i, _)| block_len(*i)) as usize;
-                            let full = std::mem::replace(&mut buf, BytesMut::with_capacity(next_len)).freeze();
+                            let block = Block { bytes: buf.split_to(want).freeze(), run };
                             if let Some(d) = disk {
-                                d.put(object, i, full.clone());
+                                d.put(object, i, block.bytes.clone());
                             }
-                            cache.fill(object, i, tx, Ok(full));
+                            cache.fill(object, i, tx, Ok(block));
                         }
                     }
                 }
@@ -309,7 +325,7 @@ impl Reader {
 
     /// Waits for block `index`, fetching it again if it was evicted or failed
     /// under another reader.
-    async fn block(&self, index: u64) -> Result<Bytes, StoreError> {
+    async fn block(&self, index: u64) -> Result<Block, StoreError> {
         let key = (self.object.clone(), index);
         for _ in 0..3 {
             match self.cache.probe(&key, !self.is_sequential()) {
@@ -369,7 +385,7 @@ mod tests {
             (len + 5, 1),
             (0, len as u32 as usize + 100),
         ] {
-            let got = reader.read(off as u64, n as u32).await.unwrap();
+            let got = reader.read(off as u64, n as u32).await.unwrap().to_vec();
             let want = &data[off.min(len)..(off + n).min(len)];
             assert_eq!(&got[..], want, "offset {off} len {n}");
         }
@@ -381,7 +397,7 @@ mod tests {
         let (store, reader, data) = setup(len, 64 << 20);
         let mut off = 0;
         while off < len {
-            let got = reader.read(off as u64, 128 * 1024).await.unwrap();
+            let got = reader.read(off as u64, 128 * 1024).await.unwrap().to_vec();
             assert_eq!(&got[..], &data[off..off + 128 * 1024]);
             off += 128 * 1024;
         }
@@ -396,6 +412,24 @@ mod tests {
         let fetched = reader.cache.stats.fetched_bytes.load(std::sync::atomic::Ordering::Relaxed);
         assert!(fetched <= 2 * 20 * 256 * 1024, "random reads fetched {fetched} bytes");
         drop(store);
+    }
+
+    #[tokio::test]
+    async fn aligned_sequential_reads_are_not_copied() {
+        let len = 16 << 20;
+        let (_, reader, data) = setup(len, 64 << 20);
+        let mut contiguous = 0;
+        for i in 0..16usize {
+            let got = reader.read((i << 20) as u64, 1 << 20).await.unwrap();
+            assert_eq!(got.to_vec(), &data[i << 20..(i + 1) << 20]);
+            contiguous += got.is_contiguous() as usize;
+        }
+        // The first reads fetch what they ask for; prefetched ones are joined.
+        assert!(contiguous >= 14, "only {contiguous} of 16 aligned reads were served in place");
+        // A read across two runs is copied, with the right bytes.
+        let got = reader.read((1 << 20) - 100, 200).await.unwrap();
+        assert!(!got.is_contiguous());
+        assert_eq!(got.to_vec(), &data[(1 << 20) - 100..(1 << 20) + 100]);
     }
 
     #[tokio::test]

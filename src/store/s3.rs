@@ -321,6 +321,7 @@ impl ObjectStore for S3Store {
         if end <= start {
             return Ok(Box::pin(futures::stream::empty()));
         }
+        tracing::trace!(key, start, len = end - start, "ranged GET");
         let out = self
             .call("get", |c| async move {
                 c.get_object()
