@@ -9,6 +9,7 @@ use bucketfs::mount::{self, ConfigWatch, EXIT_START, MountRequest};
 use bucketfs::{fluid, probe};
 
 fn main() {
+    limit_malloc_arenas();
     let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
     let code = match cli.command {
         Command::Mount(args) => run_mount(args),
@@ -18,6 +19,21 @@ fn main() {
         Command::Check(args) => run_check(*args),
     };
     std::process::exit(code);
+}
+
+/// Two malloc arenas instead of glibc's default of eight per core: blocks are
+/// allocated by the runtime's threads and freed by whichever thread evicts
+/// them, and memory freed into one arena cannot serve another, so many
+/// arenas hold freed blocks beyond the memory budget (measured: peak RSS with
+/// one sequential reader 613 MiB with the default, 561 MiB with two, at the
+/// same speed). `MALLOC_ARENA_MAX` in the environment still wins.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called first
+        // thing in main, before any other thread exists.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    }
 }
 
 fn fail_start(e: anyhow::Error) -> i32 {

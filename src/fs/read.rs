@@ -5,10 +5,15 @@
 //!   reader pays for one small GET per read.
 //! - Once reads have been contiguous for [`SEQUENTIAL_TRIGGER`] bytes, the
 //!   reader keeps a window of blocks requested ahead of the read position. The
-//!   window starts at [`INITIAL_WINDOW`] and doubles each time it is topped up,
-//!   up to the handle's maximum ([`MAX_WINDOW`], at most a quarter of the
-//!   memory budget); it is kept full, as parallel ranged GETs of
-//!   [`PREFETCH_CHUNK`] each.
+//!   window starts at [`INITIAL_WINDOW`] and is kept full, as parallel ranged
+//!   GETs of [`PREFETCH_CHUNK`] each. It doubles while doubling pays: each
+//!   time a whole window has been read, the read rate over it is compared with
+//!   the best rate so far, and the window grows only if the rate rose by at
+//!   least [`GROWTH_GAIN`] percent. Behind a high-latency link more GETs in
+//!   flight mean more speed and the window grows, up to the handle's maximum
+//!   ([`MAX_WINDOW`], at most a quarter of the memory budget); when the
+//!   server or the CPU is the limit it stays small, which keeps the data hot
+//!   in the CPU caches and the process small.
 //! - A read that skips forward inside what was already requested, or steps
 //!   back at most [`BACKWARD_SLACK`] (the kernel's readahead reorders reads),
 //!   keeps the stream going. Anything else is a seek: the window resets.
@@ -19,6 +24,7 @@
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use futures::StreamExt;
@@ -32,7 +38,7 @@ use crate::store::{ObjectStore, StoreError};
 /// (at most 2 × 256 KiB), so random readers never trigger prefetch.
 pub const SEQUENTIAL_TRIGGER: u64 = 1 << 20;
 /// First prefetch window, once a stream is known to be sequential.
-pub const INITIAL_WINDOW: u64 = 8 << 20;
+pub const INITIAL_WINDOW: u64 = 16 << 20;
 /// Largest single ranged GET for blocks a read is waiting for.
 pub const MAX_CHUNK: u64 = 8 << 20;
 /// Size of each prefetch GET: small enough that many run in parallel (S3
@@ -52,6 +58,9 @@ pub const LARGE_READ: u64 = 64 << 10;
 pub const BACKWARD_SLACK: u64 = 4 << 20;
 /// Largest per-handle window, before the memory budget's own limit.
 pub const MAX_WINDOW: u64 = 128 << 20;
+/// How much faster (in percent) a stream must have become since the window
+/// last grew for it to grow again.
+pub const GROWTH_GAIN: f64 = 10.0;
 
 #[derive(Debug, Default)]
 struct State {
@@ -65,6 +74,13 @@ struct State {
     window: u64,
     /// Everything before this offset has been requested.
     ahead: u64,
+    /// Start (offset, time) of the current rate measurement.
+    measured_from: Option<(u64, Instant)>,
+    /// Best read rate seen, bytes per second.
+    best_rate: f64,
+    /// Windows read so far; the first includes the stream's start-up and is
+    /// not measured.
+    periods: u32,
 }
 
 /// Reads one version of one object for one open handle.
@@ -178,8 +194,31 @@ impl Reader {
             return None;
         }
         st.ahead = to;
-        st.window = (st.window * 2).min(self.window_cap());
+        self.adapt_window(&mut st, end, Instant::now());
         (from < to).then(|| from / BLOCK_SIZE..to.div_ceil(BLOCK_SIZE))
+    }
+
+    /// Grows the window after a whole window has been read, if the read rate
+    /// rose by [`GROWTH_GAIN`] since the last growth; always keeps it within
+    /// the current cap.
+    fn adapt_window(&self, st: &mut State, end: u64, now: Instant) {
+        let cap = self.window_cap();
+        match st.measured_from {
+            None => st.measured_from = Some((end, now)),
+            Some((from, since)) if end >= from + st.window => {
+                let rate = (end - from) as f64 / now.duration_since(since).as_secs_f64().max(1e-6);
+                if st.periods > 0 {
+                    if rate > st.best_rate * (1.0 + GROWTH_GAIN / 100.0) {
+                        st.window *= 2;
+                    }
+                    st.best_rate = st.best_rate.max(rate);
+                }
+                st.periods += 1;
+                st.measured_from = Some((end, now));
+            }
+            Some(_) => {}
+        }
+        st.window = st.window.min(cap);
     }
 
     /// Starts GETs for the missing blocks in `blocks`. Returns the block index
@@ -430,6 +469,30 @@ mod tests {
         let got = reader.read((1 << 20) - 100, 200).await.unwrap();
         assert!(!got.is_contiguous());
         assert_eq!(got.to_vec(), &data[(1 << 20) - 100..(1 << 20) + 100]);
+    }
+
+    /// Feeds `adapt_window` a stream read at `rate(window)` bytes per second
+    /// and returns the window it settles on.
+    fn settle(rate: impl Fn(u64) -> f64) -> u64 {
+        let (_, reader, _) = setup(BLOCK_SIZE as usize, 1 << 30);
+        let mut st = State { window: INITIAL_WINDOW, ..State::default() };
+        let (start, mut end, mut secs) = (Instant::now(), 0u64, 0.0);
+        for _ in 0..400 {
+            reader.adapt_window(&mut st, end, start + std::time::Duration::from_secs_f64(secs));
+            end += PREFETCH_CHUNK;
+            secs += PREFETCH_CHUNK as f64 / rate(st.window);
+        }
+        st.window
+    }
+
+    #[test]
+    fn window_grows_only_while_it_pays() {
+        // Server- or CPU-bound: the same rate whatever the window.
+        assert_eq!(settle(|_| 700e6), 2 * INITIAL_WINDOW);
+        // Latency-bound: the rate follows the GETs in flight, up to the cap.
+        assert_eq!(settle(|w| w as f64 * 20.0), MAX_WINDOW);
+        // Saturates at 64 MiB in flight.
+        assert_eq!(settle(|w| w.min(64 << 20) as f64 * 20.0), 128 << 20);
     }
 
     #[tokio::test]
