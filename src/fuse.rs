@@ -92,7 +92,7 @@ fn name_str(name: &OsStr) -> Option<String> {
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         // INIT can only lower the readahead; `tune_read_ahead` raises it later.
         let ra = self.fs.settings().read_ahead.clamp(128 << 10, u32::MAX as u64) as u32;
         if let Err(max) = config.set_max_readahead(ra) {
@@ -170,6 +170,15 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Bytes already in memory are sent from this thread; only reads that
+        // must wait go to the runtime.
+        let ready = {
+            let _runtime = self.rt.enter();
+            self.fs.read_now(fh.0, offset, size)
+        };
+        if let Some(data) = ready {
+            return data.with_slice(|bytes| reply.data(bytes));
+        }
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.read(fh.0, offset, size).await {
@@ -395,13 +404,15 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
+    // Objects carry no extended attributes. ENOSYS makes the kernel answer
+    // every later xattr call itself ("not supported"), so `ls -l`, which asks
+    // for two attributes of every entry, costs no round trip per entry.
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        // Objects carry no extended attributes.
-        reply.error(Errno::from_i32(libc::ENODATA));
+        reply.error(Errno::ENOSYS);
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

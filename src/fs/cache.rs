@@ -32,6 +32,9 @@ use crate::store::StoreError;
 pub const BLOCK_SIZE: u64 = 128 * 1024;
 /// At most this fraction (in quarters) of the budget may be pending prefetch.
 const PREFETCH_SHARE: u64 = 3;
+/// Blocks already read by a sequential stream keep at most this fraction of
+/// the budget (in quarters).
+const STREAMED_SHARE: u64 = 1;
 
 /// Identity of one version of one object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -154,6 +157,12 @@ pub struct CacheStats {
 struct Inner {
     ready: LruCache<BlockKey, Block>,
     ready_bytes: u64,
+    /// Blocks a sequential stream has read: the kernel's page cache holds
+    /// them too, so they are kept only up to [`STREAMED_SHARE`] of the budget
+    /// (a stream does not fill the process with data it has passed) and are
+    /// evicted first.
+    streamed: LruCache<BlockKey, Block>,
+    streamed_bytes: u64,
     pending: HashMap<BlockKey, (watch::Receiver<BlockResult>, u64)>,
     pending_bytes: u64,
     /// Memory held outside the cache: write buffers and parts in flight.
@@ -175,6 +184,8 @@ impl BlockCache {
             inner: Mutex::new(Inner {
                 ready: LruCache::unbounded(),
                 ready_bytes: 0,
+                streamed: LruCache::unbounded(),
+                streamed_bytes: 0,
                 pending: HashMap::new(),
                 pending_bytes: 0,
                 extra_bytes: 0,
@@ -192,7 +203,7 @@ impl BlockCache {
     /// Bytes held now: ready plus pending.
     pub fn used(&self) -> u64 {
         let i = self.lock();
-        i.ready_bytes + i.pending_bytes + i.extra_bytes
+        i.ready_bytes + i.streamed_bytes + i.pending_bytes + i.extra_bytes
     }
 
     /// Counts `n` bytes of write buffers against the budget, evicting cached
@@ -220,6 +231,14 @@ impl BlockCache {
     /// outside the budget.
     pub fn probe(&self, key: &BlockKey, promote: bool) -> Probe {
         let mut i = self.lock();
+        if promote && let Some(b) = i.streamed.pop(key) {
+            // Read again by a non-sequential reader: a cached block again.
+            i.streamed_bytes -= b.bytes.len() as u64;
+            i.ready_bytes += b.bytes.len() as u64;
+            i.ready.put(key.clone(), b);
+        } else if let Some(b) = i.streamed.peek(key) {
+            return Probe::Ready(b.clone());
+        }
         let ready = if promote {
             i.ready.get_mut(key).map(|b| {
                 if b.run != 0 {
@@ -239,6 +258,28 @@ impl BlockCache {
         }
     }
 
+    /// Records that a sequential stream has read block `key`: it moves to the
+    /// streamed blocks, which are bounded on their own.
+    pub fn consumed(&self, key: &BlockKey) {
+        let mut i = self.lock();
+        let Some(b) = i.ready.pop(key) else { return };
+        let n = b.bytes.len() as u64;
+        i.ready_bytes -= n;
+        i.streamed_bytes += n;
+        i.streamed.put(key.clone(), b);
+        let cap = self.limit / 4 * STREAMED_SHARE;
+        while i.streamed_bytes > cap {
+            let Some((_, old)) = i.streamed.pop_lru() else { break };
+            i.streamed_bytes -= old.bytes.len() as u64;
+            self.evicted();
+        }
+    }
+
+    fn evicted(&self) {
+        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::metrics().cache_evictions.inc();
+    }
+
     /// Registers blocks of `object` in `blocks` that are neither ready nor
     /// pending, and returns them with the senders that will fill them.
     /// `len(i)` is the length of block `i`. With `optional`, stops at the first
@@ -256,7 +297,7 @@ impl BlockCache {
         let mut refused = None;
         for index in blocks {
             let key = (object.clone(), index);
-            if i.ready.contains(&key) || i.pending.contains_key(&key) {
+            if i.ready.contains(&key) || i.streamed.contains(&key) || i.pending.contains_key(&key) {
                 continue;
             }
             let n = len(index);
@@ -290,6 +331,9 @@ impl BlockCache {
                 self.stats.fetched_bytes.fetch_add(n, Ordering::Relaxed);
                 crate::metrics::metrics().bytes_fetched.inc_by(n);
                 i.ready_bytes += n;
+                if let Some(old) = i.streamed.pop(&key) {
+                    i.streamed_bytes -= old.bytes.len() as u64;
+                }
                 if let Some(old) = i.ready.put(key, b.clone()) {
                     i.ready_bytes -= old.bytes.len() as u64;
                 }
@@ -299,16 +343,18 @@ impl BlockCache {
         tx.send_replace(Some(result));
     }
 
+    /// Evicts streamed blocks, then the least recently used ready ones,
+    /// until the budget holds.
     fn evict(&self, i: &mut Inner) {
-        while i.ready_bytes + i.pending_bytes + i.extra_bytes > self.limit {
-            match i.ready.pop_lru() {
-                Some((_, b)) => {
-                    i.ready_bytes -= b.bytes.len() as u64;
-                    self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                    crate::metrics::metrics().cache_evictions.inc();
-                }
-                None => break,
+        while i.ready_bytes + i.streamed_bytes + i.pending_bytes + i.extra_bytes > self.limit {
+            if let Some((_, b)) = i.streamed.pop_lru() {
+                i.streamed_bytes -= b.bytes.len() as u64;
+            } else if let Some((_, b)) = i.ready.pop_lru() {
+                i.ready_bytes -= b.bytes.len() as u64;
+            } else {
+                break;
             }
+            self.evicted();
         }
     }
 

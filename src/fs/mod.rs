@@ -709,6 +709,20 @@ impl Fs {
         }
     }
 
+    /// Answers a read of a handle reading an object at once when its bytes are
+    /// in memory (see [`Reader::read_now`]); `None` means: call [`Self::read`].
+    /// Needs a tokio runtime context, for the fetches it starts.
+    pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> Option<ReadData> {
+        let handle = lock(&self.files).get(&fh).cloned()?;
+        let HandleKind::Read(reader) = &handle.kind else { return None };
+        if lock(&self.writers).contains_key(&handle.ino) {
+            return None;
+        }
+        let data = reader.read_now(offset, size)?;
+        crate::metrics::metrics().bytes_read.inc_by(data.len() as u64);
+        Some(data)
+    }
+
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadData> {
         let handle = lock(&self.files).get(&fh).cloned().ok_or(FsError::BadHandle)?;
         // While the file is open for writing, every handle reads what was written.

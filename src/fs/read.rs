@@ -116,8 +116,68 @@ impl Reader {
 
     /// Reads up to `len` bytes at `offset`; short only at end of file.
     pub async fn read(&self, offset: u64, len: u32) -> Result<ReadData, StoreError> {
+        match self.start(offset, len) {
+            Some(range) => self.finish(range).await,
+            None => Ok(ReadData::default()),
+        }
+    }
+
+    /// Answers a read without waiting when every block it spans is in
+    /// memory: the common case of a stream that prefetch keeps ahead of.
+    /// `None` means the caller must [`Self::read`]. Starts what the read
+    /// needs either way, so the fetches are under way.
+    pub fn read_now(&self, offset: u64, len: u32) -> Option<ReadData> {
+        let Some(range) = self.start(offset, len) else { return Some(ReadData::default()) };
+        let sequential = self.is_sequential();
+        let blocks = self.span(&range);
+        let mut ready = Vec::with_capacity(blocks.clone().count());
+        for index in blocks {
+            match self.cache.probe(&(self.object.clone(), index), !sequential) {
+                Probe::Ready(b) => ready.push(b),
+                _ => return None,
+            }
+        }
+        for (i, _) in self.span(&range).zip(&ready) {
+            self.cache.hit();
+            if sequential {
+                self.cache.consumed(&(self.object.clone(), i));
+            }
+        }
+        Some(self.assemble(&range, ready))
+    }
+
+    fn span(&self, range: &Range<u64>) -> std::ops::RangeInclusive<u64> {
+        range.start / BLOCK_SIZE..=(range.end - 1) / BLOCK_SIZE
+    }
+
+    /// The read's bytes out of the blocks it spans.
+    fn assemble(&self, range: &Range<u64>, blocks: Vec<Block>) -> ReadData {
+        let (mut parts, mut runs) = (Vec::with_capacity(blocks.len()), Vec::with_capacity(blocks.len()));
+        for (index, block) in self.span(range).zip(blocks) {
+            let base = index * BLOCK_SIZE;
+            let start = range.start.saturating_sub(base) as usize;
+            let stop = ((range.end - base) as usize).min(block.bytes.len());
+            parts.push(block.bytes.slice(start.min(stop)..stop));
+            runs.push(block.run);
+        }
+        ReadData::from_parts(parts, &runs)
+    }
+
+    /// Waits for the blocks of a started read.
+    async fn finish(&self, range: Range<u64>) -> Result<ReadData, StoreError> {
+        let mut blocks = Vec::new();
+        for index in self.span(&range) {
+            blocks.push(self.block(index).await?);
+        }
+        Ok(self.assemble(&range, blocks))
+    }
+
+    /// Updates the access pattern and starts the GETs a read at `offset`
+    /// needs, with any prefetch it triggers. Returns the byte range it will
+    /// return, `None` at or after the end of the file.
+    fn start(&self, offset: u64, len: u32) -> Option<Range<u64>> {
         if offset >= self.size || len == 0 {
-            return Ok(ReadData::default());
+            return None;
         }
         let end = (offset + len as u64).min(self.size);
         let prefetch = self.plan(offset, end);
@@ -139,17 +199,7 @@ impl Reader {
                 st.window = (st.window / 2).max(INITIAL_WINDOW);
             }
         }
-        let count = (last - first + 1) as usize;
-        let (mut parts, mut runs) = (Vec::with_capacity(count), Vec::with_capacity(count));
-        for index in first..=last {
-            let block = self.block(index).await?;
-            let base = index * BLOCK_SIZE;
-            let start = offset.saturating_sub(base) as usize;
-            let stop = ((end - base) as usize).min(block.bytes.len());
-            parts.push(block.bytes.slice(start.min(stop)..stop));
-            runs.push(block.run);
-        }
-        Ok(ReadData::from_parts(parts, &runs))
+        Some(offset..end)
     }
 
     /// The largest window this handle may use now: sequential streams share
@@ -363,11 +413,21 @@ impl Reader {
     }
 
     /// Waits for block `index`, fetching it again if it was evicted or failed
-    /// under another reader.
+    /// under another reader. A sequential stream then marks it consumed.
     async fn block(&self, index: u64) -> Result<Block, StoreError> {
         let key = (self.object.clone(), index);
+        let sequential = self.is_sequential();
+        let block = self.wait_block(&key, sequential).await;
+        if sequential && block.is_ok() {
+            self.cache.consumed(&key);
+        }
+        block
+    }
+
+    async fn wait_block(&self, key: &(Arc<ObjectId>, u64), sequential: bool) -> Result<Block, StoreError> {
+        let index = key.1;
         for _ in 0..3 {
-            match self.cache.probe(&key, !self.is_sequential()) {
+            match self.cache.probe(key, !sequential) {
                 Probe::Ready(b) => {
                     self.cache.hit();
                     return Ok(b);
@@ -469,6 +529,20 @@ mod tests {
         let got = reader.read((1 << 20) - 100, 200).await.unwrap();
         assert!(!got.is_contiguous());
         assert_eq!(got.to_vec(), &data[(1 << 20) - 100..(1 << 20) + 100]);
+    }
+
+    #[tokio::test]
+    async fn read_now_answers_from_memory_or_defers() {
+        let len = 8 << 20;
+        let (_, reader, data) = setup(len, 64 << 20);
+        // Nothing fetched yet: the read starts the GET and defers.
+        assert!(reader.read_now(0, 1 << 20).is_none());
+        assert_eq!(reader.read(0, 1 << 20).await.unwrap().to_vec(), &data[..1 << 20]);
+        // Fetched blocks are answered at once, with the right bytes.
+        let now = reader.read_now(1000, 5000).expect("in memory");
+        assert_eq!(now.to_vec(), &data[1000..6000]);
+        // Past the end: an empty answer, not a deferral.
+        assert!(reader.read_now(len as u64, 10).expect("end of file").is_empty());
     }
 
     /// Feeds `adapt_window` a stream read at `rate(window)` bytes per second
