@@ -455,6 +455,11 @@ mod tests {
         let p =
             plan(&with_secrets(EX3, dir.path()), Some("uid=1000,ro,allow-other,gid=1000,attr-timeout=60s")).unwrap();
         assert_eq!((p.settings.uid, p.settings.gid), (1000, 1000));
+        assert_eq!(p.settings.read_ahead, crate::spec::DEFAULT_READ_AHEAD);
+        let p = plan(&with_secrets(EX3, dir.path()), Some("read-ahead=4MiB")).unwrap();
+        assert_eq!(p.settings.read_ahead, 4 << 20);
+        let e = plan(&with_secrets(EX3, dir.path()), Some("read-ahead=lots")).unwrap_err();
+        assert!(format!("{e:#}").contains("read-ahead"), "{e:#}");
         assert!(p.settings.allow_other);
         assert_eq!(p.mounts[0].metadata_ttl, std::time::Duration::from_secs(60));
         assert_eq!(p.mounts[0].source.prefix, "2024/");

@@ -235,6 +235,7 @@ const OPTION_KEYS: &[&str] = &[
     "dir-mode",
     "allow-other",
     "memory-limit",
+    "read-ahead",
     "log-level",
     "log-format",
     "read-only",

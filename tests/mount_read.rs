@@ -329,3 +329,35 @@ fn https_endpoint_with_a_custom_ca_bundle() {
     let m = Mount::spawn(log_dir, mnt, &args, &[]);
     assert_eq!(std::fs::read_to_string(m.path("secure.txt")).unwrap(), "over TLS");
 }
+
+/// The mount's kernel readahead (`read_ahead_kb` of its backing device).
+fn read_ahead_kb(m: &Mount) -> u64 {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let target = m.path("").display().to_string();
+    let dev = mountinfo
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(target.trim_end_matches('/')))
+        .and_then(|l| l.split(' ').nth(2))
+        .unwrap_or_else(|| panic!("{target} not in mountinfo"))
+        .to_string();
+    std::fs::read_to_string(format!("/sys/class/bdi/{dev}/read_ahead_kb")).unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn kernel_readahead_follows_the_read_ahead_option() {
+    let srv = server();
+    let bucket = srv.bucket("readahead");
+    srv.put(&bucket, "f.bin", pattern(3 << 20, 5));
+    for (args, want) in
+        [(vec![], Some(1024)), (vec!["--read-ahead", "4MiB"], Some(4096)), (vec!["--read-ahead", "0"], None)]
+    {
+        let m = Mount::start(&bucket, &args);
+        let before = read_ahead_kb(&m);
+        let mut f = std::fs::File::open(m.path("f.bin")).unwrap();
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).unwrap();
+        assert_eq!(buf, pattern(3 << 20, 5));
+        // Set on the first open (INIT could only lower it).
+        assert_eq!(read_ahead_kb(&m), want.unwrap_or(before), "{args:?}");
+    }
+}
