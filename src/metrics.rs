@@ -122,6 +122,7 @@ pub fn outcome<T>(r: &Result<T, StoreError>) -> String {
         Err(StoreError::InvalidRange) => "invalid_range".into(),
         Err(StoreError::Network(_)) => "network_error".into(),
         Err(StoreError::Server { status, .. }) => status.to_string(),
+        Err(StoreError::Cancelled) => "cancelled".into(),
     }
 }
 

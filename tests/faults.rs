@@ -372,3 +372,54 @@ fn proxy_modes_do_what_they_say() {
     assert!(s.bytes_down >= 4 * body.len() as u64, "{s:?}");
     assert!(s.requests_of("HEAD") >= 1 && s.requests_of("GET") >= 8, "{s:?}");
 }
+
+/// A handle that stops reading early stops its prefetch: GETs still waiting
+/// for the server's answer are dropped when it closes, so the window it had
+/// requested is not downloaded.
+#[test]
+fn closing_a_handle_cancels_its_prefetch() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let srv = server();
+    let bucket = srv.bucket("cancel");
+    let len = 48 << 20;
+    let want = pattern(len, 11);
+    srv.put(&bucket, "big.bin", want.clone());
+    let proxy = Proxy::start(upstream());
+    let m = Mount::start_via(&proxy.endpoint(), &bucket, &[]);
+    let no_readahead = |f: &File| {
+        // SAFETY: a valid descriptor.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    // The first 2 MiB into bucketfs's cache (backwards: no stream starts),
+    // then out of the kernel's page cache (tests run as root).
+    {
+        let f = File::open(m.path("big.bin")).unwrap();
+        no_readahead(&f);
+        f.read_exact_at(&mut buf, 1 << 20).unwrap();
+        f.read_exact_at(&mut buf, 0).unwrap();
+    }
+    std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+    proxy.set_mode(Mode::Delay(Duration::from_millis(400)));
+    let before = proxy.stats().bytes_down;
+    {
+        let mut f = File::open(m.path("big.bin")).unwrap();
+        // No kernel readahead: bucketfs sees exactly these two reads, served
+        // from its cache; the second makes the stream sequential and starts
+        // a 16 MiB prefetch window, held 400 ms by the proxy. Then it closes.
+        no_readahead(&f);
+        for i in 0..2 {
+            f.read_exact(&mut buf).unwrap();
+            assert!(buf == want[i << 20..(i + 1) << 20]);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let down = proxy.stats().bytes_down - before;
+    assert!(down < 2 << 20, "{down} bytes came down after the handle closed; the prefetch was not cancelled");
+    // The file still reads whole afterwards (cancelled blocks are fetched again).
+    proxy.set_mode(Mode::Pass);
+    let mut all = Vec::new();
+    File::open(m.path("big.bin")).unwrap().read_to_end(&mut all).unwrap();
+    assert!(all == want, "{}", m.log_text());
+}

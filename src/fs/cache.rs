@@ -152,6 +152,9 @@ pub struct CacheStats {
     pub misses: AtomicU64,
     pub evictions: AtomicU64,
     pub fetched_bytes: AtomicU64,
+    /// Reads that found a block's GET cancelled (its handle closed) and
+    /// fetched it themselves.
+    pub cancelled_waits: AtomicU64,
 }
 
 struct Inner {

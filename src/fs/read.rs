@@ -23,11 +23,13 @@
 //! handle never returns bytes from two versions of an object.
 
 use std::ops::Range;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use futures::StreamExt;
+use tokio::sync::watch;
 
 use super::cache::{BLOCK_SIZE, Block, BlockCache, BlockSender, ObjectId, Probe, RUN_SIZE, ReadData, new_run};
 use super::disk_cache::DiskCache;
@@ -92,6 +94,9 @@ pub struct Reader {
     disk: Option<Arc<DiskCache>>,
     max_window: u64,
     state: Mutex<State>,
+    /// Becomes true when the handle closes: its prefetch GETs stop, even one
+    /// waiting for the server's answer.
+    closed: watch::Sender<bool>,
 }
 
 impl Reader {
@@ -103,7 +108,8 @@ impl Reader {
         disk: Option<Arc<DiskCache>>,
     ) -> Self {
         let max_window = MAX_WINDOW.min(cache.limit() / 4).max(INITIAL_WINDOW);
-        Self { object, size, store, cache, disk, max_window, state: Mutex::new(State::default()) }
+        let (state, closed) = (Mutex::new(State::default()), watch::Sender::new(false));
+        Self { object, size, store, cache, disk, max_window, state, closed }
     }
 
     pub fn object(&self) -> &ObjectId {
@@ -295,10 +301,13 @@ impl Reader {
 
     /// Fills a run of consecutive blocks: from the disk cache where it has
     /// them, the rest with ranged GETs that fill blocks as bytes arrive.
-    /// Prefetched blocks (`shared`) are cut from shared allocations (see
-    /// [`Block`]); blocks a read asked for get their own, as they are likely
-    /// to be kept on their own.
-    fn spawn_get(&self, run: Vec<(u64, BlockSender)>, shared: bool) {
+    /// Prefetched blocks (`prefetch`) are cut from shared allocations (see
+    /// [`Block`]), and their GETs stop when the handle closes (a reader that
+    /// stops early does not leave a window's worth of GETs running); blocks a
+    /// read asked for get their own allocation, as they are likely to be kept
+    /// on their own.
+    fn spawn_get(&self, run: Vec<(u64, BlockSender)>, prefetch: bool) {
+        let closed = prefetch.then(|| self.closed.subscribe());
         let store = self.store.clone();
         let cache = self.cache.clone();
         let disk = self.disk.clone();
@@ -326,12 +335,12 @@ impl Reader {
             for (i, tx) in missing {
                 if stretch.last().is_some_and(|(last, _)| *last + 1 != i) {
                     let stretch = std::mem::take(&mut stretch);
-                    Self::get_run(&*store, &cache, disk.as_ref(), &object, size, stretch, shared).await;
+                    Self::get_run(&*store, &cache, disk.as_ref(), &object, size, stretch, closed.clone()).await;
                 }
                 stretch.push((i, tx));
             }
             if !stretch.is_empty() {
-                Self::get_run(&*store, &cache, disk.as_ref(), &object, size, stretch, shared).await;
+                Self::get_run(&*store, &cache, disk.as_ref(), &object, size, stretch, closed.clone()).await;
             }
         });
     }
@@ -343,8 +352,18 @@ impl Reader {
         object: &Arc<ObjectId>,
         size: u64,
         run: Vec<(u64, BlockSender)>,
-        shared: bool,
+        closed: Option<watch::Receiver<bool>>,
     ) {
+        let shared = closed.is_some();
+        // Resolves when the handle this prefetch is for closes; never for
+        // blocks a read asked for.
+        let cancel = async move {
+            match closed {
+                Some(mut rx) => drop(rx.wait_for(|c| *c).await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(cancel);
         let block_len = Self::block_len(size);
         let start = run[0].0 * BLOCK_SIZE;
         let end = (run[run.len() - 1].0 * BLOCK_SIZE + block_len(run[run.len() - 1].0)).min(size);
@@ -354,9 +373,13 @@ impl Reader {
                 cache.fill(object, i, tx, Err(e.clone()));
             }
         };
-        let mut body = match store.get_range(&object.key, Some(&object.etag), start, end).await {
-            Ok(b) => b,
-            Err(e) => return fail(&mut pending, e),
+        let mut body = tokio::select! {
+            biased;
+            _ = &mut cancel => return fail(&mut pending, StoreError::Cancelled),
+            got = store.get_range(&object.key, Some(&object.etag), start, end) => match got {
+                Ok(b) => b,
+                Err(e) => return fail(&mut pending, e),
+            },
         };
         // Shared: blocks are cut from one allocation per RUN_SIZE stretch of
         // the object, back to back, so reads spanning them need no copy.
@@ -371,7 +394,15 @@ impl Reader {
         let mut current = pending.next();
         let (mut run, mut buf) = (0, BytesMut::new());
         while current.is_some() {
-            match body.next().await {
+            let next = tokio::select! {
+                biased;
+                _ = &mut cancel => {
+                    let rest: Vec<_> = current.take().into_iter().chain(pending.by_ref()).collect();
+                    return fail(&mut rest.into_iter(), StoreError::Cancelled);
+                }
+                next = body.next() => next,
+            };
+            match next {
                 Some(Ok(mut chunk)) => {
                     while !chunk.is_empty() {
                         let Some((index, _)) = &current else { break };
@@ -426,7 +457,7 @@ impl Reader {
 
     async fn wait_block(&self, key: &(Arc<ObjectId>, u64), sequential: bool) -> Result<Block, StoreError> {
         let index = key.1;
-        for _ in 0..3 {
+        for _ in 0..4 {
             match self.cache.probe(key, !sequential) {
                 Probe::Ready(b) => {
                     self.cache.hit();
@@ -435,6 +466,12 @@ impl Reader {
                 Probe::Pending(mut rx) => {
                     let result = rx.wait_for(|v| v.is_some()).await.map(|v| v.clone());
                     match result {
+                        // Another handle's prefetch, stopped as it closed:
+                        // fetch the block here.
+                        Ok(Some(Err(StoreError::Cancelled))) => {
+                            self.cache.stats.cancelled_waits.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
                         Ok(Some(r)) => return r,
                         _ => return Err(StoreError::Network("block fetch was abandoned".into())),
                     }
@@ -450,6 +487,7 @@ impl Reader {
 
 impl Drop for Reader {
     fn drop(&mut self) {
+        self.closed.send_replace(true);
         if self.state.lock().unwrap_or_else(|e| e.into_inner()).window > 0 {
             self.cache.streams.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -567,6 +605,44 @@ mod tests {
         assert_eq!(settle(|w| w as f64 * 20.0), MAX_WINDOW);
         // Saturates at 64 MiB in flight.
         assert_eq!(settle(|w| w.min(64 << 20) as f64 * 20.0), 128 << 20);
+    }
+
+    #[tokio::test]
+    async fn closing_a_handle_stops_its_prefetch_and_others_still_read() {
+        let len = 64 << 20;
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let store = Arc::new(MemoryStore::new());
+        let etag = store.insert("k", data.clone());
+        let object = Arc::new(ObjectId { source: "t".into(), key: "k".into(), etag });
+        let cache = Arc::new(BlockCache::new(256 << 20));
+        let open = || Reader::new(object.clone(), len as u64, store.clone(), cache.clone(), None);
+        // A sequential reader starts a prefetch window; its last read (not
+        // awaited) tops the window up, and the handle closes before those
+        // GETs have run.
+        let first = open();
+        for i in 0..2u64 {
+            first.read(i << 20, 1 << 20).await.unwrap();
+        }
+        first.read_now(17 << 20, 1 << 20);
+        drop(first);
+        let gets_before = store.requests.lock().unwrap()["get"];
+        // Another handle reads the whole object: blocks the closed handle's
+        // cancelled GETs would have filled are fetched again, never an error.
+        let second = open();
+        let mut off = 0;
+        while off < len {
+            let got = second.read(off as u64, 1 << 20).await.unwrap();
+            assert_eq!(got.to_vec(), &data[off..off + (1 << 20)]);
+            off += 1 << 20;
+        }
+        let fetched = cache.stats.fetched_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(fetched <= len as u64 + (8 << 20), "fetched {fetched} for {len}");
+        assert!(
+            cache.stats.cancelled_waits.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            "no wait met a cancelled GET"
+        );
+        assert!(store.requests.lock().unwrap()["get"] > gets_before);
+        assert!(cache.used() <= cache.limit());
     }
 
     #[tokio::test]

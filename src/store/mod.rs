@@ -83,6 +83,10 @@ pub enum StoreError {
     /// The server answered with an error status.
     #[error("server error {status}: {message}")]
     Server { status: u16, message: String },
+    /// A prefetch stopped because the handle it read ahead for was closed;
+    /// a reader waiting for one of its blocks fetches the block itself.
+    #[error("prefetch cancelled: its handle was closed")]
+    Cancelled,
 }
 
 impl StoreError {
