@@ -400,7 +400,7 @@ fn closing_a_handle_cancels_its_prefetch() {
         f.read_exact_at(&mut buf, 1 << 20).unwrap();
         f.read_exact_at(&mut buf, 0).unwrap();
     }
-    std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+    std::fs::write("/proc/sys/vm/drop_caches", "1").expect("dropping the page cache (needs root)");
     proxy.set_mode(Mode::Delay(Duration::from_millis(400)));
     let before = proxy.stats().bytes_down;
     {
