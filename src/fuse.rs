@@ -15,7 +15,7 @@ use fuser::{
 use tokio::runtime::Handle;
 
 use crate::fs::namespace::Kind;
-use crate::fs::{Attr, Fs, FsError};
+use crate::fs::{Attr, Fs, FsError, ReadNow};
 
 pub struct FuseAdapter {
     fs: Arc<Fs>,
@@ -172,16 +172,22 @@ impl Filesystem for FuseAdapter {
     ) {
         // Bytes already in memory are sent from this thread; only reads that
         // must wait go to the runtime.
-        let ready = {
+        let now = {
             let _runtime = self.rt.enter();
             self.fs.read_now(fh.0, offset, size)
         };
-        if let Some(data) = ready {
-            return data.with_slice(|bytes| reply.data(bytes));
-        }
+        let started = match now {
+            ReadNow::Done(data) => return data.with_slice(|bytes| reply.data(bytes)),
+            ReadNow::Started(range) => Some(range),
+            ReadNow::Wait => None,
+        };
         let fs = self.fs.clone();
         self.rt.spawn(async move {
-            match fs.read(fh.0, offset, size).await {
+            let got = match started {
+                Some(range) => fs.finish_read(fh.0, range).await,
+                None => fs.read(fh.0, offset, size).await,
+            };
+            match got {
                 Ok(data) => data.with_slice(|bytes| reply.data(bytes)),
                 Err(e) => reply.error(errno(&e)),
             }

@@ -147,6 +147,16 @@ pub struct Attr {
 
 /// One entry of a directory snapshot.
 #[derive(Clone, Debug)]
+/// What [`Fs::read_now`] did without waiting.
+pub enum ReadNow {
+    /// The read is answered.
+    Done(ReadData),
+    /// The read is started; [`Fs::finish_read`] waits for its bytes.
+    Started(std::ops::Range<u64>),
+    /// Not a handle reading an object: use [`Fs::read`].
+    Wait,
+}
+
 pub struct DirItem {
     pub name: String,
     pub attr: Attr,
@@ -709,18 +719,36 @@ impl Fs {
         }
     }
 
-    /// Answers a read of a handle reading an object at once when its bytes are
-    /// in memory (see [`Reader::read_now`]); `None` means: call [`Self::read`].
-    /// Needs a tokio runtime context, for the fetches it starts.
-    pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> Option<ReadData> {
-        let handle = lock(&self.files).get(&fh).cloned()?;
-        let HandleKind::Read(reader) = &handle.kind else { return None };
+    /// Starts a read of a handle reading an object, and answers it at once
+    /// when its bytes are in memory (see [`Reader::read_now`]). Needs a tokio
+    /// runtime context, for the fetches it starts.
+    pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> ReadNow {
+        let Some(handle) = lock(&self.files).get(&fh).cloned() else { return ReadNow::Wait };
+        let HandleKind::Read(reader) = &handle.kind else { return ReadNow::Wait };
         if lock(&self.writers).contains_key(&handle.ino) {
-            return None;
+            return ReadNow::Wait;
         }
-        let data = reader.read_now(offset, size)?;
-        crate::metrics::metrics().bytes_read.inc_by(data.len() as u64);
-        Some(data)
+        match reader.read_now(offset, size) {
+            Ok(data) => {
+                crate::metrics::metrics().bytes_read.inc_by(data.len() as u64);
+                ReadNow::Done(data)
+            }
+            Err(range) => ReadNow::Started(range),
+        }
+    }
+
+    /// Finishes a read that [`Self::read_now`] started.
+    pub async fn finish_read(&self, fh: u64, range: std::ops::Range<u64>) -> Result<ReadData> {
+        let handle = lock(&self.files).get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        let len = (range.end - range.start) as u32;
+        match &handle.kind {
+            HandleKind::Read(reader) if !lock(&self.writers).contains_key(&handle.ino) => {
+                let offset = range.start;
+                let got = reader.finish(range).await;
+                self.reader_result(&handle, reader, got, offset, len)
+            }
+            _ => self.read(fh, range.start, len).await,
+        }
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadData> {
@@ -740,7 +768,20 @@ impl Fs {
         let HandleKind::Read(reader) = &handle.kind else {
             return Err(FsError::BadHandle);
         };
-        match reader.read(offset, size).await {
+        let got = reader.read(offset, size).await;
+        self.reader_result(&handle, reader, got, offset, size)
+    }
+
+    /// Counts a reader's bytes, or logs why it failed.
+    fn reader_result(
+        &self,
+        handle: &FileHandle,
+        reader: &Reader,
+        got: std::result::Result<ReadData, StoreError>,
+        offset: u64,
+        size: u32,
+    ) -> Result<ReadData> {
+        match got {
             Ok(b) => {
                 crate::metrics::metrics().bytes_read.inc_by(b.len() as u64);
                 Ok(b)

@@ -128,19 +128,18 @@ impl Reader {
         }
     }
 
-    /// Answers a read without waiting when every block it spans is in
-    /// memory: the common case of a stream that prefetch keeps ahead of.
-    /// `None` means the caller must [`Self::read`]. Starts what the read
-    /// needs either way, so the fetches are under way.
-    pub fn read_now(&self, offset: u64, len: u32) -> Option<ReadData> {
-        let Some(range) = self.start(offset, len) else { return Some(ReadData::default()) };
+    /// Starts a read and answers it without waiting when every block it
+    /// spans is in memory: the common case of a stream that prefetch keeps
+    /// ahead of. Otherwise returns the started range, for [`Self::finish`].
+    pub fn read_now(&self, offset: u64, len: u32) -> Result<ReadData, Range<u64>> {
+        let Some(range) = self.start(offset, len) else { return Ok(ReadData::default()) };
         let sequential = self.is_sequential();
         let blocks = self.span(&range);
         let mut ready = Vec::with_capacity(blocks.clone().count());
         for index in blocks {
             match self.cache.probe(&(self.object.clone(), index), !sequential) {
                 Probe::Ready(b) => ready.push(b),
-                _ => return None,
+                _ => return Err(range),
             }
         }
         for (i, _) in self.span(&range).zip(&ready) {
@@ -149,7 +148,7 @@ impl Reader {
                 self.cache.consumed(&(self.object.clone(), i));
             }
         }
-        Some(self.assemble(&range, ready))
+        Ok(self.assemble(&range, ready))
     }
 
     fn span(&self, range: &Range<u64>) -> std::ops::RangeInclusive<u64> {
@@ -169,8 +168,8 @@ impl Reader {
         ReadData::from_parts(parts, &runs)
     }
 
-    /// Waits for the blocks of a started read.
-    async fn finish(&self, range: Range<u64>) -> Result<ReadData, StoreError> {
+    /// Waits for the blocks of a read started by [`Self::read_now`].
+    pub async fn finish(&self, range: Range<u64>) -> Result<ReadData, StoreError> {
         let mut blocks = Vec::new();
         for index in self.span(&range) {
             blocks.push(self.block(index).await?);
@@ -574,8 +573,9 @@ mod tests {
         let len = 8 << 20;
         let (_, reader, data) = setup(len, 64 << 20);
         // Nothing fetched yet: the read starts the GET and defers.
-        assert!(reader.read_now(0, 1 << 20).is_none());
-        assert_eq!(reader.read(0, 1 << 20).await.unwrap().to_vec(), &data[..1 << 20]);
+        let started = reader.read_now(0, 1 << 20).unwrap_err();
+        assert_eq!(started, 0..1 << 20);
+        assert_eq!(reader.finish(started).await.unwrap().to_vec(), &data[..1 << 20]);
         // Fetched blocks are answered at once, with the right bytes.
         let now = reader.read_now(1000, 5000).expect("in memory");
         assert_eq!(now.to_vec(), &data[1000..6000]);
@@ -623,7 +623,7 @@ mod tests {
         for i in 0..2u64 {
             first.read(i << 20, 1 << 20).await.unwrap();
         }
-        first.read_now(17 << 20, 1 << 20);
+        let _ = first.read_now(17 << 20, 1 << 20);
         drop(first);
         let gets_before = store.requests.lock().unwrap()["get"];
         // Another handle reads the whole object: blocks the closed handle's
