@@ -348,6 +348,18 @@ fn bench(
     });
 }
 
+/// The raw baseline for reading all `size` bytes of `key`: ranged GETs of
+/// `raw_chunk`, `raw_inflight` in flight.
+fn bench_raw_whole(g: &mut BenchmarkGroup<WallTime>, group: &str, key: &'static str, size: u64) {
+    bench(g, group, "raw/ranged_get", size, true, move |e, _| {
+        e.ensure(key);
+        let (t, c, n) =
+            e.timed(None, || e.block_on(raw_ranges(&e.raw, &e.bucket, key, 0, size, e.raw_chunk, e.raw_inflight)));
+        assert_eq!(n, size);
+        (t, c, 0)
+    });
+}
+
 fn configure(g: &mut BenchmarkGroup<WallTime>) {
     g.sample_size(10)
         .sampling_mode(SamplingMode::Flat)
@@ -385,14 +397,7 @@ fn seq_read(c: &mut Criterion) {
     let mut g = c.benchmark_group(&group);
     configure(&mut g);
     g.throughput(Throughput::Bytes(big));
-    bench(&mut g, &group, "raw/ranged_get", big, true, |e, _| {
-        e.ensure(BIG);
-        let (t, c, n) = e.timed(None, || {
-            e.block_on(raw_ranges(&e.raw, &e.bucket, BIG, 0, e.sizes.big, e.raw_chunk, e.raw_inflight))
-        });
-        assert_eq!(n, e.sizes.big);
-        (t, c, 0)
-    });
+    bench_raw_whole(&mut g, &group, BIG, big);
     for readers in [1u64, 4] {
         let id =
             if readers == 1 { "bucketfs/1_reader".to_string() } else { format!("bucketfs/{readers}_readers_quarters") };
@@ -568,14 +573,7 @@ fn reread(c: &mut Criterion) {
     let mut g = c.benchmark_group(&group);
     configure(&mut g);
     g.throughput(Throughput::Bytes(size));
-    bench(&mut g, &group, "raw/ranged_get", size, true, |e, _| {
-        e.ensure(REREAD);
-        let (t, c, n) = e.timed(None, || {
-            e.block_on(raw_ranges(&e.raw, &e.bucket, REREAD, 0, e.sizes.reread, e.raw_chunk, e.raw_inflight))
-        });
-        assert_eq!(n, e.sizes.reread);
-        (t, c, 0)
-    });
+    bench_raw_whole(&mut g, &group, REREAD, size);
     for (id, drop_pages) in [("bucketfs/second_pass", false), ("bucketfs/second_pass_no_page_cache", true)] {
         bench(&mut g, &group, id, size, true, move |e, _| {
             e.ensure(REREAD);

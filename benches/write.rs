@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-use criterion::{Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, Throughput};
 
 const MIB: usize = 1 << 20;
 const BIG: usize = 256 * MIB;
@@ -36,25 +37,31 @@ fn record(name: &str, elapsed: Duration, units: f64) {
     }
 }
 
-/// Runs `iters` iterations, timing only `run` (not `setup`), records each
-/// iteration under `name` and returns the total for criterion.
-fn timed<S>(
-    name: &str,
+/// Benchmarks `id` in `group`: each of criterion's iterations times only
+/// `run` (not `setup`) and is recorded under `group_name/id`.
+fn bench_timed<S>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    group_name: &str,
+    id: &str,
     units: usize,
-    iters: u64,
     mut setup: impl FnMut(u64) -> S,
     mut run: impl FnMut(u64, S),
-) -> Duration {
-    let mut total = Duration::ZERO;
-    for i in 0..iters {
-        let state = setup(i);
-        let start = Instant::now();
-        run(i, state);
-        let t = start.elapsed();
-        record(name, t, units as f64);
-        total += t;
-    }
-    total
+) {
+    let name = format!("{group_name}/{id}");
+    g.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for i in 0..iters {
+                let state = setup(i);
+                let start = Instant::now();
+                run(i, state);
+                let t = start.elapsed();
+                record(&name, t, units as f64);
+                total += t;
+            }
+            total
+        })
+    });
 }
 
 fn median(times: &[Duration]) -> Duration {
@@ -108,96 +115,82 @@ fn benches(c: &mut Criterion) {
     let data = common::pattern(BIG, 1);
     let small = common::pattern(SMALL, 2);
 
-    let mut g = c.benchmark_group("seq_write_256MiB");
+    const SEQ: &str = "seq_write_256MiB";
+    let mut g = c.benchmark_group(SEQ);
     g.sample_size(10).measurement_time(Duration::from_secs(30)).throughput(Throughput::Bytes(BIG as u64));
     let m = common::Mount::start(&bucket, &[]);
-    g.bench_function("bucketfs", |b| {
-        b.iter_custom(|iters| {
-            timed(
-                "seq_write_256MiB/bucketfs",
-                BIG,
-                iters,
-                |_| (),
-                |i, ()| {
-                    let mut f = std::fs::File::create(m.path(&format!("seq-{i}"))).unwrap();
-                    for chunk in data.chunks(MIB) {
-                        f.write_all(chunk).unwrap();
-                    }
-                    drop(f); // close: returns once the object is complete in S3
-                },
-            )
-        })
-    });
-    g.bench_function("raw_multipart_8MiB_x4", |b| {
-        b.iter_custom(|iters| {
-            timed(
-                "seq_write_256MiB/raw_multipart_8MiB_x4",
-                BIG,
-                iters,
-                |_| (),
-                |i, ()| srv.block_on(raw_multipart(&srv.client, &bucket, &format!("raw-seq-{i}"), &data)),
-            )
-        })
-    });
-    g.bench_function("raw_single_put", |b| {
-        b.iter_custom(|iters| {
-            timed(
-                "seq_write_256MiB/raw_single_put",
-                BIG,
-                iters,
-                |_| (),
-                |i, ()| srv.put(&bucket, &format!("raw-put-{i}"), data.clone()),
-            )
-        })
-    });
+    bench_timed(
+        &mut g,
+        SEQ,
+        "bucketfs",
+        BIG,
+        |_| (),
+        |i, ()| {
+            let mut f = std::fs::File::create(m.path(&format!("seq-{i}"))).unwrap();
+            for chunk in data.chunks(MIB) {
+                f.write_all(chunk).unwrap();
+            }
+            drop(f); // close: returns once the object is complete in S3
+        },
+    );
+    bench_timed(
+        &mut g,
+        SEQ,
+        "raw_multipart_8MiB_x4",
+        BIG,
+        |_| (),
+        |i, ()| srv.block_on(raw_multipart(&srv.client, &bucket, &format!("raw-seq-{i}"), &data)),
+    );
+    bench_timed(
+        &mut g,
+        SEQ,
+        "raw_single_put",
+        BIG,
+        |_| (),
+        |i, ()| srv.put(&bucket, &format!("raw-put-{i}"), data.clone()),
+    );
     g.finish();
 
-    let mut g = c.benchmark_group("create_1000x4KiB");
+    const CREATE: &str = "create_1000x4KiB";
+    let mut g = c.benchmark_group(CREATE);
     g.sample_size(10).measurement_time(Duration::from_secs(30)).throughput(Throughput::Elements(FILES as u64));
     let round = std::cell::Cell::new(0u64);
     let next_round = || {
         round.set(round.get() + 1);
         round.get()
     };
-    g.bench_function("bucketfs", |b| {
-        b.iter_custom(|iters| {
-            // The directory is made outside the timed part.
-            let setup = |_| {
-                let dir = m.path(&format!("small-{}", next_round()));
-                std::fs::create_dir(&dir).unwrap();
-                dir
-            };
-            timed("create_1000x4KiB/bucketfs", FILES, iters, setup, |_, dir| {
+    // The directory is made outside the timed part.
+    let make_dir = |_| {
+        let dir = m.path(&format!("small-{}", next_round()));
+        std::fs::create_dir(&dir).unwrap();
+        dir
+    };
+    bench_timed(&mut g, CREATE, "bucketfs", FILES, make_dir, |_, dir| {
+        for i in 0..FILES {
+            std::fs::write(dir.join(format!("f{i}")), &small).unwrap();
+        }
+    });
+    bench_timed(
+        &mut g,
+        CREATE,
+        "raw_put_serial",
+        FILES,
+        |_| next_round(),
+        |_, r| {
+            srv.block_on(async {
                 for i in 0..FILES {
-                    std::fs::write(dir.join(format!("f{i}")), &small).unwrap();
+                    srv.client
+                        .put_object()
+                        .bucket(&bucket)
+                        .key(format!("raw-small-{r}/f{i}"))
+                        .body(ByteStream::from(small.clone()))
+                        .send()
+                        .await
+                        .unwrap();
                 }
             })
-        })
-    });
-    g.bench_function("raw_put_serial", |b| {
-        b.iter_custom(|iters| {
-            timed(
-                "create_1000x4KiB/raw_put_serial",
-                FILES,
-                iters,
-                |_| next_round(),
-                |_, r| {
-                    srv.block_on(async {
-                        for i in 0..FILES {
-                            srv.client
-                                .put_object()
-                                .bucket(&bucket)
-                                .key(format!("raw-small-{r}/f{i}"))
-                                .body(ByteStream::from(small.clone()))
-                                .send()
-                                .await
-                                .unwrap();
-                        }
-                    })
-                },
-            )
-        })
-    });
+        },
+    );
     g.finish();
     drop(m);
 

@@ -332,14 +332,8 @@ fn https_endpoint_with_a_custom_ca_bundle() {
 
 /// The sysfs file holding the mount's kernel readahead.
 fn read_ahead_file(m: &Mount) -> String {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let target = m.path("").display().to_string();
-    let dev = mountinfo
-        .lines()
-        .rfind(|l| l.split(' ').nth(4) == Some(target.trim_end_matches('/')))
-        .and_then(|l| l.split(' ').nth(2))
-        .unwrap_or_else(|| panic!("{target} not in mountinfo"))
-        .to_string();
+    let mounts = bucketfs::mount::mounts_at(&m.path(""));
+    let dev = &mounts.last().unwrap_or_else(|| panic!("{} not in mountinfo", m.path("").display())).dev;
     format!("/sys/class/bdi/{dev}/read_ahead_kb")
 }
 

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use lru::LruCache;
@@ -172,13 +172,20 @@ struct Inner {
     extra_bytes: u64,
 }
 
+impl Inner {
+    /// Cached, streamed, pending and write-buffer bytes.
+    fn used(&self) -> u64 {
+        self.ready_bytes + self.streamed_bytes + self.pending_bytes + self.extra_bytes
+    }
+}
+
 /// See the module documentation.
 pub struct BlockCache {
     inner: Mutex<Inner>,
     limit: u64,
     pub stats: CacheStats,
     /// Sequential streams prefetching now; they share the budget.
-    pub streams: std::sync::atomic::AtomicUsize,
+    pub streams: AtomicUsize,
 }
 
 impl BlockCache {
@@ -195,7 +202,7 @@ impl BlockCache {
             }),
             limit: limit.max(4 * BLOCK_SIZE),
             stats: CacheStats::default(),
-            streams: std::sync::atomic::AtomicUsize::new(0),
+            streams: AtomicUsize::new(0),
         }
     }
 
@@ -203,10 +210,9 @@ impl BlockCache {
         self.limit
     }
 
-    /// Bytes held now: ready plus pending.
+    /// Bytes counted against the budget now.
     pub fn used(&self) -> u64 {
-        let i = self.lock();
-        i.ready_bytes + i.streamed_bytes + i.pending_bytes + i.extra_bytes
+        self.lock().used()
     }
 
     /// Counts `n` bytes of write buffers against the budget, evicting cached
@@ -349,7 +355,7 @@ impl BlockCache {
     /// Evicts streamed blocks, then the least recently used ready ones,
     /// until the budget holds.
     fn evict(&self, i: &mut Inner) {
-        while i.ready_bytes + i.streamed_bytes + i.pending_bytes + i.extra_bytes > self.limit {
+        while i.used() > self.limit {
             if let Some((_, b)) = i.streamed.pop_lru() {
                 i.streamed_bytes -= b.bytes.len() as u64;
             } else if let Some((_, b)) = i.ready.pop_lru() {

@@ -145,8 +145,6 @@ pub struct Attr {
     pub read_only: bool,
 }
 
-/// One entry of a directory snapshot.
-#[derive(Clone, Debug)]
 /// What [`Fs::read_now`] did without waiting.
 pub enum ReadNow {
     /// The read is answered.
@@ -157,6 +155,8 @@ pub enum ReadNow {
     Wait,
 }
 
+/// One entry of a directory snapshot.
+#[derive(Clone, Debug)]
 pub struct DirItem {
     pub name: String,
     pub attr: Attr,

@@ -31,7 +31,9 @@ use bytes::{Buf, BytesMut};
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use super::cache::{BLOCK_SIZE, Block, BlockCache, BlockSender, ObjectId, Probe, RUN_SIZE, ReadData, new_run};
+use super::cache::{
+    BLOCK_SIZE, Block, BlockCache, BlockKey, BlockSender, ObjectId, Probe, RUN_SIZE, ReadData, new_run,
+};
 use super::disk_cache::DiskCache;
 use crate::store::{ObjectStore, StoreError};
 
@@ -137,15 +139,15 @@ impl Reader {
         let blocks = self.span(&range);
         let mut ready = Vec::with_capacity(blocks.clone().count());
         for index in blocks {
-            match self.cache.probe(&(self.object.clone(), index), !sequential) {
+            match self.cache.probe(&self.key(index), !sequential) {
                 Probe::Ready(b) => ready.push(b),
                 _ => return Err(range),
             }
         }
-        for (i, _) in self.span(&range).zip(&ready) {
+        for index in self.span(&range) {
             self.cache.hit();
             if sequential {
-                self.cache.consumed(&(self.object.clone(), i));
+                self.cache.consumed(&self.key(index));
             }
         }
         Ok(self.assemble(&range, ready))
@@ -170,9 +172,10 @@ impl Reader {
 
     /// Waits for the blocks of a read started by [`Self::read_now`].
     pub async fn finish(&self, range: Range<u64>) -> Result<ReadData, StoreError> {
+        let sequential = self.is_sequential();
         let mut blocks = Vec::new();
         for index in self.span(&range) {
-            blocks.push(self.block(index).await?);
+            blocks.push(self.block(index, sequential).await?);
         }
         Ok(self.assemble(&range, blocks))
     }
@@ -211,7 +214,7 @@ impl Reader {
     /// half the memory budget, so prefetched blocks are not evicted by other
     /// streams' prefetch before they are read.
     fn window_cap(&self) -> u64 {
-        let streams = self.cache.streams.load(std::sync::atomic::Ordering::Relaxed).max(1) as u64;
+        let streams = self.cache.streams.load(Ordering::Relaxed).max(1) as u64;
         (self.cache.limit() / 2 / streams).clamp(INITIAL_WINDOW, self.max_window)
     }
 
@@ -230,7 +233,7 @@ impl Reader {
         } else {
             if st.window > 0 {
                 crate::metrics::metrics().prefetch_restarts.inc();
-                self.cache.streams.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                self.cache.streams.fetch_sub(1, Ordering::Relaxed);
             }
             *st = State { started: true, ..State::default() };
         }
@@ -240,7 +243,7 @@ impl Reader {
         }
         if st.window == 0 {
             st.window = INITIAL_WINDOW;
-            self.cache.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.cache.streams.fetch_add(1, Ordering::Relaxed);
         }
         // Keep the whole window requested, in whole chunks.
         let from = st.ahead.max(end);
@@ -395,10 +398,7 @@ impl Reader {
         while current.is_some() {
             let next = tokio::select! {
                 biased;
-                _ = &mut cancel => {
-                    let rest: Vec<_> = current.take().into_iter().chain(pending.by_ref()).collect();
-                    return fail(&mut rest.into_iter(), StoreError::Cancelled);
-                }
+                _ = &mut cancel => return fail(&mut current.take().into_iter().chain(pending), StoreError::Cancelled),
                 next = body.next() => next,
             };
             match next {
@@ -426,14 +426,10 @@ impl Reader {
                         }
                     }
                 }
-                Some(Err(e)) => {
-                    let rest: Vec<_> = current.take().into_iter().chain(pending.by_ref()).collect();
-                    return fail(&mut rest.into_iter(), e);
-                }
+                Some(Err(e)) => return fail(&mut current.take().into_iter().chain(pending), e),
                 None => {
-                    let rest: Vec<_> = current.take().into_iter().chain(pending.by_ref()).collect();
                     let e = StoreError::Network("the body ended before the requested range".into());
-                    return fail(&mut rest.into_iter(), e);
+                    return fail(&mut current.take().into_iter().chain(pending), e);
                 }
             }
         }
@@ -442,11 +438,14 @@ impl Reader {
         while let Some(Ok(_)) = body.next().await {}
     }
 
+    fn key(&self, index: u64) -> BlockKey {
+        (self.object.clone(), index)
+    }
+
     /// Waits for block `index`, fetching it again if it was evicted or failed
     /// under another reader. A sequential stream then marks it consumed.
-    async fn block(&self, index: u64) -> Result<Block, StoreError> {
-        let key = (self.object.clone(), index);
-        let sequential = self.is_sequential();
+    async fn block(&self, index: u64, sequential: bool) -> Result<Block, StoreError> {
+        let key = self.key(index);
         let block = self.wait_block(&key, sequential).await;
         if sequential && block.is_ok() {
             self.cache.consumed(&key);
@@ -454,7 +453,7 @@ impl Reader {
         block
     }
 
-    async fn wait_block(&self, key: &(Arc<ObjectId>, u64), sequential: bool) -> Result<Block, StoreError> {
+    async fn wait_block(&self, key: &BlockKey, sequential: bool) -> Result<Block, StoreError> {
         let index = key.1;
         for _ in 0..4 {
             match self.cache.probe(key, !sequential) {
@@ -488,7 +487,7 @@ impl Drop for Reader {
     fn drop(&mut self) {
         self.closed.send_replace(true);
         if self.state.lock().unwrap_or_else(|e| e.into_inner()).window > 0 {
-            self.cache.streams.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.cache.streams.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -545,7 +544,7 @@ mod tests {
             let off = (i * 7_919 * 4096) % (len as u64 - 300_000);
             reader.read(off, 256 * 1024).await.unwrap();
         }
-        let fetched = reader.cache.stats.fetched_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let fetched = reader.cache.stats.fetched_bytes.load(Ordering::Relaxed);
         assert!(fetched <= 2 * 20 * 256 * 1024, "random reads fetched {fetched} bytes");
         drop(store);
     }
@@ -635,12 +634,9 @@ mod tests {
             assert_eq!(got.to_vec(), &data[off..off + (1 << 20)]);
             off += 1 << 20;
         }
-        let fetched = cache.stats.fetched_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let fetched = cache.stats.fetched_bytes.load(Ordering::Relaxed);
         assert!(fetched <= len as u64 + (8 << 20), "fetched {fetched} for {len}");
-        assert!(
-            cache.stats.cancelled_waits.load(std::sync::atomic::Ordering::Relaxed) > 0,
-            "no wait met a cancelled GET"
-        );
+        assert!(cache.stats.cancelled_waits.load(Ordering::Relaxed) > 0, "no wait met a cancelled GET");
         assert!(store.requests.lock().unwrap()["get"] > gets_before);
         assert!(cache.used() <= cache.limit());
     }
