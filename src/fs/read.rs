@@ -47,7 +47,10 @@ pub const INITIAL_WINDOW: u64 = 16 << 20;
 pub const MAX_CHUNK: u64 = 8 << 20;
 /// Size of each prefetch GET: small enough that many run in parallel (S3
 /// and S3-compatible servers serve parallel ranges faster than one stream),
-/// large enough that request overhead stays small.
+/// large enough that request overhead stays small. GETs start at multiples
+/// of it: servers store objects in chunks or parts of a power-of-two size,
+/// and a range that straddles their boundaries costs the server more (25 %
+/// more CPU for SeaweedFS's 4 MiB chunks).
 pub const PREFETCH_CHUNK: u64 = 8 << 20;
 /// Smallest fetch for a large read (≥ [`LARGE_READ`]) that is not part of a
 /// sequential stream: the kernel splits an application's 256 KiB read into
@@ -245,9 +248,9 @@ impl Reader {
             st.window = INITIAL_WINDOW;
             self.cache.streams.fetch_add(1, Ordering::Relaxed);
         }
-        // Keep the whole window requested, in whole chunks.
+        // Keep the whole window requested, in whole aligned chunks.
         let from = st.ahead.max(end);
-        let to = (end + st.window).min(self.size);
+        let to = ((end + st.window) / PREFETCH_CHUNK * PREFETCH_CHUNK).min(self.size);
         if to < from + PREFETCH_CHUNK && to < self.size {
             return None;
         }
@@ -290,7 +293,8 @@ impl Reader {
         let mut run: Vec<(u64, BlockSender)> = Vec::new();
         for (index, tx) in reserved {
             let contiguous = run.last().is_none_or(|(last, _)| *last + 1 == index);
-            if !contiguous || run.len() as u64 >= chunk_blocks {
+            let boundary = optional && !run.is_empty() && index.is_multiple_of(chunk_blocks);
+            if !contiguous || boundary || run.len() as u64 >= chunk_blocks {
                 self.spawn_get(std::mem::take(&mut run), optional);
             }
             run.push((index, tx));
@@ -622,7 +626,7 @@ mod tests {
         for i in 0..2u64 {
             first.read(i << 20, 1 << 20).await.unwrap();
         }
-        let _ = first.read_now(17 << 20, 1 << 20);
+        let _ = first.read_now(15 << 20, 1 << 20);
         drop(first);
         let gets_before = store.requests.lock().unwrap()["get"];
         // Another handle reads the whole object: blocks the closed handle's
