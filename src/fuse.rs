@@ -15,7 +15,7 @@ use fuser::{
 use tokio::runtime::Handle;
 
 use crate::fs::namespace::Kind;
-use crate::fs::{Attr, Fs, FsError, ReadNow};
+use crate::fs::{self, Attr, DirItem, Fs, FsError, ReadNow};
 
 pub struct FuseAdapter {
     fs: Arc<Fs>,
@@ -357,52 +357,55 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let fs = self.fs.clone();
-        self.rt.spawn(async move {
-            match fs.readdir(fh.0, offset).await {
-                Ok(items) => {
-                    for (i, item) in items.iter().enumerate().skip(offset as usize) {
-                        let kind =
-                            if item.attr.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
-                        if reply.add(INodeNo(item.attr.ino), i as u64 + 1, kind, &item.name) {
-                            break;
-                        }
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        let answer = move |items: fs::Result<Vec<Arc<DirItem>>>, mut reply: ReplyDirectory| match items {
+            Ok(items) => {
+                for (i, item) in (offset..).zip(&items) {
+                    let kind = if item.attr.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
+                    if reply.add(INodeNo(item.attr.ino), i + 1, kind, &item.name) {
+                        break;
                     }
-                    reply.ok()
                 }
-                Err(e) => reply.error(errno(&e)),
+                reply.ok()
             }
-        });
+            Err(e) => reply.error(errno(&e)),
+        };
+        match self.fs.readdir_now(fh.0, offset) {
+            Some(items) => answer(items, reply),
+            None => {
+                let fs = self.fs.clone();
+                self.rt.spawn(async move { answer(fs.readdir(fh.0, offset).await, reply) });
+            }
+        }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
         let (fs, this) = (self.fs.clone(), self.attr_maker());
-        self.rt.spawn(async move {
-            match fs.readdir(fh.0, offset).await {
-                Ok(items) => {
-                    for (i, item) in items.iter().enumerate().skip(offset as usize) {
-                        let attr = fs.remember_entry(ino.0, item);
-                        if reply.add(
-                            INodeNo(attr.ino),
-                            i as u64 + 1,
-                            &item.name,
-                            &attr.ttl,
-                            &this(&attr),
-                            Generation(0),
-                        ) {
-                            // Did not fit: the kernel never saw it.
-                            if item.name != "." && item.name != ".." {
-                                fs.forget(attr.ino, 1);
-                            }
-                            break;
+        let answer = move |fs: &Fs, items: fs::Result<Vec<Arc<DirItem>>>, mut reply: ReplyDirectoryPlus| match items {
+            Ok(items) => {
+                for (i, item) in (offset..).zip(&items) {
+                    let attr = fs.remember_entry(ino.0, item);
+                    if reply.add(INodeNo(attr.ino), i + 1, &item.name, &attr.ttl, &this(&attr), Generation(0)) {
+                        // Did not fit: the kernel never saw it.
+                        if item.name != "." && item.name != ".." {
+                            fs.forget(attr.ino, 1);
                         }
+                        break;
                     }
-                    reply.ok()
                 }
-                Err(e) => reply.error(errno(&e)),
+                reply.ok()
             }
-        });
+            Err(e) => reply.error(errno(&e)),
+        };
+        match fs.readdir_now(fh.0, offset) {
+            Some(items) => answer(&fs, items, reply),
+            None => {
+                self.rt.spawn(async move {
+                    let items = fs.readdir(fh.0, offset).await;
+                    answer(&fs, items, reply)
+                });
+            }
+        }
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {

@@ -423,3 +423,25 @@ fn closing_a_handle_cancels_its_prefetch() {
     File::open(m.path("big.bin")).unwrap().read_to_end(&mut all).unwrap();
     assert!(all == want, "{}", m.log_text());
 }
+
+/// bucketfs asks for large LIST pages; a server that allows at most 1,000
+/// keys per page and refuses more gets pages of 1,000 from then on, with one
+/// log line, and every listing is complete.
+#[test]
+fn a_server_refusing_large_list_pages_still_lists() {
+    let srv = server();
+    let bucket = srv.bucket("pages");
+    let objects: Vec<(String, Vec<u8>)> = (0..2100).map(|i| (format!("d/f{i:04}"), b"x".to_vec())).collect();
+    srv.put_many(&bucket, objects);
+    let proxy = Proxy::start(upstream());
+    proxy.set_mode(Mode::RefuseLargeListPages);
+    let m = Mount::start_via(&proxy.endpoint(), &bucket, &[]);
+    for dir in ["d", "."] {
+        let n = std::fs::read_dir(m.path(dir)).unwrap().count();
+        assert_eq!(n, if dir == "d" { 2100 } else { 1 }, "{}", m.log_text());
+    }
+    let refused = proxy.stats().refused_pages;
+    assert_eq!(refused, 1, "only the first large page is refused");
+    let log = m.log_text();
+    assert!(log.contains("refused LIST pages of 5000 keys"), "{log}");
+}

@@ -67,9 +67,10 @@ pub async fn raw_get(client: &Client, bucket: &str, key: &str, range: Option<(u6
     n
 }
 
-/// A paged ListObjectsV2 of `prefix` with delimiter `/`; returns the entries
-/// (objects plus common prefixes).
-pub async fn raw_list(client: &Client, bucket: &str, prefix: &str) -> u64 {
+/// A paged ListObjectsV2 of `prefix` with delimiter `/`, asking for
+/// `max_keys` per page (the server's default of 1,000 if `None`); returns the
+/// entries (objects plus common prefixes).
+pub async fn raw_list(client: &Client, bucket: &str, prefix: &str, max_keys: Option<i32>) -> u64 {
     let mut token: Option<String> = None;
     let mut n = 0u64;
     loop {
@@ -78,6 +79,7 @@ pub async fn raw_list(client: &Client, bucket: &str, prefix: &str) -> u64 {
             .bucket(bucket)
             .prefix(prefix)
             .delimiter("/")
+            .set_max_keys(max_keys)
             .set_continuation_token(token.take())
             .send()
             .await

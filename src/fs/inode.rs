@@ -88,9 +88,23 @@ impl Inode {
 
 #[derive(Default)]
 pub struct InodeTable {
-    inodes: HashMap<u64, Inode>,
-    names: HashMap<(u64, String), u64>,
+    // hashbrown with its default (foldhash, randomly seeded) hasher: a
+    // listing of a large directory hashes every name here, and looks names
+    // up without allocating a key (see `NameRef`).
+    inodes: hashbrown::HashMap<u64, Inode>,
+    names: hashbrown::HashMap<(u64, String), u64>,
     next: u64,
+}
+
+/// A borrowed `(parent, name)` key of `InodeTable::names`; hashes like the
+/// owned tuple.
+#[derive(Hash)]
+struct NameRef<'a>(u64, &'a str);
+
+impl hashbrown::Equivalent<(u64, String)> for NameRef<'_> {
+    fn equivalent(&self, key: &(u64, String)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
 }
 
 impl InodeTable {
@@ -115,7 +129,7 @@ impl InodeTable {
     }
 
     pub fn child(&self, parent: u64, name: &str) -> Option<u64> {
-        self.names.get(&(parent, name.to_string())).copied()
+        self.names.get(&NameRef(parent, name)).copied()
     }
 
     /// Inserts a pinned inode (root, virtual directory, mount root).
@@ -144,8 +158,7 @@ impl InodeTable {
         valid_until: Instant,
         count: bool,
     ) -> u64 {
-        let name_key = (parent, entry.name.clone());
-        if let Some(&ino) = self.names.get(&name_key)
+        if let Some(&ino) = self.names.get(&NameRef(parent, &entry.name))
             && let Some(inode) = self.inodes.get_mut(&ino)
             && inode.kind == entry.kind
         {
@@ -191,7 +204,7 @@ impl InodeTable {
                 local_children: Default::default(),
             },
         );
-        self.names.insert(name_key, ino);
+        self.names.insert((parent, entry.name.clone()), ino);
         ino
     }
 
@@ -238,12 +251,11 @@ impl InodeTable {
         let Some(inode) = self.inodes.get_mut(&ino) else {
             return;
         };
-        let old = (inode.parent, inode.name.clone());
+        if self.names.get(&NameRef(inode.parent, &inode.name)) == Some(&ino) {
+            self.names.remove(&NameRef(inode.parent, &inode.name));
+        }
         inode.parent = parent;
         inode.name = name.to_string();
-        if self.names.get(&old) == Some(&ino) {
-            self.names.remove(&old);
-        }
         self.names.insert((parent, name.to_string()), ino);
     }
 
@@ -278,16 +290,16 @@ impl InodeTable {
         };
         inode.lookups = inode.lookups.saturating_sub(n);
         if inode.lookups == 0 && !inode.pinned {
-            let key = (inode.parent, inode.name.clone());
-            self.inodes.remove(&ino);
+            let key = NameRef(inode.parent, &inode.name);
             if self.names.get(&key) == Some(&ino) {
                 self.names.remove(&key);
             }
+            self.inodes.remove(&ino);
         }
     }
 
     /// Detaches `name` from `parent` (it no longer exists on the server).
     pub fn unlink_name(&mut self, parent: u64, name: &str) {
-        self.names.remove(&(parent, name.to_string()));
+        self.names.remove(&NameRef(parent, name));
     }
 }

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
 use crate::spec::FsSettings;
@@ -185,8 +186,25 @@ struct FileHandle {
 
 struct DirHandle {
     ino: u64,
-    items: Option<Arc<Vec<DirItem>>>,
+    /// The listing this handle reads, filled as its pages arrive.
+    listed: Option<watch::Receiver<Listed>>,
 }
+
+/// A directory listing as it arrives: `readdir` hands out entries while the
+/// later pages are still being listed.
+#[derive(Default)]
+struct Listed {
+    /// `.`, `..`, then the entries in the order they became final.
+    items: Vec<Arc<DirItem>>,
+    /// Set once the listing is complete or has failed.
+    done: bool,
+    error: Option<FsError>,
+}
+
+/// Most entries one `readdir` call returns. A reply holds one memory page:
+/// about 25 entries with attributes (READDIRPLUS, which the kernel always
+/// uses here), about 150 without.
+const READDIR_BATCH: usize = 64;
 
 /// Numbers for `statfs`.
 pub struct StatFs {
@@ -534,7 +552,7 @@ impl Fs {
         // opening files by path): one listing answers them all for the TTL.
         if self.busy_directory(parent, mount.ttl) {
             match self.list_dir(parent).await {
-                Ok(_) => return Box::pin(self.lookup_inner(parent, name, count)).await,
+                Ok(()) => return Box::pin(self.lookup_inner(parent, name, count)).await,
                 Err(e) => debug!("listing {dir_key} to answer lookups failed: {e}"),
             }
         }
@@ -835,7 +853,7 @@ impl Fs {
             return Err(FsError::NotDir);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dirs).insert(fh, DirHandle { ino, items: None });
+        lock(&self.dirs).insert(fh, DirHandle { ino, listed: None });
         Ok(fh)
     }
 
@@ -843,64 +861,153 @@ impl Fs {
         lock(&self.dirs).remove(&fh);
     }
 
-    /// The directory's entries (with `.` and `..` first), listed from the
-    /// server when the handle is read from the start.
-    pub async fn readdir(&self, fh: u64, offset: u64) -> Result<Arc<Vec<DirItem>>> {
-        let (ino, cached) = {
+    /// Up to [`READDIR_BATCH`] of the directory's entries from `offset` on
+    /// (`.` and `..` first); none at the end. Reading from the start lists
+    /// the directory again, in the background: entries are answered as the
+    /// listing's pages arrive, while the next page is requested.
+    pub async fn readdir(self: &Arc<Self>, fh: u64, offset: u64) -> Result<Vec<Arc<DirItem>>> {
+        let (ino, listed) = {
             let dirs = lock(&self.dirs);
             let h = dirs.get(&fh).ok_or(FsError::BadHandle)?;
-            (h.ino, h.items.clone())
+            (h.ino, h.listed.clone())
         };
-        if let (Some(items), true) = (cached, offset > 0) {
-            return Ok(items);
-        }
-        let items = Arc::new(self.list_dir(ino).await?);
-        if let Some(h) = lock(&self.dirs).get_mut(&fh) {
-            h.items = Some(items.clone());
-        }
-        Ok(items)
+        let mut listed = match listed {
+            Some(rx) if offset > 0 => rx,
+            _ => {
+                let (tx, rx) = watch::channel(Listed::default());
+                let fs = self.clone();
+                tokio::spawn(async move {
+                    let result = fs.list_into(ino, &tx).await;
+                    tx.send_modify(|l| {
+                        l.done = true;
+                        l.error = result.err();
+                    });
+                });
+                if let Some(h) = lock(&self.dirs).get_mut(&fh) {
+                    h.listed = Some(rx.clone());
+                }
+                rx
+            }
+        };
+        let offset = offset as usize;
+        let listed = listed
+            .wait_for(|l| l.done || l.items.len() > offset)
+            .await
+            .map_err(|_| FsError::Store(StoreError::Network("directory listing was abandoned".into())))?;
+        Self::listed_from(&listed, offset).unwrap_or_else(|| Ok(Vec::new()))
     }
 
-    async fn list_dir(&self, ino: u64) -> Result<Vec<DirItem>> {
-        let (parent, mount, prefix) = {
+    /// [`Self::readdir`] without waiting: the entries from `offset` on when
+    /// the listing already has them (or has ended); `None` when the call
+    /// must wait for the server.
+    pub fn readdir_now(&self, fh: u64, offset: u64) -> Option<Result<Vec<Arc<DirItem>>>> {
+        let dirs = lock(&self.dirs);
+        let listed = dirs.get(&fh)?.listed.as_ref().filter(|_| offset > 0)?.borrow();
+        Self::listed_from(&listed, offset as usize)
+    }
+
+    /// Up to [`READDIR_BATCH`] entries from `offset` on, the listing's error,
+    /// or an empty batch at its end; `None` while the entries are not there yet.
+    fn listed_from(listed: &Listed, offset: usize) -> Option<Result<Vec<Arc<DirItem>>>> {
+        if listed.items.len() > offset {
+            let end = (offset + READDIR_BATCH).min(listed.items.len());
+            return Some(Ok(listed.items[offset..end].to_vec()));
+        }
+        if !listed.done {
+            return None;
+        }
+        Some(match &listed.error {
+            Some(e) => Err(e.clone()),
+            None => Ok(Vec::new()),
+        })
+    }
+
+    /// Lists directory `ino` whole, to answer lookups from the listing.
+    async fn list_dir(&self, ino: u64) -> Result<()> {
+        let (tx, _rx) = watch::channel(Listed::default());
+        self.list_into(ino, &tx).await
+    }
+
+    /// Lists directory `ino` page by page into `tx`, updating the inode
+    /// table as entries become final. Stops early once nobody reads `tx`.
+    /// A complete listing is kept for lookups for the metadata TTL.
+    async fn list_into(&self, ino: u64, tx: &watch::Sender<Listed>) -> Result<()> {
+        let (mount, prefix) = {
             let table = lock(&self.inodes);
             let inode = table.get(ino).ok_or(FsError::NotFound)?;
             let dot = |i: &Inode, name: &str| DirItem { name: name.to_string(), attr: self.attr_of(i) };
             let parent = table.get(inode.parent).map(|p| dot(p, "..")).unwrap_or_else(|| dot(inode, ".."));
             let mut items = vec![dot(inode, "."), parent];
-            match &inode.loc {
+            let found = match &inode.loc {
                 Loc::Virtual { children } => {
                     for (name, child) in children {
                         if let Some(c) = table.get(*child) {
                             items.push(DirItem { name: name.clone(), attr: self.attr_of(c) });
                         }
                     }
-                    return Ok(items);
+                    None
                 }
-                Loc::Object { mount, key } => (items, mount.clone(), key.clone()),
+                Loc::Object { mount, key } => Some((mount.clone(), key.clone())),
+            };
+            tx.send_modify(|l| l.items.extend(items.into_iter().map(Arc::new)));
+            match found {
+                Some(found) => found,
+                None => return Ok(()),
             }
         };
         let started = Instant::now();
-        let mut objects = Vec::new();
-        let mut prefixes = Vec::new();
-        let mut token = None;
-        loop {
-            let page = match mount.store.list(&prefix, true, token.take(), None).await {
+        let valid_until = started + mount.ttl;
+        let mut paged = namespace::PagedEntries::new(&prefix);
+        let mut all = HashMap::new();
+        // The next page is requested as soon as its token is known, before
+        // this page's entries are taken in.
+        let list = |token: Option<String>| {
+            let (store, prefix) = (mount.store.clone(), prefix.clone());
+            tokio::spawn(async move { store.list(&prefix, true, token, None).await })
+        };
+        let mut pending = Some(list(None));
+        while let Some(next) = pending.take() {
+            let page = next.await.unwrap_or_else(|e| Err(StoreError::Network(format!("listing task failed: {e}"))));
+            let page = match page {
                 Ok(p) => p,
                 Err(e) => {
                     self.log_store_error("list", &mount, &prefix, &e);
                     return Err(e.into());
                 }
             };
-            objects.extend(page.objects);
-            prefixes.extend(page.prefixes);
-            match page.next {
-                Some(t) => token = Some(t),
-                None => break,
+            let last = page.next.is_none();
+            if let Some(t) = page.next.filter(|_| !tx.is_closed()) {
+                pending = Some(list(Some(t)));
             }
+            let mut entries = paged.page(&page.objects, &page.prefixes);
+            if last {
+                entries.extend(paged.finish());
+            }
+            self.add_listed(ino, &mount, &prefix, entries, valid_until, &mut all, tx);
         }
-        let (mut entries, skipped) = namespace::entries_from_listing(&prefix, &objects, &prefixes);
-        self.log_skipped(mount.store.as_ref(), &skipped);
+        if !paged.finished() {
+            return Ok(()); // stopped: nobody reads this listing any more
+        }
+        self.log_skipped(mount.store.as_ref(), &paged.skipped);
+        if let Some(dir) = lock(&self.inodes).get_mut(ino) {
+            dir.listing = Some((started, Arc::new(all)));
+        }
+        Ok(())
+    }
+
+    /// Adds entries of a listing of `ino` that have become final: to the
+    /// inode table, to `all`, and to what `readdir` hands out.
+    #[allow(clippy::too_many_arguments)]
+    fn add_listed(
+        &self,
+        ino: u64,
+        mount: &Arc<MountPoint>,
+        prefix: &str,
+        mut entries: Vec<Entry>,
+        valid_until: Instant,
+        all: &mut HashMap<String, Entry>,
+        tx: &watch::Sender<Listed>,
+    ) {
         {
             // Names removed here within the TTL stay removed, even if the
             // server still lists them for a moment.
@@ -910,19 +1017,18 @@ impl Fs {
                 entries.retain(|e| negative.get(&(ino, e.name.clone())).is_none_or(|at| now >= *at + mount.ttl));
             }
         }
-        let valid_until = started + mount.ttl;
-        let mut items = parent;
-        let mut table = lock(&self.inodes);
-        for entry in &entries {
-            let child = table.upsert(ino, &mount, &prefix, entry, valid_until, false);
-            if let Some(c) = table.get(child) {
-                items.push(DirItem { name: entry.name.clone(), attr: self.attr_of(c) });
+        let mut items = Vec::with_capacity(entries.len());
+        {
+            let mut table = lock(&self.inodes);
+            for entry in entries {
+                let child = table.upsert(ino, mount, prefix, &entry, valid_until, false);
+                if let Some(c) = table.get(child) {
+                    items.push(Arc::new(DirItem { name: entry.name.clone(), attr: self.attr_of(c) }));
+                }
+                all.insert(entry.name.clone(), entry);
             }
         }
-        if let Some(dir) = table.get_mut(ino) {
-            dir.listing = Some((started, Arc::new(entries.into_iter().map(|e| (e.name.clone(), e)).collect())));
-        }
-        Ok(items)
+        tx.send_modify(|l| l.items.extend(items));
     }
 
     /// For READDIRPLUS: counts a kernel lookup of an entry handed out, and
@@ -932,6 +1038,15 @@ impl Fs {
         let mut table = lock(&self.inodes);
         if item.name == "." || item.name == ".." {
             return item.attr.clone();
+        }
+        // Usually the inode the listing made is still there.
+        if let Some(inode) = table.get_mut(item.attr.ino)
+            && inode.parent == dir
+            && inode.kind == item.attr.kind
+            && inode.name == item.name
+        {
+            inode.lookups += 1;
+            return self.attr_of(inode);
         }
         match table.child(dir, &item.name) {
             Some(ino) if table.get(ino).is_some_and(|i| i.kind == item.attr.kind) => {

@@ -113,7 +113,7 @@ impl Model {
 }
 
 struct Harness {
-    fs: Fs,
+    fs: Arc<Fs>,
     pid: u32,
 }
 
@@ -201,7 +201,14 @@ impl Harness {
         let mut stack = vec![(1u64, String::new())];
         while let Some((ino, prefix)) = stack.pop() {
             let fh = self.fs.opendir(ino).unwrap();
-            let items = self.fs.readdir(fh, 0).await.unwrap();
+            let mut items = Vec::new();
+            loop {
+                let got = self.fs.readdir(fh, items.len() as u64).await.unwrap();
+                if got.is_empty() {
+                    break;
+                }
+                items.extend(got);
+            }
             self.fs.releasedir(fh);
             for item in items.iter().skip(2) {
                 let p = if prefix.is_empty() { item.name.clone() } else { format!("{prefix}/{}", item.name) };
@@ -235,7 +242,8 @@ fn run(ops: Vec<Op>, ttl: Duration) -> Result<(), TestCaseError> {
             source_id: "memory".into(),
         });
         let settings = FsSettings { memory_limit: 16 << 20, ..FsSettings::default() };
-        let h = Harness { fs: Fs::new(settings, vec![(Vec::new(), mount)]).unwrap(), pid: std::process::id() };
+        let h =
+            Harness { fs: Arc::new(Fs::new(settings, vec![(Vec::new(), mount)]).unwrap()), pid: std::process::id() };
         let mut model = Model::default();
         for (i, op) in ops.iter().enumerate() {
             let expect = model.apply(op);

@@ -8,7 +8,7 @@
 //! - a component that cannot be a file name (empty, `.`, `..`, longer than
 //!   255 bytes, containing NUL) is skipped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::SystemTime;
 
 use crate::store::ObjectMeta;
@@ -16,7 +16,7 @@ use crate::store::ObjectMeta;
 /// Longest file name Linux accepts, in bytes.
 pub const NAME_MAX: usize = 255;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     File,
     Dir,
@@ -72,38 +72,131 @@ pub fn valid_name(name: &str) -> bool {
 /// (all pages concatenated). Returns the entries sorted by name, and what was
 /// skipped, for the caller to log.
 pub fn entries_from_listing(prefix: &str, objects: &[ObjectMeta], prefixes: &[String]) -> (Vec<Entry>, Vec<Skipped>) {
-    let mut skipped = Vec::new();
-    let mut entries: BTreeMap<&str, Entry> = BTreeMap::new();
-    for p in prefixes {
-        let Some(name) = p.strip_prefix(prefix).and_then(|n| n.strip_suffix('/')) else {
-            continue;
-        };
-        if valid_name(name) {
-            entries.insert(name, Entry::dir(name));
-        } else {
-            skipped.push(Skipped::InvalidName { key: p.clone() });
+    let mut listing = PagedEntries::new(prefix);
+    let mut entries = listing.page(objects, prefixes);
+    entries.extend(listing.finish());
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    (entries, listing.skipped)
+}
+
+/// Turns a delimited listing into entries page by page, so a directory can
+/// be shown while its later pages are still being listed.
+///
+/// A file `a` is hidden by a directory `a/`, which S3's key order may put on
+/// a later page (`a-b`, `a.txt` sort between them). A file is therefore held
+/// back until the listing has passed the place where `a/` would be, or ends.
+/// Directories are final at once. A name is given out only once.
+#[derive(Debug)]
+pub struct PagedEntries {
+    prefix: String,
+    /// Names given out (and the directories among them, which hide files).
+    given: HashSet<String>,
+    dirs: HashSet<String>,
+    /// Files a later page could still hide.
+    held: BTreeMap<String, Entry>,
+    /// The greatest key or common prefix listed so far.
+    last: String,
+    finished: bool,
+    /// What was left out, for the caller to log.
+    pub skipped: Vec<Skipped>,
+}
+
+impl PagedEntries {
+    pub fn new(prefix: &str) -> Self {
+        PagedEntries {
+            prefix: prefix.to_string(),
+            given: HashSet::new(),
+            dirs: HashSet::new(),
+            held: BTreeMap::new(),
+            last: String::new(),
+            finished: false,
+            skipped: Vec::new(),
         }
     }
-    for o in objects {
-        let Some(name) = o.key.strip_prefix(prefix) else {
-            continue;
-        };
-        if name.is_empty() {
-            continue; // the directory's own marker
+
+    /// Takes the next page (in S3's key order) and returns the entries that
+    /// no later page can change, sorted by name.
+    pub fn page(&mut self, objects: &[ObjectMeta], prefixes: &[String]) -> Vec<Entry> {
+        let greatest = objects.iter().map(|o| o.key.as_str()).chain(prefixes.iter().map(String::as_str)).max();
+        if let Some(g) = greatest
+            && g > self.last.as_str()
+        {
+            self.last = g.to_string();
         }
-        if !valid_name(name) {
-            // A key such as `dir//` is listed as an object by some servers.
-            skipped.push(Skipped::InvalidName { key: o.key.clone() });
-            continue;
-        }
-        match entries.get(name) {
-            Some(e) if e.kind == Kind::Dir => skipped.push(Skipped::ShadowedByDir { key: o.key.clone() }),
-            _ => {
-                entries.insert(name, Entry::file(name, o));
+        let mut out = Vec::new();
+        for p in prefixes {
+            let Some(name) = p.strip_prefix(&self.prefix).and_then(|n| n.strip_suffix('/')) else {
+                continue;
+            };
+            if !valid_name(name) {
+                self.skipped.push(Skipped::InvalidName { key: p.clone() });
+            } else if self.dirs.insert(name.to_string()) {
+                if let Some(file) = self.held.remove(name) {
+                    self.skipped.push(Skipped::ShadowedByDir { key: child_key(&self.prefix, &file.name) });
+                }
+                if self.given.insert(name.to_string()) {
+                    out.push(Entry::dir(name));
+                }
             }
         }
+        for o in objects {
+            let Some(name) = o.key.strip_prefix(&self.prefix) else {
+                continue;
+            };
+            if name.is_empty() {
+                continue; // the directory's own marker
+            }
+            if !valid_name(name) {
+                // A key such as `dir//` is listed as an object by some servers.
+                self.skipped.push(Skipped::InvalidName { key: o.key.clone() });
+            } else if self.dirs.contains(name) {
+                self.skipped.push(Skipped::ShadowedByDir { key: o.key.clone() });
+            } else if self.given.contains(name) {
+                // Listed twice: given out already.
+            } else if dir_listed_by(&self.prefix, name, &self.last) {
+                self.held.remove(name);
+                self.given.insert(name.to_string());
+                out.push(Entry::file(name, o));
+            } else {
+                self.held.insert(name.to_string(), Entry::file(name, o));
+            }
+        }
+        // Files held from earlier pages that this page has passed.
+        if !self.held.is_empty() {
+            let (prefix, last) = (&self.prefix, &self.last);
+            let ready: Vec<String> =
+                self.held.keys().filter(|name| dir_listed_by(prefix, name, last)).cloned().collect();
+            for name in ready {
+                if let Some(file) = self.held.remove(&name) {
+                    self.given.insert(name);
+                    out.push(file);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
-    (entries.into_values().collect(), skipped)
+
+    /// After the last page: every file still held.
+    pub fn finish(&mut self) -> Vec<Entry> {
+        self.finished = true;
+        let held = std::mem::take(&mut self.held);
+        let out: Vec<Entry> = held.into_values().filter(|e| !self.given.contains(&e.name)).collect();
+        self.given.extend(out.iter().map(|e| e.name.clone()));
+        out
+    }
+
+    /// True once [`Self::finish`] has been called: the listing was complete.
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+}
+
+/// True if the directory `name/` inside `prefix` sorts at or before `last`,
+/// the greatest key listed so far: had it existed, it was listed already.
+fn dir_listed_by(prefix: &str, name: &str, last: &str) -> bool {
+    let dir = prefix.bytes().chain(name.bytes()).chain(std::iter::once(b'/'));
+    dir.cmp(last.bytes()) != std::cmp::Ordering::Greater
 }
 
 /// The key of `name` inside the directory whose prefix is `dir_prefix`.
@@ -219,6 +312,39 @@ mod tests {
             let (entries, _) = entries_from_listing(prefix, &all.objects, &all.prefixes);
             let got: Vec<(String, Kind)> = entries.into_iter().map(|e| (e.name, e.kind)).collect();
             prop_assert_eq!(got, model(&keys, prefix));
+        }
+
+        /// Entries given out page by page, as `readdir` streams them, end
+        /// up the same as the whole listing's, each name once, and a file
+        /// is never given out before a later page could still hide it.
+        #[test]
+        fn paged_entries_match_model(keys in prop::collection::btree_set(key_strategy(), 0..40),
+                                     prefix in prop_oneof![Just(""), Just("a/"), Just("b/a/")],
+                                     page in 1i32..5) {
+            let store = MemoryStore::new();
+            for k in &keys {
+                store.insert(k, "x");
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let want = model(&keys, prefix);
+            let mut paged = PagedEntries::new(prefix);
+            let mut got: Vec<Entry> = Vec::new();
+            let mut token = None;
+            loop {
+                let p = rt.block_on(store.list(prefix, true, token, Some(page))).unwrap();
+                for e in paged.page(&p.objects, &p.prefixes) {
+                    prop_assert!(want.contains(&(e.name.clone(), e.kind)), "{:?} given out early or wrongly", e);
+                    got.push(e);
+                }
+                token = p.next;
+                if token.is_none() {
+                    break;
+                }
+            }
+            got.extend(paged.finish());
+            let mut names: Vec<(String, Kind)> = got.into_iter().map(|e| (e.name, e.kind)).collect();
+            names.sort();
+            prop_assert_eq!(names, want);
         }
     }
 }

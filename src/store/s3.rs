@@ -14,6 +14,7 @@
 //! denied, so a rotated Kubernetes Secret works without a restart.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -44,7 +45,17 @@ pub struct S3Store {
     /// The keys the current client was built with, when they come from files
     /// or literals; compared after a denial to detect a rotation.
     keys: tokio::sync::Mutex<Option<(String, String)>>,
+    /// Keys asked for per LIST page when the caller sets no limit; drops to
+    /// S3's 1,000 if the server rejects more.
+    page_keys: AtomicI32,
 }
+
+/// Keys asked for per LIST page. AWS S3, MinIO and most servers answer at
+/// most 1,000 whatever is asked; servers that allow more (SeaweedFS does)
+/// then need fewer round trips for a large directory.
+pub const LIST_PAGE_KEYS: i32 = 5_000;
+/// The page size every S3 server accepts.
+const S3_PAGE_KEYS: i32 = 1000;
 
 impl S3Store {
     /// Builds the client. Reads key files, but sends no request.
@@ -56,6 +67,7 @@ impl S3Store {
             settings,
             client: RwLock::new((client, 0)),
             keys: tokio::sync::Mutex::new(keys),
+            page_keys: AtomicI32::new(LIST_PAGE_KEYS),
         })
     }
 
@@ -269,8 +281,9 @@ impl ObjectStore for S3Store {
         token: Option<String>,
         max_keys: Option<i32>,
     ) -> Result<ListPage, StoreError> {
-        let out = self
-            .call("list", |c| {
+        let send = |max_keys: Option<i32>| {
+            let token = token.clone();
+            self.call("list", move |c| {
                 let token = token.clone();
                 async move {
                     c.list_objects_v2()
@@ -284,7 +297,16 @@ impl ObjectStore for S3Store {
                         .map_err(map_err)
                 }
             })
-            .await?;
+        };
+        let page_keys = self.page_keys.load(Ordering::Relaxed);
+        let out = match send(max_keys.or(Some(page_keys))).await {
+            Err(StoreError::Server { status: 400, message }) if max_keys.is_none() && page_keys > S3_PAGE_KEYS => {
+                info!("the server refused LIST pages of {page_keys} keys ({message}); asking for {S3_PAGE_KEYS}");
+                self.page_keys.store(S3_PAGE_KEYS, Ordering::Relaxed);
+                send(Some(S3_PAGE_KEYS)).await?
+            }
+            other => other?,
+        };
         let objects = out
             .contents()
             .iter()

@@ -61,6 +61,10 @@ pub enum Mode {
     Freeze,
     /// Reset new connections at once and reset every open one.
     Down,
+    /// Answer a ListObjectsV2 asking for more than 1,000 keys per page with
+    /// `400 InvalidArgument`, as some S3-compatible servers do; forward the
+    /// rest.
+    RefuseLargeListPages,
 }
 
 /// A snapshot of the proxy's counters.
@@ -73,6 +77,8 @@ pub struct Stats {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub injected_503: u64,
+    /// LIST requests refused for their page size.
+    pub refused_pages: u64,
     pub resets: u64,
     pub truncations: u64,
     /// Requests held while frozen.
@@ -102,6 +108,7 @@ struct Counters {
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
     injected_503: AtomicU64,
+    refused_pages: AtomicU64,
     resets: AtomicU64,
     truncations: AtomicU64,
     frozen: AtomicU64,
@@ -215,6 +222,7 @@ impl Proxy {
             bytes_up: get(&c.bytes_up),
             bytes_down: get(&c.bytes_down),
             injected_503: get(&c.injected_503),
+            refused_pages: get(&c.refused_pages),
             resets: get(&c.resets),
             truncations: get(&c.truncations),
             frozen: get(&c.frozen),
@@ -292,6 +300,11 @@ async fn serve(client: &mut Conn, shared: &Shared) -> io::Result<End> {
             client.stream.write_all(&slow_down(&method)).await?;
             return Ok(End::Close);
         }
+        if shared.mode() == Mode::RefuseLargeListPages && large_list_page(req.target()) {
+            bump(&shared.counters.refused_pages, 1);
+            client.stream.write_all(&invalid_max_keys()).await?;
+            continue;
+        }
         // Send the request; once more on a fresh connection if a reused one
         // turns out to be closed before any response byte.
         let mut response = None;
@@ -355,6 +368,24 @@ async fn serve(client: &mut Conn, shared: &Shared) -> io::Result<End> {
             return Ok(End::Close);
         }
     }
+}
+
+/// True for a ListObjectsV2 request target asking for more than 1,000 keys.
+fn large_list_page(target: &str) -> bool {
+    let Some((_, query)) = target.split_once('?') else { return false };
+    let mut pairs = query.split('&').filter_map(|p| p.split_once('='));
+    let list = query.split('&').any(|p| p == "list-type=2");
+    list && pairs.any(|(k, v)| k == "max-keys" && v.parse::<u64>().is_ok_and(|n| n > 1000))
+}
+
+/// The answer of servers that allow at most 1,000 keys per LIST page.
+fn invalid_max_keys() -> Vec<u8> {
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InvalidArgument</Code><Message>max-keys must be between 1 and 1000</Message><RequestId>fault-proxy</RequestId></Error>";
+    format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nx-amz-request-id: fault-proxy\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// The canned throttling answer.
@@ -426,6 +457,11 @@ impl Head {
 
     fn method(&self) -> &str {
         &self.start[0]
+    }
+
+    /// The request target (path and query) of a request head.
+    fn target(&self) -> &str {
+        self.start.get(1).map_or("", String::as_str)
     }
 
     fn status(&self) -> u16 {
