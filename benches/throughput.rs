@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, measurement::WallTime};
 
+use bucketfs::store::s3::LIST_PAGE_KEYS;
 use support::proxy::{Counts, Proxy, human_bytes};
 use support::{RESULTS, cpu_ms, data_at, raw_get, raw_list, raw_ranges, record, splitmix, vm_hwm_kib};
 
@@ -605,9 +606,10 @@ fn ls_l(c: &mut Criterion) {
     configure(&mut g);
     g.throughput(Throughput::Elements(entries as u64));
     // The ratio is taken against the first: pages of the default 1,000 keys.
-    // bucketfs asks for 10,000 (servers that allow fewer answer 1,000), so
-    // the same listing with 10,000-key pages is measured too.
-    for (id, max_keys) in [("raw/list_objects_v2", None), ("raw/list_objects_v2_10000_keys", Some(10_000))] {
+    // bucketfs asks for LIST_PAGE_KEYS (servers that allow fewer answer
+    // 1,000), so the same listing with pages of that size is measured too.
+    let large = format!("raw/list_objects_v2_{LIST_PAGE_KEYS}_keys");
+    for (id, max_keys) in [("raw/list_objects_v2", None), (large.as_str(), Some(LIST_PAGE_KEYS))] {
         bench(&mut g, &group, id, entries as u64, false, |e, _| {
             e.ensure(LS_DIR);
             let prefix = format!("{LS_DIR}/");
