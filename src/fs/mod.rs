@@ -966,6 +966,7 @@ impl Fs {
             tokio::spawn(async move { store.list(&prefix, true, token, None).await })
         };
         let mut pending = Some(list(None));
+        let mut complete = false;
         while let Some(next) = pending.take() {
             let page = next.await.unwrap_or_else(|e| Err(StoreError::Network(format!("listing task failed: {e}"))));
             let page = match page {
@@ -975,17 +976,17 @@ impl Fs {
                     return Err(e.into());
                 }
             };
-            let last = page.next.is_none();
+            complete = page.next.is_none();
             if let Some(t) = page.next.filter(|_| !tx.is_closed()) {
                 pending = Some(list(Some(t)));
             }
             let mut entries = paged.page(&page.objects, &page.prefixes);
-            if last {
+            if complete {
                 entries.extend(paged.finish());
             }
             self.add_listed(ino, &mount, &prefix, entries, valid_until, &mut all, tx);
         }
-        if !paged.finished() {
+        if !complete {
             return Ok(()); // stopped: nobody reads this listing any more
         }
         self.log_skipped(mount.store.as_ref(), &paged.skipped);

@@ -8,7 +8,7 @@
 //! - a component that cannot be a file name (empty, `.`, `..`, longer than
 //!   255 bytes, containing NUL) is skipped.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
 
 use crate::store::ObjectMeta;
@@ -89,14 +89,13 @@ pub fn entries_from_listing(prefix: &str, objects: &[ObjectMeta], prefixes: &[St
 #[derive(Debug)]
 pub struct PagedEntries {
     prefix: String,
-    /// Names given out (and the directories among them, which hide files).
-    given: HashSet<String>,
-    dirs: HashSet<String>,
-    /// Files a later page could still hide.
+    /// Names given out, and what they were given out as (a directory hides
+    /// a file of its name).
+    given: HashMap<String, Kind>,
+    /// Files a later page could still hide; never given out yet.
     held: BTreeMap<String, Entry>,
     /// The greatest key or common prefix listed so far.
     last: String,
-    finished: bool,
     /// What was left out, for the caller to log.
     pub skipped: Vec<Skipped>,
 }
@@ -105,11 +104,9 @@ impl PagedEntries {
     pub fn new(prefix: &str) -> Self {
         PagedEntries {
             prefix: prefix.to_string(),
-            given: HashSet::new(),
-            dirs: HashSet::new(),
+            given: HashMap::new(),
             held: BTreeMap::new(),
             last: String::new(),
-            finished: false,
             skipped: Vec::new(),
         }
     }
@@ -130,13 +127,12 @@ impl PagedEntries {
             };
             if !valid_name(name) {
                 self.skipped.push(Skipped::InvalidName { key: p.clone() });
-            } else if self.dirs.insert(name.to_string()) {
-                if let Some(file) = self.held.remove(name) {
-                    self.skipped.push(Skipped::ShadowedByDir { key: child_key(&self.prefix, &file.name) });
+            } else if !self.given.contains_key(name) {
+                if self.held.remove(name).is_some() {
+                    self.skipped.push(Skipped::ShadowedByDir { key: child_key(&self.prefix, name) });
                 }
-                if self.given.insert(name.to_string()) {
-                    out.push(Entry::dir(name));
-                }
+                self.given.insert(name.to_string(), Kind::Dir);
+                out.push(Entry::dir(name));
             }
         }
         for o in objects {
@@ -149,29 +145,26 @@ impl PagedEntries {
             if !valid_name(name) {
                 // A key such as `dir//` is listed as an object by some servers.
                 self.skipped.push(Skipped::InvalidName { key: o.key.clone() });
-            } else if self.dirs.contains(name) {
-                self.skipped.push(Skipped::ShadowedByDir { key: o.key.clone() });
-            } else if self.given.contains(name) {
-                // Listed twice: given out already.
-            } else if dir_listed_by(&self.prefix, name, &self.last) {
-                self.held.remove(name);
-                self.given.insert(name.to_string());
-                out.push(Entry::file(name, o));
-            } else {
-                self.held.insert(name.to_string(), Entry::file(name, o));
+                continue;
+            }
+            match self.given.get(name) {
+                Some(Kind::Dir) => self.skipped.push(Skipped::ShadowedByDir { key: o.key.clone() }),
+                Some(Kind::File) => {} // listed twice: given out already
+                None if dir_listed_by(&self.prefix, name, &self.last) => {
+                    self.held.remove(name);
+                    self.given.insert(name.to_string(), Kind::File);
+                    out.push(Entry::file(name, o));
+                }
+                None => {
+                    self.held.insert(name.to_string(), Entry::file(name, o));
+                }
             }
         }
         // Files held from earlier pages that this page has passed.
-        if !self.held.is_empty() {
-            let (prefix, last) = (&self.prefix, &self.last);
-            let ready: Vec<String> =
-                self.held.keys().filter(|name| dir_listed_by(prefix, name, last)).cloned().collect();
-            for name in ready {
-                if let Some(file) = self.held.remove(&name) {
-                    self.given.insert(name);
-                    out.push(file);
-                }
-            }
+        let (prefix, last) = (&self.prefix, &self.last);
+        for (name, file) in self.held.extract_if(.., |name, _| dir_listed_by(prefix, name, last)) {
+            self.given.insert(name, Kind::File);
+            out.push(file);
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
@@ -179,16 +172,7 @@ impl PagedEntries {
 
     /// After the last page: every file still held.
     pub fn finish(&mut self) -> Vec<Entry> {
-        self.finished = true;
-        let held = std::mem::take(&mut self.held);
-        let out: Vec<Entry> = held.into_values().filter(|e| !self.given.contains(&e.name)).collect();
-        self.given.extend(out.iter().map(|e| e.name.clone()));
-        out
-    }
-
-    /// True once [`Self::finish`] has been called: the listing was complete.
-    pub fn finished(&self) -> bool {
-        self.finished
+        std::mem::take(&mut self.held).into_values().collect()
     }
 }
 
@@ -291,6 +275,15 @@ mod tests {
         out.into_iter().collect()
     }
 
+    /// A memory store holding `keys`, and a runtime to list it with.
+    fn store_of(keys: &BTreeSet<String>) -> (MemoryStore, tokio::runtime::Runtime) {
+        let store = MemoryStore::new();
+        for k in keys {
+            store.insert(k, "x");
+        }
+        (store, tokio::runtime::Builder::new_current_thread().build().unwrap())
+    }
+
     fn key_strategy() -> impl Strategy<Value = String> {
         // Small alphabet so clashes, markers and empty components are common.
         prop::collection::vec(prop_oneof![Just("a"), Just("b"), Just("/"), Just("."), Just("é"), Just("%+ ")], 1..7)
@@ -303,11 +296,7 @@ mod tests {
         fn listing_matches_model(keys in prop::collection::btree_set(key_strategy(), 0..40),
                                  prefix in prop_oneof![Just(""), Just("a/"), Just("b/a/")],
                                  page in 1i32..5) {
-            let store = MemoryStore::new();
-            for k in &keys {
-                store.insert(k, "x");
-            }
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let (store, rt) = store_of(&keys);
             let all = rt.block_on(list_all(&store, prefix, page));
             let (entries, _) = entries_from_listing(prefix, &all.objects, &all.prefixes);
             let got: Vec<(String, Kind)> = entries.into_iter().map(|e| (e.name, e.kind)).collect();
@@ -321,11 +310,7 @@ mod tests {
         fn paged_entries_match_model(keys in prop::collection::btree_set(key_strategy(), 0..40),
                                      prefix in prop_oneof![Just(""), Just("a/"), Just("b/a/")],
                                      page in 1i32..5) {
-            let store = MemoryStore::new();
-            for k in &keys {
-                store.insert(k, "x");
-            }
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let (store, rt) = store_of(&keys);
             let want = model(&keys, prefix);
             let mut paged = PagedEntries::new(prefix);
             let mut got: Vec<Entry> = Vec::new();
