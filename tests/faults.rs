@@ -445,3 +445,31 @@ fn a_server_refusing_large_list_pages_still_lists() {
     let log = m.log_text();
     assert!(log.contains("refused LIST pages of 5000 keys"), "{log}");
 }
+
+/// A LIST reply broken off mid-body is asked for again, up to
+/// `--max-attempts` times; if every answer breaks, `ls` fails with EIO (never
+/// a short listing, never a hang), and lists everything once the server
+/// answers whole again.
+#[test]
+fn a_broken_list_reply_is_retried_then_an_error_never_a_short_listing() {
+    let srv = server();
+    let bucket = srv.bucket("cutlist");
+    let objects: Vec<(String, Vec<u8>)> = (0..3000).map(|i| (format!("d/f{i:04}"), b"x".to_vec())).collect();
+    srv.put_many(&bucket, objects);
+    let proxy = Proxy::start(upstream());
+    let m = Mount::start_via(&proxy.endpoint(), &bucket, &["--max-attempts", "3", "--metadata-ttl", "0"]);
+    // A 3,000-key reply is about half a megabyte; lookups' replies are far
+    // shorter than the cut.
+    proxy.set_mode(Mode::Truncate { after_bytes: 20_000 });
+    let before = proxy.stats().truncations;
+    let dir = m.path("d");
+    let (ok, _, err, took) = run_timed(&format!("ls {}", dir.display()));
+    assert!(!ok && err.contains("Input/output error"), "ls with every LIST reply cut: ok={ok} {err}");
+    assert!(took < BOUND, "ls took {took:?} to fail");
+    assert_eq!(proxy.stats().truncations - before, 3, "one LIST, asked 3 times");
+    let log = m.log_text();
+    assert!(log.contains("reading a LIST reply") && log.contains("asking again"), "{log}");
+    proxy.set_mode(Mode::Pass);
+    let n = std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(n, 3000, "{}", m.log_text());
+}

@@ -15,7 +15,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -25,6 +25,12 @@ use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation, Respon
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as SdkPart};
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeDeserializationInterceptorContextMut;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::body::SdkBody;
+use aws_smithy_types::config_bag::ConfigBag;
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 use bytes::Bytes;
@@ -251,6 +257,34 @@ impl HasStatus for aws_smithy_runtime_api::client::orchestrator::HttpResponse {
     }
 }
 
+/// Takes the body of a successful ListObjectsV2 reply away from the SDK,
+/// which then decodes an empty listing; `list_xml` reads the real one (see
+/// there why). Error replies stay with the SDK, which maps them as usual.
+#[derive(Debug, Default, Clone)]
+struct TakeListBody(Arc<Mutex<Option<SdkBody>>>);
+
+const EMPTY_LISTING: &str = r#"<?xml version="1.0" encoding="UTF-8"?><ListBucketResult></ListBucketResult>"#;
+
+impl Intercept for TakeListBody {
+    fn name(&self) -> &'static str {
+        "TakeListBody"
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let response = context.response_mut();
+        if response.status().is_success() {
+            let body = std::mem::replace(response.body_mut(), SdkBody::from(EMPTY_LISTING));
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(body);
+        }
+        Ok(())
+    }
+}
+
 fn system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {
     t.and_then(|t| SystemTime::try_from(*t).ok()).unwrap_or(SystemTime::UNIX_EPOCH)
 }
@@ -286,43 +320,48 @@ impl ObjectStore for S3Store {
             self.call("list", move |c| {
                 let token = token.clone();
                 async move {
-                    c.list_objects_v2()
-                        .bucket(&self.bucket)
-                        .prefix(prefix)
-                        .set_delimiter(delimited.then(|| "/".to_string()))
-                        .set_continuation_token(token)
-                        .set_max_keys(max_keys)
-                        .send()
-                        .await
-                        .map_err(map_err)
+                    // The SDK retries failed requests; a body broken off
+                    // after a good status is ours to retry.
+                    let mut attempt = 1;
+                    loop {
+                        let taken = TakeListBody::default();
+                        c.list_objects_v2()
+                            .bucket(&self.bucket)
+                            .prefix(prefix)
+                            .set_delimiter(delimited.then(|| "/".to_string()))
+                            .set_continuation_token(token.clone())
+                            .set_max_keys(max_keys)
+                            .customize()
+                            .interceptor(taken.clone())
+                            .send()
+                            .await
+                            .map_err(map_err)?;
+                        let body = taken.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        let body = body.ok_or_else(|| StoreError::Network("LIST reply without a body".to_string()))?;
+                        let read = tokio::time::timeout(self.settings.request_timeout, ByteStream::new(body).collect());
+                        let error = match read.await {
+                            Ok(Ok(bytes)) => return super::list_xml::parse(&bytes.into_bytes()),
+                            Ok(Err(e)) => format!("reading a LIST reply: {e}"),
+                            Err(_) => "timed out reading a LIST reply".to_string(),
+                        };
+                        if attempt >= self.settings.max_attempts {
+                            return Err(StoreError::Network(error));
+                        }
+                        warn!("{error}; asking again");
+                        attempt += 1;
+                    }
                 }
             })
         };
         let page_keys = self.page_keys.load(Ordering::Relaxed);
-        let out = match send(max_keys.or(Some(page_keys))).await {
+        match send(max_keys.or(Some(page_keys))).await {
             Err(StoreError::Server { status: 400, message }) if max_keys.is_none() && page_keys > S3_PAGE_KEYS => {
                 info!("the server refused LIST pages of {page_keys} keys ({message}); asking for {S3_PAGE_KEYS}");
                 self.page_keys.store(S3_PAGE_KEYS, Ordering::Relaxed);
-                send(Some(S3_PAGE_KEYS)).await?
+                send(Some(S3_PAGE_KEYS)).await
             }
-            other => other?,
-        };
-        let objects = out
-            .contents()
-            .iter()
-            .filter_map(|o| {
-                Some(ObjectMeta {
-                    key: o.key()?.to_string(),
-                    size: o.size().unwrap_or(0).max(0) as u64,
-                    etag: o.e_tag().unwrap_or("").to_string(),
-                    last_modified: system_time(o.last_modified()),
-                })
-            })
-            .collect();
-        let prefixes = out.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_string)).collect();
-        let next =
-            if out.is_truncated() == Some(true) { out.next_continuation_token().map(str::to_string) } else { None };
-        Ok(ListPage { objects, prefixes, next })
+            other => other,
+        }
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
