@@ -358,23 +358,29 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
-        let answer = move |items: fs::Result<Vec<Arc<DirItem>>>, mut reply: ReplyDirectory| match items {
+        let answer = move |fs: &Fs, items: fs::Result<Vec<Arc<DirItem>>>, mut reply: ReplyDirectory| match items {
             Ok(items) => {
+                let mut fitted = 0;
                 for (i, item) in (offset..).zip(&items) {
                     let kind = if item.attr.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
                     if reply.add(INodeNo(item.attr.ino), i + 1, kind, &item.name) {
                         break;
                     }
+                    fitted += 1;
                 }
+                fs.readdir_fitted(fh.0, items.len(), fitted);
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e)),
         };
         match self.fs.readdir_now(fh.0, offset) {
-            Some(items) => answer(items, reply),
+            Some(items) => answer(&self.fs, items, reply),
             None => {
                 let fs = self.fs.clone();
-                self.rt.spawn(async move { answer(fs.readdir(fh.0, offset).await, reply) });
+                self.rt.spawn(async move {
+                    let items = fs.readdir(fh.0, offset).await;
+                    answer(&fs, items, reply)
+                });
             }
         }
     }
@@ -383,6 +389,7 @@ impl Filesystem for FuseAdapter {
         let (fs, this) = (self.fs.clone(), self.attr_maker());
         let answer = move |fs: &Fs, items: fs::Result<Vec<Arc<DirItem>>>, mut reply: ReplyDirectoryPlus| match items {
             Ok(items) => {
+                let mut fitted = 0;
                 for (i, item) in (offset..).zip(&items) {
                     let attr = fs.remember_entry(ino.0, item);
                     if reply.add(INodeNo(attr.ino), i + 1, &item.name, &attr.ttl, &this(&attr), Generation(0)) {
@@ -392,7 +399,9 @@ impl Filesystem for FuseAdapter {
                         }
                         break;
                     }
+                    fitted += 1;
                 }
+                fs.readdir_fitted(fh.0, items.len(), fitted);
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e)),

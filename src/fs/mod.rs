@@ -188,6 +188,9 @@ struct DirHandle {
     ino: u64,
     /// The listing this handle reads, filled as its pages arrive.
     listed: Option<watch::Receiver<Listed>>,
+    /// Entries handed out per call: as many as the kernel's last reply
+    /// buffer held (one page on older kernels, up to 128 KiB on newer).
+    batch: usize,
 }
 
 /// A directory listing as it arrives: `readdir` hands out entries while the
@@ -205,6 +208,10 @@ struct Listed {
 /// about 25 entries with attributes (READDIRPLUS, which the kernel always
 /// uses here), about 150 without.
 const READDIR_BATCH: usize = 64;
+/// Entries of a LIST page taken in between two wake-ups of `readdir`.
+const LISTED_SLICE: usize = 512;
+/// The most entries handed out per `readdir` call.
+const READDIR_BATCH_MAX: usize = 4096;
 
 /// Numbers for `statfs`.
 pub struct StatFs {
@@ -853,7 +860,7 @@ impl Fs {
             return Err(FsError::NotDir);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dirs).insert(fh, DirHandle { ino, listed: None });
+        lock(&self.dirs).insert(fh, DirHandle { ino, listed: None, batch: READDIR_BATCH });
         Ok(fh)
     }
 
@@ -861,15 +868,15 @@ impl Fs {
         lock(&self.dirs).remove(&fh);
     }
 
-    /// Up to [`READDIR_BATCH`] of the directory's entries from `offset` on
+    /// A batch (see [`Self::readdir_fitted`]) of the directory's entries from `offset` on
     /// (`.` and `..` first); none at the end. Reading from the start lists
     /// the directory again, in the background: entries are answered as the
     /// listing's pages arrive, while the next page is requested.
     pub async fn readdir(self: &Arc<Self>, fh: u64, offset: u64) -> Result<Vec<Arc<DirItem>>> {
-        let (ino, listed) = {
+        let (ino, listed, batch) = {
             let dirs = lock(&self.dirs);
             let h = dirs.get(&fh).ok_or(FsError::BadHandle)?;
-            (h.ino, h.listed.clone())
+            (h.ino, h.listed.clone(), h.batch)
         };
         let mut listed = match listed {
             Some(rx) if offset > 0 => rx,
@@ -894,7 +901,20 @@ impl Fs {
             .wait_for(|l| l.done || l.items.len() > offset)
             .await
             .map_err(|_| FsError::Store(StoreError::Network("directory listing was abandoned".into())))?;
-        Self::listed_from(&listed, offset).unwrap_or_else(|| Ok(Vec::new()))
+        Self::listed_from(&listed, offset, batch).unwrap_or_else(|| Ok(Vec::new()))
+    }
+
+    /// Tells handle `fh` how many of the `given` entries of a `readdir`
+    /// answer fitted into the kernel's buffer, so the next answer holds about
+    /// as many: entries that do not fit are looked up for nothing.
+    pub fn readdir_fitted(&self, fh: u64, given: usize, fitted: usize) {
+        if let Some(h) = lock(&self.dirs).get_mut(&fh) {
+            if fitted < given {
+                h.batch = fitted.max(1);
+            } else if given >= h.batch {
+                h.batch = (h.batch * 2).min(READDIR_BATCH_MAX);
+            }
+        }
     }
 
     /// [`Self::readdir`] without waiting: the entries from `offset` on when
@@ -902,15 +922,16 @@ impl Fs {
     /// must wait for the server.
     pub fn readdir_now(&self, fh: u64, offset: u64) -> Option<Result<Vec<Arc<DirItem>>>> {
         let dirs = lock(&self.dirs);
-        let listed = dirs.get(&fh)?.listed.as_ref().filter(|_| offset > 0)?.borrow();
-        Self::listed_from(&listed, offset as usize)
+        let h = dirs.get(&fh)?;
+        let listed = h.listed.as_ref().filter(|_| offset > 0)?.borrow();
+        Self::listed_from(&listed, offset as usize, h.batch)
     }
 
-    /// Up to [`READDIR_BATCH`] entries from `offset` on, the listing's error,
-    /// or an empty batch at its end; `None` while the entries are not there yet.
-    fn listed_from(listed: &Listed, offset: usize) -> Option<Result<Vec<Arc<DirItem>>>> {
+    /// Up to `batch` entries from `offset` on, the listing's error, or an
+    /// empty batch at its end; `None` while the entries are not there yet.
+    fn listed_from(listed: &Listed, offset: usize, batch: usize) -> Option<Result<Vec<Arc<DirItem>>>> {
         if listed.items.len() > offset {
-            let end = (offset + READDIR_BATCH).min(listed.items.len());
+            let end = (offset + batch).min(listed.items.len());
             return Some(Ok(listed.items[offset..end].to_vec()));
         }
         if !listed.done {
@@ -984,7 +1005,7 @@ impl Fs {
             if complete {
                 entries.extend(paged.finish());
             }
-            self.add_listed(ino, &mount, &prefix, entries, valid_until, &mut all, tx);
+            self.add_listed(ino, &mount, &prefix, entries, valid_until, &mut all, tx).await;
         }
         if !complete {
             return Ok(()); // stopped: nobody reads this listing any more
@@ -999,7 +1020,7 @@ impl Fs {
     /// Adds entries of a listing of `ino` that have become final: to the
     /// inode table, to `all`, and to what `readdir` hands out.
     #[allow(clippy::too_many_arguments)]
-    fn add_listed(
+    async fn add_listed(
         &self,
         ino: u64,
         mount: &Arc<MountPoint>,
@@ -1018,18 +1039,24 @@ impl Fs {
                 entries.retain(|e| negative.get(&(ino, e.name.clone())).is_none_or(|at| now >= *at + mount.ttl));
             }
         }
-        let mut items = Vec::with_capacity(entries.len());
-        {
-            let mut table = lock(&self.inodes);
-            for entry in entries {
-                let child = table.upsert(ino, mount, prefix, &entry, valid_until, false);
-                if let Some(c) = table.get(child) {
-                    items.push(Arc::new(DirItem { name: entry.name.clone(), attr: self.attr_of(c) }));
+        // In slices, so `readdir` can answer the first entries of a large
+        // page while the rest are taken in.
+        let mut entries = entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            let mut items = Vec::with_capacity(LISTED_SLICE);
+            {
+                let mut table = lock(&self.inodes);
+                for entry in entries.by_ref().take(LISTED_SLICE) {
+                    let child = table.upsert(ino, mount, prefix, &entry, valid_until, false);
+                    if let Some(c) = table.get(child) {
+                        items.push(Arc::new(DirItem { name: entry.name.clone(), attr: self.attr_of(c) }));
+                    }
+                    all.insert(entry.name.clone(), entry);
                 }
-                all.insert(entry.name.clone(), entry);
             }
+            tx.send_modify(|l| l.items.extend(items));
+            tokio::task::yield_now().await;
         }
-        tx.send_modify(|l| l.items.extend(items));
     }
 
     /// For READDIRPLUS: counts a kernel lookup of an entry handed out, and

@@ -279,3 +279,48 @@ proptest! {
         run(ops, Duration::ZERO)?;
     }
 }
+
+/// `readdir` answers about as many entries as the kernel's buffer took last
+/// time: fewer after an answer did not fit, twice as many after one did;
+/// every entry is handed out once, in order, whatever the kernel took.
+#[test]
+fn readdir_batches_follow_what_the_kernel_took() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let store = Arc::new(MemoryStore::new());
+        let names: Vec<String> = (0..3000).map(|i| format!("f{i:05}")).collect();
+        for n in &names {
+            store.insert(n, "x");
+        }
+        let mount = Arc::new(MountPoint {
+            name: "batches".into(),
+            store,
+            prefix: String::new(),
+            read_only: true,
+            ttl: Duration::from_secs(60),
+            source_id: "memory".into(),
+        });
+        let fs = Arc::new(Fs::new(FsSettings::default(), vec![(Vec::new(), mount)]).unwrap());
+        let fh = fs.opendir(1).unwrap();
+        // What the "kernel" can take per call, and the answer sizes seen.
+        let capacity = [10, 10, 1000, 1000, 1000, 1000, 25, 5000, 5000, 5000];
+        let (mut seen, mut sizes) = (Vec::new(), Vec::new());
+        for cap in capacity.iter().cycle() {
+            let got = fs.readdir(fh, seen.len() as u64).await.unwrap();
+            if got.is_empty() {
+                break;
+            }
+            let fitted = got.len().min(*cap);
+            fs.readdir_fitted(fh, got.len(), fitted);
+            sizes.push(got.len());
+            seen.extend(got.into_iter().take(fitted).map(|i| i.name.clone()));
+        }
+        fs.releasedir(fh);
+        assert_eq!(&seen[..2], [".", ".."]);
+        assert_eq!(&seen[2..], &names[..]);
+        // `.` and `..` come before the first page; then 64; 10 of them
+        // fitted, so 10; those fitted, so 20, and doubling while everything
+        // fits; 25 of 160 fitted, so 25, and doubling again.
+        assert_eq!(&sizes[..9], [2, 64, 10, 20, 40, 80, 160, 25, 50]);
+    });
+}
