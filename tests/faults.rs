@@ -446,10 +446,10 @@ fn a_server_refusing_large_list_pages_still_lists() {
     assert!(log.contains("refused LIST pages of 5000 keys"), "{log}");
 }
 
-/// A LIST reply broken off mid-body is asked for again, up to
-/// `--max-attempts` times; if every answer breaks, `ls` fails with EIO (never
-/// a short listing, never a hang), and lists everything once the server
-/// answers whole again.
+/// A LIST reply broken off mid-body, or a 200 carrying an error document, is
+/// asked for again, up to `--max-attempts` times; if every answer breaks,
+/// `ls` fails with EIO (never a short listing, never a hang), and lists
+/// everything once the server answers whole again.
 #[test]
 fn a_broken_list_reply_is_retried_then_an_error_never_a_short_listing() {
     let srv = server();
@@ -472,4 +472,11 @@ fn a_broken_list_reply_is_retried_then_an_error_never_a_short_listing() {
     proxy.set_mode(Mode::Pass);
     let n = std::fs::read_dir(&dir).unwrap().count();
     assert_eq!(n, 3000, "{}", m.log_text());
+    // A 200 carrying an error document is retried too: two of them, then
+    // the whole listing.
+    proxy.set_mode(Mode::ListErrorIn200 { remaining: 2 });
+    let n = std::fs::read_dir(m.path("d")).unwrap().count();
+    assert_eq!(n, 3000, "{}", m.log_text());
+    assert_eq!(proxy.stats().errors_in_200, 2);
+    assert!(m.log_text().contains("InternalError"), "{}", m.log_text());
 }

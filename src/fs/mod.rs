@@ -191,6 +191,8 @@ struct DirHandle {
     /// Entries handed out per call: as many as the kernel's last reply
     /// buffer held (one page on older kernels, up to 128 KiB on newer).
     batch: usize,
+    /// What fitted the last time an answer did not: `batch` grows up to it.
+    batch_ceiling: usize,
 }
 
 /// A directory listing as it arrives: `readdir` hands out entries while the
@@ -860,7 +862,8 @@ impl Fs {
             return Err(FsError::NotDir);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dirs).insert(fh, DirHandle { ino, listed: None, batch: READDIR_BATCH });
+        lock(&self.dirs)
+            .insert(fh, DirHandle { ino, listed: None, batch: READDIR_BATCH, batch_ceiling: READDIR_BATCH_MAX });
         Ok(fh)
     }
 
@@ -906,13 +909,15 @@ impl Fs {
 
     /// Tells handle `fh` how many of the `given` entries of a `readdir`
     /// answer fitted into the kernel's buffer, so the next answer holds about
-    /// as many: entries that do not fit are looked up for nothing.
+    /// as many: entries that do not fit are looked up for nothing. The batch
+    /// doubles while answers fit, but not past what fitted when one did not.
     pub fn readdir_fitted(&self, fh: u64, given: usize, fitted: usize) {
         if let Some(h) = lock(&self.dirs).get_mut(&fh) {
             if fitted < given {
                 h.batch = fitted.max(1);
+                h.batch_ceiling = h.batch;
             } else if given >= h.batch {
-                h.batch = (h.batch * 2).min(READDIR_BATCH_MAX);
+                h.batch = (h.batch * 2).min(h.batch_ceiling);
             }
         }
     }
@@ -1025,28 +1030,29 @@ impl Fs {
         ino: u64,
         mount: &Arc<MountPoint>,
         prefix: &str,
-        mut entries: Vec<Entry>,
+        entries: Vec<Entry>,
         valid_until: Instant,
         all: &mut HashMap<String, Entry>,
         tx: &watch::Sender<Listed>,
     ) {
-        {
-            // Names removed here within the TTL stay removed, even if the
-            // server still lists them for a moment.
-            let negative = lock(&self.negative);
-            if !negative.is_empty() {
-                let now = Instant::now();
-                entries.retain(|e| negative.get(&(ino, e.name.clone())).is_none_or(|at| now >= *at + mount.ttl));
-            }
-        }
         // In slices, so `readdir` can answer the first entries of a large
         // page while the rest are taken in.
         let mut entries = entries.into_iter().peekable();
         while entries.peek().is_some() {
-            let mut items = Vec::with_capacity(LISTED_SLICE);
+            let mut slice: Vec<Entry> = entries.by_ref().take(LISTED_SLICE).collect();
+            {
+                // Names removed here within the TTL stay removed, even if
+                // the server still lists them for a moment.
+                let negative = lock(&self.negative);
+                if !negative.is_empty() {
+                    let now = Instant::now();
+                    slice.retain(|e| negative.get(&(ino, e.name.clone())).is_none_or(|at| now >= *at + mount.ttl));
+                }
+            }
+            let mut items = Vec::with_capacity(slice.len());
             {
                 let mut table = lock(&self.inodes);
-                for entry in entries.by_ref().take(LISTED_SLICE) {
+                for entry in slice {
                     let child = table.upsert(ino, mount, prefix, &entry, valid_until, false);
                     if let Some(c) = table.get(child) {
                         items.push(Arc::new(DirItem { name: entry.name.clone(), attr: self.attr_of(c) }));

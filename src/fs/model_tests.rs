@@ -281,8 +281,9 @@ proptest! {
 }
 
 /// `readdir` answers about as many entries as the kernel's buffer took last
-/// time: fewer after an answer did not fit, twice as many after one did;
-/// every entry is handed out once, in order, whatever the kernel took.
+/// time: twice as many after an answer fitted, what fitted after one did not
+/// (and no more from then on); every entry is handed out once, in order,
+/// whatever the kernel took.
 #[test]
 fn readdir_batches_follow_what_the_kernel_took() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -302,15 +303,24 @@ fn readdir_batches_follow_what_the_kernel_took() {
         });
         let fs = Arc::new(Fs::new(FsSettings::default(), vec![(Vec::new(), mount)]).unwrap());
         let fh = fs.opendir(1).unwrap();
-        // What the "kernel" can take per call, and the answer sizes seen.
-        let capacity = [10, 10, 1000, 1000, 1000, 1000, 25, 5000, 5000, 5000];
-        let (mut seen, mut sizes) = (Vec::new(), Vec::new());
-        for cap in capacity.iter().cycle() {
+        // The first call starts the listing and answers `.` and `..`; let
+        // the listing finish, so answer sizes depend on the batch alone.
+        let mut seen: Vec<String> = fs.readdir(fh, 0).await.unwrap().iter().map(|i| i.name.clone()).collect();
+        for _ in 0..10_000 {
+            if matches!(fs.readdir_now(fh, 3002), Some(Ok(v)) if v.is_empty()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // What the "kernel" takes per call, and the answer sizes seen.
+        let capacity = |call: usize| if call == 4 { 100 } else { 1000 };
+        let mut sizes = Vec::new();
+        loop {
             let got = fs.readdir(fh, seen.len() as u64).await.unwrap();
             if got.is_empty() {
                 break;
             }
-            let fitted = got.len().min(*cap);
+            let fitted = got.len().min(capacity(sizes.len()));
             fs.readdir_fitted(fh, got.len(), fitted);
             sizes.push(got.len());
             seen.extend(got.into_iter().take(fitted).map(|i| i.name.clone()));
@@ -318,9 +328,9 @@ fn readdir_batches_follow_what_the_kernel_took() {
         fs.releasedir(fh);
         assert_eq!(&seen[..2], [".", ".."]);
         assert_eq!(&seen[2..], &names[..]);
-        // `.` and `..` come before the first page; then 64; 10 of them
-        // fitted, so 10; those fitted, so 20, and doubling while everything
-        // fits; 25 of 160 fitted, so 25, and doubling again.
-        assert_eq!(&sizes[..9], [2, 64, 10, 20, 40, 80, 160, 25, 50]);
+        // 64, then doubling while everything fits; 100 of 1,024 fitted, so
+        // 100 from then on.
+        assert_eq!(&sizes[..7], [64, 128, 256, 512, 1024, 100, 100]);
+        assert_eq!(sizes.len(), 4 + 1 + (3000usize - (64 + 128 + 256 + 512) - 100).div_ceil(100));
     });
 }

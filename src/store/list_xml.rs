@@ -29,7 +29,9 @@ enum Field {
     ErrorMessage,
 }
 
-/// Parses a `ListBucketResult` (or an `Error` document sent with status 200).
+/// Parses a `ListBucketResult`. An `Error` document sent with status 200 is
+/// mapped as the SDK maps error replies (denied, no bucket, or a server error
+/// worth retrying); an unreadable reply is a network error, also retried.
 pub fn parse(body: &[u8]) -> Result<ListPage, StoreError> {
     let text = std::str::from_utf8(body).map_err(|_| bad("the reply is not UTF-8"))?;
     let mut page = ListPage { objects: Vec::new(), prefixes: Vec::new(), next: None };
@@ -89,13 +91,12 @@ pub fn parse(body: &[u8]) -> Result<ListPage, StoreError> {
                     let v = std::mem::take(&mut value);
                     match (f, object.as_mut()) {
                         (Field::Key, Some(o)) => o.key = v,
-                        (Field::Size, Some(o)) => o.size = v.trim().parse().unwrap_or(0),
+                        (Field::Size, Some(o)) => o.size = v.trim().parse().map_err(|_| bad("a bad Size"))?,
                         (Field::ETag, Some(o)) => o.etag = v,
                         (Field::LastModified, Some(o)) => {
-                            o.last_modified = DateTime::from_str(v.trim(), Format::DateTime)
-                                .ok()
-                                .and_then(|t| SystemTime::try_from(t).ok())
-                                .unwrap_or(SystemTime::UNIX_EPOCH)
+                            let t = DateTime::from_str(v.trim(), Format::DateTime)
+                                .map_err(|_| bad("a bad LastModified"))?;
+                            o.last_modified = SystemTime::try_from(t).unwrap_or(SystemTime::UNIX_EPOCH)
                         }
                         (Field::Prefix, _) => page.prefixes.push(v),
                         (Field::IsTruncated, _) => truncated = v.trim() == "true",
@@ -123,10 +124,11 @@ pub fn parse(body: &[u8]) -> Result<ListPage, StoreError> {
     match root {
         Some("ListBucketResult") => {}
         Some("Error") => {
-            let (code, message) = error;
-            return Err(StoreError::Server {
-                status: 200,
-                message: format!("{}: {}", code.unwrap_or_default(), message.unwrap_or_default()),
+            let (code, message) = (error.0.unwrap_or_default(), error.1.unwrap_or_default());
+            return Err(match code.as_str() {
+                "NoSuchBucket" => StoreError::NoSuchBucket,
+                "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" => StoreError::AccessDenied(code),
+                _ => StoreError::Server { status: 503, message: format!("{code}: {message}") },
             });
         }
         Some(other) => return Err(bad(&format!("unexpected root element {other}"))),
@@ -139,7 +141,7 @@ pub fn parse(body: &[u8]) -> Result<ListPage, StoreError> {
 }
 
 fn bad(what: &str) -> StoreError {
-    StoreError::Server { status: 200, message: format!("unreadable LIST reply: {what}") }
+    StoreError::Network(format!("unreadable LIST reply: {what}"))
 }
 
 /// Resolves XML's five named entities and numeric character references;
@@ -267,12 +269,21 @@ mod tests {
     }
 
     #[test]
-    fn an_error_document_is_an_error() {
-        let x = "<?xml version=\"1.0\"?><Error><Code>InternalError</Code><Message>try &amp; again</Message></Error>";
-        match parse(x.as_bytes()) {
-            Err(StoreError::Server { message, .. }) => assert_eq!(message, "InternalError: try & again"),
+    fn an_error_document_is_mapped_like_an_error_reply() {
+        let doc = |code: &str| {
+            format!("<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>try &amp; again</Message></Error>")
+        };
+        match parse(doc("InternalError").as_bytes()) {
+            Err(e @ StoreError::Server { .. }) => {
+                assert!(e.is_transient());
+                assert!(e.to_string().contains("InternalError: try & again"), "{e}");
+            }
             other => panic!("{other:?}"),
         }
+        assert!(
+            matches!(parse(doc("AccessDenied").as_bytes()), Err(StoreError::AccessDenied(c)) if c == "AccessDenied")
+        );
+        assert!(matches!(parse(doc("NoSuchBucket").as_bytes()), Err(StoreError::NoSuchBucket)));
     }
 
     #[test]
@@ -286,8 +297,13 @@ mod tests {
             b"<ListBucketResult><Contents><Key>a&amp</Key></Contents></ListBucketResult>",
             b"\xff\xfe",
         ] {
-            assert!(parse(x).is_err(), "{:?}", String::from_utf8_lossy(x));
+            let e = parse(x).unwrap_err();
+            assert!(e.is_transient(), "{:?}: {e}", String::from_utf8_lossy(x));
         }
+        let bad_size = reply(&[("d/x".to_string(), 1)], &[], None).replace("<Size>1<", "<Size>one<");
+        assert!(parse(bad_size.as_bytes()).is_err());
+        let bad_time = reply(&[("d/x".to_string(), 1)], &[], None).replace("2026-11-23T", "yesterday ");
+        assert!(parse(bad_time.as_bytes()).is_err());
         assert!(parse(b"<ListBucketResult><Contents><Key>a&#xD800;</Key></Contents></ListBucketResult>").is_err());
         assert!(parse(b"<ListBucketResult><Contents><Key>a&#12a;</Key></Contents></ListBucketResult>").is_err());
     }

@@ -321,7 +321,8 @@ impl ObjectStore for S3Store {
                 let token = token.clone();
                 async move {
                     // The SDK retries failed requests; a body broken off
-                    // after a good status is ours to retry.
+                    // after a good status, or a 200 carrying an error, is
+                    // ours to retry.
                     let mut attempt = 1;
                     loop {
                         let taken = TakeListBody::default();
@@ -340,14 +341,18 @@ impl ObjectStore for S3Store {
                         let body = body.ok_or_else(|| StoreError::Network("LIST reply without a body".to_string()))?;
                         let read = tokio::time::timeout(self.settings.request_timeout, ByteStream::new(body).collect());
                         let error = match read.await {
-                            Ok(Ok(bytes)) => return super::list_xml::parse(&bytes.into_bytes()),
-                            Ok(Err(e)) => format!("reading a LIST reply: {e}"),
-                            Err(_) => "timed out reading a LIST reply".to_string(),
+                            Ok(Ok(bytes)) => match super::list_xml::parse(&bytes.into_bytes()) {
+                                Err(e) if e.is_transient() => e,
+                                done => return done,
+                            },
+                            Ok(Err(e)) => StoreError::Network(format!("reading a LIST reply: {e}")),
+                            Err(_) => StoreError::Network("timed out reading a LIST reply".to_string()),
                         };
                         if attempt >= self.settings.max_attempts {
-                            return Err(StoreError::Network(error));
+                            return Err(error);
                         }
                         warn!("{error}; asking again");
+                        tokio::time::sleep(Duration::from_millis(50 << attempt.min(6))).await;
                         attempt += 1;
                     }
                 }

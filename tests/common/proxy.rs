@@ -65,6 +65,10 @@ pub enum Mode {
     /// `400 InvalidArgument`, as some S3-compatible servers do; forward the
     /// rest.
     RefuseLargeListPages,
+    /// Answer the next `remaining` ListObjectsV2 requests with status 200
+    /// and an `InternalError` document for a body (S3 may report errors that
+    /// way once it has sent its status); forward the rest.
+    ListErrorIn200 { remaining: u32 },
 }
 
 /// A snapshot of the proxy's counters.
@@ -79,6 +83,8 @@ pub struct Stats {
     pub injected_503: u64,
     /// LIST requests refused for their page size.
     pub refused_pages: u64,
+    /// LIST requests answered 200 with an error document.
+    pub errors_in_200: u64,
     pub resets: u64,
     pub truncations: u64,
     /// Requests held while frozen.
@@ -109,6 +115,7 @@ struct Counters {
     bytes_down: AtomicU64,
     injected_503: AtomicU64,
     refused_pages: AtomicU64,
+    errors_in_200: AtomicU64,
     resets: AtomicU64,
     truncations: AtomicU64,
     frozen: AtomicU64,
@@ -135,6 +142,17 @@ impl Shared {
     fn take_503(&self) -> bool {
         self.mode.send_if_modified(|m| match m {
             Mode::Error503 { remaining } if *remaining > 0 => {
+                *remaining -= 1;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    /// Takes one answer from a `ListErrorIn200` run, if there is one.
+    fn take_error_in_200(&self) -> bool {
+        self.mode.send_if_modified(|m| match m {
+            Mode::ListErrorIn200 { remaining } if *remaining > 0 => {
                 *remaining -= 1;
                 true
             }
@@ -223,6 +241,7 @@ impl Proxy {
             bytes_down: get(&c.bytes_down),
             injected_503: get(&c.injected_503),
             refused_pages: get(&c.refused_pages),
+            errors_in_200: get(&c.errors_in_200),
             resets: get(&c.resets),
             truncations: get(&c.truncations),
             frozen: get(&c.frozen),
@@ -300,6 +319,11 @@ async fn serve(client: &mut Conn, shared: &Shared) -> io::Result<End> {
             client.stream.write_all(&slow_down(&method)).await?;
             return Ok(End::Close);
         }
+        if is_list(req.target()) && shared.take_error_in_200() {
+            bump(&shared.counters.errors_in_200, 1);
+            client.stream.write_all(&internal_error_in_200()).await?;
+            continue;
+        }
         if shared.mode() == Mode::RefuseLargeListPages && large_list_page(req.target()) {
             bump(&shared.counters.refused_pages, 1);
             client.stream.write_all(&invalid_max_keys()).await?;
@@ -370,22 +394,38 @@ async fn serve(client: &mut Conn, shared: &Shared) -> io::Result<End> {
     }
 }
 
+/// True for a ListObjectsV2 request target.
+fn is_list(target: &str) -> bool {
+    target.split_once('?').is_some_and(|(_, query)| query.split('&').any(|p| p == "list-type=2"))
+}
+
 /// True for a ListObjectsV2 request target asking for more than 1,000 keys.
 fn large_list_page(target: &str) -> bool {
     let Some((_, query)) = target.split_once('?') else { return false };
     let mut pairs = query.split('&').filter_map(|p| p.split_once('='));
-    let list = query.split('&').any(|p| p == "list-type=2");
-    list && pairs.any(|(k, v)| k == "max-keys" && v.parse::<u64>().is_ok_and(|n| n > 1000))
+    is_list(target) && pairs.any(|(k, v)| k == "max-keys" && v.parse::<u64>().is_ok_and(|n| n > 1000))
+}
+
+/// An S3 error document with `status` (e.g. `200 OK`, `400 Bad Request`).
+fn error_document(status: &str, code: &str, message: &str) -> Vec<u8> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message><RequestId>fault-proxy</RequestId></Error>"
+    );
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nx-amz-request-id: fault-proxy\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A 200 whose body is an error document.
+fn internal_error_in_200() -> Vec<u8> {
+    error_document("200 OK", "InternalError", "We encountered an internal error. Please try again.")
 }
 
 /// The answer of servers that allow at most 1,000 keys per LIST page.
 fn invalid_max_keys() -> Vec<u8> {
-    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InvalidArgument</Code><Message>max-keys must be between 1 and 1000</Message><RequestId>fault-proxy</RequestId></Error>";
-    format!(
-        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nx-amz-request-id: fault-proxy\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+    error_document("400 Bad Request", "InvalidArgument", "max-keys must be between 1 and 1000")
 }
 
 /// The canned throttling answer.
