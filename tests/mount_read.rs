@@ -387,3 +387,36 @@ fn kernel_readahead_follows_the_read_ahead_option() {
         }
     }
 }
+
+/// Four readers of one quarter each, at once, download the file about once:
+/// near the end of its quarter a stream's window does not fetch the next
+/// quarter again, which the next reader has already put in the kernel's page
+/// cache (it would be thrown away: no read comes for it).
+#[test]
+fn quarter_readers_download_the_file_about_once() {
+    let srv = server();
+    let bucket = srv.bucket("quarters");
+    let len = 256 << 20;
+    let data = pattern(len, 9);
+    srv.put(&bucket, "q.bin", data.clone());
+    let proxy = common::proxy::Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], srv.s3_port)));
+    let m = Mount::start_via(&proxy.endpoint(), &bucket, &[]);
+    let path = m.path("q.bin");
+    let before = proxy.stats().bytes_down;
+    let q = len / 4;
+    std::thread::scope(|s| {
+        for k in 0..4 {
+            let (path, data) = (&path, &data);
+            s.spawn(move || {
+                let f = std::fs::File::open(path).unwrap();
+                let mut buf = vec![0u8; 1 << 20];
+                for off in (k * q..(k + 1) * q).step_by(1 << 20) {
+                    f.read_exact_at(&mut buf, off as u64).unwrap();
+                    assert!(buf == data[off..off + (1 << 20)], "quarter {k}: wrong bytes at {off}");
+                }
+            });
+        }
+    });
+    let down = proxy.stats().bytes_down - before;
+    assert!(down <= len as u64 * 21 / 20, "4 quarter readers downloaded {down} bytes for {len}\n{}", m.log_text());
+}

@@ -36,6 +36,9 @@ const PREFETCH_SHARE: u64 = 3;
 /// the budget (in quarters).
 const STREAMED_SHARE: u64 = 1;
 
+/// Objects whose delivered blocks are remembered.
+const DELIVERED_OBJECTS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(256).unwrap();
+
 /// Identity of one version of one object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ObjectId {
@@ -170,6 +173,13 @@ struct Inner {
     pending_bytes: u64,
     /// Memory held outside the cache: write buffers and parts in flight.
     extra_bytes: u64,
+    /// Per object, a bitmap of the blocks the kernel has asked for whole
+    /// (see [`BlockCache::delivered`]); the most recently read objects only.
+    delivered: LruCache<Arc<ObjectId>, Vec<u64>>,
+}
+
+fn bit(bits: &[u64], b: u64) -> bool {
+    bits.get((b / 64) as usize).is_some_and(|w| (w >> (b % 64)) & 1 == 1)
 }
 
 impl Inner {
@@ -199,6 +209,7 @@ impl BlockCache {
                 pending: HashMap::new(),
                 pending_bytes: 0,
                 extra_bytes: 0,
+                delivered: LruCache::new(DELIVERED_OBJECTS),
             }),
             limit: limit.max(4 * BLOCK_SIZE),
             stats: CacheStats::default(),
@@ -265,6 +276,52 @@ impl BlockCache {
             Some((rx, _)) => Probe::Pending(rx.clone()),
             None => Probe::Missing,
         }
+    }
+
+    /// Records that the kernel asked for whole blocks `blocks` of `object`.
+    /// Once answered, they are in its page cache, which all handles of the
+    /// file share: no handle will ask for them again, so prefetch skips them
+    /// ([`Self::undelivered`]); four readers of one quarter each do not
+    /// fetch the next reader's quarter again at the end of their own. A
+    /// block asked for twice shows the page cache lost it (evicted, dropped,
+    /// or the read failed): the object's record is forgotten.
+    pub fn delivered(&self, object: &Arc<ObjectId>, blocks: Range<u64>) {
+        if blocks.is_empty() {
+            return;
+        }
+        let mut i = self.lock();
+        let bits = i.delivered.get_or_insert_mut(object.clone(), Vec::new);
+        if blocks.clone().any(|b| bit(bits, b)) {
+            bits.clear();
+        }
+        let words = blocks.end.div_ceil(64) as usize;
+        if bits.len() < words {
+            bits.resize(words, 0);
+        }
+        for b in blocks {
+            bits[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+
+    /// `blocks` without those the kernel already has, as runs in order.
+    pub fn undelivered(&self, object: &Arc<ObjectId>, blocks: Range<u64>) -> Vec<Range<u64>> {
+        let i = self.lock();
+        let Some(bits) = i.delivered.peek(object) else { return vec![blocks] };
+        let (mut runs, mut start) = (Vec::new(), None);
+        for b in blocks.clone() {
+            match (bit(bits, b), start) {
+                (true, Some(s)) => {
+                    runs.push(s..b);
+                    start = None;
+                }
+                (false, None) => start = Some(b),
+                _ => {}
+            }
+        }
+        if let Some(s) = start {
+            runs.push(s..blocks.end);
+        }
+        runs
     }
 
     /// Records that a sequential stream has read block `key`: it moves to the

@@ -191,9 +191,11 @@ impl Reader {
             return None;
         }
         let end = (offset + len as u64).min(self.size);
-        let prefetch = self.plan(offset, end);
         let first = offset / BLOCK_SIZE;
         let last = (end - 1) / BLOCK_SIZE;
+        let whole_end = if end == self.size { last + 1 } else { end / BLOCK_SIZE };
+        self.cache.delivered(&self.object, offset.div_ceil(BLOCK_SIZE)..whole_end);
+        let prefetch = self.plan(offset, end);
         // A random read fetches at least RANDOM_MIN_FETCH: the kernel splits
         // one application read into 128 KiB requests that arrive one after
         // the other, and the next block is then already on its way.
@@ -202,12 +204,15 @@ impl Reader {
         let large = end - offset >= LARGE_READ;
         let last_fetch = if sequential || !large { last } else { last.max(min_last).min((self.size - 1) / BLOCK_SIZE) };
         self.fetch(first..last_fetch + 1, false);
-        if let Some(range) = prefetch {
-            let requested = self.fetch(range.clone(), true);
-            if requested < range.end {
+        // Blocks the kernel already has (another handle read them) are not
+        // fetched: no read will come for them.
+        for part in prefetch.map(|range| self.cache.undelivered(&self.object, range)).unwrap_or_default() {
+            let requested = self.fetch(part.clone(), true);
+            if requested < part.end {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 st.ahead = st.ahead.min(requested * BLOCK_SIZE);
                 st.window = (st.window / 2).max(INITIAL_WINDOW);
+                break;
             }
         }
         Some(offset..end)
@@ -551,6 +556,43 @@ mod tests {
         let fetched = reader.cache.stats.fetched_bytes.load(Ordering::Relaxed);
         assert!(fetched <= 2 * 20 * 256 * 1024, "random reads fetched {fetched} bytes");
         drop(store);
+    }
+
+    /// Prefetch skips blocks another handle's reads put in the kernel's page
+    /// cache: quarter readers fetch the object about once. Blocks asked for
+    /// again (the page cache lost them) are prefetched as usual.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prefetch_skips_blocks_the_kernel_already_has() {
+        let len = 64 << 20;
+        let q = len / 4;
+        let (store, first, data) = setup(len, 32 << 20);
+        let handle = || Reader::new(first.object.clone(), len as u64, store.clone(), first.cache.clone(), None);
+        let read_range = |reader: Reader, range: Range<usize>| {
+            let data = &data;
+            async move {
+                for off in range.step_by(1 << 20) {
+                    let got = reader.read(off as u64, 1 << 20).await.unwrap().to_vec();
+                    assert_eq!(&got[..], &data[off..off + (1 << 20)], "at {off}");
+                }
+                // Let the window's GETs land before the handle closes, as
+                // they do over a network long before a reader gets there.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        };
+        // Last quarter first, so every stream's window runs into a quarter
+        // read before.
+        for k in (0..4).rev() {
+            read_range(handle(), k * q..(k + 1) * q).await;
+        }
+        let fetched = first.cache.stats.fetched_bytes.load(Ordering::Relaxed);
+        assert!(fetched <= len as u64 + (len as u64) / 16, "4 quarter readers fetched {fetched} bytes for {len}");
+
+        // The whole object again (as after the page cache was dropped): the
+        // first read shows the kernel lost it, and prefetch runs as usual.
+        let gets_before = store.requests.lock().unwrap()["get"];
+        read_range(handle(), 0..len).await;
+        let gets = store.requests.lock().unwrap()["get"] - gets_before;
+        assert!(gets < 30, "a second pass over 64 MiB took {gets} GETs");
     }
 
     #[tokio::test]
