@@ -36,8 +36,15 @@ const PREFETCH_SHARE: u64 = 3;
 /// the budget (in quarters).
 const STREAMED_SHARE: u64 = 1;
 
-/// Objects whose delivered blocks are remembered.
-const DELIVERED_OBJECTS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(256).unwrap();
+/// Files whose delivered blocks are remembered (see [`BlockCache::delivered`]).
+const DELIVERED_OBJECTS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(64).unwrap();
+/// Blocks tracked per file: the first 128 GiB (a bitmap of at most 128 KiB).
+const TRACKED_BLOCKS: u64 = 1 << 20;
+/// Gaps between delivered blocks shorter than this are not prefetched.
+const SHORT_GAP: u64 = 4;
+
+/// An inode and the object version it shows: what one kernel page cache holds.
+pub type PageCacheFile = (u64, Arc<ObjectId>);
 
 /// Identity of one version of one object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -175,7 +182,7 @@ struct Inner {
     extra_bytes: u64,
     /// Per object, a bitmap of the blocks the kernel has asked for whole
     /// (see [`BlockCache::delivered`]); the most recently read objects only.
-    delivered: LruCache<Arc<ObjectId>, Vec<u64>>,
+    delivered: LruCache<PageCacheFile, Vec<u64>>,
 }
 
 fn bit(bits: &[u64], b: u64) -> bool {
@@ -278,40 +285,54 @@ impl BlockCache {
         }
     }
 
-    /// Records that the kernel asked for whole blocks `blocks` of `object`.
-    /// Once answered, they are in its page cache, which all handles of the
-    /// file share: no handle will ask for them again, so prefetch skips them
-    /// ([`Self::undelivered`]); four readers of one quarter each do not
-    /// fetch the next reader's quarter again at the end of their own. A
-    /// block asked for twice shows the page cache lost it (evicted, dropped,
-    /// or the read failed): the object's record is forgotten.
-    pub fn delivered(&self, object: &Arc<ObjectId>, blocks: Range<u64>) {
-        if blocks.is_empty() {
-            return;
-        }
+    /// Records a read of `touched` blocks of `file` (an inode and the object
+    /// version it shows), of which `whole` were asked for whole. Once
+    /// answered, those are in the kernel's page cache, which all handles of
+    /// the inode share: no handle will ask for them again, so prefetch skips
+    /// them ([`Self::undelivered`]); four readers of one quarter each do not
+    /// fetch the next reader's quarter again at the end of their own. A read
+    /// touching a recorded block shows the page cache lost it (evicted,
+    /// dropped, or the read failed): the file's record is forgotten, and
+    /// true returned.
+    pub fn delivered(&self, file: &PageCacheFile, touched: Range<u64>, whole: Range<u64>) -> bool {
         let mut i = self.lock();
-        let bits = i.delivered.get_or_insert_mut(object.clone(), Vec::new);
-        if blocks.clone().any(|b| bit(bits, b)) {
-            bits.clear();
+        let bits = i.delivered.get_or_insert_mut(file.clone(), Vec::new);
+        let lost = touched.into_iter().any(|b| bit(bits, b));
+        if lost {
+            *bits = Vec::new();
         }
-        let words = blocks.end.div_ceil(64) as usize;
-        if bits.len() < words {
-            bits.resize(words, 0);
+        let whole = whole.start..whole.end.min(TRACKED_BLOCKS);
+        if !whole.is_empty() {
+            let words = whole.end.div_ceil(64) as usize;
+            if bits.len() < words {
+                bits.resize(words, 0);
+            }
+            for b in whole {
+                bits[(b / 64) as usize] |= 1 << (b % 64);
+            }
         }
-        for b in blocks {
-            bits[(b / 64) as usize] |= 1 << (b % 64);
-        }
+        lost
     }
 
-    /// `blocks` without those the kernel already has, as runs in order.
-    pub fn undelivered(&self, object: &Arc<ObjectId>, blocks: Range<u64>) -> Vec<Range<u64>> {
+    /// Forgets what the kernel had of `file`: its page cache was dropped.
+    pub fn forget_delivered(&self, file: &PageCacheFile) {
+        self.lock().delivered.pop(file);
+    }
+
+    /// `blocks` without those the kernel already has, as runs in order. A
+    /// gap of a few blocks between blocks it has is left out too: a reader
+    /// whose requests straddle blocks leaves such gaps, and the kernel holds
+    /// their pages as well.
+    pub fn undelivered(&self, file: &PageCacheFile, blocks: Range<u64>) -> Vec<Range<u64>> {
         let i = self.lock();
-        let Some(bits) = i.delivered.peek(object) else { return vec![blocks] };
+        let Some(bits) = i.delivered.peek(file) else { return vec![blocks] };
         let (mut runs, mut start) = (Vec::new(), None);
         for b in blocks.clone() {
             match (bit(bits, b), start) {
                 (true, Some(s)) => {
-                    runs.push(s..b);
+                    if s == blocks.start || b - s >= SHORT_GAP {
+                        runs.push(s..b);
+                    }
                     start = None;
                 }
                 (false, None) => start = Some(b),

@@ -727,7 +727,14 @@ impl Fs {
         if changed {
             self.invalidate_kernel(ino);
         }
-        let reader = Reader::new(object, size, mount.store.clone(), self.cache.clone(), self.disk.clone());
+        let file = (ino, object.clone());
+        if !keep_cache {
+            self.cache.forget_delivered(&file);
+        }
+        let mut reader = Reader::new(object, size, mount.store.clone(), self.cache.clone(), self.disk.clone());
+        if flags & libc::O_DIRECT == 0 {
+            reader = reader.in_page_cache_of(ino);
+        }
         Ok((self.add_handle(ino, HandleKind::Read(reader), pid), keep_cache))
     }
 

@@ -32,7 +32,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::cache::{
-    BLOCK_SIZE, Block, BlockCache, BlockKey, BlockSender, ObjectId, Probe, RUN_SIZE, ReadData, new_run,
+    BLOCK_SIZE, Block, BlockCache, BlockKey, BlockSender, ObjectId, PageCacheFile, Probe, RUN_SIZE, ReadData, new_run,
 };
 use super::disk_cache::DiskCache;
 use crate::store::{ObjectStore, StoreError};
@@ -102,6 +102,9 @@ pub struct Reader {
     /// Becomes true when the handle closes: its prefetch GETs stop, even one
     /// waiting for the server's answer.
     closed: watch::Sender<bool>,
+    /// The inode whose kernel page cache this handle's reads fill; `None`
+    /// for O_DIRECT handles, whose reads bypass it.
+    page_cache: Option<PageCacheFile>,
 }
 
 impl Reader {
@@ -114,7 +117,14 @@ impl Reader {
     ) -> Self {
         let max_window = MAX_WINDOW.min(cache.limit() / 4).max(INITIAL_WINDOW);
         let (state, closed) = (Mutex::new(State::default()), watch::Sender::new(false));
-        Self { object, size, store, cache, disk, max_window, state, closed }
+        Self { object, size, store, cache, disk, max_window, state, closed, page_cache: None }
+    }
+
+    /// Reads of this handle fill the page cache of inode `ino`: prefetch
+    /// then skips what other handles of the inode already read.
+    pub fn in_page_cache_of(mut self, ino: u64) -> Self {
+        self.page_cache = Some((ino, self.object.clone()));
+        self
     }
 
     pub fn object(&self) -> &ObjectId {
@@ -193,8 +203,15 @@ impl Reader {
         let end = (offset + len as u64).min(self.size);
         let first = offset / BLOCK_SIZE;
         let last = (end - 1) / BLOCK_SIZE;
-        let whole_end = if end == self.size { last + 1 } else { end / BLOCK_SIZE };
-        self.cache.delivered(&self.object, offset.div_ceil(BLOCK_SIZE)..whole_end);
+        if let Some(file) = &self.page_cache {
+            let whole_end = if end == self.size { last + 1 } else { end / BLOCK_SIZE };
+            if self.cache.delivered(file, first..last + 1, offset.div_ceil(BLOCK_SIZE)..whole_end) {
+                // Prefetch skipped blocks the kernel has lost since: plan
+                // the window again from here.
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.ahead = st.ahead.min(end);
+            }
+        }
         let prefetch = self.plan(offset, end);
         // A random read fetches at least RANDOM_MIN_FETCH: the kernel splits
         // one application read into 128 KiB requests that arrive one after
@@ -206,7 +223,12 @@ impl Reader {
         self.fetch(first..last_fetch + 1, false);
         // Blocks the kernel already has (another handle read them) are not
         // fetched: no read will come for them.
-        for part in prefetch.map(|range| self.cache.undelivered(&self.object, range)).unwrap_or_default() {
+        let parts = match (prefetch, &self.page_cache) {
+            (Some(range), Some(file)) => self.cache.undelivered(file, range),
+            (Some(range), None) => vec![range],
+            (None, _) => Vec::new(),
+        };
+        for part in parts {
             let requested = self.fetch(part.clone(), true);
             if requested < part.end {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -566,7 +588,9 @@ mod tests {
         let len = 64 << 20;
         let q = len / 4;
         let (store, first, data) = setup(len, 32 << 20);
-        let handle = || Reader::new(first.object.clone(), len as u64, store.clone(), first.cache.clone(), None);
+        let handle = || {
+            Reader::new(first.object.clone(), len as u64, store.clone(), first.cache.clone(), None).in_page_cache_of(1)
+        };
         let read_range = |reader: Reader, range: Range<usize>| {
             let data = &data;
             async move {
@@ -593,6 +617,37 @@ mod tests {
         read_range(handle(), 0..len).await;
         let gets = store.requests.lock().unwrap()["get"] - gets_before;
         assert!(gets < 30, "a second pass over 64 MiB took {gets} GETs");
+    }
+
+    /// A page cache lost behind the reader's back is noticed at the first
+    /// read touching a recorded block, also one that straddles blocks, and
+    /// the stream goes on with prefetch: no run of small GETs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_page_cache_is_noticed_and_prefetch_resumes() {
+        let len = 64usize << 20;
+        let (store, first, data) = setup(len, 32 << 20);
+        let handle = || {
+            Reader::new(first.object.clone(), len as u64, store.clone(), first.cache.clone(), None).in_page_cache_of(1)
+        };
+        // One handle reads 32..48 MiB; its pages are then lost (as after
+        // eviction), and a second handle streams the whole object with
+        // requests that straddle blocks (4 KiB past each 128 KiB boundary).
+        let a = handle();
+        for off in ((32usize << 20)..(48 << 20)).step_by(1 << 20) {
+            a.read(off as u64, 1 << 20).await.unwrap();
+        }
+        drop(a);
+        let gets_before = store.requests.lock().unwrap()["get"];
+        let b = handle();
+        let mut off = 0;
+        while off < len {
+            let n = (128 << 10).min(len - off);
+            let got = b.read(off as u64, n as u32).await.unwrap().to_vec();
+            assert_eq!(&got[..], &data[off..off + n], "at {off}");
+            off += if off == 0 { 4096 } else { n };
+        }
+        let gets = store.requests.lock().unwrap()["get"] - gets_before;
+        assert!(gets < 30, "streaming 64 MiB through a lost page cache took {gets} GETs");
     }
 
     #[tokio::test]
