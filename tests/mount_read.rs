@@ -57,8 +57,7 @@ fn large_directory_lists_completely_with_sizes() {
     // In S3's key order `zz/` would come after `zz-1`, on the next page;
     // SeaweedFS lists it next to `zz`. The S3 order across pages is covered
     // by the property test `paged_entries_match_model` on the memory store.
-    let objects: Vec<(String, Vec<u8>)> =
-        (0..4999).map(|i| (format!("many/f{i:05}"), vec![b'x'; i % 97])).collect();
+    let objects: Vec<(String, Vec<u8>)> = (0..4999).map(|i| (format!("many/f{i:05}"), vec![b'x'; i % 97])).collect();
     srv.put_many(&bucket, objects);
     // One after the other, the directory's key first: SeaweedFS keeps a file
     // `zz` next to a directory `zz/` only when they arrive in this order
@@ -421,5 +420,6 @@ fn quarter_readers_download_the_file_about_once() {
         }
     });
     let down = proxy.stats().bytes_down - before;
+    eprintln!("4 quarter readers downloaded {down} bytes for {len} ({:.3}x)", down as f64 / len as f64);
     assert!(down <= len as u64 * 21 / 20, "4 quarter readers downloaded {down} bytes for {len}\n{}", m.log_text());
 }

@@ -20,6 +20,21 @@ use super::namespace::{Entry, Kind};
 pub const ROOT: u64 = 1;
 
 /// Where an inode's data lives.
+/// What the kernel's page cache holds of a file. An open keeps the cache
+/// (FOPEN_KEEP_CACHE) only when it holds the version being opened; any other
+/// open makes the kernel drop the file's pages, and that drop can land after
+/// a concurrent open has started filling them, so an open that has nothing
+/// to drop must keep the cache too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PageCache {
+    /// Nothing: no handle has read or written the file through this inode.
+    Empty,
+    /// Pages of the object version with this ETag.
+    Holds(String),
+    /// Pages a writer put there, whose upload has not (or not yet) succeeded.
+    Unknown,
+}
+
 #[derive(Clone)]
 pub enum Loc {
     /// A directory that exists only in the mounted tree (a parent of mount
@@ -47,8 +62,8 @@ pub struct Inode {
     pub pinned: bool,
     /// For directories: the last full listing, and when it was taken.
     pub listing: Option<(Instant, Arc<HashMap<String, Entry>>)>,
-    /// For files: the ETag the kernel's page cache holds data of.
-    pub cached_etag: Option<String>,
+    /// For files: what the kernel's page cache holds of it.
+    pub page_cache: PageCache,
     /// A file created here and not uploaded yet.
     pub local: bool,
     /// For directories: names of local (not yet uploaded) children.
@@ -72,7 +87,7 @@ impl Inode {
             lookups: 0,
             pinned: true,
             listing: None,
-            cached_etag: None,
+            page_cache: PageCache::Empty,
             local: false,
             local_children: Default::default(),
         }
@@ -199,7 +214,7 @@ impl InodeTable {
                 lookups: u64::from(count),
                 pinned: false,
                 listing: None,
-                cached_etag: None,
+                page_cache: PageCache::Empty,
                 local: false,
                 local_children: Default::default(),
             },
@@ -234,7 +249,7 @@ impl InodeTable {
                 lookups: 1,
                 pinned: false,
                 listing: None,
-                cached_etag: None,
+                page_cache: PageCache::Empty,
                 local: true,
                 local_children: Default::default(),
             },

@@ -29,7 +29,7 @@ use tracing::{debug, error, warn};
 use crate::spec::FsSettings;
 use crate::store::{ObjectStore, StoreError};
 use cache::{BlockCache, ObjectId, ReadData};
-use inode::{Inode, InodeTable, Loc, ROOT};
+use inode::{Inode, InodeTable, Loc, PageCache, ROOT};
 use namespace::{Entry, Kind, Skipped};
 use read::Reader;
 use write::{WriteError, Writer};
@@ -718,9 +718,16 @@ impl Fs {
             let mut table = lock(&self.inodes);
             let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
             let etag = inode.etag.clone().unwrap_or_default();
-            let keep = !existing_writer && inode.cached_etag.as_deref() == Some(etag.as_str());
-            let changed = inode.cached_etag.is_some() && !keep && !existing_writer;
-            inode.cached_etag = Some(etag.clone());
+            let keep = !existing_writer
+                && match &inode.page_cache {
+                    PageCache::Empty => true,
+                    PageCache::Holds(held) => *held == etag,
+                    PageCache::Unknown => false,
+                };
+            let changed = inode.page_cache != PageCache::Empty && !keep && !existing_writer;
+            if !existing_writer {
+                inode.page_cache = PageCache::Holds(etag.clone());
+            }
             let object = Arc::new(ObjectId { source: mount.source_id.clone(), key: key.clone(), etag });
             (object, inode.size, keep, changed)
         };

@@ -336,3 +336,55 @@ fn readdir_batches_follow_what_the_kernel_took() {
         assert_eq!(sizes.len(), 5 + (3002 - first - 960 - 100).div_ceil(100));
     });
 }
+
+/// An open keeps the kernel's page cache unless the cache may hold other
+/// bytes than the version opened: concurrent first opens all keep it (an
+/// open that does not would make the kernel drop pages another handle has
+/// just read); a changed object, or pages a writer put there, are dropped.
+#[test]
+fn opens_keep_the_page_cache_only_when_it_holds_the_version_opened() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let store = Arc::new(MemoryStore::new());
+        store.insert("f", "first");
+        let mount = Arc::new(MountPoint {
+            name: "keep".into(),
+            store: store.clone(),
+            prefix: String::new(),
+            read_only: false,
+            ttl: Duration::ZERO,
+            source_id: "memory".into(),
+        });
+        let fs = Arc::new(Fs::new(FsSettings::default(), vec![(Vec::new(), mount)]).unwrap());
+        let h = Harness { fs: fs.clone(), pid: std::process::id() };
+        let ino = fs.lookup(1, "f").await.unwrap().ino;
+        let open = |flags| {
+            let fs = fs.clone();
+            async move { fs.open(ino, flags, std::process::id()).await.unwrap() }
+        };
+        // Two first opens at once, then another while both are open.
+        let ((a, keep_a), (b, keep_b)) = tokio::join!(open(libc::O_RDONLY), open(libc::O_RDONLY));
+        let (c, keep_c) = open(libc::O_RDONLY).await;
+        assert!(keep_a && keep_b && keep_c);
+        for fh in [a, b, c] {
+            fs.release(fh).await;
+        }
+        // Another client replaced the object.
+        store.insert("f", "second");
+        let (fh, keep) = open(libc::O_RDONLY).await;
+        assert!(!keep, "a changed object must not be read from old pages");
+        fs.release(fh).await;
+        // A writer is open: its pages are not any object version yet.
+        let (w, _) = open(libc::O_WRONLY | libc::O_TRUNC).await;
+        fs.write(w, 0, b"third").await.unwrap();
+        let (fh, keep) = open(libc::O_RDONLY).await;
+        assert!(!keep);
+        fs.release(fh).await;
+        h.finish(w, &[]).await.unwrap();
+        // Uploaded: the pages hold exactly the new version.
+        let (fh, keep) = open(libc::O_RDONLY).await;
+        assert!(keep);
+        fs.release(fh).await;
+        assert_eq!(h.read_all(ino).await, b"third");
+    });
+}

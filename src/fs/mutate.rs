@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use tracing::{error, info};
 
-use super::inode::Loc;
+use super::inode::{Loc, PageCache};
 use super::namespace::{self, Entry, Kind};
 use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Writer};
 use super::{Attr, Fs, FsError, HandleKind, MountPoint, Result, WriterEntry, lock, tgid};
@@ -84,6 +84,11 @@ impl Fs {
     }
 
     fn install_writer(&self, ino: u64, mount: &Arc<MountPoint>, writer: Writer) -> Arc<WriterEntry> {
+        // Writes go through the kernel's page cache: until an upload
+        // succeeds, its pages may hold bytes that no object version has.
+        if let Some(inode) = lock(&self.inodes).get_mut(ino) {
+            inode.page_cache = PageCache::Unknown;
+        }
         let entry = Arc::new(WriterEntry {
             size: AtomicU64::new(writer.size()),
             writer: tokio::sync::Mutex::new(writer),
@@ -199,7 +204,7 @@ impl Fs {
         inode.valid_until = Instant::now() + mount.ttl;
         inode.local = false;
         // The kernel's pages hold exactly what was uploaded.
-        inode.cached_etag = Some(etag.clone());
+        inode.page_cache = PageCache::Holds(etag.clone());
         let (parent, name) = (inode.parent, inode.name.clone());
         if let Some(dir) = table.get_mut(parent) {
             dir.local_children.remove(&name);
