@@ -5,19 +5,21 @@
 //!   reader pays for one small GET per read.
 //! - Once reads have been contiguous for [`SEQUENTIAL_TRIGGER`] bytes, the
 //!   reader keeps a window of blocks requested ahead of the read position. The
-//!   window starts at [`INITIAL_WINDOW`] and is kept full, as parallel ranged
-//!   GETs of [`PREFETCH_CHUNK`] each. It doubles while doubling pays: each
-//!   time a whole window has been read, the read rate over it is compared with
-//!   the best rate so far, and the window grows only if the rate rose by at
-//!   least [`GROWTH_GAIN`] percent. Behind a high-latency link more GETs in
-//!   flight mean more speed and the window grows, up to the handle's maximum
-//!   ([`MAX_WINDOW`], at most a quarter of the memory budget); when the
-//!   server or the CPU is the limit it stays small, which keeps the data hot
-//!   in the CPU caches and the process small.
+//!   window starts at [`INITIAL_WINDOW`] (less when the memory budget is
+//!   small) and is kept full, as parallel ranged GETs of [`PREFETCH_CHUNK`]
+//!   each. The first whole window read after the start sets the stream's
+//!   rate; from then on, each time a whole window has been read its read rate
+//!   is compared with the best rate so far, and the window doubles only if
+//!   the rate rose by at least [`GROWTH_GAIN`] percent. Behind a high-latency
+//!   link more GETs in flight mean more speed and the window grows, up to the
+//!   handle's maximum ([`MAX_WINDOW`], at most a quarter of the memory
+//!   budget); when the server or the CPU is the limit it stays where it
+//!   started, which keeps the process small.
 //! - A read that skips forward inside what was already requested, or steps
 //!   back at most [`BACKWARD_SLACK`] (the kernel's readahead reorders reads),
 //!   keeps the stream going. Anything else is a seek: the window resets.
-//! - If the cache refuses prefetch room (memory pressure), the window halves.
+//! - If the cache refuses prefetch room (memory pressure), the window halves,
+//!   down to [`MIN_WINDOW`].
 //!
 //! Every GET carries `If-Match` with the ETag the handle was opened with, so a
 //! handle never returns bytes from two versions of an object.
@@ -41,8 +43,16 @@ use crate::store::{ObjectStore, StoreError};
 /// counts as sequential. Above the kernel's readahead of one random read
 /// (at most 2 × 256 KiB), so random readers never trigger prefetch.
 pub const SEQUENTIAL_TRIGGER: u64 = 1 << 20;
-/// First prefetch window, once a stream is known to be sequential.
-pub const INITIAL_WINDOW: u64 = 16 << 20;
+/// First prefetch window, once a stream is known to be sequential: eight
+/// GETs in flight, so a stream runs at full speed from its start behind a
+/// round trip of up to ~50 ms (64 MiB last 50 ms at 1.3 GB/s) instead of
+/// growing there window by window. Starting at 16 MiB, a 1 GiB read with
+/// 20 ms per request reached 0.63 of the raw client; at 64 MiB, 0.75
+/// (docs/bench/RESULTS.md). Capped by the memory budget ([`Reader::window_cap`]).
+pub const INITIAL_WINDOW: u64 = 64 << 20;
+/// Smallest window: two prefetch GETs, one arriving while the other is read.
+/// Memory pressure halves a window down to this, and small budgets start here.
+pub const MIN_WINDOW: u64 = 2 * PREFETCH_CHUNK;
 /// Largest single ranged GET for blocks a read is waiting for.
 pub const MAX_CHUNK: u64 = 8 << 20;
 /// Size of each prefetch GET: small enough that many run in parallel (S3
@@ -88,6 +98,10 @@ struct State {
     /// Windows read so far; the first includes the stream's start-up and is
     /// not measured.
     periods: u32,
+    /// The window doubled at the last measurement.
+    grew: bool,
+    /// A doubling did not pay: the window no longer grows.
+    settled: bool,
 }
 
 /// Reads one version of one object for one open handle.
@@ -115,7 +129,7 @@ impl Reader {
         cache: Arc<BlockCache>,
         disk: Option<Arc<DiskCache>>,
     ) -> Self {
-        let max_window = MAX_WINDOW.min(cache.limit() / 4).max(INITIAL_WINDOW);
+        let max_window = MAX_WINDOW.min(cache.limit() / 4).max(MIN_WINDOW);
         let (state, closed) = (Mutex::new(State::default()), watch::Sender::new(false));
         Self { object, size, store, cache, disk, max_window, state, closed, page_cache: None }
     }
@@ -233,7 +247,7 @@ impl Reader {
             if requested < part.end {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 st.ahead = st.ahead.min(requested * BLOCK_SIZE);
-                st.window = (st.window / 2).max(INITIAL_WINDOW);
+                st.window = (st.window / 2).max(MIN_WINDOW);
                 break;
             }
         }
@@ -245,7 +259,7 @@ impl Reader {
     /// streams' prefetch before they are read.
     fn window_cap(&self) -> u64 {
         let streams = self.cache.streams.load(Ordering::Relaxed).max(1) as u64;
-        (self.cache.limit() / 2 / streams).clamp(INITIAL_WINDOW, self.max_window)
+        (self.cache.limit() / 2 / streams).clamp(MIN_WINDOW, self.max_window)
     }
 
     /// True once the handle reads sequentially (prefetch is running).
@@ -272,7 +286,7 @@ impl Reader {
             return None;
         }
         if st.window == 0 {
-            st.window = INITIAL_WINDOW;
+            st.window = INITIAL_WINDOW.min(self.window_cap());
             self.cache.streams.fetch_add(1, Ordering::Relaxed);
         }
         // Keep the whole window requested, in whole aligned chunks.
@@ -286,19 +300,28 @@ impl Reader {
         (from < to).then(|| from / BLOCK_SIZE..to.div_ceil(BLOCK_SIZE))
     }
 
-    /// Grows the window after a whole window has been read, if the read rate
-    /// rose by [`GROWTH_GAIN`] since the last growth; always keeps it within
-    /// the current cap.
+    /// Each time a whole window has been read (the first, which includes the
+    /// stream's start, is not measured): if the read rate rose by
+    /// [`GROWTH_GAIN`] over the best so far (always, for the first measured
+    /// window), the window doubles; if not, the last doubling did not pay,
+    /// so it is undone and the window stays. Always within the current cap.
     fn adapt_window(&self, st: &mut State, end: u64, now: Instant) {
         let cap = self.window_cap();
         match st.measured_from {
             None => st.measured_from = Some((end, now)),
             Some((from, since)) if end >= from + st.window => {
                 let rate = (end - from) as f64 / now.duration_since(since).as_secs_f64().max(1e-6);
-                if st.periods > 0 {
+                if st.periods > 0 && !st.settled {
+                    let before = st.window;
                     if rate > st.best_rate * (1.0 + GROWTH_GAIN / 100.0) {
-                        st.window *= 2;
+                        st.window = (st.window * 2).min(cap);
+                    } else {
+                        if st.grew {
+                            st.window = (st.window / 2).max(MIN_WINDOW);
+                        }
+                        st.settled = true;
                     }
+                    st.grew = st.window > before;
                     st.best_rate = st.best_rate.max(rate);
                 }
                 st.periods += 1;
@@ -687,7 +710,7 @@ mod tests {
     /// and returns the window it settles on.
     fn settle(rate: impl Fn(u64) -> f64) -> u64 {
         let (_, reader, _) = setup(BLOCK_SIZE as usize, 1 << 30);
-        let mut st = State { window: INITIAL_WINDOW, ..State::default() };
+        let mut st = State { window: INITIAL_WINDOW.min(reader.window_cap()), ..State::default() };
         let (start, mut end, mut secs) = (Instant::now(), 0u64, 0.0);
         for _ in 0..400 {
             reader.adapt_window(&mut st, end, start + std::time::Duration::from_secs_f64(secs));
@@ -700,11 +723,11 @@ mod tests {
     #[test]
     fn window_grows_only_while_it_pays() {
         // Server- or CPU-bound: the same rate whatever the window.
-        assert_eq!(settle(|_| 700e6), 2 * INITIAL_WINDOW);
+        assert_eq!(settle(|_| 700e6), INITIAL_WINDOW);
         // Latency-bound: the rate follows the GETs in flight, up to the cap.
         assert_eq!(settle(|w| w as f64 * 20.0), MAX_WINDOW);
-        // Saturates at 64 MiB in flight.
-        assert_eq!(settle(|w| w.min(64 << 20) as f64 * 20.0), 128 << 20);
+        // Saturates below the first window: it never grows.
+        assert_eq!(settle(|w| w.min(32 << 20) as f64 * 20.0), INITIAL_WINDOW);
     }
 
     #[tokio::test]
@@ -714,7 +737,8 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let etag = store.insert("k", data.clone());
         let object = Arc::new(ObjectId { source: "t".into(), key: "k".into(), etag });
-        let cache = Arc::new(BlockCache::new(256 << 20));
+        // A budget whose windows (16 MiB) are smaller than the object.
+        let cache = Arc::new(BlockCache::new(64 << 20));
         let open = || Reader::new(object.clone(), len as u64, store.clone(), cache.clone(), None);
         // A sequential reader starts a prefetch window; its last read (not
         // awaited) tops the window up, and the handle closes before those
@@ -728,12 +752,12 @@ mod tests {
         let gets_before = store.requests.lock().unwrap()["get"];
         // Another handle reads the whole object: blocks the closed handle's
         // cancelled GETs would have filled are fetched again, never an error.
+        // It starts where the cancelled GETs were, while they are still
+        // pending, then reads the rest.
         let second = open();
-        let mut off = 0;
-        while off < len {
+        for off in ((16usize << 20)..len).chain(0..16 << 20).step_by(1 << 20) {
             let got = second.read(off as u64, 1 << 20).await.unwrap();
             assert_eq!(got.to_vec(), &data[off..off + (1 << 20)]);
-            off += 1 << 20;
         }
         let fetched = cache.stats.fetched_bytes.load(Ordering::Relaxed);
         assert!(fetched <= len as u64 + (8 << 20), "fetched {fetched} for {len}");
