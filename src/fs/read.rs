@@ -46,9 +46,10 @@ pub const SEQUENTIAL_TRIGGER: u64 = 1 << 20;
 /// First prefetch window, once a stream is known to be sequential: eight
 /// GETs in flight, so a stream runs at full speed from its start behind a
 /// round trip of up to ~50 ms (64 MiB last 50 ms at 1.3 GB/s) instead of
-/// growing there window by window. Starting at 16 MiB, a 1 GiB read with
-/// 20 ms per request reached 0.63 of the raw client; at 64 MiB, 0.75
-/// (docs/bench/RESULTS.md). Capped by the memory budget ([`Reader::window_cap`]).
+/// growing there window by window. With 20 ms per request, a 1 GiB read
+/// went from 0.66 to 0.69 of the raw client and bucketfs's CPU per GiB from
+/// 0.88 to 0.72 s against a 16 MiB start (docs/bench/RESULTS.md). Capped by
+/// the memory budget ([`Reader::window_cap`]).
 pub const INITIAL_WINDOW: u64 = 64 << 20;
 /// Smallest window: two prefetch GETs, one arriving while the other is read.
 /// Memory pressure halves a window down to this, and small budgets start here.
