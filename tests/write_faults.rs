@@ -89,3 +89,36 @@ fn mounts_are_nosuid_nodev_and_private_unless_asked() {
     let m = Mount::start(&bucket, &["--allow-other"]);
     assert!(mountinfo_at(&m.mountpoint).join("\n").contains("allow_other"));
 }
+
+/// A failed overwrite leaves the object as it was, and reads through the
+/// mount show that object, not the bytes the failed writer left in the
+/// kernel's page cache (whole pages written are kept there as they are).
+#[test]
+fn a_failed_overwrite_is_not_read_back_from_the_page_cache() {
+    let srv = server();
+    let bucket = srv.bucket("wkeep");
+    let (old, new) = (vec![b'o'; 8192], vec![b'n'; 8192]);
+    srv.put(&bucket, "doc.bin", old.clone());
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], srv.s3_port)));
+    let m = Mount::start_via(&proxy.endpoint(), &bucket, &["--request-timeout", "2s", "--max-attempts", "2"]);
+    let path = m.path("doc.bin");
+    // Read once, so the kernel caches the object's pages.
+    assert!(std::fs::read(&path).unwrap() == old);
+    // Overwrite in place, two whole pages; the server is gone before close().
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all(&new).unwrap();
+    proxy.set_mode(Mode::Down);
+    let err = close(f).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // The release that follows close() tries once more; let it fail too.
+    let gave_up = "data written through a closed handle could not be uploaded";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !m.log_text().contains(gave_up) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(m.log_text().contains(gave_up), "{}", m.log_text());
+    proxy.set_mode(Mode::Pass);
+    assert!(srv.get(&bucket, "doc.bin").unwrap() == old);
+    let read = std::fs::read(&path).unwrap();
+    assert!(read == old, "read back {:?}...\n{}", &read[..16], m.log_text());
+}
