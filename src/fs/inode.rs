@@ -19,7 +19,6 @@ use super::namespace::{Entry, Kind};
 
 pub const ROOT: u64 = 1;
 
-/// Where an inode's data lives.
 /// What the kernel's page cache holds of a file. An open keeps the cache
 /// (FOPEN_KEEP_CACHE) only when it holds the version being opened; any other
 /// open makes the kernel drop the file's pages, and that drop can land after
@@ -35,6 +34,7 @@ pub enum PageCache {
     Unknown,
 }
 
+/// Where an inode's data lives.
 #[derive(Clone)]
 pub enum Loc {
     /// A directory that exists only in the mounted tree (a parent of mount

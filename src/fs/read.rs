@@ -7,14 +7,15 @@
 //!   reader keeps a window of blocks requested ahead of the read position. The
 //!   window starts at [`INITIAL_WINDOW`] (less when the memory budget is
 //!   small) and is kept full, as parallel ranged GETs of [`PREFETCH_CHUNK`]
-//!   each. The first whole window read after the start sets the stream's
-//!   rate; from then on, each time a whole window has been read its read rate
-//!   is compared with the best rate so far, and the window doubles only if
-//!   the rate rose by at least [`GROWTH_GAIN`] percent. Behind a high-latency
-//!   link more GETs in flight mean more speed and the window grows, up to the
-//!   handle's maximum ([`MAX_WINDOW`], at most a quarter of the memory
-//!   budget); when the server or the CPU is the limit it stays where it
-//!   started, which keeps the process small.
+//!   each. Each time a whole window has been read (the first, which includes
+//!   the stream's start, is not measured) its read rate is compared with the
+//!   best rate so far: the window doubles if the rate rose by at least
+//!   [`GROWTH_GAIN`] percent (always after the first measured window), and
+//!   if it did not, the last doubling is undone and the window stays. Behind
+//!   a high-latency link more GETs in flight mean more speed and the window
+//!   grows, up to the handle's maximum ([`MAX_WINDOW`], at most a quarter of
+//!   the memory budget); when the server or the CPU is the limit it returns
+//!   to where it started, which keeps the process small.
 //! - A read that skips forward inside what was already requested, or steps
 //!   back at most [`BACKWARD_SLACK`] (the kernel's readahead reorders reads),
 //!   keeps the stream going. Anything else is a seek: the window resets.
