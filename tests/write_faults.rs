@@ -112,11 +112,8 @@ fn a_failed_overwrite_is_not_read_back_from_the_page_cache() {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     // The release that follows close() tries once more; let it fail too.
     let gave_up = "data written through a closed handle could not be uploaded";
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !m.log_text().contains(gave_up) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(m.log_text().contains(gave_up), "{}", m.log_text());
+    let released = wait_until(std::time::Duration::from_secs(30), || m.log_text().contains(gave_up));
+    assert!(released, "{}", m.log_text());
     proxy.set_mode(Mode::Pass);
     assert!(srv.get(&bucket, "doc.bin").unwrap() == old);
     let read = std::fs::read(&path).unwrap();
