@@ -7,7 +7,7 @@
 //! back 20 ms ("latency mode"). The summary (rates, ratios bucketfs/raw,
 //! request counts and sizes, peak RSS) is printed and written to
 //! `target/criterion-summary.txt` (`criterion-summary-delay<N>ms.txt` in
-//! latency mode).
+//! latency mode, `-pinned` added with `BUCKETFS_SERVER_CPU`).
 //!
 //! Workloads (sizes in bench mode; `cargo test --benches` runs each once on
 //! small data as a smoke test):
@@ -30,7 +30,10 @@
 //! Every bucketfs iteration runs on a fresh mount (started outside the timed
 //! section), so no iteration is served from a previous one's caches.
 //!
-//! Knobs: `BUCKETFS_BENCH_RAW_INFLIGHT` (16), `BUCKETFS_BENCH_RAW_CHUNK_MIB`
+//! Knobs: `BUCKETFS_SERVER_CPU=N` runs the server on CPU N alone and the
+//! bench, its proxy and its mounts on the other CPUs (the server stands in
+//! for another machine; unpinned, on a 2-core host, it shares the cores with
+//! the client side it is compared against), `BUCKETFS_BENCH_RAW_INFLIGHT` (16), `BUCKETFS_BENCH_RAW_CHUNK_MIB`
 //! (8), `BUCKETFS_BENCH_MOUNT_ARGS` (extra `bucketfs mount` arguments),
 //! `BUCKETFS_BENCH_LOG` (bucketfs's RUST_LOG, default `bucketfs=info`).
 
@@ -694,6 +697,9 @@ fn summary(extra_ls: Option<Counts>) {
         human_bytes(e.raw_chunk),
         e.raw_inflight,
     );
+    if let Some(cpu) = common::server_cpu() {
+        let _ = writeln!(s, "server pinned to CPU {cpu}; bench, proxy and mounts on the other CPUs");
+    }
     if !e.mount_args.is_empty() {
         let _ = writeln!(s, "bucketfs mount extra args: {}", e.mount_args.join(" "));
     }
@@ -788,11 +794,9 @@ fn summary(extra_ls: Option<Counts>) {
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let name = if e.delay_ms > 0 {
-        format!("criterion-summary-delay{}ms.txt", e.delay_ms)
-    } else {
-        "criterion-summary.txt".to_string()
-    };
+    let delay = if e.delay_ms > 0 { format!("-delay{}ms", e.delay_ms) } else { String::new() };
+    let pinned = if common::server_cpu().is_some() { "-pinned" } else { "" };
+    let name = format!("criterion-summary{delay}{pinned}.txt");
     let path = target.join(name);
     match std::fs::write(&path, &s) {
         Ok(()) => eprintln!("summary written to {}", path.display()),
@@ -801,6 +805,12 @@ fn summary(extra_ls: Option<Counts>) {
 }
 
 fn main() {
+    if let Some(cpu) = common::server_cpu() {
+        // Before any thread starts: everything this process starts inherits it.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        assert!(cpu < cpus && cpus > 1, "BUCKETFS_SERVER_CPU={cpu}: this host has CPUs 0..{cpus}");
+        common::set_affinity((0..cpus).filter(|c| *c != cpu)).expect("sched_setaffinity");
+    }
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(1))

@@ -46,6 +46,32 @@ fn weed_binary() -> String {
     std::env::var("WEED").unwrap_or_else(|_| "weed".to_string())
 }
 
+/// `BUCKETFS_SERVER_CPU=N` runs the test server on CPU N alone (the benches
+/// then keep themselves and their mounts off it): the server stands in for
+/// a remote machine, and on a host with few cores this keeps it from taking
+/// CPU time from the client side it is measured against.
+pub fn server_cpu() -> Option<usize> {
+    std::env::var("BUCKETFS_SERVER_CPU").ok()?.trim().parse().ok()
+}
+
+/// Restricts the calling thread, and the threads and processes it starts from
+/// then on, to `cpus`.
+pub fn set_affinity(cpus: impl IntoIterator<Item = usize>) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks the index.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        set
+    };
+    // SAFETY: the set outlives the call, and its size is passed with it.
+    match unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 /// The shared server, started on first use.
 pub fn server() -> &'static Server {
     SERVER.get_or_init(start_server)
@@ -147,10 +173,14 @@ fn start_server() -> Server {
     std::thread::spawn(move || {
         let mut cmd = Command::new(weed_binary());
         cmd.args(&args).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        let cpu = server_cpu();
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
+                match cpu {
+                    Some(cpu) => set_affinity([cpu]),
+                    None => Ok(()),
+                }
             });
         }
         let child = cmd.spawn();
