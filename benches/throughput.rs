@@ -32,9 +32,10 @@
 //!
 //! Knobs: `BUCKETFS_SERVER_CPU=N` runs the server on CPU N alone and the
 //! bench, its proxy and its mounts on the other CPUs (the server stands in
-//! for another machine; unpinned, on a 2-core host, it shares the cores with
-//! the client side it is compared against), `BUCKETFS_BENCH_RAW_INFLIGHT` (16), `BUCKETFS_BENCH_RAW_CHUNK_MIB`
-//! (8), `BUCKETFS_BENCH_MOUNT_ARGS` (extra `bucketfs mount` arguments),
+//! for another machine; unpinned, on a 2-core host, it shares the cores
+//! with the client side it is compared against),
+//! `BUCKETFS_BENCH_RAW_INFLIGHT` (16), `BUCKETFS_BENCH_RAW_CHUNK_MIB` (8),
+//! `BUCKETFS_BENCH_MOUNT_ARGS` (extra `bucketfs mount` arguments),
 //! `BUCKETFS_BENCH_LOG` (bucketfs's RUST_LOG, default `bucketfs=info`).
 
 #[path = "../tests/common/mod.rs"]
