@@ -177,7 +177,7 @@ impl Filesystem for FuseAdapter {
             self.fs.read_now(fh.0, offset, size)
         };
         let started = match now {
-            ReadNow::Done(data) => return data.with_slice(|bytes| reply.data(bytes)),
+            ReadNow::Done(data) => return reply.data_vectored(&data.io_slices()),
             ReadNow::Started(range) => Some(range),
             ReadNow::Wait => None,
         };
@@ -188,7 +188,7 @@ impl Filesystem for FuseAdapter {
                 None => fs.read(fh.0, offset, size).await,
             };
             match got {
-                Ok(data) => data.with_slice(|bytes| reply.data(bytes)),
+                Ok(data) => reply.data_vectored(&data.io_slices()),
                 Err(e) => reply.error(errno(&e)),
             }
         });

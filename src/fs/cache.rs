@@ -18,6 +18,7 @@
 //! read), and 512 MiB of cache is only 4,096 entries.
 
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -25,6 +26,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use lru::LruCache;
+use smallvec::{SmallVec, smallvec};
 use tokio::sync::watch;
 
 use crate::store::StoreError;
@@ -62,51 +64,92 @@ pub struct ObjectId {
 pub type BlockKey = (Arc<ObjectId>, u64);
 pub type BlockResult = Option<Result<Block, StoreError>>;
 
-/// The bytes of one block. The blocks one GET fills within one [`RUN_SIZE`]
-/// stretch share one allocation, back to back, and carry the same `run`
-/// number, so a read that spans them is answered without copying
-/// ([`ReadData`]). Run 0 is a block with an allocation of its own.
+/// A block made of more pieces than this is copied into one allocation, so a
+/// read's reply has few pieces whatever sizes the HTTP client delivers.
+const MAX_PIECES: usize = 4;
+
+/// The bytes of one block. A block filled by a GET is made of slices of the
+/// buffers the HTTP client received the body in (one slice, or two when the
+/// block straddles two of them), shared with the neighbouring blocks, so
+/// nothing is copied between the socket and the reply to the kernel. A
+/// block kept on its own gets an allocation of its own first
+/// ([`BlockCache::probe`]): it must not keep its neighbours' memory alive
+/// outside the budget.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Block {
-    pub bytes: Bytes,
-    pub run: u64,
-}
-
-/// Blocks filled by one GET share allocations of at most this many bytes
-/// (aligned in the object): the largest FUSE read, so a read never needs two,
-/// and little enough that a run kept alive by one cached block costs little.
-pub const RUN_SIZE: u64 = 1 << 20;
-
-static NEXT_RUN: AtomicU64 = AtomicU64::new(1);
-
-/// A fresh run number for a new shared allocation.
-pub fn new_run() -> u64 {
-    NEXT_RUN.fetch_add(1, Ordering::Relaxed)
+    pieces: SmallVec<[Bytes; 2]>,
+    /// The pieces are slices of buffers that other blocks share.
+    shared: bool,
 }
 
 impl Block {
     /// A block with its own allocation.
     pub fn own(bytes: Bytes) -> Self {
-        Self { bytes, run: 0 }
+        Self { pieces: smallvec![bytes], shared: false }
+    }
+
+    /// A block made of `pieces`, in order, slices of buffers shared with
+    /// other blocks. More than [`MAX_PIECES`] are copied into one.
+    pub fn shared(pieces: SmallVec<[Bytes; 2]>) -> Self {
+        if pieces.len() > MAX_PIECES {
+            return Self::own(Bytes::from(pieces.concat()));
+        }
+        Self { pieces, shared: true }
+    }
+
+    pub fn len(&self) -> usize {
+        self.pieces.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True when the pieces are slices of buffers other blocks share.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// The same bytes in one allocation of their own.
+    pub fn to_own(&self) -> Self {
+        match self.pieces.as_slice() {
+            [one] if !self.shared => Self::own(one.clone()),
+            pieces => Self::own(Bytes::from(pieces.concat())),
+        }
+    }
+
+    /// All the bytes as one `Bytes` (a copy only when there are several pieces).
+    pub fn to_bytes(&self) -> Bytes {
+        match self.pieces.as_slice() {
+            [one] => one.clone(),
+            pieces => Bytes::from(pieces.concat()),
+        }
+    }
+
+    /// Appends the pieces that cover `range` (clamped to the block) to `out`.
+    pub fn slice_into(&self, range: Range<usize>, out: &mut Vec<Bytes>) {
+        let mut base = 0;
+        for piece in &self.pieces {
+            let (from, to) = (range.start.max(base), range.end.min(base + piece.len()));
+            if from < to {
+                out.push(piece.slice(from - base..to - base));
+            }
+            base += piece.len();
+        }
     }
 }
 
-/// The answer to one read: consecutive pieces of blocks.
+/// The answer to one read: consecutive pieces of blocks, sent to the kernel
+/// as they are with one vectored write.
 #[derive(Clone, Debug, Default)]
 pub struct ReadData {
     parts: Vec<Bytes>,
-    /// All parts lie back to back in one allocation.
-    contiguous: bool,
 }
 
 impl ReadData {
-    /// Pieces of consecutive blocks, in order; `runs[i]` is the run of `parts[i]`.
-    pub fn from_parts(parts: Vec<Bytes>, runs: &[u64]) -> Self {
-        let contiguous = parts.len() <= 1
-            || (runs[0] != 0
-                && runs.iter().all(|r| *r == runs[0])
-                && parts.windows(2).all(|w| w[0].as_ptr().wrapping_add(w[0].len()) == w[1].as_ptr()));
-        Self { parts, contiguous }
+    /// Consecutive pieces, in order.
+    pub fn from_parts(parts: Vec<Bytes>) -> Self {
+        Self { parts }
     }
 
     pub fn len(&self) -> usize {
@@ -117,38 +160,19 @@ impl ReadData {
         self.len() == 0
     }
 
-    /// Calls `f` with all the bytes as one slice: borrowed in place when the
-    /// parts are contiguous, else copied once.
-    pub fn with_slice<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
-        match self.parts.as_slice() {
-            [] => f(&[]),
-            [one] => f(one),
-            parts if self.contiguous => {
-                // SAFETY: `from_parts` set `contiguous` only for parts of one
-                // run: slices of a single allocation (one `BytesMut` split
-                // into blocks), each starting where the previous one ends. The
-                // span is inside that allocation and `self` keeps it alive and
-                // unchanged (`Bytes` is immutable) for the borrow.
-                let joined = unsafe { std::slice::from_raw_parts(parts[0].as_ptr(), self.len()) };
-                f(joined)
-            }
-            parts => f(&parts.concat()),
-        }
+    /// The pieces, for a vectored write.
+    pub fn io_slices(&self) -> Vec<IoSlice<'_>> {
+        self.parts.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)).collect()
     }
 
     pub fn to_vec(&self) -> Vec<u8> {
-        self.with_slice(<[u8]>::to_vec)
-    }
-
-    /// True when [`Self::with_slice`] borrows in place.
-    pub fn is_contiguous(&self) -> bool {
-        self.parts.len() <= 1 || self.contiguous
+        self.parts.concat()
     }
 }
 
 impl From<Bytes> for ReadData {
     fn from(b: Bytes) -> Self {
-        Self { parts: vec![b], contiguous: true }
+        Self { parts: vec![b] }
     }
 }
 pub type BlockSender = watch::Sender<BlockResult>;
@@ -257,23 +281,23 @@ impl BlockCache {
     /// What the cache holds for `key`. `promote` refreshes the block's place
     /// in the LRU; sequential readers pass false, so the blocks they have
     /// consumed are evicted before blocks prefetched for them but not read yet.
-    /// A promoted block that shares its run's allocation gets one of its own
-    /// first: kept on its own, it must not keep the rest of its run alive
-    /// outside the budget.
+    /// A promoted block that shares its buffers with other blocks gets an
+    /// allocation of its own first: kept on its own, it must not keep its
+    /// neighbours' memory alive outside the budget.
     pub fn probe(&self, key: &BlockKey, promote: bool) -> Probe {
         let mut i = self.lock();
         if promote && let Some(b) = i.streamed.pop(key) {
             // Read again by a non-sequential reader: a cached block again.
-            i.streamed_bytes -= b.bytes.len() as u64;
-            i.ready_bytes += b.bytes.len() as u64;
+            i.streamed_bytes -= b.len() as u64;
+            i.ready_bytes += b.len() as u64;
             i.ready.put(key.clone(), b);
         } else if let Some(b) = i.streamed.peek(key) {
             return Probe::Ready(b.clone());
         }
         let ready = if promote {
             i.ready.get_mut(key).map(|b| {
-                if b.run != 0 {
-                    *b = Block::own(Bytes::copy_from_slice(&b.bytes));
+                if b.is_shared() {
+                    *b = b.to_own();
                 }
                 b.clone()
             })
@@ -354,14 +378,14 @@ impl BlockCache {
     pub fn consumed(&self, key: &BlockKey) {
         let mut i = self.lock();
         let Some(b) = i.ready.pop(key) else { return };
-        let n = b.bytes.len() as u64;
+        let n = b.len() as u64;
         i.ready_bytes -= n;
         i.streamed_bytes += n;
         i.streamed.put(key.clone(), b);
         let cap = self.limit / STREAMED_SHARE;
         while i.streamed_bytes > cap {
             let Some((_, old)) = i.streamed.pop_lru() else { break };
-            i.streamed_bytes -= old.bytes.len() as u64;
+            i.streamed_bytes -= old.len() as u64;
             self.evicted();
         }
     }
@@ -418,15 +442,15 @@ impl BlockCache {
                 i.pending_bytes -= n;
             }
             if let Ok(b) = &result {
-                let n = b.bytes.len() as u64;
+                let n = b.len() as u64;
                 self.stats.fetched_bytes.fetch_add(n, Ordering::Relaxed);
                 crate::metrics::metrics().bytes_fetched.inc_by(n);
                 i.ready_bytes += n;
                 if let Some(old) = i.streamed.pop(&key) {
-                    i.streamed_bytes -= old.bytes.len() as u64;
+                    i.streamed_bytes -= old.len() as u64;
                 }
                 if let Some(old) = i.ready.put(key, b.clone()) {
-                    i.ready_bytes -= old.bytes.len() as u64;
+                    i.ready_bytes -= old.len() as u64;
                 }
                 self.evict(&mut i);
             }
@@ -439,9 +463,9 @@ impl BlockCache {
     fn evict(&self, i: &mut Inner) {
         while i.used() > self.limit {
             if let Some((_, b)) = i.streamed.pop_lru() {
-                i.streamed_bytes -= b.bytes.len() as u64;
+                i.streamed_bytes -= b.len() as u64;
             } else if let Some((_, b)) = i.ready.pop_lru() {
-                i.ready_bytes -= b.bytes.len() as u64;
+                i.ready_bytes -= b.len() as u64;
             } else {
                 break;
             }
@@ -491,42 +515,42 @@ mod tests {
     }
 
     #[test]
-    fn reads_join_blocks_of_one_run_without_copying() {
-        let mut run = bytes::BytesMut::with_capacity(4 * 8);
-        run.extend_from_slice(&[1u8; 32]);
-        for (i, b) in run.iter_mut().enumerate() {
-            *b = i as u8;
-        }
-        let a = run.split_to(8).freeze();
-        let b = run.split_to(8).freeze();
-        let c = run.split_to(8).freeze();
-        let joined = ReadData::from_parts(vec![a.slice(3..), b.clone(), c.slice(..5)], &[7, 7, 7]);
-        assert!(joined.is_contiguous());
-        assert_eq!(joined.to_vec(), (3..21).collect::<Vec<u8>>());
-        // Different runs, or blocks of their own, are copied, with the same bytes.
-        let copied = ReadData::from_parts(vec![a.slice(3..), b.clone(), c.slice(..5)], &[7, 8, 7]);
-        assert!(!copied.is_contiguous());
-        assert_eq!(copied.to_vec(), joined.to_vec());
-        let own = ReadData::from_parts(vec![b.clone(), a.clone()], &[0, 0]);
-        assert!(!own.is_contiguous());
-        assert_eq!(own.to_vec(), [&b[..], &a[..]].concat());
+    fn blocks_and_reads_are_pieces_of_shared_buffers() {
+        let body: Vec<u8> = (0..40).collect();
+        // Two received buffers; the block straddles them.
+        let (first, second) = (Bytes::copy_from_slice(&body[..13]), Bytes::copy_from_slice(&body[13..]));
+        let block = Block::shared(smallvec![first.slice(5..), second.slice(..12)]);
+        assert_eq!((block.len(), block.is_shared()), (20, true));
+        assert_eq!(block.to_bytes(), &body[5..25]);
+        let mut parts = Vec::new();
+        block.slice_into(3..11, &mut parts);
+        assert_eq!(parts.len(), 2, "a range across the seam takes a piece of each buffer");
+        assert_eq!(parts[0].as_ptr(), first[8..].as_ptr(), "no copy");
+        block.slice_into(15..100, &mut parts);
+        let read = ReadData::from_parts(parts);
+        assert_eq!(read.to_vec(), [&body[8..16], &body[20..25]].concat());
+        assert_eq!(read.len(), 13);
+        assert_eq!(read.io_slices().iter().map(|s| s.len()).collect::<Vec<_>>(), [5, 3, 5]);
+        // Many small pieces are joined into one allocation.
+        let tiny = Block::shared((0..10).map(|i| Bytes::copy_from_slice(&body[i * 2..i * 2 + 2])).collect());
+        assert_eq!((tiny.is_shared(), tiny.to_bytes()), (false, Bytes::copy_from_slice(&body[..20])));
         assert!(ReadData::default().is_empty());
     }
 
     #[test]
-    fn a_promoted_block_stops_sharing_its_run() {
+    fn a_promoted_block_stops_sharing_its_buffers() {
         let cache = BlockCache::new(8 * BLOCK_SIZE);
         let a = obj("a");
         let (mut got, _) = cache.reserve(&a, 0..1, |_| BLOCK_SIZE, false);
         let (i, tx) = got.pop().unwrap();
-        let run = Bytes::from(vec![5u8; 2 * BLOCK_SIZE as usize]);
-        cache.fill(&a, i, tx, Ok(Block { bytes: run.slice(..BLOCK_SIZE as usize), run: 9 }));
+        let received = Bytes::from(vec![5u8; 2 * BLOCK_SIZE as usize]);
+        cache.fill(&a, i, tx, Ok(Block::shared(smallvec![received.slice(..BLOCK_SIZE as usize)])));
         let Probe::Ready(seq) = cache.probe(&(a.clone(), 0), false) else { panic!() };
-        assert_eq!(seq.run, 9, "a sequential reader keeps the shared allocation");
+        assert!(seq.is_shared(), "a sequential reader keeps the shared buffer");
         let Probe::Ready(own) = cache.probe(&(a.clone(), 0), true) else { panic!() };
-        assert_eq!(own.run, 0);
-        assert_ne!(own.bytes.as_ptr(), run.as_ptr());
-        assert_eq!(own.bytes, seq.bytes);
+        assert!(!own.is_shared());
+        assert_ne!(own.to_bytes().as_ptr(), received.as_ptr());
+        assert_eq!(own.to_bytes(), seq.to_bytes());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use lru::LruCache;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
-use super::cache::ObjectId;
+use super::cache::{Block, ObjectId};
 
 const MAGIC: &[u8; 8] = b"BFSBLK1\n";
 
@@ -127,7 +127,7 @@ impl DiskCache {
     }
 
     /// Stores a block in the background.
-    pub fn put(self: &Arc<Self>, object: &ObjectId, block: u64, data: Bytes) {
+    pub fn put(self: &Arc<Self>, object: &ObjectId, block: u64, data: Block) {
         let id = identity(object, block);
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -136,7 +136,7 @@ impl DiskCache {
                 return;
             }
             let path = this.path(&name);
-            let encoded = encode(&id, &data);
+            let encoded = encode(&id, &data.to_bytes());
             let write = || -> std::io::Result<()> {
                 std::fs::create_dir_all(path.parent().unwrap_or(&this.dir))?;
                 let tmp = path.with_extension("tmp");
@@ -227,8 +227,8 @@ mod tests {
     async fn survives_restart_checks_identity_and_evicts() {
         let dir = tempfile::tempdir().unwrap();
         let c = DiskCache::open(dir.path(), Some(3000)).unwrap();
-        c.put(&obj("a"), 0, Bytes::from(vec![1u8; 1000]));
-        c.put(&obj("a"), 1, Bytes::from(vec![2u8; 1000]));
+        c.put(&obj("a"), 0, Block::own(Bytes::from(vec![1u8; 1000])));
+        c.put(&obj("a"), 1, Block::own(Bytes::from(vec![2u8; 1000])));
         // Background writes: wait until both are indexed.
         for _ in 0..100 {
             if c.size() > 2000 {
@@ -252,7 +252,7 @@ mod tests {
         assert!(!p.exists());
         // Eviction keeps the total under the bound.
         for i in 10..20 {
-            c.put(&obj("a"), i, Bytes::from(vec![0u8; 1000]));
+            c.put(&obj("a"), i, Block::own(Bytes::from(vec![0u8; 1000])));
         }
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(c.size() <= 3000, "{}", c.size());

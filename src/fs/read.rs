@@ -30,13 +30,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
 use futures::StreamExt;
+use smallvec::SmallVec;
 use tokio::sync::watch;
 
-use super::cache::{
-    BLOCK_SIZE, Block, BlockCache, BlockKey, BlockSender, ObjectId, PageCacheFile, Probe, RUN_SIZE, ReadData, new_run,
-};
+use super::cache::{BLOCK_SIZE, Block, BlockCache, BlockKey, BlockSender, ObjectId, PageCacheFile, Probe, ReadData};
 use super::disk_cache::DiskCache;
 use crate::store::{ObjectStore, StoreError};
 
@@ -188,18 +186,15 @@ impl Reader {
 
     /// The read's bytes out of the blocks it spans.
     fn assemble(&self, range: &Range<u64>, blocks: Vec<Block>) -> ReadData {
-        let (mut parts, mut runs) = (Vec::with_capacity(blocks.len()), Vec::with_capacity(blocks.len()));
+        let mut parts = Vec::with_capacity(blocks.len() + 2);
         for (index, block) in self.span(range).zip(blocks) {
             let base = index * BLOCK_SIZE;
             let start = range.start.saturating_sub(base) as usize;
-            let stop = ((range.end - base) as usize).min(block.bytes.len());
-            parts.push(block.bytes.slice(start.min(stop)..stop));
-            runs.push(block.run);
+            block.slice_into(start..(range.end - base) as usize, &mut parts);
         }
-        ReadData::from_parts(parts, &runs)
+        ReadData::from_parts(parts)
     }
 
-    /// Waits for the blocks of a read started by [`Self::read_now`].
     pub async fn finish(&self, range: Range<u64>) -> Result<ReadData, StoreError> {
         let sequential = self.is_sequential();
         let mut blocks = Vec::new();
@@ -359,11 +354,11 @@ impl Reader {
 
     /// Fills a run of consecutive blocks: from the disk cache where it has
     /// them, the rest with ranged GETs that fill blocks as bytes arrive.
-    /// Prefetched blocks (`prefetch`) are cut from shared allocations (see
-    /// [`Block`]), and their GETs stop when the handle closes (a reader that
-    /// stops early does not leave a window's worth of GETs running); blocks a
-    /// read asked for get their own allocation, as they are likely to be kept
-    /// on their own.
+    /// Prefetched blocks (`prefetch`) are slices of the buffers the body
+    /// arrives in (see [`Block`]), and their GETs stop when the handle closes
+    /// (a reader that stops early does not leave a window's worth of GETs
+    /// running); blocks a read asked for get their own allocation, as they
+    /// are likely to be kept on their own.
     fn spawn_get(&self, run: Vec<(u64, BlockSender)>, prefetch: bool) {
         let closed = prefetch.then(|| self.closed.subscribe());
         let store = self.store.clone();
@@ -439,18 +434,9 @@ impl Reader {
                 Err(e) => return fail(&mut pending, e),
             },
         };
-        // Shared: blocks are cut from one allocation per RUN_SIZE stretch of
-        // the object, back to back, so reads spanning them need no copy.
-        let run_start = |i: u64| -> (u64, usize) {
-            let from = i * BLOCK_SIZE;
-            if !shared {
-                return (0, block_len(i) as usize);
-            }
-            let run_end = ((from / RUN_SIZE + 1) * RUN_SIZE).min(end);
-            (new_run(), (run_end - from) as usize)
-        };
+        // Blocks are slices of the buffers the body arrives in: no copy.
         let mut current = pending.next();
-        let (mut run, mut buf) = (0, BytesMut::new());
+        let (mut pieces, mut have) = (SmallVec::new(), 0);
         while current.is_some() {
             let next = tokio::select! {
                 biased;
@@ -462,21 +448,17 @@ impl Reader {
                     while !chunk.is_empty() {
                         let Some((index, _)) = &current else { break };
                         let want = block_len(*index) as usize;
-                        if buf.is_empty() && buf.capacity() < want {
-                            let (id, len) = run_start(*index);
-                            (run, buf) = (id, BytesMut::with_capacity(len.max(want)));
-                        }
-                        // Never more than the capacity: the block stays in
-                        // its run's allocation.
-                        let take = (want - buf.len()).min(chunk.len());
-                        buf.extend_from_slice(&chunk[..take]);
-                        chunk.advance(take);
-                        if buf.len() == want {
+                        let take = (want - have).min(chunk.len());
+                        pieces.push(chunk.split_to(take));
+                        have += take;
+                        if have == want {
                             let Some((i, tx)) = current.take() else { break };
                             current = pending.next();
-                            let block = Block { bytes: buf.split_to(want).freeze(), run };
+                            let block = Block::shared(std::mem::take(&mut pieces));
+                            let block = if shared { block } else { block.to_own() };
+                            have = 0;
                             if let Some(d) = disk {
-                                d.put(object, i, block.bytes.clone());
+                                d.put(object, i, block.clone());
                             }
                             cache.fill(object, i, tx, Ok(block));
                         }
@@ -676,21 +658,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn aligned_sequential_reads_are_not_copied() {
+    async fn reads_are_answered_from_the_blocks_without_copying() {
         let len = 16 << 20;
         let (_, reader, data) = setup(len, 64 << 20);
-        let mut contiguous = 0;
         for i in 0..16usize {
             let got = reader.read((i << 20) as u64, 1 << 20).await.unwrap();
             assert_eq!(got.to_vec(), &data[i << 20..(i + 1) << 20]);
-            contiguous += got.is_contiguous() as usize;
         }
-        // The first reads fetch what they ask for; prefetched ones are joined.
-        assert!(contiguous >= 14, "only {contiguous} of 16 aligned reads were served in place");
-        // A read across two runs is copied, with the right bytes.
-        let got = reader.read((1 << 20) - 100, 200).await.unwrap();
-        assert!(!got.is_contiguous());
-        assert_eq!(got.to_vec(), &data[(1 << 20) - 100..(1 << 20) + 100]);
+        // A read across two blocks, twice: the same bytes in the same memory.
+        let at = |d: &ReadData| d.io_slices().iter().map(|s| s.as_ptr()).collect::<Vec<_>>();
+        let (a, b) =
+            (reader.read((1 << 20) - 100, 200).await.unwrap(), reader.read((1 << 20) - 100, 200).await.unwrap());
+        assert_eq!(a.to_vec(), &data[(1 << 20) - 100..(1 << 20) + 100]);
+        assert!(a.io_slices().len() >= 2, "one piece per block at least");
+        assert_eq!(at(&a), at(&b), "both replies point into the cached blocks");
     }
 
     #[tokio::test]
