@@ -139,6 +139,10 @@ for i in range(10000):
 PY
 "${RCLONE[@]}" copy "$src" "weed:$BUCKET" --transfers 16 --checkers 16 --s3-upload-concurrency 4
 rm -rf "$src"
+# The server is still busy with the upload for a while: a pause and one plain
+# GET of the big file, so the first client measured does not pay for it.
+sleep 5
+s3 "$ENDPOINT/$BUCKET/seq/big.bin" -o /dev/null
 
 # ---- mounting ----
 mount_fs() {
