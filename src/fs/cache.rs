@@ -122,10 +122,7 @@ impl Block {
 
     /// The same bytes in one allocation of their own.
     pub fn to_own(&self) -> Self {
-        match self.pieces.as_slice() {
-            [one] if !self.shared => Self::own(one.clone()),
-            pieces => Self::own(Bytes::from(pieces.concat())),
-        }
+        if self.shared { Self::own(Bytes::from(self.pieces.concat())) } else { self.clone() }
     }
 
     /// All the bytes as one `Bytes` (a copy only when there are several pieces).

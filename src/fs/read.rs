@@ -195,6 +195,7 @@ impl Reader {
         ReadData::from_parts(parts)
     }
 
+    /// Waits for the blocks of a read started by [`Self::read_now`].
     pub async fn finish(&self, range: Range<u64>) -> Result<ReadData, StoreError> {
         let sequential = self.is_sequential();
         let mut blocks = Vec::new();
