@@ -16,4 +16,5 @@ pub mod mount;
 pub mod probe;
 pub mod spec;
 pub mod store;
+pub mod sync;
 pub mod warm;

@@ -3,7 +3,9 @@
 //!
 //! Metrics are process-wide (one FUSE session per process) and cheap to
 //! update: counters are atomics. Gauges that describe state (memory budget,
-//! open handles) are read when scraped.
+//! reservations, inodes) are read when scraped, from a [`Snapshot`] the
+//! server is handed a function for: this module knows nothing of the file
+//! system's types, so the file system can use its counters without a cycle.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,8 +25,26 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
-use crate::fs::Fs;
-use crate::store::StoreError;
+use crate::store::{ObjectStore, StoreError};
+
+/// The state that gauges and `/healthz` report, taken when scraped.
+pub struct Snapshot {
+    pub memory_used: u64,
+    pub memory_limit: u64,
+    /// Bytes held by reservations, by kind.
+    pub reserved: Vec<(&'static str, u64)>,
+    pub inodes: u64,
+    /// Each mount's name and store.
+    pub servers: Vec<(String, Arc<dyn ObjectStore>)>,
+}
+
+/// Takes a [`Snapshot`].
+pub type SnapshotFn = Arc<dyn Fn() -> Snapshot + Send + Sync>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -53,6 +73,9 @@ pub struct Metrics {
     pub memory_used: Gauge,
     pub memory_limit: Gauge,
     pub uploads_failed: Counter,
+    pub memory_reserved: Family<KindLabels, Gauge>,
+    pub multipart_open: Gauge,
+    pub inodes: Gauge,
     registry: Registry,
 }
 
@@ -82,6 +105,9 @@ pub fn metrics() -> &'static Metrics {
             memory_used: Gauge::default(),
             memory_limit: Gauge::default(),
             uploads_failed: Counter::default(),
+            memory_reserved: Family::default(),
+            multipart_open: Gauge::default(),
+            inodes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("s3_requests", "S3 requests by operation and outcome", m.s3_requests.clone());
@@ -107,6 +133,17 @@ pub fn metrics() -> &'static Metrics {
             "Uploads that failed and were reported to the application",
             m.uploads_failed.clone(),
         );
+        registry.register(
+            "memory_reserved_bytes",
+            "Memory budget held by reservations (write buffers, parts in flight, disk-cache writes)",
+            m.memory_reserved.clone(),
+        );
+        registry.register(
+            "multipart_uploads_open",
+            "Multipart uploads created and not yet completed or aborted",
+            m.multipart_open.clone(),
+        );
+        registry.register("inodes", "Inodes known to the file system", m.inodes.clone());
         Metrics { registry, ..m }
     })
 }
@@ -135,7 +172,7 @@ pub fn record_request<T>(operation: &'static str, started: Instant, r: &Result<T
 
 #[derive(Clone)]
 struct AppState {
-    fs: Arc<Fs>,
+    snapshot: SnapshotFn,
     mountpoint: PathBuf,
 }
 
@@ -145,12 +182,12 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, fs: Arc<Fs>, mountpoint: PathBuf) {
+pub async fn serve(listener: tokio::net::TcpListener, snapshot: SnapshotFn, mountpoint: PathBuf) {
     let addr = listener.local_addr().ok();
     let app = Router::new()
         .route("/metrics", get(scrape))
         .route("/healthz", get(healthz))
-        .with_state(AppState { fs, mountpoint });
+        .with_state(AppState { snapshot, mountpoint });
     info!("metrics and health on http://{}", addr.map(|a| a.to_string()).unwrap_or_default());
     if let Err(e) = axum::serve(listener, app).await {
         warn!("the metrics server stopped: {e}");
@@ -159,8 +196,13 @@ pub async fn serve(listener: tokio::net::TcpListener, fs: Arc<Fs>, mountpoint: P
 
 async fn scrape(State(state): State<AppState>) -> impl IntoResponse {
     let m = metrics();
-    m.memory_used.set(state.fs.cache().used() as i64);
-    m.memory_limit.set(state.fs.cache().limit() as i64);
+    let snap = (state.snapshot)();
+    m.memory_used.set(snap.memory_used as i64);
+    m.memory_limit.set(snap.memory_limit as i64);
+    for (kind, bytes) in snap.reserved {
+        m.memory_reserved.get_or_create(&KindLabels { kind }).set(bytes as i64);
+    }
+    m.inodes.set(snap.inodes as i64);
     let mut body = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &m.registry) {
         return (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], e.to_string());
@@ -181,17 +223,17 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     };
     let mut all_ok = mount["ok"] == true;
     let mut servers = Vec::new();
-    for mp in state.fs.mounts() {
-        let r = tokio::time::timeout(TIMEOUT, mp.store.check_bucket()).await;
+    for (name, store) in (state.snapshot)().servers {
+        let r = tokio::time::timeout(TIMEOUT, store.check_bucket()).await;
         let entry = match r {
             Ok(Ok(())) => {
-                serde_json::json!({"mount": mp.name, "source": mp.store.describe(), "ok": true})
+                serde_json::json!({"mount": name, "source": store.describe(), "ok": true})
             }
             Ok(Err(e)) => {
-                serde_json::json!({"mount": mp.name, "source": mp.store.describe(), "ok": false, "error": e.to_string()})
+                serde_json::json!({"mount": name, "source": store.describe(), "ok": false, "error": e.to_string()})
             }
             Err(_) => {
-                serde_json::json!({"mount": mp.name, "source": mp.store.describe(), "ok": false, "error": "no answer in time"})
+                serde_json::json!({"mount": name, "source": store.describe(), "ok": false, "error": "no answer in time"})
             }
         };
         all_ok &= entry["ok"] == true;

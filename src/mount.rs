@@ -86,7 +86,7 @@ pub fn run(req: MountRequest) -> i32 {
     match rt.block_on(prepare(&req)) {
         Ok(fs) => {
             if let Some(l) = listener {
-                rt.spawn(crate::metrics::serve(l, fs.clone(), req.mountpoint.clone()));
+                rt.spawn(crate::metrics::serve(l, fs.snapshot_fn(), req.mountpoint.clone()));
             }
             serve(&rt, &req, fs)
         }
@@ -238,6 +238,35 @@ async fn prepare(req: &MountRequest) -> Result<Arc<Fs>, StartError> {
     Ok(Arc::new(fs))
 }
 
+/// Invalidations queued for the worker; past this they are dropped.
+const INVALIDATIONS_QUEUED: usize = 4096;
+
+/// Tells the kernel to drop cached attributes, pages or entries, from one
+/// thread fed by a bounded queue. The kernel may hold an inode's lock while
+/// it waits for the request that caused an invalidation, so the caller must
+/// never wait for it: when the queue is full the invalidation is dropped with
+/// a warning, and the kernel's copy lasts at most its TTL.
+fn invalidation_worker(notifier: fuser::Notifier) -> Box<dyn Fn(Invalidate) + Send + Sync> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Invalidate>(INVALIDATIONS_QUEUED);
+    let spawned = std::thread::Builder::new().name("bucketfs-invalidate".into()).spawn(move || {
+        for what in rx {
+            let _ = match what {
+                Invalidate::Inode(ino) => notifier.inval_inode(INodeNo(ino), 0, -1),
+                Invalidate::Entry(parent, name) => notifier.inval_entry(INodeNo(parent), std::ffi::OsStr::new(&name)),
+            };
+        }
+    });
+    if let Err(e) = spawned {
+        warn!("cannot start the kernel-invalidation thread ({e}); the kernel's caches expire by their TTL only");
+    }
+    let warned = std::sync::atomic::AtomicBool::new(false);
+    Box::new(move |what| {
+        if tx.try_send(what).is_err() && !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            warn!("the kernel is slow to take cache invalidations; some are dropped and expire by their TTL");
+        }
+    })
+}
+
 fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
     let mut options = vec![
         MountOption::FSName(FSNAME.to_string()),
@@ -263,16 +292,7 @@ fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
             return EXIT_START;
         }
     };
-    let notifier = session.notifier();
-    fs.set_invalidator(Box::new(move |what| {
-        let notifier = notifier.clone();
-        std::thread::spawn(move || {
-            let _ = match what {
-                Invalidate::Inode(ino) => notifier.inval_inode(INodeNo(ino), 0, -1),
-                Invalidate::Entry(parent, name) => notifier.inval_entry(INodeNo(parent), std::ffi::OsStr::new(&name)),
-            };
-        });
-    }));
+    fs.set_invalidator(invalidation_worker(session.notifier()));
     let mut unmounter = session.unmount_callable();
     if let Some(w) = &req.watch {
         let current = req

@@ -182,7 +182,24 @@ impl From<Bytes> for ReadData {
         Self { parts: vec![b] }
     }
 }
-pub type BlockSender = watch::Sender<BlockResult>;
+/// The right and duty to fill one pending block. A fetch task that ends
+/// without filling it (it panicked, was aborted, or returned early) fails the
+/// block on `Drop`: its waiters get an error instead of waiting forever, and
+/// its bytes return to the budget.
+pub struct BlockSender {
+    cache: Arc<BlockCache>,
+    key: BlockKey,
+    tx: Option<watch::Sender<BlockResult>>,
+}
+
+impl Drop for BlockSender {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let e = StoreError::Network("the fetch of this block ended without a result".into());
+            self.cache.complete(&self.key, tx, Err(e));
+        }
+    }
+}
 
 /// What the cache knows about a block.
 pub enum Probe {
@@ -213,8 +230,8 @@ struct Inner {
     streamed_bytes: u64,
     pending: HashMap<BlockKey, (watch::Receiver<BlockResult>, u64)>,
     pending_bytes: u64,
-    /// Memory held outside the cache: write buffers and parts in flight.
-    extra_bytes: u64,
+    /// Memory held outside the cache by [`Reservation`]s, per kind.
+    reserved: [u64; ReservationKind::COUNT],
     /// Per object, a bitmap of the blocks the kernel has asked for whole
     /// (see [`BlockCache::delivered`]); the most recently read objects only.
     delivered: LruCache<PageCacheFile, Vec<u64>>,
@@ -227,7 +244,11 @@ fn bit(bits: &[u64], b: u64) -> bool {
 impl Inner {
     /// Cached, streamed, pending and write-buffer bytes.
     fn used(&self) -> u64 {
-        self.ready_bytes + self.streamed_bytes + self.pending_bytes + self.extra_bytes
+        self.ready_bytes + self.streamed_bytes + self.pending_bytes + self.extra_bytes()
+    }
+
+    fn extra_bytes(&self) -> u64 {
+        self.reserved.iter().sum()
     }
 }
 
@@ -235,6 +256,8 @@ impl Inner {
 pub struct BlockCache {
     inner: Mutex<Inner>,
     limit: u64,
+    /// Woken whenever reserved bytes come back, for writers waiting for room.
+    released: tokio::sync::Notify,
     pub stats: CacheStats,
     /// Sequential streams prefetching now; they share the budget.
     pub streams: AtomicUsize,
@@ -250,10 +273,11 @@ impl BlockCache {
                 streamed_bytes: 0,
                 pending: HashMap::new(),
                 pending_bytes: 0,
-                extra_bytes: 0,
+                reserved: [0; ReservationKind::COUNT],
                 delivered: LruCache::new(DELIVERED_OBJECTS),
             }),
             limit: limit.max(4 * BLOCK_SIZE),
+            released: tokio::sync::Notify::new(),
             stats: CacheStats::default(),
             streams: AtomicUsize::new(0),
         }
@@ -268,17 +292,68 @@ impl BlockCache {
         self.lock().used()
     }
 
-    /// Counts `n` bytes of write buffers against the budget, evicting cached
-    /// blocks to make room. Always succeeds: writers bound their own buffers.
-    pub fn reserve_extra(&self, n: u64) {
-        let mut i = self.lock();
-        i.extra_bytes += n;
-        self.evict(&mut i);
+    /// Bytes held by reservations of `kind` now (for metrics and tests).
+    pub fn reserved(&self, kind: ReservationKind) -> u64 {
+        self.lock().reserved[kind as usize]
     }
 
-    pub fn release_extra(&self, n: u64) {
+    /// Takes `n` bytes of the budget for `kind`, evicting cached blocks to
+    /// make room. Always succeeds; the bytes come back when the reservation
+    /// is dropped. For memory that exists already and must be counted.
+    pub fn reserve_memory(self: &Arc<Self>, kind: ReservationKind, n: u64) -> Reservation {
         let mut i = self.lock();
-        i.extra_bytes = i.extra_bytes.saturating_sub(n);
+        i.reserved[kind as usize] += n;
+        self.evict(&mut i);
+        drop(i);
+        Reservation { cache: self.clone(), kind, bytes: n }
+    }
+
+    /// Takes `n` bytes if they fit in the budget once every cached block that
+    /// can go has gone; `None` when pending fetches and other reservations
+    /// leave no room.
+    pub fn try_reserve_memory(self: &Arc<Self>, kind: ReservationKind, n: u64) -> Option<Reservation> {
+        let mut i = self.lock();
+        if i.pending_bytes + i.extra_bytes() + n > self.limit {
+            return None;
+        }
+        i.reserved[kind as usize] += n;
+        self.evict(&mut i);
+        drop(i);
+        Some(Reservation { cache: self.clone(), kind, bytes: n })
+    }
+
+    /// [`Self::try_reserve_memory`], waiting up to `patience` for other
+    /// reservations to come back.
+    pub async fn reserve_memory_within(
+        self: &Arc<Self>,
+        kind: ReservationKind,
+        n: u64,
+        patience: std::time::Duration,
+    ) -> Option<Reservation> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let notified = self.released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(r) = self.try_reserve_memory(kind, n) {
+                return Some(r);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    fn give_back(&self, kind: ReservationKind, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut i = self.lock();
+        let slot = &mut i.reserved[kind as usize];
+        debug_assert!(*slot >= n, "{kind:?}: giving back {n} of {slot}");
+        *slot = slot.saturating_sub(n);
+        drop(i);
+        self.released.notify_waiters();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -408,7 +483,7 @@ impl BlockCache {
     /// block that would push pending bytes past the prefetch share, and says
     /// which block that was.
     pub fn reserve(
-        &self,
+        self: &Arc<Self>,
         object: &Arc<ObjectId>,
         blocks: Range<u64>,
         len: impl Fn(u64) -> u64,
@@ -423,14 +498,14 @@ impl BlockCache {
                 continue;
             }
             let n = len(index);
-            if optional && i.pending_bytes + i.extra_bytes + n > self.limit / 4 * PREFETCH_SHARE {
+            if optional && i.pending_bytes + i.extra_bytes() + n > self.limit / 4 * PREFETCH_SHARE {
                 refused = Some(index);
                 break;
             }
             let (tx, rx) = watch::channel(None);
-            i.pending.insert(key, (rx, n));
+            i.pending.insert(key.clone(), (rx, n));
             i.pending_bytes += n;
-            out.push((index, tx));
+            out.push((index, BlockSender { cache: self.clone(), key, tx: Some(tx) }));
         }
         self.evict(&mut i);
         if !out.is_empty() {
@@ -441,11 +516,17 @@ impl BlockCache {
     }
 
     /// Records the outcome of a fetch and wakes the block's waiters.
-    pub fn fill(&self, object: &Arc<ObjectId>, index: u64, tx: BlockSender, result: Result<Block, StoreError>) {
+    pub fn fill(&self, object: &Arc<ObjectId>, index: u64, mut tx: BlockSender, result: Result<Block, StoreError>) {
+        debug_assert!(Arc::ptr_eq(&tx.key.0, object) && tx.key.1 == index);
+        if let Some(sender) = tx.tx.take() {
+            self.complete(&tx.key, sender, result);
+        }
+    }
+
+    fn complete(&self, key: &BlockKey, tx: watch::Sender<BlockResult>, result: Result<Block, StoreError>) {
         {
             let mut i = self.lock();
-            let key = (object.clone(), index);
-            if let Some((_, n)) = i.pending.remove(&key) {
+            if let Some((_, n)) = i.pending.remove(key) {
                 i.pending_bytes -= n;
             }
             if let Ok(b) = &result {
@@ -453,16 +534,17 @@ impl BlockCache {
                 self.stats.fetched_bytes.fetch_add(n, Ordering::Relaxed);
                 crate::metrics::metrics().bytes_fetched.inc_by(n);
                 i.ready_bytes += n;
-                if let Some(old) = i.streamed.pop(&key) {
+                if let Some(old) = i.streamed.pop(key) {
                     i.streamed_bytes -= old.len() as u64;
                 }
-                if let Some(old) = i.ready.put(key, b.clone()) {
+                if let Some(old) = i.ready.put(key.clone(), b.clone()) {
                     i.ready_bytes -= old.len() as u64;
                 }
                 self.evict(&mut i);
             }
         }
         tx.send_replace(Some(result));
+        self.released.notify_waiters();
     }
 
     /// Evicts streamed blocks, then the least recently used ready ones,
@@ -486,6 +568,93 @@ impl BlockCache {
     }
 }
 
+/// What a [`Reservation`] holds memory for; each kind has a gauge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReservationKind {
+    /// A streaming writer's buffer of bytes not yet sent.
+    WriteBuffer = 0,
+    /// Parts on their way to the server.
+    UploadPart = 1,
+    /// Blocks on their way to the disk cache.
+    DiskWrite = 2,
+}
+
+impl ReservationKind {
+    pub const COUNT: usize = 3;
+    pub const ALL: [ReservationKind; Self::COUNT] =
+        [ReservationKind::WriteBuffer, ReservationKind::UploadPart, ReservationKind::DiskWrite];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReservationKind::WriteBuffer => "write_buffer",
+            ReservationKind::UploadPart => "upload_part",
+            ReservationKind::DiskWrite => "disk_write",
+        }
+    }
+}
+
+/// Bytes of the memory budget held outside the block cache. They come back
+/// when the value is dropped, on every path: a finished or aborted task, an
+/// early return, a panic, a dropped writer. Nothing else gives bytes back.
+#[must_use = "the bytes come back when the reservation is dropped"]
+pub struct Reservation {
+    cache: Arc<BlockCache>,
+    kind: ReservationKind,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// An empty reservation, to grow later.
+    pub fn empty(cache: &Arc<BlockCache>, kind: ReservationKind) -> Self {
+        Self { cache: cache.clone(), kind, bytes: 0 }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Adds the bytes of `other` (of any kind) to this one.
+    pub fn absorb(&mut self, mut other: Reservation) {
+        if other.kind != self.kind {
+            let mut i = self.cache.lock();
+            i.reserved[other.kind as usize] -= other.bytes;
+            i.reserved[self.kind as usize] += other.bytes;
+        }
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+
+    /// Moves `n` bytes (at most all) into a reservation of `kind` of their own.
+    pub fn split(&mut self, n: u64, kind: ReservationKind) -> Reservation {
+        let n = n.min(self.bytes);
+        self.bytes -= n;
+        if kind != self.kind {
+            let mut i = self.cache.lock();
+            i.reserved[self.kind as usize] -= n;
+            i.reserved[kind as usize] += n;
+        }
+        Reservation { cache: self.cache.clone(), kind, bytes: n }
+    }
+
+    /// Gives back `n` bytes (at most all) now.
+    pub fn shrink(&mut self, n: u64) {
+        let n = n.min(self.bytes);
+        self.bytes -= n;
+        self.cache.give_back(self.kind, n);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.cache.give_back(self.kind, self.bytes);
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Reservation({:?}, {})", self.kind, self.bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,7 +665,7 @@ mod tests {
 
     #[test]
     fn budget_evicts_lru_and_bounds_prefetch() {
-        let cache = BlockCache::new(8 * BLOCK_SIZE);
+        let cache = Arc::new(BlockCache::new(8 * BLOCK_SIZE));
         let a = obj("a");
         let (got, _) = cache.reserve(&a, 0..8, |_| BLOCK_SIZE, false);
         assert_eq!(got.len(), 8);
@@ -547,7 +716,7 @@ mod tests {
 
     #[test]
     fn a_promoted_block_stops_sharing_its_buffers() {
-        let cache = BlockCache::new(8 * BLOCK_SIZE);
+        let cache = Arc::new(BlockCache::new(8 * BLOCK_SIZE));
         let a = obj("a");
         let (mut got, _) = cache.reserve(&a, 0..1, |_| BLOCK_SIZE, false);
         let (i, tx) = got.pop().unwrap();
@@ -563,7 +732,7 @@ mod tests {
 
     #[test]
     fn failed_fetch_is_not_cached() {
-        let cache = BlockCache::new(8 * BLOCK_SIZE);
+        let cache = Arc::new(BlockCache::new(8 * BLOCK_SIZE));
         let a = obj("a");
         let (mut got, _) = cache.reserve(&a, 0..1, |_| 10, false);
         let (i, tx) = got.pop().unwrap();

@@ -23,7 +23,7 @@ use lru::LruCache;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
-use super::cache::{Block, ObjectId};
+use super::cache::{Block, ObjectId, Reservation};
 
 const MAGIC: &[u8; 8] = b"BFSBLK1\n";
 
@@ -126,11 +126,13 @@ impl DiskCache {
         .flatten()
     }
 
-    /// Stores a block in the background.
-    pub fn put(self: &Arc<Self>, object: &ObjectId, block: u64, data: Block) {
+    /// Stores a block in the background. `held` counts the block and its
+    /// encoded copy in the memory budget until the write is done.
+    pub fn put(self: &Arc<Self>, object: &ObjectId, block: u64, data: Block, held: Reservation) {
         let id = identity(object, block);
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
+            let _held = held;
             let name = name_of(&id);
             if this.lock().lru.contains(&name) {
                 return;
@@ -223,12 +225,17 @@ mod tests {
         ObjectId { source: "s".into(), key: "k".into(), etag: etag.into() }
     }
 
+    fn held() -> Reservation {
+        let budget = Arc::new(super::super::cache::BlockCache::new(1 << 20));
+        budget.reserve_memory(super::super::cache::ReservationKind::DiskWrite, 2000)
+    }
+
     #[tokio::test]
     async fn survives_restart_checks_identity_and_evicts() {
         let dir = tempfile::tempdir().unwrap();
         let c = DiskCache::open(dir.path(), Some(3000)).unwrap();
-        c.put(&obj("a"), 0, Block::own(Bytes::from(vec![1u8; 1000])));
-        c.put(&obj("a"), 1, Block::own(Bytes::from(vec![2u8; 1000])));
+        c.put(&obj("a"), 0, Block::own(Bytes::from(vec![1u8; 1000])), held());
+        c.put(&obj("a"), 1, Block::own(Bytes::from(vec![2u8; 1000])), held());
         // Background writes: wait until both are indexed.
         for _ in 0..100 {
             if c.size() > 2000 {
@@ -252,7 +259,7 @@ mod tests {
         assert!(!p.exists());
         // Eviction keeps the total under the bound.
         for i in 10..20 {
-            c.put(&obj("a"), i, Block::own(Bytes::from(vec![0u8; 1000])));
+            c.put(&obj("a"), i, Block::own(Bytes::from(vec![0u8; 1000])), held());
         }
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(c.size() <= 3000, "{}", c.size());

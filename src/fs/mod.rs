@@ -17,6 +17,7 @@ mod mutate;
 pub mod namespace;
 pub mod read;
 pub mod write;
+pub mod writers;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -32,7 +33,8 @@ use cache::{BlockCache, ObjectId, ReadData};
 use inode::{Inode, InodeTable, Loc, PageCache, ROOT};
 use namespace::{Entry, Kind, Skipped};
 use read::Reader;
-use write::{WriteError, Writer};
+use write::WriteError;
+use writers::{WriterEntry, Writers};
 
 /// Bound on remembered negative lookups; the table is cleared when full.
 const NEGATIVE_CACHE_MAX: usize = 100_000;
@@ -163,15 +165,6 @@ pub struct DirItem {
     pub attr: Attr,
 }
 
-/// A writer shared by every write handle of one inode.
-struct WriterEntry {
-    writer: tokio::sync::Mutex<Writer>,
-    mount: Arc<MountPoint>,
-    /// The logical size, readable without the lock (for getattr).
-    size: AtomicU64,
-    handles: AtomicUsize,
-}
-
 enum HandleKind {
     Read(Reader),
     Write(Arc<WriterEntry>),
@@ -244,7 +237,7 @@ pub struct Fs {
     started: SystemTime,
     /// Tells the kernel to drop what it caches about an inode or an entry.
     invalidate: OnceLock<Box<dyn Fn(Invalidate) + Send + Sync>>,
-    writers: Mutex<HashMap<u64, Arc<WriterEntry>>>,
+    writers: Writers,
     staging: tempfile::TempDir,
     /// Uploads running now, so shutdown can wait for them.
     uploads: AtomicUsize,
@@ -290,7 +283,7 @@ impl Fs {
             warned: Mutex::new(HashSet::new()),
             started: now,
             invalidate: OnceLock::new(),
-            writers: Mutex::new(HashMap::new()),
+            writers: Writers::default(),
             staging,
             uploads: AtomicUsize::new(0),
             mounts: Mutex::new(Vec::new()),
@@ -654,7 +647,8 @@ impl Fs {
 
     /// Attributes, revalidated with a HEAD once the TTL has passed.
     pub async fn getattr(&self, ino: u64) -> Result<Attr> {
-        if let Some(w) = lock(&self.writers).get(&ino).cloned() {
+        let writer = self.writers.get(ino);
+        if let Some(w) = writer {
             let table = lock(&self.inodes);
             let mut attr = self.attr_of(table.get(ino).ok_or(FsError::NotFound)?);
             attr.size = w.size.load(Ordering::Relaxed);
@@ -713,7 +707,7 @@ impl Fs {
         if writing {
             return self.open_for_write(ino, &mount, &key, flags, pid).await;
         }
-        let existing_writer = lock(&self.writers).contains_key(&ino);
+        let existing_writer = self.writers.contains(ino);
         if stale && !local && !existing_writer {
             self.revalidate(ino, &mount, &key).await?;
         }
@@ -770,7 +764,7 @@ impl Fs {
     pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> ReadNow {
         let Some(handle) = lock(&self.files).get(&fh).cloned() else { return ReadNow::Wait };
         let HandleKind::Read(reader) = &handle.kind else { return ReadNow::Wait };
-        if lock(&self.writers).contains_key(&handle.ino) {
+        if self.writers.contains(handle.ino) {
             return ReadNow::Wait;
         }
         match reader.read_now(offset, size) {
@@ -787,7 +781,7 @@ impl Fs {
         let handle = lock(&self.files).get(&fh).cloned().ok_or(FsError::BadHandle)?;
         let len = (range.end - range.start) as u32;
         match &handle.kind {
-            HandleKind::Read(reader) if !lock(&self.writers).contains_key(&handle.ino) => {
+            HandleKind::Read(reader) if !self.writers.contains(handle.ino) => {
                 let offset = range.start;
                 let got = reader.finish(range).await;
                 self.reader_result(&handle, reader, got, offset, len)
@@ -801,7 +795,7 @@ impl Fs {
         // While the file is open for writing, every handle reads what was written.
         let writer = match &handle.kind {
             HandleKind::Write(w) => Some(w.clone()),
-            HandleKind::Read(_) => lock(&self.writers).get(&handle.ino).cloned(),
+            HandleKind::Read(_) => self.writers.get(handle.ino),
         };
         if let Some(w) = writer {
             let mut guard = w.writer.lock().await;
@@ -858,16 +852,9 @@ impl Fs {
         };
         crate::metrics::metrics().open_handles.dec();
         if let HandleKind::Write(w) = &handle.kind
-            && w.handles.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Err(e) = self.leave_writer(handle.ino, w).await
         {
-            if let Err(e) = self.upload(handle.ino, w).await {
-                error!("{}: data written through a closed handle could not be uploaded: {e}", w.mount.store.describe());
-            }
-            let mut writers = lock(&self.writers);
-            if writers.get(&handle.ino).is_some_and(|cur| Arc::ptr_eq(cur, w)) && w.handles.load(Ordering::Acquire) == 0
-            {
-                writers.remove(&handle.ino);
-            }
+            error!("{}: data written through a closed handle could not be uploaded: {e}", w.mount.store.describe());
         }
     }
 
@@ -1141,7 +1128,7 @@ impl Fs {
     /// Uploads every file open for writing (at shutdown) and waits for
     /// uploads in progress. Returns how many files could not be uploaded.
     pub async fn flush_all(&self) -> usize {
-        let writers: Vec<(u64, Arc<WriterEntry>)> = lock(&self.writers).iter().map(|(i, w)| (*i, w.clone())).collect();
+        let writers = self.writers.all();
         let mut failed = 0;
         for (ino, w) in writers {
             let key = w.writer.lock().await.key().to_string();
@@ -1162,5 +1149,33 @@ impl Fs {
     /// Number of inodes known (for tests and metrics).
     pub fn inode_count(&self) -> usize {
         lock(&self.inodes).len()
+    }
+
+    /// Inodes with a writer now (for tests).
+    pub fn writer_count(&self) -> usize {
+        self.writers.len()
+    }
+
+    /// What `/metrics` and `/healthz` report, taken when they ask.
+    pub fn snapshot_fn(self: &Arc<Self>) -> crate::metrics::SnapshotFn {
+        let fs = Arc::downgrade(self);
+        Arc::new(move || {
+            let Some(fs) = fs.upgrade() else {
+                return crate::metrics::Snapshot {
+                    memory_used: 0,
+                    memory_limit: 0,
+                    reserved: Vec::new(),
+                    inodes: 0,
+                    servers: Vec::new(),
+                };
+            };
+            crate::metrics::Snapshot {
+                memory_used: fs.cache.used(),
+                memory_limit: fs.cache.limit(),
+                reserved: cache::ReservationKind::ALL.iter().map(|k| (k.name(), fs.cache.reserved(*k))).collect(),
+                inodes: fs.inode_count() as u64,
+                servers: fs.mounts().iter().map(|m| (m.name.clone(), m.store.clone())).collect(),
+            }
+        })
     }
 }

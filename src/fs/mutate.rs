@@ -11,12 +11,30 @@ use tracing::{error, info};
 
 use super::inode::{Loc, PageCache};
 use super::namespace::{self, Entry, Kind};
-use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Writer};
-use super::{Attr, Fs, FsError, HandleKind, MountPoint, Result, WriterEntry, lock, tgid};
+use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Upload, Writer};
+use super::writers::{Left, WriterEntry};
+use super::{Attr, Fs, FsError, HandleKind, MountPoint, Result, lock, tgid};
 use crate::store::{PutCondition, StoreError};
 
 /// Renames of directories copy this many objects at once.
 const RENAME_CONCURRENCY: usize = 16;
+
+/// Counts one running upload while it lives, so shutdown can wait for them;
+/// an upload whose future is dropped is not counted for ever.
+struct Running<'a>(&'a AtomicUsize);
+
+impl<'a> Running<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Self(n)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 impl Fs {
     fn check_writable(&self, mount: &MountPoint) -> Result<()> {
@@ -47,56 +65,75 @@ impl Fs {
     ) -> Result<(u64, bool)> {
         self.check_writable(mount)?;
         let truncate = flags & libc::O_TRUNC != 0;
-        let existing = lock(&self.writers).get(&ino).cloned();
-        let entry = match existing {
-            Some(w) => {
-                w.handles.fetch_add(1, Ordering::AcqRel);
-                if truncate {
-                    let mut writer = w.writer.lock().await;
-                    writer.truncate(0).await?;
-                    w.size.store(0, Ordering::Relaxed);
-                }
-                w
+        let streaming = truncate && flags & libc::O_ACCMODE == libc::O_WRONLY;
+        let (entry, made) =
+            self.writers.join(ino, || self.make_writer(ino, mount, key, streaming, truncate.then_some(0))).await?;
+        if truncate && !made {
+            let truncated = entry.writer.lock().await.truncate(0).await;
+            if let Err(e) = truncated {
+                let _ = self.leave_writer(ino, &entry).await;
+                return Err(e.into());
             }
-            None => {
-                let local = lock(&self.inodes).get(ino).is_some_and(|i| i.local);
-                let base = if local {
-                    None
-                } else {
-                    let attr = self.revalidate(ino, mount, key).await?;
-                    let etag = lock(&self.inodes).get(ino).and_then(|i| i.etag.clone()).unwrap_or_default();
-                    Some(Base { etag, size: attr.size })
-                };
-                let dir = self.staging.path();
-                let writer = if truncate && flags & libc::O_ACCMODE == libc::O_WRONLY {
-                    Writer::streaming(mount.store.clone(), key.to_string(), self.cache.clone(), dir, base)
-                } else {
-                    let mut w = Writer::staged(mount.store.clone(), key.to_string(), self.cache.clone(), dir, base)?;
-                    if truncate {
-                        w.truncate(0).await?;
-                    }
-                    w
-                };
-                self.install_writer(ino, mount, writer)
-            }
-        };
+            entry.size.store(0, Ordering::Relaxed);
+        }
         Ok((self.add_handle(ino, HandleKind::Write(entry), pid), false))
     }
 
-    fn install_writer(&self, ino: u64, mount: &Arc<MountPoint>, writer: Writer) -> Arc<WriterEntry> {
+    /// A writer for the existing file `ino`: streaming from empty, or staged
+    /// on the current object and truncated to `truncate_to`.
+    async fn make_writer(
+        &self,
+        ino: u64,
+        mount: &Arc<MountPoint>,
+        key: &str,
+        streaming: bool,
+        truncate_to: Option<u64>,
+    ) -> Result<WriterEntry> {
+        let local = lock(&self.inodes).get(ino).is_some_and(|i| i.local);
+        let base = if local {
+            None
+        } else {
+            let attr = self.revalidate(ino, mount, key).await?;
+            let etag = lock(&self.inodes).get(ino).and_then(|i| i.etag.clone()).unwrap_or_default();
+            Some(Base { etag, size: attr.size })
+        };
+        let dir = self.staging.path();
+        let writer = if streaming {
+            Writer::streaming(mount.store.clone(), key.to_string(), self.cache.clone(), dir, base)
+        } else {
+            let mut w = Writer::staged(mount.store.clone(), key.to_string(), self.cache.clone(), dir, base).await?;
+            if let Some(size) = truncate_to {
+                w.truncate(size).await?;
+            }
+            w
+        };
+        Ok(self.writer_entry(ino, mount, writer))
+    }
+
+    fn writer_entry(&self, ino: u64, mount: &Arc<MountPoint>, writer: Writer) -> WriterEntry {
         // Writes go through the kernel's page cache: until an upload
         // succeeds, its pages may hold bytes that no object version has.
         if let Some(inode) = lock(&self.inodes).get_mut(ino) {
             inode.page_cache = PageCache::Unknown;
         }
-        let entry = Arc::new(WriterEntry {
+        WriterEntry {
             size: AtomicU64::new(writer.size()),
             writer: tokio::sync::Mutex::new(writer),
             mount: mount.clone(),
-            handles: AtomicUsize::new(1),
-        });
-        lock(&self.writers).insert(ino, entry.clone());
-        entry
+        }
+    }
+
+    /// One user of the writer of `ino` is done with it; the last one uploads
+    /// what is left and retires the writer.
+    pub(super) async fn leave_writer(&self, ino: u64, w: &Arc<WriterEntry>) -> Result<()> {
+        match self.writers.leave(ino, w) {
+            Left::Last(entry) => {
+                let result = self.upload(ino, &entry).await;
+                self.writers.retire(ino, &entry);
+                result
+            }
+            Left::Others | Left::Gone => Ok(()),
+        }
     }
 
     /// Creates and opens a new file. Returns its attributes and the handle.
@@ -110,12 +147,16 @@ impl Fs {
         let ino = lock(&self.inodes).insert_local(parent, &mount, key.clone(), name, SystemTime::now());
         lock(&self.negative).remove(&(parent, name.to_string()));
         let dir = self.staging.path();
-        let writer = if flags & libc::O_ACCMODE == libc::O_WRONLY {
-            Writer::streaming(mount.store.clone(), key, self.cache.clone(), dir, None)
-        } else {
-            Writer::staged(mount.store.clone(), key, self.cache.clone(), dir, None)?
+        let streaming = flags & libc::O_ACCMODE == libc::O_WRONLY;
+        let make = || async {
+            let writer = if streaming {
+                Writer::streaming(mount.store.clone(), key, self.cache.clone(), dir, None)
+            } else {
+                Writer::staged(mount.store.clone(), key, self.cache.clone(), dir, None).await?
+            };
+            Ok::<_, FsError>(self.writer_entry(ino, &mount, writer))
         };
-        let entry = self.install_writer(ino, &mount, writer);
+        let (entry, _) = self.writers.join(ino, make).await?;
         let fh = self.add_handle(ino, HandleKind::Write(entry), pid);
         let attr = self.attr_of(lock(&self.inodes).get(ino).ok_or(FsError::NotFound)?);
         Ok((attr, fh))
@@ -173,9 +214,10 @@ impl Fs {
         if !writer.is_dirty() || writer.unlinked {
             return Ok(());
         }
-        self.uploads.fetch_add(1, Ordering::AcqRel);
-        let result = writer.upload().await;
-        self.uploads.fetch_sub(1, Ordering::AcqRel);
+        let result = {
+            let _running = Running::new(&self.uploads);
+            writer.upload().await
+        };
         match result {
             Ok(()) => {
                 let etag = writer.base().map(|b| b.etag.clone()).unwrap_or_default();
@@ -257,32 +299,18 @@ impl Fs {
                 return Err(FsError::IsDir);
             }
             self.check_writable(&mount)?;
-            let existing = lock(&self.writers).get(&ino).cloned();
-            match existing {
-                Some(w) => {
-                    let mut writer = w.writer.lock().await;
-                    writer.truncate(size).await?;
-                    w.size.store(size, Ordering::Relaxed);
-                }
-                None => {
-                    // truncate(path) without an open handle: edit and upload now.
-                    let attr = self.revalidate(ino, &mount, &key).await?;
-                    let etag = lock(&self.inodes).get(ino).and_then(|i| i.etag.clone()).unwrap_or_default();
-                    let base = Some(Base { etag, size: attr.size });
-                    let dir = self.staging.path();
-                    let writer = if size == 0 {
-                        Writer::streaming(mount.store.clone(), key, self.cache.clone(), dir, base)
-                    } else {
-                        let mut w = Writer::staged(mount.store.clone(), key, self.cache.clone(), dir, base)?;
-                        w.truncate(size).await?;
-                        w
-                    };
-                    let entry = self.install_writer(ino, &mount, writer);
-                    let result = self.upload(ino, &entry).await;
-                    lock(&self.writers).remove(&ino);
-                    result?;
-                }
+            // With an open handle, its writer takes the new size and uploads
+            // at close; without one, a writer is made for this call and the
+            // result uploaded now.
+            let (entry, made) =
+                self.writers.join(ino, || self.make_writer(ino, &mount, &key, size == 0, Some(size))).await?;
+            let truncated = if made { Ok(()) } else { entry.writer.lock().await.truncate(size).await };
+            if truncated.is_ok() {
+                entry.size.store(size, Ordering::Relaxed);
             }
+            let left = self.leave_writer(ino, &entry).await;
+            truncated?;
+            left?;
         }
         let mut attr = self.getattr(ino).await?;
         if let Some(t) = mtime {
@@ -341,11 +369,11 @@ impl Fs {
         // Writes through open handles go nowhere now. Taking the writer's
         // lock waits for an upload in progress (a last close racing this
         // unlink), so whether the object exists is known below.
-        let writer = lock(&self.writers).get(&attr.ino).cloned();
+        let writer = self.writers.get(attr.ino);
         let _guard = match &writer {
             Some(w) => {
                 let mut g = w.writer.lock().await;
-                g.unlinked = true;
+                g.unlink().await;
                 Some(g)
             }
             None => None,
@@ -456,7 +484,7 @@ impl Fs {
         let src_key = namespace::child_key(src_dir, name);
         let dst_key = namespace::child_key(dst_dir, newname);
         // The object must be complete in S3 before it can be copied.
-        let writer = lock(&self.writers).get(&ino).cloned();
+        let writer = self.writers.get(ino);
         if let Some(w) = &writer {
             self.upload(ino, w).await?;
         }
@@ -524,32 +552,55 @@ impl Fs {
         to: &str,
         size: u64,
     ) -> std::result::Result<(), StoreError> {
-        let id = mount.store.create_multipart(to).await?;
+        let upload = Upload::create(&mount.store, to).await?;
+        match self.copy_parts(mount, upload.id(), from, to, size).await {
+            Ok(parts) => {
+                let r = mount.store.complete_multipart(to, upload.id(), parts, PutCondition::None).await;
+                match r {
+                    Ok(_) => upload.completed(),
+                    Err(_) => upload.abort().await,
+                }
+                r.map(|_| ())
+            }
+            Err(e) => {
+                upload.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The UploadPartCopy parts of a multipart copy, at most
+    /// [`MAX_INFLIGHT_PARTS`] at a time; the first failure stops it.
+    async fn copy_parts(
+        &self,
+        mount: &MountPoint,
+        id: &str,
+        from: &str,
+        to: &str,
+        size: u64,
+    ) -> std::result::Result<Vec<crate::store::CompletedPart>, StoreError> {
         let parts_n = size.div_ceil(MAX_COPY);
         let part_len = size.div_ceil(parts_n);
         let mut parts = Vec::new();
         let mut tasks = tokio::task::JoinSet::new();
+        let joined = |r: std::result::Result<std::result::Result<_, StoreError>, tokio::task::JoinError>| {
+            r.map_err(|e| StoreError::Network(format!("copy task failed: {e}"))).and_then(|r| r)
+        };
         for n in 0..parts_n {
             let (start, end) = (n * part_len, ((n + 1) * part_len).min(size));
-            let (store, to, from, id) = (mount.store.clone(), to.to_string(), from.to_string(), id.clone());
+            let (store, to, from, id) = (mount.store.clone(), to.to_string(), from.to_string(), id.to_string());
             tasks.spawn(async move { store.upload_part_copy(&to, &id, n as i32 + 1, &from, start, end).await });
             while tasks.len() >= MAX_INFLIGHT_PARTS {
                 if let Some(r) = tasks.join_next().await {
-                    parts.push(r.map_err(|e| StoreError::Network(e.to_string()))??);
+                    parts.push(joined(r)?);
                 }
             }
         }
         while let Some(r) = tasks.join_next().await {
-            match r.map_err(|e| StoreError::Network(e.to_string())).and_then(|r| r) {
-                Ok(p) => parts.push(p),
-                Err(e) => {
-                    let _ = mount.store.abort_multipart(to, &id).await;
-                    return Err(e);
-                }
-            }
+            parts.push(joined(r)?);
         }
         parts.sort_by_key(|p| p.number);
-        mount.store.complete_multipart(to, &id, parts, PutCondition::None).await.map(|_| ())
+        Ok(parts)
     }
 
     /// Waits for every task; logs and returns the first failure.
@@ -590,10 +641,10 @@ impl Fs {
         if to.starts_with(&from) {
             return Err(FsError::Invalid);
         }
+        let writing = self.writers.inodes();
         let busy = {
             let table = lock(&self.inodes);
-            let writers = lock(&self.writers);
-            writers.keys().any(
+            writing.iter().any(
                 |w| matches!(table.get(*w).map(|i| &i.loc), Some(Loc::Object { key, .. }) if key.starts_with(&from)),
             )
         };

@@ -34,7 +34,9 @@ use futures::StreamExt;
 use smallvec::SmallVec;
 use tokio::sync::watch;
 
-use super::cache::{BLOCK_SIZE, Block, BlockCache, BlockKey, BlockSender, ObjectId, PageCacheFile, Probe, ReadData};
+use super::cache::{
+    BLOCK_SIZE, Block, BlockCache, BlockKey, BlockSender, ObjectId, PageCacheFile, Probe, ReadData, ReservationKind,
+};
 use super::disk_cache::DiskCache;
 use crate::store::{ObjectStore, StoreError};
 
@@ -401,7 +403,7 @@ impl Reader {
 
     async fn get_run(
         store: &dyn ObjectStore,
-        cache: &BlockCache,
+        cache: &Arc<BlockCache>,
         disk: Option<&Arc<DiskCache>>,
         object: &Arc<ObjectId>,
         size: u64,
@@ -458,8 +460,13 @@ impl Reader {
                             let block = Block::shared(std::mem::take(&mut pieces));
                             let block = if shared { block } else { block.to_own() };
                             have = 0;
-                            if let Some(d) = disk {
-                                d.put(object, i, block.clone());
+                            // Skipped when the budget has no room: the disk
+                            // cache is an optimisation, memory is a bound.
+                            if let Some(d) = disk
+                                && let Some(held) =
+                                    cache.try_reserve_memory(ReservationKind::DiskWrite, 2 * block.len() as u64)
+                            {
+                                d.put(object, i, block.clone(), held);
                             }
                             cache.fill(object, i, tx, Ok(block));
                         }

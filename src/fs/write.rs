@@ -24,6 +24,15 @@
 //! the temp file; if parts were already sent, the upload is completed and the
 //! new object becomes the base of an append-mode staged file.
 //!
+//! Memory and uploads free themselves. The streaming buffer and every part
+//! in flight hold a [`Reservation`] of the shared budget, given back when
+//! the buffer or the part's task is dropped, whatever the path (success,
+//! error, abort, a dropped writer). A buffer that cannot grow waits up to
+//! [`ADMISSION_PATIENCE`] for room, then the write fails with `ENOBUFS`. A
+//! multipart upload is an [`Upload`] value: completed, or aborted by its
+//! `Drop`. Staging-file I/O runs on tokio's blocking pool, never on the
+//! threads that answer FUSE requests.
+//!
 //! Uploads carry `If-Match` (the ETag the content started from) or
 //! `If-None-Match: *` (a file we created), so a concurrent change by another
 //! client is an error, not a silent overwrite. Servers that do not implement
@@ -33,12 +42,13 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
 use tracing::warn;
 
-use super::cache::BlockCache;
+use super::cache::{BlockCache, Reservation, ReservationKind};
 use crate::store::{CompletedPart, ObjectStore, PutCondition, StoreError, collect_body};
 
 /// Largest object written with one PutObject.
@@ -52,6 +62,13 @@ pub const MAX_COPY: u64 = 5 << 30;
 pub const MAX_INFLIGHT_PARTS: usize = 4;
 /// Range size used when materialising a base object into the staging file.
 const DOWNLOAD_CHUNK: u64 = 8 << 20;
+/// How long a write waits for room in the memory budget before it fails
+/// with `ENOBUFS`: long enough for parts in flight elsewhere to finish on a
+/// slow link, short enough that an application sees an error, not a hang.
+pub const ADMISSION_PATIENCE: Duration = Duration::from_secs(10);
+/// A streaming buffer grows its reservation by doubling from this size, so
+/// a small file takes little of the budget and a large one few steps.
+const FIRST_BUFFER_RESERVATION: u64 = 64 << 10;
 
 /// Part size for part number `n` (1-based): 8 MiB for the first 1,000 parts
 /// (7.8 GiB), 128 MiB for the next 1,000 (125 GiB), then 640 MiB, which
@@ -81,6 +98,111 @@ fn local(e: std::io::Error) -> WriteError {
     WriteError::Local { errno: e.raw_os_error().unwrap_or(libc::EIO), message: e.to_string() }
 }
 
+fn no_room(cache: &BlockCache, n: u64) -> WriteError {
+    WriteError::Local {
+        errno: libc::ENOBUFS,
+        message: format!(
+            "the memory budget (--memory-limit, {} MiB) had no room for {} KiB more of write buffers within {} s; \
+             fewer files written at once, or a larger --memory-limit, avoids this",
+            cache.limit() >> 20,
+            n.div_ceil(1024),
+            ADMISSION_PATIENCE.as_secs()
+        ),
+    }
+}
+
+/// Runs `op` on the staging file on tokio's blocking pool.
+async fn on_file<T: Send + 'static>(
+    file: &Arc<std::fs::File>,
+    op: impl FnOnce(&std::fs::File) -> std::io::Result<T> + Send + 'static,
+) -> Result<T, WriteError> {
+    let file = file.clone();
+    match tokio::task::spawn_blocking(move || op(&file)).await {
+        Ok(r) => r.map_err(local),
+        Err(e) => Err(WriteError::Local { errno: libc::EIO, message: format!("staging file I/O task failed: {e}") }),
+    }
+}
+
+/// A new staging file of `size` bytes (sparse).
+async fn new_staging_file(dir: &Path, size: u64) -> Result<Arc<std::fs::File>, WriteError> {
+    let dir = dir.to_path_buf();
+    let file = tokio::task::spawn_blocking(move || {
+        let file = tempfile::tempfile_in(dir)?;
+        file.set_len(size)?;
+        Ok::<_, std::io::Error>(file)
+    })
+    .await
+    .map_err(|e| WriteError::Local { errno: libc::EIO, message: format!("staging file task failed: {e}") })?
+    .map_err(local)?;
+    Ok(Arc::new(file))
+}
+
+/// A multipart upload in progress. It ends one way or the other: completed
+/// ([`Upload::completed`]), aborted ([`Upload::abort`]), or, if the value is
+/// dropped first (a dropped or unlinked writer, a failed or cancelled task),
+/// aborted in the background by `Drop`. No path leaves it open for the
+/// bucket owner to pay for.
+pub struct Upload {
+    store: Arc<dyn ObjectStore>,
+    key: String,
+    id: String,
+    ended: bool,
+}
+
+impl Upload {
+    pub async fn create(store: &Arc<dyn ObjectStore>, key: &str) -> Result<Self, StoreError> {
+        let id = store.create_multipart(key).await?;
+        crate::metrics::metrics().multipart_open.inc();
+        Ok(Self { store: store.clone(), key: key.to_string(), id, ended: false })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn end(&mut self) {
+        if !std::mem::replace(&mut self.ended, true) {
+            crate::metrics::metrics().multipart_open.dec();
+        }
+    }
+
+    /// The upload was completed: nothing to abort.
+    pub fn completed(mut self) {
+        self.end();
+    }
+
+    /// Aborts the upload now, logging a failure to do so.
+    pub async fn abort(mut self) {
+        self.end();
+        abort_logged(&*self.store, &self.key, &self.id).await;
+    }
+}
+
+async fn abort_logged(store: &dyn ObjectStore, key: &str, id: &str) {
+    if let Err(e) = store.abort_multipart(key, id).await {
+        warn!(
+            key,
+            "aborting the multipart upload of {key} failed: {e}; `bucketfs check --abort-incomplete-uploads` removes it"
+        );
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.end();
+        let (store, key, id) = (self.store.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.id));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { abort_logged(&*store, &key, &id).await });
+            }
+            Err(_) => warn!(key, "the multipart upload of {key} is left incomplete (no runtime to abort it)"),
+        }
+    }
+}
+
 /// The remote object the content started from.
 #[derive(Clone, Debug)]
 pub struct Base {
@@ -89,15 +211,17 @@ pub struct Base {
 }
 
 struct Streaming {
-    upload_id: Option<String>,
+    upload: Option<Upload>,
     parts: Vec<CompletedPart>,
     next_part: i32,
     buf: BytesMut,
+    /// Budget bytes for `buf` (at least its length).
+    held: Reservation,
     inflight: JoinSet<Result<CompletedPart, StoreError>>,
 }
 
 struct Staged {
-    file: std::fs::File,
+    file: Arc<std::fs::File>,
     /// Bytes `[0, base_prefix)` are the base object's and are not local.
     base_prefix: u64,
 }
@@ -120,8 +244,6 @@ pub struct Writer {
     base: Option<Base>,
     /// Created by us and never uploaded: the first upload uses If-None-Match.
     new_file: bool,
-    /// Memory reserved in the budget for the streaming buffer and parts.
-    reserved: u64,
     /// The file was unlinked while open: nothing is uploaded any more.
     pub unlinked: bool,
 }
@@ -136,16 +258,18 @@ impl Writer {
         base: Option<Base>,
     ) -> Self {
         let new_file = base.is_none();
+        let held_by = cache.clone();
         Self {
             store,
             key,
             cache,
             staging_dir: staging_dir.to_path_buf(),
             mode: Mode::Streaming(Streaming {
-                upload_id: None,
+                upload: None,
                 parts: Vec::new(),
                 next_part: 1,
                 buf: BytesMut::new(),
+                held: Reservation::empty(&held_by, ReservationKind::WriteBuffer),
                 inflight: JoinSet::new(),
             }),
             size: 0,
@@ -154,22 +278,20 @@ impl Writer {
             dirty: !new_file,
             base,
             new_file,
-            reserved: 0,
             unlinked: false,
         }
     }
 
     /// An existing object (or a new empty file) edited in place.
-    pub fn staged(
+    pub async fn staged(
         store: Arc<dyn ObjectStore>,
         key: String,
         cache: Arc<BlockCache>,
         staging_dir: &Path,
         base: Option<Base>,
     ) -> Result<Self, WriteError> {
-        let file = tempfile::tempfile_in(staging_dir).map_err(local)?;
         let size = base.as_ref().map_or(0, |b| b.size);
-        file.set_len(size).map_err(local)?;
+        let file = new_staging_file(staging_dir, size).await?;
         Ok(Self {
             store,
             new_file: base.is_none(),
@@ -180,7 +302,6 @@ impl Writer {
             size,
             dirty: false,
             base,
-            reserved: 0,
             unlinked: false,
         })
     }
@@ -211,15 +332,36 @@ impl Writer {
         self.base.as_ref()
     }
 
-    fn reserve(&mut self, n: u64) {
-        self.cache.reserve_extra(n);
-        self.reserved += n;
-    }
-
-    fn unreserve(&mut self, n: u64) {
-        let n = n.min(self.reserved);
-        self.cache.release_extra(n);
-        self.reserved -= n;
+    /// Grows the streaming buffer's reservation to hold `n` more bytes:
+    /// doubling, up to a part; when the budget is full, by waiting for a
+    /// part of this writer's own in flight first, then for anyone's bytes,
+    /// at most [`ADMISSION_PATIENCE`].
+    async fn make_room(&mut self, n: u64) -> Result<(), WriteError> {
+        loop {
+            let Mode::Streaming(s) = &mut self.mode else { return Ok(()) };
+            let need = s.buf.len() as u64 + n;
+            let held = s.held.bytes();
+            if held >= need {
+                return Ok(());
+            }
+            let want = (need - held).max(held.clamp(FIRST_BUFFER_RESERVATION, part_size(s.next_part)));
+            if let Some(r) = self.cache.try_reserve_memory(ReservationKind::WriteBuffer, want) {
+                s.held.absorb(r);
+                continue;
+            }
+            if !s.inflight.is_empty() {
+                self.join_one().await?;
+                continue;
+            }
+            match self.cache.reserve_memory_within(ReservationKind::WriteBuffer, want, ADMISSION_PATIENCE).await {
+                Some(r) => {
+                    if let Mode::Streaming(s) = &mut self.mode {
+                        s.held.absorb(r);
+                    }
+                }
+                None => return Err(no_room(&self.cache, want)),
+            }
+        }
     }
 
     pub async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), WriteError> {
@@ -227,25 +369,42 @@ impl Writer {
             // POSIX: writing nothing does not extend the file.
             return Ok(());
         }
-        if let Mode::Streaming(s) = &mut self.mode {
+        let end = offset + data.len() as u64;
+        if self.unlinked && matches!(self.mode, Mode::Failed) {
+            // Unlinked while streaming: its upload was abandoned, and what
+            // is written now goes nowhere.
+            self.size = self.size.max(end);
+            return Ok(());
+        }
+        if let Mode::Streaming(_) = &self.mode {
             if offset == self.size {
+                self.make_room(data.len() as u64).await?;
+                let Mode::Streaming(s) = &mut self.mode else { return Err(WriteError::Failed) };
                 s.buf.extend_from_slice(data);
                 self.size += data.len() as u64;
                 self.dirty = true;
-                self.reserve(data.len() as u64);
                 return self.send_full_parts().await;
             }
             self.switch_to_staging().await?;
         }
-        let end = offset + data.len() as u64;
         self.materialise_below(offset.min(self.size)).await?;
         let Mode::Staged(st) = &self.mode else {
             return Err(WriteError::Failed);
         };
-        st.file.write_all_at(data, offset).map_err(local)?;
+        let data = Bytes::copy_from_slice(data);
+        on_file(&st.file, move |f| f.write_all_at(&data, offset)).await?;
         self.size = self.size.max(end);
         self.dirty = true;
         Ok(())
+    }
+
+    /// The file was unlinked: nothing will be uploaded. A multipart upload
+    /// already started is aborted now rather than at the last close.
+    pub async fn unlink(&mut self) {
+        self.unlinked = true;
+        if matches!(&self.mode, Mode::Streaming(s) if s.upload.is_some()) {
+            let _ = self.fail(StoreError::NotFound).await;
+        }
     }
 
     /// Sends every complete part in the buffer, keeping at most
@@ -259,9 +418,9 @@ impl Writer {
             if (s.buf.len() as u64) < want {
                 return Ok(());
             }
-            if s.upload_id.is_none() {
-                match self.store.create_multipart(&self.key).await {
-                    Ok(id) => s.upload_id = Some(id),
+            if s.upload.is_none() {
+                match Upload::create(&self.store, &self.key).await {
+                    Ok(u) => s.upload = Some(u),
                     Err(e) => return Err(self.fail(e).await),
                 }
             }
@@ -271,16 +430,14 @@ impl Writer {
             let body = s.buf.split_to(want as usize).freeze();
             let number = s.next_part;
             s.next_part += 1;
-            let (store, key, id) = (self.store.clone(), self.key.clone(), s.upload_id.clone().unwrap_or_default());
-            let cache = self.cache.clone();
+            let id = s.upload.as_ref().map(|u| u.id().to_string()).unwrap_or_default();
+            let (store, key) = (self.store.clone(), self.key.clone());
+            // The part's bytes go with its task and come back when it ends.
+            let held = s.held.split(want, ReservationKind::UploadPart);
             s.inflight.spawn(async move {
-                let len = body.len() as u64;
-                let r = store.upload_part(&key, &id, number, body).await;
-                cache.release_extra(len);
-                r
+                let _held = held;
+                store.upload_part(&key, &id, number, body).await
             });
-            // The part's memory is released by its task.
-            self.reserved = self.reserved.saturating_sub(want);
             while matches!(&self.mode, Mode::Streaming(s) if s.inflight.len() >= MAX_INFLIGHT_PARTS) {
                 self.join_one().await?;
             }
@@ -303,19 +460,15 @@ impl Writer {
     }
 
     /// Abandons a streaming upload after an error; its data cannot be resent.
+    /// Its buffer's and parts' bytes go back to the budget as they drop.
     async fn fail(&mut self, e: StoreError) -> WriteError {
-        if let Mode::Streaming(s) = std::mem::replace(&mut self.mode, Mode::Failed) {
-            let mut s = s;
+        if let Mode::Streaming(mut s) = std::mem::replace(&mut self.mode, Mode::Failed) {
             s.inflight.abort_all();
             while s.inflight.join_next().await.is_some() {}
-            if let Some(id) = &s.upload_id
-                && let Err(abort) = self.store.abort_multipart(&self.key, id).await
-            {
-                warn!(key = %self.key, "aborting the failed upload of {} also failed: {abort}", self.key);
+            if let Some(upload) = s.upload.take() {
+                upload.abort().await;
             }
         }
-        let r = self.reserved;
-        self.unreserve(r);
         WriteError::Store(e)
     }
 
@@ -381,8 +534,7 @@ impl Writer {
         self.dirty = false;
         if matches!(self.mode, Mode::Failed) {
             // Streaming finished: later writes append to the new object.
-            let file = tempfile::tempfile_in(&self.staging_dir).map_err(local)?;
-            file.set_len(self.size).map_err(local)?;
+            let file = new_staging_file(&self.staging_dir, self.size).await?;
             self.mode = Mode::Staged(Staged { file, base_prefix: self.size });
         }
         Ok(())
@@ -403,60 +555,74 @@ impl Writer {
             }
         }
         let rest = s.buf.split().freeze();
-        let rest_len = rest.len() as u64;
-        let result = match &s.upload_id {
+        let result = match s.upload.take() {
             None => {
                 let key = self.key.clone();
                 self.conditional(|c| self.store.put(&key, rest.clone(), c)).await
             }
-            Some(id) => {
+            Some(upload) => {
                 let mut parts = std::mem::take(&mut s.parts);
                 if !rest.is_empty() {
-                    match self.store.upload_part(&self.key, id, s.next_part, rest).await {
+                    match self.store.upload_part(&self.key, upload.id(), s.next_part, rest).await {
                         Ok(p) => parts.push(p),
                         Err(e) => {
+                            s.upload = Some(upload);
                             self.mode = Mode::Streaming(s);
                             return Err(self.fail(e).await);
                         }
                     }
                 }
-                parts.sort_by_key(|p| p.number);
-                let (key, id) = (self.key.clone(), id.clone());
-                let r = self.conditional(|c| self.store.complete_multipart(&key, &id, parts.clone(), c)).await;
-                if r.is_err() {
-                    let _ = self.store.abort_multipart(&key, &id).await;
-                }
-                r
+                self.complete(upload, parts).await
             }
         };
-        self.unreserve(rest_len);
-        let r = self.reserved;
-        self.unreserve(r);
+        // `s`, with the buffer's reservation, drops here.
         result.map_err(WriteError::Store)
+    }
+
+    /// CompleteMultipartUpload under the writer's condition; the upload is
+    /// aborted if that fails.
+    async fn complete(&self, upload: Upload, mut parts: Vec<CompletedPart>) -> Result<String, StoreError> {
+        parts.sort_by_key(|p| p.number);
+        let key = self.key.clone();
+        let r = self.conditional(|c| self.store.complete_multipart(&key, upload.id(), parts.clone(), c)).await;
+        match r {
+            Ok(_) => upload.completed(),
+            Err(_) => upload.abort().await,
+        }
+        r
     }
 
     async fn upload_staged(&self, st: &Staged) -> Result<String, WriteError> {
         let key = self.key.clone();
         if st.base_prefix == 0 && self.size <= SINGLE_PUT_MAX {
-            let mut buf = vec![0u8; self.size as usize];
-            st.file.read_exact_at(&mut buf, 0).map_err(local)?;
-            let body = Bytes::from(buf);
+            let (_held, body) = self.read_part(st, 0, self.size).await?;
             return Ok(self.conditional(|c| self.store.put(&key, body.clone(), c)).await?);
         }
-        let id = self.store.create_multipart(&key).await?;
-        match self.staged_parts(st, &id).await {
-            Ok(parts) => {
-                let r = self.conditional(|c| self.store.complete_multipart(&key, &id, parts.clone(), c)).await;
-                if r.is_err() {
-                    let _ = self.store.abort_multipart(&key, &id).await;
-                }
-                Ok(r?)
-            }
+        let upload = Upload::create(&self.store, &key).await?;
+        match self.staged_parts(st, upload.id()).await {
+            Ok(parts) => Ok(self.complete(upload, parts).await?),
             Err(e) => {
-                let _ = self.store.abort_multipart(&key, &id).await;
+                upload.abort().await;
                 Err(e)
             }
         }
+    }
+
+    /// Bytes `offset..offset + len` of the staging file, with their
+    /// reservation; waits for room as [`Self::make_room`] does.
+    async fn read_part(&self, st: &Staged, offset: u64, len: u64) -> Result<(Reservation, Bytes), WriteError> {
+        let held = self
+            .cache
+            .reserve_memory_within(ReservationKind::UploadPart, len, ADMISSION_PATIENCE)
+            .await
+            .ok_or_else(|| no_room(&self.cache, len))?;
+        let body = on_file(&st.file, move |f| {
+            let mut buf = vec![0u8; len as usize];
+            f.read_exact_at(&mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        })
+        .await?;
+        Ok((held, body))
     }
 
     /// Copy parts for the unchanged base prefix, then data parts from the
@@ -481,15 +647,16 @@ impl Writer {
         }
         while offset < self.size || number == 1 {
             let len = (self.size - offset).min(part_size(number));
-            let mut buf = vec![0u8; len as usize];
-            st.file.read_exact_at(&mut buf, offset).map_err(local)?;
+            // Room for the part: this upload's own parts in flight go first.
+            while !tasks.is_empty() && self.cache.try_reserve_memory(ReservationKind::UploadPart, len).is_none() {
+                let running = tasks.len();
+                Self::drain(&mut tasks, &mut parts, running).await?;
+            }
+            let (held, body) = self.read_part(st, offset, len).await?;
             let (store, key, id, n) = (self.store.clone(), self.key.clone(), id.to_string(), number);
-            self.cache.reserve_extra(len);
-            let cache = self.cache.clone();
             tasks.spawn(async move {
-                let r = store.upload_part(&key, &id, n, Bytes::from(buf)).await;
-                cache.release_extra(len);
-                Ok(r?)
+                let _held = held;
+                Ok(store.upload_part(&key, &id, n, body).await?)
             });
             offset += len;
             number += 1;
@@ -526,13 +693,12 @@ impl Writer {
         let Mode::Streaming(s) = &mut self.mode else {
             return Ok(());
         };
-        if s.upload_id.is_none() && s.inflight.is_empty() {
-            let file = tempfile::tempfile_in(&self.staging_dir).map_err(local)?;
-            file.write_all_at(&s.buf, 0).map_err(local)?;
-            file.set_len(self.size).map_err(local)?;
-            let n = s.buf.len() as u64;
+        if s.upload.is_none() && s.inflight.is_empty() {
+            let file = new_staging_file(&self.staging_dir, self.size).await?;
+            let buf = std::mem::take(&mut s.buf).freeze();
+            on_file(&file, move |f| f.write_all_at(&buf, 0)).await?;
+            // The buffer's reservation goes with the streaming state.
             self.mode = Mode::Staged(Staged { file, base_prefix: 0 });
-            self.unreserve(n);
             return Ok(());
         }
         self.upload().await
@@ -548,15 +714,17 @@ impl Writer {
             return Ok(());
         }
         let etag = self.base.as_ref().map(|b| b.etag.clone());
+        let held = self.cache.reserve_memory(ReservationKind::WriteBuffer, DOWNLOAD_CHUNK.min(st.base_prefix));
         let mut start = 0;
         while start < st.base_prefix {
             let end = (start + DOWNLOAD_CHUNK).min(st.base_prefix);
             let body = self.store.get_range(&self.key, etag.as_deref(), start, end).await?;
             let data = collect_body(body).await?;
-            st.file.write_all_at(&data, start).map_err(local)?;
+            on_file(&st.file, move |f| f.write_all_at(&data, start)).await?;
             start = end;
         }
         st.base_prefix = 0;
+        drop(held);
         Ok(())
     }
 
@@ -566,7 +734,7 @@ impl Writer {
         }
         let end = (offset + len as u64).min(self.size);
         if let Mode::Streaming(s) = &self.mode {
-            if s.upload_id.is_none() {
+            if s.upload.is_none() {
                 return Ok(Bytes::copy_from_slice(&s.buf[offset as usize..end as usize]));
             }
             self.switch_to_staging().await?;
@@ -575,18 +743,23 @@ impl Writer {
         let Mode::Staged(st) = &self.mode else {
             return Err(WriteError::Failed);
         };
-        let mut out = vec![0u8; (end - offset) as usize];
-        if offset < st.base_prefix {
+        let remote = if offset < st.base_prefix {
             let remote_end = end.min(st.base_prefix);
-            let data =
-                collect_body(self.store.get_range(&self.key, etag.as_deref(), offset, remote_end).await?).await?;
-            out[..data.len()].copy_from_slice(&data);
-        }
+            collect_body(self.store.get_range(&self.key, etag.as_deref(), offset, remote_end).await?).await?
+        } else {
+            Bytes::new()
+        };
         let local_start = offset.max(st.base_prefix);
-        if local_start < end {
-            let at = (local_start - offset) as usize;
-            st.file.read_exact_at(&mut out[at..], local_start).map_err(local)?;
-        }
+        let out = on_file(&st.file, move |f| {
+            let mut out = vec![0u8; (end - offset) as usize];
+            out[..remote.len()].copy_from_slice(&remote);
+            if local_start < end {
+                let at = (local_start - offset) as usize;
+                f.read_exact_at(&mut out[at..], local_start)?;
+            }
+            Ok(out)
+        })
+        .await?;
         Ok(Bytes::from(out))
     }
 
@@ -598,13 +771,13 @@ impl Writer {
             if size == 0 {
                 // Truncating an unsent stream to zero is the O_TRUNC pattern.
                 if let Mode::Streaming(s) = &mut self.mode
-                    && s.upload_id.is_none()
+                    && s.upload.is_none()
                 {
-                    let n = s.buf.len() as u64;
                     s.buf.clear();
+                    let held = s.held.bytes();
+                    s.held.shrink(held);
                     self.size = 0;
                     self.dirty = true;
-                    self.unreserve(n);
                     return Ok(());
                 }
             }
@@ -614,15 +787,9 @@ impl Writer {
         let Mode::Staged(st) = &self.mode else {
             return Err(WriteError::Failed);
         };
-        st.file.set_len(size).map_err(local)?;
+        on_file(&st.file, move |f| f.set_len(size)).await?;
         self.size = size;
         self.dirty = true;
         Ok(())
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.cache.release_extra(self.reserved);
     }
 }
