@@ -731,6 +731,55 @@ mod tests {
     }
 
     #[test]
+    fn a_fetch_that_ends_without_a_result_fails_its_block() {
+        let cache = Arc::new(BlockCache::new(8 * BLOCK_SIZE));
+        let a = obj("a");
+        let (mut got, _) = cache.reserve(&a, 0..1, |_| BLOCK_SIZE, false);
+        let Probe::Pending(rx) = cache.probe(&(a.clone(), 0), true) else { panic!() };
+        assert_eq!(cache.used(), BLOCK_SIZE);
+        // The task holding the sender dies (panic, abort, early return).
+        drop(got.pop());
+        assert!(matches!(&*rx.borrow(), Some(Err(StoreError::Network(_)))), "waiters get an error");
+        assert!(matches!(cache.probe(&(a.clone(), 0), true), Probe::Missing), "the next reader fetches again");
+        assert_eq!(cache.used(), 0);
+    }
+
+    #[test]
+    fn reservations_give_their_bytes_back_on_every_path() {
+        let cache = Arc::new(BlockCache::new(8 * BLOCK_SIZE));
+        let mut buffer = Reservation::empty(&cache, ReservationKind::WriteBuffer);
+        buffer.absorb(cache.reserve_memory(ReservationKind::WriteBuffer, 3 * BLOCK_SIZE));
+        let part = buffer.split(2 * BLOCK_SIZE, ReservationKind::UploadPart);
+        assert_eq!(cache.reserved(ReservationKind::WriteBuffer), BLOCK_SIZE);
+        assert_eq!(cache.reserved(ReservationKind::UploadPart), 2 * BLOCK_SIZE);
+        // Full: nothing cached can make room for more.
+        assert!(cache.try_reserve_memory(ReservationKind::DiskWrite, 6 * BLOCK_SIZE).is_none());
+        // A task that panics while holding a part still gives it back.
+        let held = std::thread::spawn(move || {
+            let _part = part;
+            panic!("upload task died");
+        });
+        assert!(held.join().is_err());
+        assert_eq!(cache.reserved(ReservationKind::UploadPart), 0);
+        buffer.shrink(BLOCK_SIZE / 2);
+        assert_eq!(cache.used(), BLOCK_SIZE / 2);
+        drop(buffer);
+        assert_eq!(cache.used(), 0);
+        // Reserving evicts cached blocks to make room.
+        let (got, _) = cache.reserve(&obj("a"), 0..8, |_| BLOCK_SIZE, false);
+        for (i, tx) in got {
+            cache.fill(&obj_of(&tx), i, tx, Ok(Block::own(Bytes::from(vec![0u8; BLOCK_SIZE as usize]))));
+        }
+        let r = cache.try_reserve_memory(ReservationKind::DiskWrite, 4 * BLOCK_SIZE).expect("evicts");
+        assert!(cache.used() <= cache.limit());
+        drop(r);
+    }
+
+    fn obj_of(tx: &BlockSender) -> Arc<ObjectId> {
+        tx.key.0.clone()
+    }
+
+    #[test]
     fn failed_fetch_is_not_cached() {
         let cache = Arc::new(BlockCache::new(8 * BLOCK_SIZE));
         let a = obj("a");

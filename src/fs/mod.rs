@@ -10,6 +10,8 @@
 
 pub mod cache;
 pub mod disk_cache;
+#[cfg(test)]
+mod fault_tests;
 pub mod inode;
 #[cfg(test)]
 mod model_tests;

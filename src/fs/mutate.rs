@@ -545,7 +545,7 @@ impl Fs {
         })
     }
 
-    async fn multipart_copy(
+    pub(super) async fn multipart_copy(
         &self,
         mount: &MountPoint,
         from: &str,

@@ -178,12 +178,19 @@ impl Upload {
     }
 }
 
+/// Tries an abort a few times (the server that failed the upload may be
+/// failing for a moment), then leaves a log line naming the way out.
 async fn abort_logged(store: &dyn ObjectStore, key: &str, id: &str) {
-    if let Err(e) = store.abort_multipart(key, id).await {
-        warn!(
-            key,
-            "aborting the multipart upload of {key} failed: {e}; `bucketfs check --abort-incomplete-uploads` removes it"
-        );
+    const ATTEMPTS: u32 = 3;
+    for attempt in 1..=ATTEMPTS {
+        match store.abort_multipart(key, id).await {
+            Ok(()) | Err(StoreError::NotFound) => return,
+            Err(e) if attempt == ATTEMPTS => warn!(
+                key,
+                "aborting the multipart upload of {key} failed: {e}; `bucketfs check --abort-incomplete-uploads` removes it"
+            ),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await,
+        }
     }
 }
 

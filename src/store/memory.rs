@@ -48,6 +48,11 @@ impl MemoryStore {
         format!("\"{:032x}\"", self.counter.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
+    /// Multipart uploads created and neither completed nor aborted.
+    pub fn open_upload_count(&self) -> usize {
+        self.state.lock().unwrap().uploads.len()
+    }
+
     /// Test helper: stores `body` under `key` unconditionally.
     pub fn insert(&self, key: &str, body: impl Into<Bytes>) -> String {
         let etag = self.next_etag();

@@ -8,6 +8,7 @@
 //! One store serves one bucket; keys are full keys inside that bucket. Mount
 //! prefixes are the file system's business, not the store's.
 
+pub mod faulty;
 pub mod list_xml;
 pub mod memory;
 pub mod s3;

@@ -1,0 +1,240 @@
+//! Cleanup paths under failure, through the fault-injecting store: after a
+//! failed streamed upload, a failed staged upload, a failed copy, an abort
+//! that fails too, and a writer dropped mid-upload, the budget is back to
+//! zero and no multipart upload is left open. Also: concurrent openers of
+//! one file share one writer, and a writer that finds no room in the budget
+//! waits a bounded time, then fails with ENOBUFS.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::cache::ReservationKind;
+use super::{Fs, FsError, MountPoint};
+use crate::spec::FsSettings;
+use crate::store::faulty::{Fault, FaultyStore, Rule};
+use crate::store::memory::MemoryStore;
+use crate::store::{ObjectStore, StoreError};
+
+pub(super) struct Setup {
+    pub fs: Arc<Fs>,
+    pub mem: Arc<MemoryStore>,
+    pub faults: Arc<FaultyStore>,
+    pub mount: Arc<MountPoint>,
+}
+
+pub(super) fn setup(limit: u64, seed: u64) -> Setup {
+    let mem = Arc::new(MemoryStore::new());
+    let faults = Arc::new(FaultyStore::new(mem.clone(), seed));
+    let mount = Arc::new(MountPoint {
+        name: "faults".into(),
+        store: faults.clone(),
+        prefix: String::new(),
+        read_only: false,
+        ttl: Duration::from_secs(60),
+        source_id: "memory".into(),
+    });
+    let settings = FsSettings { memory_limit: limit, ..FsSettings::default() };
+    let fs = Arc::new(Fs::new(settings, vec![(Vec::new(), mount.clone())]).unwrap());
+    Setup { fs, mem, faults, mount }
+}
+
+fn server_error() -> Fault {
+    Fault::Fail(StoreError::Server { status: 500, message: "injected".into() })
+}
+
+/// Waits (bounded) for background aborts, then checks that nothing is held.
+pub(super) async fn assert_clean(s: &Setup) {
+    for _ in 0..100 {
+        if s.mem.open_upload_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.mem.open_upload_count(), 0, "multipart uploads left open");
+    for kind in ReservationKind::ALL {
+        assert_eq!(s.fs.cache().reserved(kind), 0, "{kind:?} bytes still reserved");
+    }
+    assert_eq!(s.fs.writer_count(), 0, "writers left registered");
+}
+
+fn pid() -> u32 {
+    std::process::id()
+}
+
+async fn write_all(fs: &Fs, fh: u64, data: &[u8]) -> Result<(), FsError> {
+    for (i, chunk) in data.chunks(1 << 20).enumerate() {
+        fs.write(fh, (i << 20) as u64, chunk).await?;
+    }
+    Ok(())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+#[test]
+fn a_failed_streamed_upload_gives_back_its_budget_and_aborts() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 1);
+        s.faults.add(Rule::nth("upload_part", 1, server_error()));
+        let (_, fh) = s.fs.create(1, "big", libc::O_WRONLY, pid()).await.unwrap();
+        let data = vec![7u8; 26 << 20];
+        let written = write_all(&s.fs, fh, &data).await;
+        let flushed = s.fs.flush(fh, pid()).await;
+        s.fs.release(fh).await;
+        let err = written.and(flushed).expect_err("the failed part must reach close");
+        assert_eq!(err.errno(), libc::EIO);
+        assert!(s.mem.body("big").is_none());
+        assert_clean(&s).await;
+    });
+}
+
+#[test]
+fn a_failed_staged_upload_gives_back_its_budget_and_aborts() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 2);
+        let original = vec![1u8; 12 << 20];
+        s.mem.insert("doc", original.clone());
+        let ino = s.fs.lookup(1, "doc").await.unwrap().ino;
+        let (fh, _) = s.fs.open(ino, libc::O_RDWR, pid()).await.unwrap();
+        s.fs.write(fh, 100, b"edit").await.unwrap();
+        s.faults.add(Rule::always("upload_part", server_error()));
+        let flushed = s.fs.flush(fh, pid()).await;
+        s.fs.release(fh).await;
+        assert_eq!(flushed.expect_err("upload must fail").errno(), libc::EIO);
+        assert_eq!(s.mem.body("doc").unwrap(), original, "the object is unchanged");
+        assert_clean(&s).await;
+    });
+}
+
+#[test]
+fn a_failed_copy_aborts_its_upload() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 3);
+        s.mem.insert("a", vec![3u8; 1 << 20]);
+        s.faults.add(Rule::always("upload_part_copy", server_error()));
+        assert!(s.fs.multipart_copy(&s.mount, "a", "b", 1 << 20).await.is_err());
+        assert_clean(&s).await;
+        s.faults.clear();
+        s.faults.add(Rule::always("complete_multipart", server_error()));
+        assert!(s.fs.multipart_copy(&s.mount, "a", "b", 1 << 20).await.is_err());
+        assert!(s.mem.body("b").is_none());
+        assert_clean(&s).await;
+        // A failed rename leaves the source where it was.
+        s.faults.clear();
+        s.faults.add(Rule::always("copy", server_error()));
+        assert!(s.fs.rename(1, "a", 1, "c", 0).await.is_err());
+        assert!(s.mem.body("a").is_some() && s.mem.body("c").is_none());
+        assert_clean(&s).await;
+    });
+}
+
+#[test]
+fn an_abort_that_fails_once_is_tried_again() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 4);
+        s.faults.add(Rule::always("upload_part", server_error()));
+        s.faults.add(Rule::nth("abort_multipart", 0, server_error()));
+        let (_, fh) = s.fs.create(1, "big", libc::O_WRONLY, pid()).await.unwrap();
+        let written = write_all(&s.fs, fh, &vec![9u8; 20 << 20]).await;
+        let flushed = s.fs.flush(fh, pid()).await;
+        s.fs.release(fh).await;
+        assert!(written.and(flushed).is_err());
+        assert!(s.faults.injected() >= 2, "the abort failed once");
+        assert_clean(&s).await;
+    });
+}
+
+#[test]
+fn unlinking_a_file_being_streamed_aborts_its_upload() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 5);
+        let (_, fh) = s.fs.create(1, "gone", libc::O_WRONLY, pid()).await.unwrap();
+        write_all(&s.fs, fh, &vec![4u8; 20 << 20]).await.unwrap();
+        assert_eq!(s.mem.open_upload_count(), 1, "parts are on their way");
+        s.fs.unlink(1, "gone").await.unwrap();
+        assert_eq!(s.mem.open_upload_count(), 0, "unlink aborts at once");
+        // Writes after the unlink go nowhere, and do not fail.
+        s.fs.write(fh, 20 << 20, b"more").await.unwrap();
+        s.fs.flush(fh, pid()).await.unwrap();
+        s.fs.release(fh).await;
+        assert!(s.mem.body("gone").is_none());
+        assert_clean(&s).await;
+    });
+}
+
+#[test]
+fn a_dropped_writer_aborts_its_upload() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 6);
+        let store: Arc<dyn ObjectStore> = s.faults.clone();
+        let mut w = super::write::Writer::streaming(
+            store,
+            "dropped".into(),
+            s.fs.cache().clone(),
+            std::env::temp_dir().as_path(),
+            None,
+        );
+        w.write(0, &vec![1u8; 17 << 20]).await.unwrap();
+        assert_eq!(s.mem.open_upload_count(), 1);
+        assert!(s.fs.cache().reserved(ReservationKind::WriteBuffer) > 0);
+        drop(w);
+        assert_clean(&s).await;
+    });
+}
+
+/// Ten processes editing one existing file through one mount, each its own
+/// 16 KiB at its own offset, all at once (`dd conv=notrunc seek=...`): they
+/// share one writer, every edit lands, and no upload fails its If-Match.
+#[test]
+fn concurrent_openers_of_one_file_share_one_writer() {
+    rt().block_on(async {
+        let s = setup(256 << 20, 7);
+        let mut expected: Vec<u8> = (0..25u32 << 20).map(|i| (i % 251) as u8).collect();
+        s.mem.insert("f.bin", expected.clone());
+        // Opening takes a HEAD: slow it down so the openers overlap.
+        s.faults.add(Rule::always("head", Fault::Delay(Duration::from_millis(30))));
+        let ino = s.fs.lookup(1, "f.bin").await.unwrap().ino;
+        let mut tasks = Vec::new();
+        for n in 0..10u64 {
+            let fs = s.fs.clone();
+            let offset = n * (2 << 20) + 12_345;
+            tasks.push(tokio::spawn(async move {
+                let (fh, _) = fs.open(ino, libc::O_WRONLY, pid()).await?;
+                let wrote = fs.write(fh, offset, &[n as u8 + 1; 16 << 10]).await;
+                let flushed = fs.flush(fh, pid()).await;
+                fs.release(fh).await;
+                wrote.and(flushed).map(|_| offset)
+            }));
+        }
+        for (n, t) in tasks.into_iter().enumerate() {
+            let offset = t.await.unwrap().unwrap_or_else(|e| panic!("writer {n} failed: {e}")) as usize;
+            expected[offset..offset + (16 << 10)].fill(n as u8 + 1);
+        }
+        assert!(s.mem.body("f.bin").unwrap() == expected, "every edit is in the object");
+        assert_clean(&s).await;
+    });
+}
+
+/// A writer that finds the budget full waits, then fails with ENOBUFS; once
+/// room comes back, writing works again.
+#[tokio::test(start_paused = true)]
+async fn a_writer_without_room_waits_then_fails_with_enobufs() {
+    let s = setup(16 << 20, 8);
+    let hog = s.fs.cache().reserve_memory(ReservationKind::UploadPart, 16 << 20);
+    let (_, fh) = s.fs.create(1, "small", libc::O_WRONLY, pid()).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let err = s.fs.write(fh, 0, b"hello").await.expect_err("no room");
+    assert_eq!(err.errno(), libc::ENOBUFS);
+    assert!(started.elapsed() >= super::write::ADMISSION_PATIENCE, "it waited first");
+    // Room that comes back while a writer waits lets it through.
+    let fs = s.fs.clone();
+    let waiting = tokio::spawn(async move { fs.write(fh, 0, b"hello").await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(hog);
+    waiting.await.unwrap().unwrap();
+    s.fs.flush(fh, pid()).await.unwrap();
+    s.fs.release(fh).await;
+    assert_eq!(s.mem.body("small").unwrap(), &b"hello"[..]);
+    assert_clean(&s).await;
+}
