@@ -238,3 +238,43 @@ async fn a_writer_without_room_waits_then_fails_with_enobufs() {
     assert_eq!(s.mem.body("small").unwrap(), &b"hello"[..]);
     assert_clean(&s).await;
 }
+
+/// A walk of a large directory, then the kernel forgetting every entry (as
+/// after `echo 2 > /proc/sys/vm/drop_caches`): the inodes go, and so does the
+/// listing once its TTL has passed.
+#[test]
+fn inodes_the_kernel_forgot_are_freed() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 9);
+        for i in 0..20_000 {
+            s.mem.insert(&format!("big/k{i:05}"), &b"x"[..]);
+        }
+        let before = s.fs.inode_count();
+        let dir = s.fs.lookup(1, "big").await.unwrap().ino;
+        let fh = s.fs.opendir(dir).unwrap();
+        let mut remembered = Vec::new();
+        loop {
+            let got = s.fs.readdir(fh, remembered.len() as u64 + 2).await.unwrap();
+            if got.is_empty() {
+                break;
+            }
+            for item in got.iter().filter(|i| i.name != "." && i.name != "..") {
+                remembered.push(s.fs.remember_entry(dir, item).ino);
+            }
+            if remembered.is_empty() {
+                break;
+            }
+        }
+        s.fs.releasedir(fh);
+        assert_eq!(remembered.len(), 20_000);
+        assert!(s.fs.inode_count() >= 20_000);
+        for ino in &remembered {
+            s.fs.forget(*ino, 1);
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        s.fs.sweep_inodes();
+        assert!(s.fs.inode_count() <= before + 1, "{} inodes left", s.fs.inode_count());
+        // Looked up again, a name is found as before.
+        assert_eq!(s.fs.lookup(dir, "k00042").await.unwrap().size, 1);
+    });
+}

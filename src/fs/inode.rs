@@ -109,7 +109,15 @@ pub struct InodeTable {
     inodes: hashbrown::HashMap<u64, Inode>,
     names: hashbrown::HashMap<(u64, String), u64>,
     next: u64,
+    /// Inodes made and kernel lookups forgotten since the last sweep.
+    churn: usize,
+    /// Inodes left after the last sweep.
+    kept: usize,
 }
+
+/// Sweeps are at least this far apart (in inodes made or forgotten), so
+/// their cost stays a small constant per operation.
+const SWEEP_MIN_CHURN: usize = 4096;
 
 /// A borrowed `(parent, name)` key of `InodeTable::names`; hashes like the
 /// owned tuple.
@@ -220,7 +228,42 @@ impl InodeTable {
             },
         );
         self.names.insert((parent, entry.name.clone()), ino);
+        self.churned();
         ino
+    }
+
+    /// Counts one inode made or forgotten, and sweeps once enough have been.
+    fn churned(&mut self) {
+        self.churn += 1;
+        if self.churn >= SWEEP_MIN_CHURN.max(self.kept) {
+            self.sweep(Instant::now());
+        }
+    }
+
+    /// Removes the inodes no kernel lookup holds (made by listings and not
+    /// handed out, or forgotten by the kernel) once their metadata TTL has
+    /// passed, and the directory listings whose TTL has passed: after a walk
+    /// of a large tree, memory goes back to about where it was once the
+    /// kernel drops its caches. Within the TTL they stay, so a listing being
+    /// handed out keeps its inodes; an entry swept from an old `readdir`
+    /// answer is made again by name if the kernel takes it.
+    pub fn sweep(&mut self, now: Instant) {
+        let Self { inodes, names, .. } = self;
+        inodes.retain(|ino, i| {
+            let keep = i.pinned || i.local || i.lookups > 0 || now < i.valid_until;
+            if !keep && names.get(&NameRef(i.parent, &i.name)) == Some(ino) {
+                names.remove(&NameRef(i.parent, &i.name));
+            }
+            keep
+        });
+        for i in inodes.values_mut() {
+            let ttl = i.mount().map(|m| m.ttl).unwrap_or_default();
+            if i.listing.as_ref().is_some_and(|(at, _)| now >= *at + ttl) {
+                i.listing = None;
+            }
+        }
+        self.churn = 0;
+        self.kept = self.inodes.len();
     }
 
     /// Inserts a file created here (not in S3 yet), with one kernel lookup.
@@ -311,6 +354,7 @@ impl InodeTable {
             }
             self.inodes.remove(&ino);
         }
+        self.churned();
     }
 
     /// Detaches `name` from `parent` (it no longer exists on the server).

@@ -1095,18 +1095,27 @@ impl Fs {
                 self.attr_of(table.get(ino).unwrap_or_else(|| unreachable!()))
             }
             _ => {
-                let Some(Loc::Object { mount, key }) = table.get(dir).map(|d| d.loc.clone()) else {
+                let Some(d) = table.get(dir) else { return item.attr.clone() };
+                let Loc::Object { mount, key } = d.loc.clone() else {
                     return item.attr.clone();
                 };
-                let entry = Entry {
-                    name: item.name.clone(),
-                    kind: item.attr.kind,
-                    size: item.attr.size,
-                    etag: None,
-                    mtime: item.attr.mtime,
-                };
-                // No ETag known: the next open revalidates.
-                let ino = table.upsert(dir, &mount, &key, &entry, Instant::now(), true);
+                // Swept since the listing made it: the listing still knows
+                // the object; without it no ETag is known, and the next open
+                // revalidates.
+                let listed = d.listing.as_ref().and_then(|(at, entries)| {
+                    entries.get(&item.name).filter(|e| e.kind == item.attr.kind).map(|e| (e.clone(), *at + mount.ttl))
+                });
+                let (entry, valid_until) = listed.unwrap_or_else(|| {
+                    let entry = Entry {
+                        name: item.name.clone(),
+                        kind: item.attr.kind,
+                        size: item.attr.size,
+                        etag: None,
+                        mtime: item.attr.mtime,
+                    };
+                    (entry, Instant::now())
+                });
+                let ino = table.upsert(dir, &mount, &key, &entry, valid_until, true);
                 self.attr_of(table.get(ino).unwrap_or_else(|| unreachable!()))
             }
         }
@@ -1151,6 +1160,12 @@ impl Fs {
     /// Number of inodes known (for tests and metrics).
     pub fn inode_count(&self) -> usize {
         lock(&self.inodes).len()
+    }
+
+    /// Drops the inodes and listings nothing holds any more (see
+    /// [`inode::InodeTable::sweep`]); runs by itself as inodes come and go.
+    pub fn sweep_inodes(&self) {
+        lock(&self.inodes).sweep(Instant::now());
     }
 
     /// Inodes with a writer now (for tests).
