@@ -18,6 +18,8 @@ mod model_tests;
 mod mutate;
 pub mod namespace;
 pub mod read;
+#[cfg(test)]
+mod stress_tests;
 pub mod write;
 pub mod writers;
 

@@ -490,13 +490,14 @@ impl Fs {
         }
         let (size, local) = lock(&self.inodes).get(ino).map(|i| (i.size, i.local)).unwrap_or((0, false));
         tracing::debug!(local, "rename {src_key} -> {dst_key}");
+        let mut copied = None;
         if local {
             // Created but never written or closed: it only exists here.
             let w = writer.clone().ok_or(FsError::NotFound)?;
             let mut guard = w.writer.lock().await;
             guard.set_key(dst_key.clone());
         } else {
-            self.copy_object(mount, &src_key, &dst_key, size).await?;
+            copied = Some(self.copy_object(mount, &src_key, &dst_key, size).await?);
             match mount.store.delete(&src_key).await {
                 Ok(()) | Err(StoreError::NotFound) => {}
                 Err(e) => {
@@ -517,6 +518,13 @@ impl Fs {
         let (etag, mtime) = match table.get_mut(ino) {
             Some(inode) => {
                 inode.loc = Loc::Object { mount: mount.clone(), key: dst_key };
+                if let Some(etag) = copied.filter(|e| !e.is_empty()) {
+                    inode.etag = Some(etag);
+                    // The kernel's pages are those of the same bytes.
+                    if inode.page_cache != PageCache::Empty {
+                        inode.page_cache = PageCache::Unknown;
+                    }
+                }
                 (inode.etag.clone(), inode.mtime)
             }
             None => (None, SystemTime::now()),
@@ -532,10 +540,11 @@ impl Fs {
         Ok(())
     }
 
-    /// CopyObject, or a multipart copy above 5 GiB.
-    async fn copy_object(&self, mount: &MountPoint, from: &str, to: &str, size: u64) -> Result<()> {
+    /// CopyObject, or a multipart copy above 5 GiB. Returns the copy's ETag:
+    /// a copy of a multipart object does not keep the source's.
+    async fn copy_object(&self, mount: &MountPoint, from: &str, to: &str, size: u64) -> Result<String> {
         let result = if size <= MAX_COPY {
-            mount.store.copy(from, to).await.map(|_| ())
+            mount.store.copy(from, to).await
         } else {
             self.multipart_copy(mount, from, to, size).await
         };
@@ -551,7 +560,7 @@ impl Fs {
         from: &str,
         to: &str,
         size: u64,
-    ) -> std::result::Result<(), StoreError> {
+    ) -> std::result::Result<String, StoreError> {
         let upload = Upload::create(&mount.store, to).await?;
         match self.copy_parts(mount, upload.id(), from, to, size).await {
             Ok(parts) => {
@@ -560,7 +569,7 @@ impl Fs {
                     Ok(_) => upload.completed(),
                     Err(_) => upload.abort().await,
                 }
-                r.map(|_| ())
+                r
             }
             Err(e) => {
                 upload.abort().await;
