@@ -612,25 +612,50 @@ impl Fs {
         Ok(parts)
     }
 
-    /// Waits for every task; logs and returns the first failure.
-    async fn join_all(
+    /// Runs `op` on every object under `prefix`, listed a page at a time,
+    /// at most [`RENAME_CONCURRENCY`] at once. Logs and returns the first
+    /// failure, after the page it happened in; returns how many objects
+    /// there were.
+    async fn for_each_object<'a, F, Fut>(
         &self,
-        tasks: &mut tokio::task::JoinSet<std::result::Result<(), (String, StoreError)>>,
-        mount: &MountPoint,
-        op: &str,
-        context: &str,
-    ) -> Result<()> {
-        let mut first = None;
-        while let Some(r) = tasks.join_next().await {
-            let r = r.unwrap_or_else(|e| Err((context.to_string(), StoreError::Network(e.to_string()))));
-            if let Err((key, e)) = r {
-                self.log_store_error(op, mount, &key, &e);
-                first.get_or_insert(e);
+        mount: &'a MountPoint,
+        prefix: &str,
+        op_name: &str,
+        op: F,
+    ) -> Result<usize>
+    where
+        F: Fn(crate::store::ObjectMeta) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<(), StoreError>> + 'a,
+    {
+        use futures::StreamExt;
+        let mut token = None;
+        let mut count = 0;
+        loop {
+            let page = mount.store.list(prefix, false, token.take(), None).await.inspect_err(|e| {
+                self.log_store_error("list", mount, prefix, e);
+            })?;
+            count += page.objects.len();
+            let mut results = futures::stream::iter(page.objects)
+                .map(|o| {
+                    let key = o.key.clone();
+                    let done = op(o);
+                    async move { done.await.map_err(|e| (key, e)) }
+                })
+                .buffer_unordered(RENAME_CONCURRENCY);
+            let mut first = None;
+            while let Some(r) = results.next().await {
+                if let Err((key, e)) = r {
+                    self.log_store_error(op_name, mount, &key, &e);
+                    first.get_or_insert(e);
+                }
             }
-        }
-        match first {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
+            if let Some(e) = first {
+                return Err(e.into());
+            }
+            match page.next {
+                Some(t) => token = Some(t),
+                None => return Ok(count),
+            }
         }
     }
 
@@ -660,53 +685,36 @@ impl Fs {
         if busy {
             return Err(FsError::Busy);
         }
-        // Every object under the old prefix, then copy all, then delete all.
-        let mut objects = Vec::new();
-        let mut token = None;
-        loop {
-            let page = mount.store.list(&from, false, token.take(), None).await?;
-            objects.extend(page.objects);
-            match page.next {
-                Some(t) => token = Some(t),
-                None => break,
-            }
-        }
-        if objects.is_empty() {
-            mount.store.put(&to, bytes::Bytes::new(), PutCondition::None).await?;
-        }
-        let semaphore = Arc::new(tokio::sync::Semaphore::new(RENAME_CONCURRENCY));
-        let mut tasks: tokio::task::JoinSet<std::result::Result<(), (String, StoreError)>> =
-            tokio::task::JoinSet::new();
-        for o in &objects {
-            let target = format!("{to}{}", &o.key[from.len()..]);
-            let (store, key, size, sem) = (mount.store.clone(), o.key.clone(), o.size, semaphore.clone());
-            tasks.spawn(async move {
-                let _permit = sem.acquire_owned().await;
-                if key.ends_with('/') && size == 0 {
+        // Page by page, copy everything under the old prefix; only once all
+        // is copied, list it again and delete it page by page. A failed copy
+        // leaves the source whole; memory and requests in flight stay
+        // bounded by a page and RENAME_CONCURRENCY, whatever the tree's size.
+        let (from_s, to_s) = (from.as_str(), to.as_str());
+        let copied = self
+            .for_each_object(mount, from_s, "copy", move |o| async move {
+                let target = format!("{to_s}{}", &o.key[from_s.len()..]);
+                if o.key.ends_with('/') && o.size == 0 {
                     // A directory marker: writing a new one is cheaper than a
                     // copy, and some servers cannot copy markers.
-                    store.put(&target, bytes::Bytes::new(), PutCondition::None).await.map(|_| ())
-                } else if size <= MAX_COPY {
-                    store.copy(&key, &target).await.map(|_| ())
+                    mount.store.put(&target, bytes::Bytes::new(), PutCondition::None).await.map(|_| ())
+                } else if o.size <= MAX_COPY {
+                    mount.store.copy(&o.key, &target).await.map(|_| ())
                 } else {
-                    Err(StoreError::InvalidRange)
+                    self.multipart_copy(mount, &o.key, &target, o.size).await.map(|_| ())
                 }
-                .map_err(|e| (key, e))
-            });
+            })
+            .await?;
+        if copied == 0 {
+            mount.store.put(&to, bytes::Bytes::new(), PutCondition::None).await?;
         }
-        self.join_all(&mut tasks, mount, "copy", &from).await?;
-        for o in &objects {
-            let (store, key, sem) = (mount.store.clone(), o.key.clone(), semaphore.clone());
-            tasks.spawn(async move {
-                let _permit = sem.acquire_owned().await;
-                match store.delete(&key).await {
-                    Err(StoreError::NotFound) | Ok(()) => Ok(()),
-                    Err(e) => Err((key, e)),
-                }
-            });
-        }
-        self.join_all(&mut tasks, mount, "delete", &from).await?;
-        info!("renamed {} objects from {from} to {to}", objects.len());
+        self.for_each_object(mount, from_s, "delete", move |o| async move {
+            match mount.store.delete(&o.key).await {
+                Err(StoreError::NotFound) | Ok(()) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await?;
+        info!("renamed {copied} objects from {from} to {to}");
         let parent = lock(&self.inodes).get(ino).map(|i| i.parent).unwrap_or_default();
         self.forget_name(parent, name);
         self.forget_name(newparent, newname);
