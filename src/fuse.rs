@@ -357,18 +357,10 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
         let answer = move |fs: &Fs, items: fs::Result<Vec<Arc<DirItem>>>, mut reply: ReplyDirectory| match items {
             Ok(items) => {
-                let mut fitted = 0;
-                for (i, item) in (offset..).zip(&items) {
-                    let kind = if item.attr.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
-                    if reply.add(INodeNo(item.attr.ino), i + 1, kind, &item.name) {
-                        break;
-                    }
-                    fitted += 1;
-                }
-                fs.readdir_fitted(fh.0, items.len(), fitted);
+                fs.fill_dir(fh.0, ino.0, offset, &items, false, &mut reply);
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e)),
@@ -387,22 +379,11 @@ impl Filesystem for FuseAdapter {
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
         let (fs, this) = (self.fs.clone(), self.attr_maker());
-        let answer = move |fs: &Fs, items: fs::Result<Vec<Arc<DirItem>>>, mut reply: ReplyDirectoryPlus| match items {
+        let answer = move |fs: &Fs, items: fs::Result<Vec<Arc<DirItem>>>, reply: ReplyDirectoryPlus| match items {
             Ok(items) => {
-                let mut fitted = 0;
-                for (i, item) in (offset..).zip(&items) {
-                    let attr = fs.remember_entry(ino.0, item);
-                    if reply.add(INodeNo(attr.ino), i + 1, &item.name, &attr.ttl, &this(&attr), Generation(0)) {
-                        // Did not fit: the kernel never saw it.
-                        if item.name != "." && item.name != ".." {
-                            fs.forget(attr.ino, 1);
-                        }
-                        break;
-                    }
-                    fitted += 1;
-                }
-                fs.readdir_fitted(fh.0, items.len(), fitted);
-                reply.ok()
+                let mut plus = PlusReply { reply, attr: &this };
+                fs.fill_dir(fh.0, ino.0, offset, &items, true, &mut plus);
+                plus.reply.ok()
             }
             Err(e) => reply.error(errno(&e)),
         };
@@ -444,5 +425,25 @@ impl FuseAdapter {
     fn attr_maker(&self) -> impl Fn(&Attr) -> FileAttr + Send + 'static {
         let fs = self.fs.clone();
         move |a| file_attr(fs.settings(), a)
+    }
+}
+
+impl fs::reply::DirReply for ReplyDirectory {
+    fn add(&mut self, next: u64, item: &DirItem, attr: &Attr) -> bool {
+        let kind = if attr.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
+        // fuser's `add` says whether the buffer is full.
+        !ReplyDirectory::add(self, INodeNo(attr.ino), next, kind, &item.name)
+    }
+}
+
+/// A READDIRPLUS reply and how to turn attributes into the kernel's.
+struct PlusReply<'a, F: Fn(&Attr) -> FileAttr> {
+    reply: ReplyDirectoryPlus,
+    attr: &'a F,
+}
+
+impl<F: Fn(&Attr) -> FileAttr> fs::reply::DirReply for PlusReply<'_, F> {
+    fn add(&mut self, next: u64, item: &DirItem, attr: &Attr) -> bool {
+        !self.reply.add(INodeNo(attr.ino), next, &item.name, &attr.ttl, &(self.attr)(attr), Generation(0))
     }
 }

@@ -18,6 +18,7 @@ mod model_tests;
 mod mutate;
 pub mod namespace;
 pub mod read;
+pub mod reply;
 #[cfg(test)]
 mod stress_tests;
 pub mod write;
@@ -916,11 +917,39 @@ impl Fs {
         Self::listed_from(&listed, offset, batch).unwrap_or_else(|| Ok(Vec::new()))
     }
 
+    /// Adds `items` (a batch from [`Self::readdir`], starting at `offset`)
+    /// to `reply` until it is full. With `plus` (READDIRPLUS), each entry
+    /// the kernel takes counts a lookup of its inode. Then records how many
+    /// fitted, so the next batch holds about as many.
+    pub fn fill_dir(
+        &self,
+        fh: u64,
+        dir: u64,
+        offset: u64,
+        items: &[Arc<DirItem>],
+        plus: bool,
+        reply: &mut dyn reply::DirReply,
+    ) {
+        let mut fitted = 0;
+        for (next, item) in (offset + 1..).zip(items) {
+            let attr = if plus { self.remember_entry(dir, item) } else { item.attr.clone() };
+            if !reply.add(next, item, &attr) {
+                // Did not fit: the kernel never saw it.
+                if plus && item.name != "." && item.name != ".." {
+                    self.forget(attr.ino, 1);
+                }
+                break;
+            }
+            fitted += 1;
+        }
+        self.readdir_fitted(fh, items.len(), fitted);
+    }
+
     /// Tells handle `fh` how many of the `given` entries of a `readdir`
     /// answer fitted into the kernel's buffer, so the next answer holds about
     /// as many: entries that do not fit are looked up for nothing. The batch
     /// doubles while answers fit, but not past what fitted when one did not.
-    pub fn readdir_fitted(&self, fh: u64, given: usize, fitted: usize) {
+    fn readdir_fitted(&self, fh: u64, given: usize, fitted: usize) {
         if let Some(h) = lock(&self.dirs).get_mut(&fh) {
             if fitted < given {
                 h.batch = fitted.max(1);
