@@ -64,6 +64,14 @@ pub struct CompletedPart {
     pub etag: String,
 }
 
+/// A multipart upload that was created and neither completed nor aborted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenUpload {
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: SystemTime,
+}
+
 /// Why a store operation failed. Mapped to an errno at the FUSE edge only.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
@@ -167,6 +175,14 @@ pub trait ObjectStore: Send + Sync + 'static {
     ) -> Result<String, StoreError>;
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StoreError>;
+
+    /// Every multipart upload under `prefix` that is still open (created, and
+    /// neither completed nor aborted), all pages, ordered by key. A store that
+    /// cannot tell answers with a 501 server error.
+    async fn list_multipart_uploads(&self, prefix: &str) -> Result<Vec<OpenUpload>, StoreError> {
+        let _ = prefix;
+        Err(StoreError::Server { status: 501, message: "this store cannot list multipart uploads".into() })
+    }
 }
 
 /// Reads a whole body stream into one buffer.
