@@ -43,20 +43,26 @@
 //! `--request-timeout`, when given, replaces all of these attempt bounds with
 //! one (the behaviour before the split).
 //!
+//! Retries use the SDK's standard retry with its 2.1 backoff: 50 ms × 2^n,
+//! jittered, before retrying a timeout or a 5xx (1 s × 2^n for throttling).
 //! With the defaults, a frozen server fails a request after at most
-//! 4 attempts × 5 s + backoff before attempts 2, 3 and 4 (jittered, at most
-//! 1 + 2 + 4 s) = 27 s; a server that drops connection attempts after at most
-//! 4 × 3 s + 7 s = 19 s. A lookup runs its HEAD and LIST concurrently, and a
-//! read is one GET, so a `cat` on a frozen server gets `EIO` within about
-//! 27 s. A body that stops mid-way fails after 10 s of silence (a GET body is
-//! not retried: the reader gets `EIO` and the next read asks again).
+//! 4 attempts × 5 s + (50 + 100 + 200) ms = 20.4 s; a server that drops
+//! connection attempts after 4 × 3 s + 0.35 s = 12.4 s. A request that timed
+//! out in every attempt marks the server silent, and until it answers
+//! something, requests get one attempt (5 s). That matters because one
+//! operation may be several requests in a row: a lookup sends its HEAD and
+//! LIST at once, but when revalidating a cached name fails the kernel looks
+//! the name up a second time. So a `cat` on a frozen server gets `EIO` within
+//! 20.4 s + 5 s = 25.4 s. A body that stops mid-way fails after 10 s of
+//! silence (a GET body is not retried: the reader gets `EIO` and the next
+//! read asks again).
 //!
 //! Credentials come from the standard AWS chain, or from key files (or
 //! literals) given by the user. Key files are re-read when a request is
 //! denied, so a rotated Kubernetes Secret works without a restart.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -75,7 +81,7 @@ use aws_smithy_runtime_api::client::interceptors::context::BeforeDeserialization
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::body::SdkBody;
 use aws_smithy_types::config_bag::ConfigBag;
-use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::retry::{RetryConfig, RetrySpec};
 use aws_smithy_types::timeout::TimeoutConfig;
 use bytes::Bytes;
 use tracing::{info, warn};
@@ -118,14 +124,19 @@ fn attempt_timeout(settings: &S3Settings, bound: Bound) -> Option<Duration> {
     })
 }
 
-/// A per-request config override that sets the attempt bound for `bound`
-/// when it differs from the client's (the quick one).
-fn longer_attempt(settings: &S3Settings, bound: Bound) -> aws_sdk_s3::config::Builder {
-    let mut b = aws_sdk_s3::config::Builder::default();
-    if let Some(t) = attempt_timeout(settings, bound) {
-        b = b.timeout_config(TimeoutConfig::builder().operation_attempt_timeout(t).build());
-    }
-    b
+/// How a request ended when the server sent nothing in time: the start of
+/// the message of [`StoreError::Network`] for attempt and connect timeouts.
+const TIMED_OUT: &str = "request timed out";
+
+fn timed_out(e: &StoreError) -> bool {
+    matches!(e, StoreError::Network(m) if m.starts_with(TIMED_OUT))
+}
+
+/// The retry policy: the SDK's standard retry with its 2.1 backoff, which
+/// waits 50 ms × 2^n (jittered) before retrying a timeout or a 5xx, and
+/// 1 s × 2^n before retrying throttling (503 SlowDown).
+fn retry_config(max_attempts: u32) -> RetryConfig {
+    RetryConfig::standard().with_retry_spec(RetrySpec::v2_1()).with_max_attempts(max_attempts)
 }
 
 /// Why a response body could not be read to its end.
@@ -180,6 +191,9 @@ pub struct S3Store {
     /// Keys asked for per LIST page when the caller sets no limit; drops to
     /// S3's 1,000 if the server rejects more.
     page_keys: AtomicI32,
+    /// Set when a request timed out in every attempt; cleared by any answer
+    /// from the server. While set, requests get one attempt (see `op_config`).
+    silent: AtomicBool,
 }
 
 /// Keys asked for per LIST page. AWS S3, MinIO and most servers answer at
@@ -200,7 +214,28 @@ impl S3Store {
             client: RwLock::new((client, 0)),
             keys: tokio::sync::Mutex::new(keys),
             page_keys: AtomicI32::new(LIST_PAGE_KEYS),
+            silent: AtomicBool::new(false),
         })
+    }
+
+    /// The per-request config: the attempt bound of `bound` when it is not
+    /// the client's (quick) one, and a single attempt while the server is
+    /// silent. A server that let a request time out in every attempt is not
+    /// given the full round of attempts again until it answers something:
+    /// the kernel asks twice when revalidating a cached name fails, and a
+    /// walk of a tree asks once per entry, so a frozen server would otherwise
+    /// cost the whole retry budget again for each.
+    fn op_config(&self, bound: Bound) -> aws_sdk_s3::config::Builder {
+        let mut b = aws_sdk_s3::config::Builder::default();
+        if !matches!(bound, Bound::Quick)
+            && let Some(t) = attempt_timeout(&self.settings, bound)
+        {
+            b = b.timeout_config(TimeoutConfig::builder().operation_attempt_timeout(t).build());
+        }
+        if self.silent.load(Ordering::Relaxed) {
+            b = b.retry_config(retry_config(1));
+        }
+        b
     }
 
     fn client(&self) -> (Client, u64) {
@@ -254,6 +289,19 @@ impl S3Store {
         let started = std::time::Instant::now();
         let result = op(client).await;
         crate::metrics::record_request(name, started, &result);
+        match &result {
+            Err(e) if timed_out(e) => {
+                if !self.silent.swap(true, Ordering::Relaxed) {
+                    warn!(bucket = %self.bucket, "the server sent nothing in time; one attempt per request until it answers");
+                }
+            }
+            Err(StoreError::Network(_)) => {}
+            _ => {
+                if self.silent.swap(false, Ordering::Relaxed) {
+                    info!(bucket = %self.bucket, "the server answers again");
+                }
+            }
+        }
         match result {
             Err(StoreError::AccessDenied(_)) if self.reload_keys(generation).await => {
                 let started = std::time::Instant::now();
@@ -297,7 +345,7 @@ async fn build_client(settings: &S3Settings, keys: Option<(String, String)>) -> 
         .force_path_style(settings.path_style)
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-        .retry_config(RetryConfig::standard().with_max_attempts(settings.max_attempts))
+        .retry_config(retry_config(settings.max_attempts))
         .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
     let mut timeouts = TimeoutConfig::builder();
     if !settings.connect_timeout.is_zero() {
@@ -355,7 +403,10 @@ where
                 },
             }
         }
-        SdkError::TimeoutError(_) => StoreError::Network("request timed out".to_string()),
+        SdkError::TimeoutError(_) => StoreError::Network(TIMED_OUT.to_string()),
+        SdkError::DispatchFailure(e) if e.is_timeout() => {
+            StoreError::Network(format!("{TIMED_OUT}: {}", error_chain(&err)))
+        }
         _ => StoreError::Network(error_chain(&err)),
     }
 }
@@ -432,7 +483,15 @@ impl ObjectStore for S3Store {
     async fn check_bucket(&self) -> Result<(), StoreError> {
         self.call("list", |c| async move {
             // HEAD cannot tell a missing bucket from other 404s, so list one key.
-            c.list_objects_v2().bucket(&self.bucket).max_keys(1).send().await.map(|_| ()).map_err(map_err)
+            c.list_objects_v2()
+                .bucket(&self.bucket)
+                .max_keys(1)
+                .customize()
+                .config_override(self.op_config(Bound::Quick))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(map_err)
         })
         .await
     }
@@ -462,6 +521,7 @@ impl ObjectStore for S3Store {
                             .set_continuation_token(token.clone())
                             .set_max_keys(max_keys)
                             .customize()
+                            .config_override(self.op_config(Bound::Quick))
                             .interceptor(taken.clone())
                             .send()
                             .await
@@ -500,9 +560,16 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
-        let out =
-            self.call("head", |c| async move {
-                c.head_object().bucket(&self.bucket).key(key).send().await.map_err(map_err)
+        let out = self
+            .call("head", |c| async move {
+                c.head_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .customize()
+                    .config_override(self.op_config(Bound::Quick))
+                    .send()
+                    .await
+                    .map_err(map_err)
             })
             .await?;
         Ok(ObjectMeta {
@@ -525,6 +592,8 @@ impl ObjectStore for S3Store {
                     .key(key)
                     .range(format!("bytes={}-{}", start, end - 1))
                     .set_if_match(etag.map(str::to_string))
+                    .customize()
+                    .config_override(self.op_config(Bound::Quick))
                     .send()
                     .await
                     .map_err(map_err)
@@ -548,7 +617,7 @@ impl ObjectStore for S3Store {
             .call("put", |c| {
                 let body = body.clone();
                 let cond = cond.clone();
-                let upload_bound = longer_attempt(&self.settings, bound);
+                let upload_bound = self.op_config(bound);
                 async move {
                     let mut req = c.put_object().bucket(&self.bucket).key(key).body(ByteStream::from(body));
                     req = match cond {
@@ -565,7 +634,15 @@ impl ObjectStore for S3Store {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.call("delete", |c| async move {
-            c.delete_object().bucket(&self.bucket).key(key).send().await.map(|_| ()).map_err(map_err)
+            c.delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .customize()
+                .config_override(self.op_config(Bound::Quick))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(map_err)
         })
         .await
     }
@@ -578,7 +655,7 @@ impl ObjectStore for S3Store {
                     .key(to)
                     .copy_source(self.copy_source(from))
                     .customize()
-                    .config_override(longer_attempt(&self.settings, Bound::SlowAnswer))
+                    .config_override(self.op_config(Bound::SlowAnswer))
                     .send()
                     .await
                     .map_err(map_err)
@@ -590,7 +667,14 @@ impl ObjectStore for S3Store {
     async fn create_multipart(&self, key: &str) -> Result<String, StoreError> {
         let out = self
             .call("create_multipart", |c| async move {
-                c.create_multipart_upload().bucket(&self.bucket).key(key).send().await.map_err(map_err)
+                c.create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .customize()
+                    .config_override(self.op_config(Bound::Quick))
+                    .send()
+                    .await
+                    .map_err(map_err)
             })
             .await?;
         out.upload_id()
@@ -617,7 +701,7 @@ impl ObjectStore for S3Store {
                         .part_number(number)
                         .body(ByteStream::from(body))
                         .customize()
-                        .config_override(longer_attempt(&self.settings, bound))
+                        .config_override(self.op_config(bound))
                         .send()
                         .await
                         .map_err(map_err)
@@ -646,7 +730,7 @@ impl ObjectStore for S3Store {
                     .copy_source(self.copy_source(from))
                     .copy_source_range(format!("bytes={}-{}", start, end - 1))
                     .customize()
-                    .config_override(longer_attempt(&self.settings, Bound::SlowAnswer))
+                    .config_override(self.op_config(Bound::SlowAnswer))
                     .send()
                     .await
                     .map_err(map_err)
@@ -683,11 +767,7 @@ impl ObjectStore for S3Store {
                         PutCondition::IfAbsent => req.if_none_match("*"),
                         PutCondition::IfMatch(e) => req.if_match(e),
                     };
-                    req.customize()
-                        .config_override(longer_attempt(&self.settings, Bound::SlowAnswer))
-                        .send()
-                        .await
-                        .map_err(map_err)
+                    req.customize().config_override(self.op_config(Bound::SlowAnswer)).send().await.map_err(map_err)
                 }
             })
             .await?;
@@ -700,6 +780,8 @@ impl ObjectStore for S3Store {
                 .bucket(&self.bucket)
                 .key(key)
                 .upload_id(upload_id)
+                .customize()
+                .config_override(self.op_config(Bound::Quick))
                 .send()
                 .await
                 .map(|_| ())
@@ -722,6 +804,8 @@ impl ObjectStore for S3Store {
                             .prefix(prefix)
                             .set_key_marker(key_marker)
                             .set_upload_id_marker(id_marker)
+                            .customize()
+                            .config_override(self.op_config(Bound::Quick))
                             .send()
                             .await
                             .map_err(map_err)
@@ -744,6 +828,7 @@ impl ObjectStore for S3Store {
             }
             markers = next;
         }
+        open.sort_by(|a, b| (&a.key, a.initiated).cmp(&(&b.key, b.initiated)));
         Ok(open)
     }
 }
