@@ -1,10 +1,14 @@
 //! `bucketfs check`: walks through what a mount needs, step by step, and says
 //! for every failed step what to fix. Meant for the Fluid admin debugging a
 //! profile, and for anyone whose mount does not come up.
+//!
+//! `bucketfs check --abort-incomplete-uploads` is the clean-up side: it
+//! lists the multipart uploads under a prefix that were never completed or
+//! aborted (the bucket owner pays for their parts) and aborts the old ones.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::mount::{FSNAME, explain_check_failure, mounts_at};
 use crate::spec::{CredentialSource, MountSpec};
@@ -142,5 +146,157 @@ pub fn check_local(report: &mut Report, mountpoint: &Path) {
             format!("{} does not exist and neither does its parent", mountpoint.display()),
             "create the directory, or check targetPath and the hostPath volume of the FUSE pod",
         );
+    }
+}
+
+/// What [`abort_incomplete_uploads`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AbortSummary {
+    /// Open uploads found under the prefix.
+    pub found: usize,
+    pub aborted: usize,
+    /// Younger than the bound (or all of them, in a dry run).
+    pub kept: usize,
+    /// Aborts that failed.
+    pub failed: usize,
+}
+
+/// How many aborts are sent at once.
+const ABORT_CONCURRENCY: usize = 8;
+
+/// Lists the open multipart uploads under `prefix`, writes one line per
+/// upload to `out` (key, age, what was done) and aborts those started more
+/// than `older_than` before `now`, unless `dry_run`. Ends with a summary line.
+/// An error is returned only when the listing itself fails.
+pub async fn abort_incomplete_uploads(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    older_than: Duration,
+    dry_run: bool,
+    now: SystemTime,
+    out: &mut dyn std::io::Write,
+) -> Result<AbortSummary, StoreError> {
+    use futures::StreamExt;
+    let uploads = store.list_multipart_uploads(prefix).await?;
+    let mut summary = AbortSummary { found: uploads.len(), ..AbortSummary::default() };
+    let age_of = |u: &crate::store::OpenUpload| now.duration_since(u.initiated).unwrap_or(Duration::ZERO);
+    let results: Vec<_> = futures::stream::iter(uploads.iter())
+        .map(|u| async move {
+            let age = age_of(u);
+            if dry_run || age < older_than { None } else { Some(store.abort_multipart(&u.key, &u.upload_id).await) }
+        })
+        .buffered(ABORT_CONCURRENCY)
+        .collect()
+        .await;
+    for (u, result) in uploads.iter().zip(results) {
+        let age = humantime::format_duration(Duration::from_secs(age_of(u).as_secs()));
+        let what = match result {
+            None if dry_run => {
+                summary.kept += 1;
+                if age_of(u) < older_than { "keep (younger)" } else { "would abort" }.to_string()
+            }
+            None => {
+                summary.kept += 1;
+                "keep (younger)".to_string()
+            }
+            // Gone already (completed or aborted meanwhile) is what was wanted.
+            Some(Ok(())) | Some(Err(StoreError::NotFound)) => {
+                summary.aborted += 1;
+                "aborted".to_string()
+            }
+            Some(Err(e)) => {
+                summary.failed += 1;
+                format!("FAILED: {e}")
+            }
+        };
+        let _ = writeln!(out, "{what:<14} {}  age {age}  upload id {}", u.key, u.upload_id);
+    }
+    let bound = humantime::format_duration(older_than);
+    let _ = writeln!(
+        out,
+        "{} incomplete upload(s) under {:?}: {} aborted, {} kept ({}), {} failed",
+        summary.found,
+        prefix,
+        summary.aborted,
+        summary.kept,
+        if dry_run { "dry run".to_string() } else { format!("younger than {bound}") },
+        summary.failed
+    );
+    Ok(summary)
+}
+
+/// `bucketfs check --abort-incomplete-uploads` for one mount: returns false
+/// when the listing or an abort failed.
+pub async fn abort_incomplete_uploads_of(spec: &MountSpec, older_than: Duration, dry_run: bool) -> bool {
+    let store = match S3Store::new(&spec.source.bucket, spec.s3.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bucketfs check: {}: {e:#}", spec.source);
+            return false;
+        }
+    };
+    if older_than.is_zero() && !dry_run {
+        eprintln!(
+            "warning: --older-than 0 aborts every open upload under {}, including those a running mount is \
+             still sending (those files then fail to save with EIO)",
+            spec.source
+        );
+    }
+    let mut out = std::io::stdout();
+    match abort_incomplete_uploads(&store, &spec.source.prefix, older_than, dry_run, SystemTime::now(), &mut out).await
+    {
+        Ok(summary) => summary.failed == 0,
+        Err(e) => {
+            let fix = match e {
+                StoreError::AccessDenied(_) => " (allow s3:ListBucketMultipartUploads and s3:AbortMultipartUpload)",
+                _ => "",
+            };
+            eprintln!("bucketfs check: listing the multipart uploads under {} failed: {e}{fix}", spec.source);
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    #[tokio::test]
+    async fn aborts_old_uploads_under_the_prefix_and_keeps_young_ones() {
+        let store = MemoryStore::new();
+        let now = SystemTime::now();
+        let day = Duration::from_secs(24 * 3600);
+        let old = store.create_multipart("p/old").await.unwrap();
+        store.set_upload_initiated(&old, now - 2 * day);
+        let young = store.create_multipart("p/young").await.unwrap();
+        store.set_upload_initiated(&young, now - Duration::from_secs(60));
+        let other = store.create_multipart("q/old").await.unwrap();
+        store.set_upload_initiated(&other, now - 2 * day);
+        let done = store.create_multipart("p/done").await.unwrap();
+        store.complete_multipart("p/done", &done, Vec::new(), Default::default()).await.unwrap();
+
+        let mut out = Vec::new();
+        let dry = abort_incomplete_uploads(&store, "p/", day, true, now, &mut out).await.unwrap();
+        assert_eq!(dry, AbortSummary { found: 2, aborted: 0, kept: 2, failed: 0 });
+        assert_eq!(store.open_uploads().len(), 3);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("would abort    p/old  age 2days"), "{text}");
+
+        let mut out = Vec::new();
+        let s = abort_incomplete_uploads(&store, "p/", day, false, now, &mut out).await.unwrap();
+        assert_eq!(s, AbortSummary { found: 2, aborted: 1, kept: 1, failed: 0 });
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("aborted        p/old"), "{text}");
+        assert!(text.contains("keep (younger) p/young  age 1m"), "{text}");
+        assert!(text.contains("2 incomplete upload(s) under \"p/\": 1 aborted, 1 kept (younger than 1day), 0 failed"));
+        assert_eq!(
+            store.open_uploads(),
+            vec![("p/young".to_string(), young.clone()), ("q/old".to_string(), other.clone())]
+        );
+
+        let s = abort_incomplete_uploads(&store, "", Duration::ZERO, false, now, &mut Vec::new()).await.unwrap();
+        assert_eq!(s, AbortSummary { found: 2, aborted: 2, kept: 0, failed: 0 });
+        assert!(store.open_uploads().is_empty());
     }
 }

@@ -54,6 +54,15 @@ pub struct CheckArgs {
     /// The directory you would mount on (SOURCE mode).
     #[arg(long)]
     pub mountpoint: Option<PathBuf>,
+    /// Instead of the checks: list the multipart uploads under the prefix that were never completed or aborted, and abort those older than --older-than.
+    #[arg(long)]
+    pub abort_incomplete_uploads: bool,
+    /// With --abort-incomplete-uploads: abort only uploads started longer ago than this, e.g. 1d, 6h; 0 aborts all, including uploads a running mount is still sending.
+    #[arg(long, default_value = "1d", value_parser = spec::parse_duration, requires = "abort_incomplete_uploads")]
+    pub older_than: std::time::Duration,
+    /// With --abort-incomplete-uploads: list only, abort nothing.
+    #[arg(long, requires = "abort_incomplete_uploads")]
+    pub dry_run: bool,
     #[command(flatten)]
     pub s3: S3Args,
 }
@@ -112,9 +121,18 @@ pub struct S3Args {
     /// PEM file with extra CA certificates to trust for HTTPS endpoints.
     #[arg(long)]
     pub ca_bundle: Option<PathBuf>,
-    /// Timeout of one request attempt, e.g. 20s.
-    #[arg(long, default_value = "20s", value_parser = spec::parse_duration)]
-    pub request_timeout: std::time::Duration,
+    /// Bound on opening a connection, per attempt (0: none).
+    #[arg(long, default_value = "3s", value_parser = spec::parse_duration)]
+    pub connect_timeout: std::time::Duration,
+    /// Bound on one attempt up to the response headers, connecting included (0: none); uploads, copies and completing a multipart upload get longer bounds.
+    #[arg(long, default_value = "5s", value_parser = spec::parse_duration)]
+    pub first_byte_timeout: std::time::Duration,
+    /// A response body that sends no byte for this long fails (0: none); a body that keeps moving is never cut.
+    #[arg(long, default_value = "10s", value_parser = spec::parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// One bound on every attempt of every request, uploads included, instead of the first-byte timeout and the bounds derived from it, e.g. 20s.
+    #[arg(long, value_parser = spec::parse_duration)]
+    pub request_timeout: Option<std::time::Duration>,
     /// Attempts per request, including the first (retries back off with jitter).
     #[arg(long, default_value_t = spec::DEFAULT_MAX_ATTEMPTS)]
     pub max_attempts: u32,
@@ -136,6 +154,9 @@ impl S3Args {
             region: self.region.clone(),
             ca_bundle: self.ca_bundle.clone(),
             credentials,
+            connect_timeout: self.connect_timeout,
+            first_byte_timeout: self.first_byte_timeout,
+            idle_timeout: self.idle_timeout,
             request_timeout: self.request_timeout,
             max_attempts: self.max_attempts.max(1),
         }

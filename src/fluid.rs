@@ -175,8 +175,17 @@ const ENDPOINT_KEYS: [&str; 4] = ["minio-url", "endpoint", "url", "endpoint-url"
 const CREDENTIAL_PAIRS: [(&str, &str); 3] =
     [("minio-access-key", "minio-access-secret"), ("access-key", "secret-key"), ("access-key-id", "secret-access-key")];
 const TTL_KEYS: [&str; 3] = ["metadata-ttl", "attr-timeout", "stat-cache-ttl"];
-const MOUNT_KEYS: [&str; 6] =
-    ["region", "path-style", "force-path-style", "ca-bundle", "request-timeout", "max-attempts"];
+const MOUNT_KEYS: [&str; 9] = [
+    "region",
+    "path-style",
+    "force-path-style",
+    "ca-bundle",
+    "connect-timeout",
+    "first-byte-timeout",
+    "idle-timeout",
+    "request-timeout",
+    "max-attempts",
+];
 const FS_KEYS: [&str; 10] = [
     "uid",
     "gid",
@@ -301,7 +310,12 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
                 "region" => s3.region = Some(v.trim().to_string()).filter(|r| !r.is_empty()),
                 "path-style" | "force-path-style" => s3.path_style = flag(&field, v)?,
                 "ca-bundle" => s3.ca_bundle = Some(PathBuf::from(v.trim())),
-                "request-timeout" => s3.request_timeout = spec::parse_duration(v).with_context(|| field.clone())?,
+                "connect-timeout" => s3.connect_timeout = spec::parse_duration(v).with_context(|| field.clone())?,
+                "first-byte-timeout" => {
+                    s3.first_byte_timeout = spec::parse_duration(v).with_context(|| field.clone())?
+                }
+                "idle-timeout" => s3.idle_timeout = spec::parse_duration(v).with_context(|| field.clone())?,
+                "request-timeout" => s3.request_timeout = Some(spec::parse_duration(v).with_context(|| field.clone())?),
                 "max-attempts" => {
                     s3.max_attempts = v.trim().parse::<u32>().with_context(|| format!("{field}: not a number"))?.max(1)
                 }

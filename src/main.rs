@@ -183,6 +183,20 @@ fn run_check(args: CheckArgs) -> i32 {
             return 1;
         }
     };
+    if args.abort_incomplete_uploads {
+        if !report.ok() {
+            println!("{}", report.text());
+            return 1;
+        }
+        let ok = rt.block_on(async {
+            let mut ok = true;
+            for spec in &specs {
+                ok &= bucketfs::check::abort_incomplete_uploads_of(spec, args.older_than, args.dry_run).await;
+            }
+            ok
+        });
+        return if ok { 0 } else { 1 };
+    }
     rt.block_on(async {
         for spec in &specs {
             check_mount(&mut report, spec, args.write_test).await;

@@ -19,9 +19,15 @@ pub const DEFAULT_MEMORY_LIMIT: u64 = 512 << 20;
 /// Kernel readahead of the mount (`--read-ahead`): sequential reads arrive as
 /// FUSE requests of up to this size (the kernel's own default is 128 KiB).
 pub const DEFAULT_READ_AHEAD: u64 = 1 << 20;
-/// Default per-attempt request timeout: long enough for an 8 MiB part on a
-/// slow link, short enough that a frozen server gives EIO in bounded time.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default bound on opening a TCP (and TLS) connection, per attempt.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default bound on one attempt of a request up to the response headers
+/// (connecting included), for requests without a large body. Uploads, copies
+/// and CompleteMultipartUpload get longer bounds; see `store::s3`.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default bound on a pause in a response body: no byte for this long ends
+/// the read. A body that keeps moving is never cut, however long it takes.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default attempts per request (the first try plus retries).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
 
@@ -163,7 +169,13 @@ pub struct S3Settings {
     pub path_style: bool,
     pub ca_bundle: Option<PathBuf>,
     pub credentials: CredentialSource,
-    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// When set, the one bound on every attempt of every request (uploads,
+    /// copies and CompleteMultipartUpload included), instead of the first-byte
+    /// timeout and the longer bounds derived from it.
+    pub request_timeout: Option<Duration>,
     pub max_attempts: u32,
 }
 
@@ -175,7 +187,10 @@ impl Default for S3Settings {
             path_style: false,
             ca_bundle: None,
             credentials: CredentialSource::Chain,
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            request_timeout: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
         }
     }

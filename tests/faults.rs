@@ -480,3 +480,100 @@ fn a_broken_list_reply_is_retried_then_an_error_never_a_short_listing() {
     assert_eq!(proxy.stats().errors_in_200, 2);
     assert!(m.log_text().contains("InternalError"), "{}", m.log_text());
 }
+
+/// At default settings, a frozen server (connections accepted, no byte ever
+/// sent) gives `EIO` in bounded time: 4 attempts of 5 s to the first byte plus
+/// at most 0.35 s of backoff is 20.4 s per request, and once a request has
+/// timed out in every attempt, further ones get one attempt until the server
+/// answers (the kernel looks a name up twice when revalidating it fails). The
+/// bound asserted here is a hang detector only; the figures are printed.
+#[test]
+fn a_frozen_server_gives_eio_in_bounded_time_at_defaults() {
+    let srv = server();
+    let bucket = srv.bucket("frozen-defaults");
+    srv.put_many(
+        &bucket,
+        vec![
+            ("d/listed.bin".to_string(), pattern(1 << 20, 41)),
+            ("d/other.bin".to_string(), pattern(1 << 20, 42)),
+            ("fresh.bin".to_string(), pattern(1 << 20, 43)),
+        ],
+    );
+    let proxy = Proxy::start(upstream());
+    let mut took = Vec::new();
+    let mut fails = |m: &Mount, what: &str, rel: &str| {
+        let (ok, _, err, t) = run_timed(&format!("cat {} > /dev/null", m.path(rel).display()));
+        eprintln!("frozen server at defaults: {what}: failed={} after {:.1}s: {}", !ok, t.as_secs_f64(), err.trim());
+        assert!(!ok && err.contains("Input/output error"), "{what}: ok={ok} {err}\n{}", m.log_text());
+        assert!(t < Duration::from_secs(60), "{what}: took {t:?}\n{}", m.log_text());
+        took.push((what.to_string(), Duration::from_millis(t.as_millis() as u64)));
+    };
+    // A name the mount has seen (its revalidation fails, so the kernel asks
+    // twice), then, with the server known silent, another one.
+    {
+        let m = Mount::start_via(&proxy.endpoint(), &bucket, &[]);
+        let (ok, out, err, _) = run_timed(&format!("ls {}", m.path("d").display()));
+        assert!(ok && out == "listed.bin\nother.bin\n", "{out} {err}");
+        proxy.set_mode(Mode::Freeze);
+        fails(&m, "cat d/listed.bin, listed before the freeze", "d/listed.bin");
+        fails(&m, "cat d/other.bin, after the first failure", "d/other.bin");
+        proxy.set_mode(Mode::Pass);
+        let (ok, out, _, _) = run_timed(&format!("sha256sum < {}", m.path("d/listed.bin").display()));
+        assert!(ok && out == format!("{}  -\n", sha256(&pattern(1 << 20, 41))), "no recovery: {}", m.log_text());
+    }
+    // A name never looked up: one lookup (HEAD and LIST at once).
+    {
+        let m = Mount::start_via(&proxy.endpoint(), &bucket, &[]);
+        proxy.set_mode(Mode::Freeze);
+        fails(&m, "cat fresh.bin, never looked up", "fresh.bin");
+        proxy.set_mode(Mode::Pass);
+    }
+    eprintln!("time to EIO at defaults: {took:?}; proxy {:?}", proxy.stats());
+}
+
+/// A body that keeps moving is never cut, however long it takes: each piece
+/// comes well within the idle timeout (10 s), while a whole 128 KiB block
+/// takes longer than the idle and first-byte timeouts together.
+#[test]
+fn a_slow_but_moving_body_is_read_whole() {
+    let srv = server();
+    let bucket = srv.bucket("trickle");
+    let want = pattern(192 << 10, 43);
+    srv.put(&bucket, "slow.bin", want.clone());
+    let proxy = Proxy::start(upstream());
+    let m = Mount::start_via(&proxy.endpoint(), &bucket, &[]);
+    assert_eq!(std::fs::metadata(m.path("slow.bin")).unwrap().len(), want.len() as u64);
+    // 8 KiB a second: 16 s for a 128 KiB block, 24 s for the file.
+    proxy.set_mode(Mode::Trickle { bytes: 8 << 10, every: Duration::from_secs(1) });
+    let start = Instant::now();
+    let got = std::fs::read(m.path("slow.bin"));
+    let took = start.elapsed();
+    proxy.set_mode(Mode::Pass);
+    eprintln!("slow body: {} bytes in {:.1}s", want.len(), took.as_secs_f64());
+    let got = got.unwrap_or_else(|e| panic!("reading a slow but moving body failed: {e}\n{}", m.log_text()));
+    assert!(got == want, "wrong bytes");
+    assert!(took > Duration::from_secs(15), "the body was not slowed: {took:?}");
+}
+
+/// An upload on a slow link is not cut by the first-byte timeout: the attempt
+/// bound of a PUT grows with its body.
+#[test]
+fn a_slow_upload_is_not_cut_by_the_first_byte_timeout() {
+    let srv = server();
+    let bucket = srv.bucket("slowput");
+    let proxy = Proxy::start(upstream());
+    let m = Mount::start_via(&proxy.endpoint(), &bucket, &[]);
+    let want = pattern(1 << 20, 44);
+    // 64 KiB every half second: about 8 s to send 1 MiB, more than the 5 s
+    // first-byte timeout.
+    proxy.set_mode(Mode::Trickle { bytes: 64 << 10, every: Duration::from_millis(500) });
+    let start = Instant::now();
+    let r = std::fs::write(m.path("up.bin"), &want);
+    let took = start.elapsed();
+    proxy.set_mode(Mode::Pass);
+    eprintln!("slow upload of 1 MiB: {:.1}s", took.as_secs_f64());
+    r.unwrap_or_else(|e| panic!("a slow upload failed: {e}\n{}", m.log_text()));
+    assert!(took > Duration::from_secs(6), "the upload was not slowed: {took:?}");
+    assert_eq!(srv.get(&bucket, "up.bin").as_deref(), Some(&want[..]));
+    assert_eq!(proxy.stats().requests_of("PUT"), 1, "the upload was sent more than once");
+}

@@ -45,12 +45,12 @@ fn server_error() -> Fault {
 /// Waits (bounded) for background aborts, then checks that nothing is held.
 pub(super) async fn assert_clean(s: &Setup) {
     for _ in 0..100 {
-        if s.mem.open_upload_count() == 0 {
+        if s.mem.open_uploads().len() == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(s.mem.open_upload_count(), 0, "multipart uploads left open");
+    assert_eq!(s.mem.open_uploads().len(), 0, "multipart uploads left open");
     for kind in ReservationKind::ALL {
         assert_eq!(s.fs.cache().reserved(kind), 0, "{kind:?} bytes still reserved");
     }
@@ -151,9 +151,9 @@ fn unlinking_a_file_being_streamed_aborts_its_upload() {
         let s = setup(64 << 20, 5);
         let (_, fh) = s.fs.create(1, "gone", libc::O_WRONLY, pid()).await.unwrap();
         write_all(&s.fs, fh, &vec![4u8; 20 << 20]).await.unwrap();
-        assert_eq!(s.mem.open_upload_count(), 1, "parts are on their way");
+        assert_eq!(s.mem.open_uploads().len(), 1, "parts are on their way");
         s.fs.unlink(1, "gone").await.unwrap();
-        assert_eq!(s.mem.open_upload_count(), 0, "unlink aborts at once");
+        assert_eq!(s.mem.open_uploads().len(), 0, "unlink aborts at once");
         // Writes after the unlink go nowhere, and do not fail.
         s.fs.write(fh, 20 << 20, b"more").await.unwrap();
         s.fs.flush(fh, pid()).await.unwrap();
@@ -176,7 +176,7 @@ fn a_dropped_writer_aborts_its_upload() {
             None,
         );
         w.write(0, &vec![1u8; 17 << 20]).await.unwrap();
-        assert_eq!(s.mem.open_upload_count(), 1);
+        assert_eq!(s.mem.open_uploads().len(), 1);
         assert!(s.fs.cache().reserved(ReservationKind::WriteBuffer) > 0);
         drop(w);
         assert_clean(&s).await;

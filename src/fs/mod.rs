@@ -127,6 +127,7 @@ impl FsError {
             FsError::CrossDevice => libc::EXDEV,
             FsError::Busy => libc::EBUSY,
             FsError::Invalid => libc::EINVAL,
+            FsError::Store(StoreError::PreconditionFailed) => libc::ESTALE,
             FsError::Store(e) | FsError::Write(WriteError::Store(e)) => match e {
                 StoreError::NotFound => libc::ENOENT,
                 StoreError::AccessDenied(_) => libc::EACCES,

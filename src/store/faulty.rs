@@ -7,7 +7,7 @@
 //!
 //! Operation names are those of the metrics: `list`, `head`, `get`, `put`,
 //! `delete`, `copy`, `create_multipart`, `upload_part`, `upload_part_copy`,
-//! `complete_multipart`, `abort_multipart`.
+//! `complete_multipart`, `abort_multipart`, `list_multipart_uploads`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreError};
+use super::{BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, OpenUpload, PutCondition, StoreError};
 use crate::sync::Mutex;
 
 /// What a rule does to a call it picks.
@@ -229,5 +229,10 @@ impl ObjectStore for FaultyStore {
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
         self.before("abort_multipart").await?;
         self.inner.abort_multipart(key, upload_id).await
+    }
+
+    async fn list_multipart_uploads(&self, prefix: &str) -> Result<Vec<OpenUpload>, StoreError> {
+        self.before("list_multipart_uploads").await?;
+        self.inner.list_multipart_uploads(prefix).await
     }
 }

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
-use super::{BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreError};
+use super::{BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, OpenUpload, PutCondition, StoreError};
 
 #[derive(Clone)]
 struct Object {
@@ -23,7 +23,8 @@ struct Object {
 #[derive(Default)]
 struct State {
     objects: BTreeMap<String, Object>,
-    uploads: HashMap<String, (String, BTreeMap<i32, Bytes>)>,
+    /// Open multipart uploads by id: key, when created, parts sent.
+    uploads: HashMap<String, (String, SystemTime, BTreeMap<i32, Bytes>)>,
 }
 
 /// See the module documentation.
@@ -48,11 +49,6 @@ impl MemoryStore {
         format!("\"{:032x}\"", self.counter.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    /// Multipart uploads created and neither completed nor aborted.
-    pub fn open_upload_count(&self) -> usize {
-        self.state.lock().unwrap().uploads.len()
-    }
-
     /// Test helper: stores `body` under `key` unconditionally.
     pub fn insert(&self, key: &str, body: impl Into<Bytes>) -> String {
         let etag = self.next_etag();
@@ -72,6 +68,22 @@ impl MemoryStore {
     /// Test helper: every key, in order.
     pub fn keys(&self) -> Vec<String> {
         self.state.lock().unwrap().objects.keys().cloned().collect()
+    }
+
+    /// Test helper: the multipart uploads created and neither completed nor
+    /// aborted, as (key, upload id), ordered by key.
+    pub fn open_uploads(&self) -> Vec<(String, String)> {
+        let mut open: Vec<(String, String)> =
+            self.state.lock().unwrap().uploads.iter().map(|(id, (key, _, _))| (key.clone(), id.clone())).collect();
+        open.sort();
+        open
+    }
+
+    /// Test helper: makes the upload `upload_id` look created at `when`.
+    pub fn set_upload_initiated(&self, upload_id: &str, when: SystemTime) {
+        if let Some(u) = self.state.lock().unwrap().uploads.get_mut(upload_id) {
+            u.1 = when;
+        }
     }
 
     fn check(state: &State, key: &str, cond: &PutCondition) -> Result<(), StoreError> {
@@ -192,7 +204,7 @@ impl ObjectStore for MemoryStore {
     async fn create_multipart(&self, key: &str) -> Result<String, StoreError> {
         self.count("create_multipart");
         let id = format!("upload-{}", self.counter.fetch_add(1, Ordering::Relaxed));
-        self.state.lock().unwrap().uploads.insert(id.clone(), (key.to_string(), BTreeMap::new()));
+        self.state.lock().unwrap().uploads.insert(id.clone(), (key.to_string(), SystemTime::now(), BTreeMap::new()));
         Ok(id)
     }
 
@@ -207,7 +219,7 @@ impl ObjectStore for MemoryStore {
         let etag = self.next_etag();
         let mut state = self.state.lock().unwrap();
         let upload = state.uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
-        upload.1.insert(number, body);
+        upload.2.insert(number, body);
         Ok(CompletedPart { number, etag })
     }
 
@@ -228,7 +240,7 @@ impl ObjectStore for MemoryStore {
             return Err(StoreError::InvalidRange);
         }
         let upload = state.uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
-        upload.1.insert(number, src.slice(start as usize..end as usize));
+        upload.2.insert(number, src.slice(start as usize..end as usize));
         Ok(CompletedPart { number, etag })
     }
 
@@ -243,11 +255,13 @@ impl ObjectStore for MemoryStore {
         let etag = self.next_etag();
         let mut state = self.state.lock().unwrap();
         Self::check(&state, key, &cond)?;
-        let (_, stored) = state.uploads.remove(upload_id).ok_or(StoreError::NotFound)?;
+        let (_, _, stored) = state.uploads.get(upload_id).ok_or(StoreError::NotFound)?;
+        let stored = stored.clone();
         let mut body = BytesMut::new();
         for p in &parts {
             body.extend_from_slice(stored.get(&p.number).ok_or(StoreError::InvalidRange)?);
         }
+        state.uploads.remove(upload_id);
         // A multipart ETag, as S3 forms it, answered as stored.
         let etag = format!("{}-{}\"", &etag[..etag.len() - 1], parts.len());
         state
@@ -260,5 +274,22 @@ impl ObjectStore for MemoryStore {
         self.count("abort_multipart");
         self.state.lock().unwrap().uploads.remove(upload_id);
         Ok(())
+    }
+
+    async fn list_multipart_uploads(&self, prefix: &str) -> Result<Vec<OpenUpload>, StoreError> {
+        self.count("list_multipart_uploads");
+        let state = self.state.lock().unwrap();
+        let mut open: Vec<OpenUpload> = state
+            .uploads
+            .iter()
+            .filter(|(_, (key, _, _))| key.starts_with(prefix))
+            .map(|(id, (key, initiated, _))| OpenUpload {
+                key: key.clone(),
+                upload_id: id.clone(),
+                initiated: *initiated,
+            })
+            .collect();
+        open.sort_by(|a, b| (&a.key, a.initiated).cmp(&(&b.key, b.initiated)));
+        Ok(open)
     }
 }

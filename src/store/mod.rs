@@ -65,6 +65,14 @@ pub struct CompletedPart {
     pub etag: String,
 }
 
+/// A multipart upload that was created and neither completed nor aborted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenUpload {
+    pub key: String,
+    pub upload_id: String,
+    pub initiated: SystemTime,
+}
+
 /// Why a store operation failed. Mapped to an errno at the FUSE edge only.
 #[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
@@ -168,6 +176,10 @@ pub trait ObjectStore: Send + Sync + 'static {
     ) -> Result<String, StoreError>;
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StoreError>;
+
+    /// Every multipart upload under `prefix` that is still open (created, and
+    /// neither completed nor aborted), all pages, ordered by key.
+    async fn list_multipart_uploads(&self, prefix: &str) -> Result<Vec<OpenUpload>, StoreError>;
 }
 
 /// Reads a whole body stream into one buffer.

@@ -5,23 +5,73 @@
 //! - request checksums only "when required": MinIO-derived servers reject the
 //!   SDK's default CRC trailers on some requests;
 //! - a custom CA bundle adds to the platform roots instead of replacing them;
-//! - every attempt has a timeout, so a frozen server gives an error, not a hang;
-//!   the SDK's standard retry (exponential backoff with jitter) handles 5xx,
+//! - the SDK's standard retry (exponential backoff with jitter) handles 5xx,
 //!   throttling, timeouts and broken connections.
+//!
+//! # Timeouts
+//!
+//! A frozen server (connections accepted, no byte ever sent) must give an
+//! error in bounded time, while a slow transfer that keeps moving must never
+//! be cut. One timeout on a whole request cannot do both: it either kills a
+//! 5 GiB GET on a slow link or leaves a person at a shell waiting minutes.
+//! So there are three bounds per attempt, each on a phase that a healthy
+//! server finishes quickly whatever the size of the transfer:
+//!
+//! - **connect** (`--connect-timeout`, 3 s): opening the TCP/TLS connection;
+//! - **first byte** (`--first-byte-timeout`, 5 s): from the start of the
+//!   attempt (connecting included) to the response headers. It is the SDK's
+//!   operation attempt timeout, which for a GET and a LIST ends at the
+//!   headers, because their bodies are read here, not by the SDK;
+//! - **idle** (`--idle-timeout`, 10 s): a pause in a response body. Every
+//!   chunk of a GET or LIST body must arrive within it after the previous
+//!   one; the body as a whole has no bound. (The SDK's own stalled-stream
+//!   protection does the same with other numbers; it is turned off so there
+//!   is one rule.)
+//!
+//! Requests whose first byte legitimately comes late get longer attempt
+//! bounds, derived from the first-byte timeout:
+//!
+//! - uploads (PutObject, UploadPart): the SDK's attempt timeout covers
+//!   sending the body (so does aws-smithy's hyper `read_timeout`, which wraps
+//!   the whole exchange up to the response headers), so the bound grows with
+//!   the body: first byte + size at [`MIN_UPLOAD_RATE`];
+//! - CompleteMultipartUpload, CopyObject and UploadPartCopy, which a server
+//!   may answer only once it has assembled or copied the data (AWS sends the
+//!   headers early and the body late, and the SDK reads that body inside the
+//!   attempt): at least [`SLOW_ANSWER_TIMEOUT`].
+//!
+//! `--request-timeout`, when given, replaces all of these attempt bounds with
+//! one (the behaviour before the split).
+//!
+//! Retries use the SDK's standard retry with its 2.1 backoff: 50 ms × 2^n,
+//! jittered, before retrying a timeout or a 5xx (1 s × 2^n for throttling).
+//! With the defaults, a frozen server fails a request after at most
+//! 4 attempts × 5 s + (50 + 100 + 200) ms = 20.4 s; a server that drops
+//! connection attempts after 4 × 3 s + 0.35 s = 12.4 s. A request that timed
+//! out in every attempt marks the server silent, and until it answers
+//! something, requests get one attempt (5 s). That matters because one
+//! operation may be several requests in a row: a lookup sends its HEAD and
+//! LIST at once, but when revalidating a cached name fails the kernel looks
+//! the name up a second time. So a `cat` on a frozen server gets `EIO` within
+//! 20.4 s + 5 s = 25.4 s. A body that stops mid-way fails after 10 s of
+//! silence (a GET body is not retried: the reader gets `EIO` and the next
+//! read asks again).
 //!
 //! Credentials come from the standard AWS chain, or from key files (or
 //! literals) given by the user. Key files are re-read when a request is
 //! denied, so a rotated Kubernetes Secret works without a restart.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation, StalledStreamProtectionConfig,
+};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as SdkPart};
@@ -31,16 +81,103 @@ use aws_smithy_runtime_api::client::interceptors::context::BeforeDeserialization
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::body::SdkBody;
 use aws_smithy_types::config_bag::ConfigBag;
-use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::retry::{RetryConfig, RetrySpec};
 use aws_smithy_types::timeout::TimeoutConfig;
 use bytes::Bytes;
 use tracing::{info, warn};
 
-use super::{BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreError};
+use super::{BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, OpenUpload, PutCondition, StoreError};
 use crate::spec::{CredentialSource, S3Settings};
 
-/// How long one body chunk may take to arrive before the read is abandoned.
-const BODY_CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+/// The slowest upload an attempt is given time for: an upload attempt may
+/// take the first-byte timeout plus its size at this rate (8 MiB: 128 s).
+/// Parts are sent a few at a time, so a link of a few Mbit/s stays above it.
+pub const MIN_UPLOAD_RATE: u64 = 64 << 10;
+/// The least time per attempt a server is given to answer
+/// CompleteMultipartUpload, CopyObject and UploadPartCopy (up to 5 GiB).
+pub const SLOW_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a request's attempt bound is derived from (see the module docs).
+#[derive(Clone, Copy, Debug)]
+enum Bound {
+    /// Answered at once by a healthy server: the first-byte timeout.
+    Quick,
+    /// Sends a body of this many bytes.
+    Upload(u64),
+    /// Answered once the server has assembled or copied data.
+    SlowAnswer,
+}
+
+/// The bound on one attempt of a request of kind `bound`; `None` for none.
+fn attempt_timeout(settings: &S3Settings, bound: Bound) -> Option<Duration> {
+    if let Some(t) = settings.request_timeout {
+        return (!t.is_zero()).then_some(t);
+    }
+    let first = settings.first_byte_timeout;
+    if first.is_zero() {
+        return None;
+    }
+    Some(match bound {
+        Bound::Quick => first,
+        Bound::Upload(len) => first + Duration::from_secs_f64(len as f64 / MIN_UPLOAD_RATE as f64),
+        Bound::SlowAnswer => first.max(SLOW_ANSWER_TIMEOUT),
+    })
+}
+
+/// How a request ended when the server sent nothing in time: the start of
+/// the message of [`StoreError::Network`] for attempt and connect timeouts.
+const TIMED_OUT: &str = "request timed out";
+
+fn timed_out(e: &StoreError) -> bool {
+    matches!(e, StoreError::Network(m) if m.starts_with(TIMED_OUT))
+}
+
+/// The retry policy: the SDK's standard retry with its 2.1 backoff, which
+/// waits 50 ms × 2^n (jittered) before retrying a timeout or a 5xx, and
+/// 1 s × 2^n before retrying throttling (503 SlowDown).
+fn retry_config(max_attempts: u32) -> RetryConfig {
+    RetryConfig::standard().with_retry_spec(RetrySpec::v2_1()).with_max_attempts(max_attempts)
+}
+
+/// Why a response body could not be read to its end.
+#[derive(Debug)]
+enum BodyError {
+    /// No byte for the whole idle timeout.
+    Idle(Duration),
+    /// The connection broke or the body was cut short.
+    Broken(String),
+}
+
+impl BodyError {
+    fn into_store(self, what: &str) -> StoreError {
+        match self {
+            BodyError::Idle(t) => StoreError::Network(format!("{what}: no bytes for {t:?} (--idle-timeout)")),
+            BodyError::Broken(e) => StoreError::Network(format!("{what}: {e}")),
+        }
+    }
+}
+
+/// The next chunk of a response body; fails once `idle` passes without one
+/// (`idle` zero: no bound).
+async fn next_chunk(body: &mut ByteStream, idle: Duration) -> Result<Option<Bytes>, BodyError> {
+    let next = body.try_next();
+    let got = if idle.is_zero() {
+        next.await
+    } else {
+        tokio::time::timeout(idle, next).await.map_err(|_| BodyError::Idle(idle))?
+    };
+    got.map_err(|e| BodyError::Broken(error_chain(&e)))
+}
+
+/// A whole LIST reply body, each chunk within `idle` of the previous one.
+async fn read_list_body(body: SdkBody, idle: Duration) -> Result<Bytes, BodyError> {
+    let mut body = ByteStream::new(body);
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = next_chunk(&mut body, idle).await? {
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
 
 /// See the module documentation.
 pub struct S3Store {
@@ -54,6 +191,9 @@ pub struct S3Store {
     /// Keys asked for per LIST page when the caller sets no limit; drops to
     /// S3's 1,000 if the server rejects more.
     page_keys: AtomicI32,
+    /// Set when a request timed out in every attempt; cleared by any answer
+    /// from the server. While set, requests get one attempt (see `op_config`).
+    silent: AtomicBool,
 }
 
 /// Keys asked for per LIST page. AWS S3, MinIO and most servers answer at
@@ -74,7 +214,28 @@ impl S3Store {
             client: RwLock::new((client, 0)),
             keys: tokio::sync::Mutex::new(keys),
             page_keys: AtomicI32::new(LIST_PAGE_KEYS),
+            silent: AtomicBool::new(false),
         })
+    }
+
+    /// The per-request config: the attempt bound of `bound` when it is not
+    /// the client's (quick) one, and a single attempt while the server is
+    /// silent. A server that let a request time out in every attempt is not
+    /// given the full round of attempts again until it answers something:
+    /// the kernel asks twice when revalidating a cached name fails, and a
+    /// walk of a tree asks once per entry, so a frozen server would otherwise
+    /// cost the whole retry budget again for each.
+    fn op_config(&self, bound: Bound) -> aws_sdk_s3::config::Builder {
+        let mut b = aws_sdk_s3::config::Builder::default();
+        if !matches!(bound, Bound::Quick)
+            && let Some(t) = attempt_timeout(&self.settings, bound)
+        {
+            b = b.timeout_config(TimeoutConfig::builder().operation_attempt_timeout(t).build());
+        }
+        if self.silent.load(Ordering::Relaxed) {
+            b = b.retry_config(retry_config(1));
+        }
+        b
     }
 
     fn client(&self) -> (Client, u64) {
@@ -128,6 +289,19 @@ impl S3Store {
         let started = std::time::Instant::now();
         let result = op(client).await;
         crate::metrics::record_request(name, started, &result);
+        match &result {
+            Err(e) if timed_out(e) => {
+                if !self.silent.swap(true, Ordering::Relaxed) {
+                    warn!(bucket = %self.bucket, "the server sent nothing in time; one attempt per request until it answers");
+                }
+            }
+            Err(StoreError::Network(_)) => {}
+            _ => {
+                if self.silent.swap(false, Ordering::Relaxed) {
+                    info!(bucket = %self.bucket, "the server answers again");
+                }
+            }
+        }
         match result {
             Err(StoreError::AccessDenied(_)) if self.reload_keys(generation).await => {
                 let started = std::time::Instant::now();
@@ -171,13 +345,16 @@ async fn build_client(settings: &S3Settings, keys: Option<(String, String)>) -> 
         .force_path_style(settings.path_style)
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-        .retry_config(RetryConfig::standard().with_max_attempts(settings.max_attempts))
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .operation_attempt_timeout(settings.request_timeout)
-                .build(),
-        );
+        .retry_config(retry_config(settings.max_attempts))
+        .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
+    let mut timeouts = TimeoutConfig::builder();
+    if !settings.connect_timeout.is_zero() {
+        timeouts = timeouts.connect_timeout(settings.connect_timeout);
+    }
+    if let Some(t) = attempt_timeout(settings, Bound::Quick) {
+        timeouts = timeouts.operation_attempt_timeout(t);
+    }
+    let builder = builder.timeout_config(timeouts.build());
     Ok(Client::from_conf(builder.build()))
 }
 
@@ -226,7 +403,10 @@ where
                 },
             }
         }
-        SdkError::TimeoutError(_) => StoreError::Network("request timed out".to_string()),
+        SdkError::TimeoutError(_) => StoreError::Network(TIMED_OUT.to_string()),
+        SdkError::DispatchFailure(e) if e.is_timeout() => {
+            StoreError::Network(format!("{TIMED_OUT}: {}", error_chain(&err)))
+        }
         _ => StoreError::Network(error_chain(&err)),
     }
 }
@@ -303,7 +483,15 @@ impl ObjectStore for S3Store {
     async fn check_bucket(&self) -> Result<(), StoreError> {
         self.call("list", |c| async move {
             // HEAD cannot tell a missing bucket from other 404s, so list one key.
-            c.list_objects_v2().bucket(&self.bucket).max_keys(1).send().await.map(|_| ()).map_err(map_err)
+            c.list_objects_v2()
+                .bucket(&self.bucket)
+                .max_keys(1)
+                .customize()
+                .config_override(self.op_config(Bound::Quick))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(map_err)
         })
         .await
     }
@@ -333,20 +521,22 @@ impl ObjectStore for S3Store {
                             .set_continuation_token(token.clone())
                             .set_max_keys(max_keys)
                             .customize()
+                            .config_override(self.op_config(Bound::Quick))
                             .interceptor(taken.clone())
                             .send()
                             .await
                             .map_err(map_err)?;
                         let body = taken.0.lock().unwrap_or_else(|p| p.into_inner()).take();
                         let body = body.ok_or_else(|| StoreError::Network("LIST reply without a body".to_string()))?;
-                        let read = tokio::time::timeout(self.settings.request_timeout, ByteStream::new(body).collect());
-                        let error = match read.await {
-                            Ok(Ok(bytes)) => match super::list_xml::parse(&bytes.into_bytes()) {
+                        let error = match read_list_body(body, self.settings.idle_timeout).await {
+                            Ok(bytes) => match super::list_xml::parse(&bytes) {
                                 Err(e) if e.is_transient() => e,
                                 done => return done,
                             },
-                            Ok(Err(e)) => StoreError::Network(format!("reading a LIST reply: {e}")),
-                            Err(_) => StoreError::Network("timed out reading a LIST reply".to_string()),
+                            // A server silent for the whole idle timeout is
+                            // not asked again: that would multiply the wait.
+                            Err(e @ BodyError::Idle(_)) => return Err(e.into_store("reading a LIST reply")),
+                            Err(e) => e.into_store("reading a LIST reply"),
                         };
                         if attempt >= self.settings.max_attempts {
                             return Err(error);
@@ -370,9 +560,16 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
-        let out =
-            self.call("head", |c| async move {
-                c.head_object().bucket(&self.bucket).key(key).send().await.map_err(map_err)
+        let out = self
+            .call("head", |c| async move {
+                c.head_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .customize()
+                    .config_override(self.op_config(Bound::Quick))
+                    .send()
+                    .await
+                    .map_err(map_err)
             })
             .await?;
         Ok(ObjectMeta {
@@ -395,28 +592,32 @@ impl ObjectStore for S3Store {
                     .key(key)
                     .range(format!("bytes={}-{}", start, end - 1))
                     .set_if_match(etag.map(str::to_string))
+                    .customize()
+                    .config_override(self.op_config(Bound::Quick))
                     .send()
                     .await
                     .map_err(map_err)
             })
             .await?;
-        let stream = futures::stream::unfold(Some(out.body), |body| async move {
+        let idle = self.settings.idle_timeout;
+        let stream = futures::stream::unfold(Some(out.body), move |body| async move {
             let mut body: ByteStream = body?;
-            match tokio::time::timeout(BODY_CHUNK_TIMEOUT, body.try_next()).await {
-                Ok(Ok(Some(chunk))) => Some((Ok(chunk), Some(body))),
-                Ok(Ok(None)) => None,
-                Ok(Err(e)) => Some((Err(StoreError::Network(format!("reading body: {}", error_chain(&e)))), None)),
-                Err(_) => Some((Err(StoreError::Network("reading body timed out".to_string())), None)),
+            match next_chunk(&mut body, idle).await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some(body))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e.into_store("reading body")), None)),
             }
         });
         Ok(Box::pin(stream))
     }
 
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError> {
+        let bound = Bound::Upload(body.len() as u64);
         let out = self
             .call("put", |c| {
                 let body = body.clone();
                 let cond = cond.clone();
+                let upload_bound = self.op_config(bound);
                 async move {
                     let mut req = c.put_object().bucket(&self.bucket).key(key).body(ByteStream::from(body));
                     req = match cond {
@@ -424,7 +625,7 @@ impl ObjectStore for S3Store {
                         PutCondition::IfAbsent => req.if_none_match("*"),
                         PutCondition::IfMatch(e) => req.if_match(e),
                     };
-                    req.send().await.map_err(map_err)
+                    req.customize().config_override(upload_bound).send().await.map_err(map_err)
                 }
             })
             .await?;
@@ -433,7 +634,15 @@ impl ObjectStore for S3Store {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.call("delete", |c| async move {
-            c.delete_object().bucket(&self.bucket).key(key).send().await.map(|_| ()).map_err(map_err)
+            c.delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .customize()
+                .config_override(self.op_config(Bound::Quick))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(map_err)
         })
         .await
     }
@@ -445,6 +654,8 @@ impl ObjectStore for S3Store {
                     .bucket(&self.bucket)
                     .key(to)
                     .copy_source(self.copy_source(from))
+                    .customize()
+                    .config_override(self.op_config(Bound::SlowAnswer))
                     .send()
                     .await
                     .map_err(map_err)
@@ -456,7 +667,14 @@ impl ObjectStore for S3Store {
     async fn create_multipart(&self, key: &str) -> Result<String, StoreError> {
         let out = self
             .call("create_multipart", |c| async move {
-                c.create_multipart_upload().bucket(&self.bucket).key(key).send().await.map_err(map_err)
+                c.create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .customize()
+                    .config_override(self.op_config(Bound::Quick))
+                    .send()
+                    .await
+                    .map_err(map_err)
             })
             .await?;
         out.upload_id()
@@ -471,6 +689,7 @@ impl ObjectStore for S3Store {
         number: i32,
         body: Bytes,
     ) -> Result<CompletedPart, StoreError> {
+        let bound = Bound::Upload(body.len() as u64);
         let out = self
             .call("upload_part", |c| {
                 let body = body.clone();
@@ -481,6 +700,8 @@ impl ObjectStore for S3Store {
                         .upload_id(upload_id)
                         .part_number(number)
                         .body(ByteStream::from(body))
+                        .customize()
+                        .config_override(self.op_config(bound))
                         .send()
                         .await
                         .map_err(map_err)
@@ -508,6 +729,8 @@ impl ObjectStore for S3Store {
                     .part_number(number)
                     .copy_source(self.copy_source(from))
                     .copy_source_range(format!("bytes={}-{}", start, end - 1))
+                    .customize()
+                    .config_override(self.op_config(Bound::SlowAnswer))
                     .send()
                     .await
                     .map_err(map_err)
@@ -544,7 +767,7 @@ impl ObjectStore for S3Store {
                         PutCondition::IfAbsent => req.if_none_match("*"),
                         PutCondition::IfMatch(e) => req.if_match(e),
                     };
-                    req.send().await.map_err(map_err)
+                    req.customize().config_override(self.op_config(Bound::SlowAnswer)).send().await.map_err(map_err)
                 }
             })
             .await?;
@@ -557,12 +780,56 @@ impl ObjectStore for S3Store {
                 .bucket(&self.bucket)
                 .key(key)
                 .upload_id(upload_id)
+                .customize()
+                .config_override(self.op_config(Bound::Quick))
                 .send()
                 .await
                 .map(|_| ())
                 .map_err(map_err)
         })
         .await
+    }
+
+    async fn list_multipart_uploads(&self, prefix: &str) -> Result<Vec<OpenUpload>, StoreError> {
+        let mut open = Vec::new();
+        let mut markers: (Option<String>, Option<String>) = (None, None);
+        loop {
+            let (key_marker, id_marker) = markers.clone();
+            let out = self
+                .call("list_multipart_uploads", |c| {
+                    let (key_marker, id_marker) = (key_marker.clone(), id_marker.clone());
+                    async move {
+                        c.list_multipart_uploads()
+                            .bucket(&self.bucket)
+                            .prefix(prefix)
+                            .set_key_marker(key_marker)
+                            .set_upload_id_marker(id_marker)
+                            .customize()
+                            .config_override(self.op_config(Bound::Quick))
+                            .send()
+                            .await
+                            .map_err(map_err)
+                    }
+                })
+                .await?;
+            for u in out.uploads() {
+                let (Some(key), Some(id)) = (u.key(), u.upload_id()) else { continue };
+                open.push(OpenUpload {
+                    key: key.to_string(),
+                    upload_id: id.to_string(),
+                    initiated: system_time(u.initiated()),
+                });
+            }
+            let next = (out.next_key_marker().map(str::to_string), out.next_upload_id_marker().map(str::to_string));
+            // Some servers leave IsTruncated out; a page that does not move
+            // the markers is the last either way.
+            if !out.is_truncated().unwrap_or(false) || next.0.is_none() || next == markers {
+                break;
+            }
+            markers = next;
+        }
+        open.sort_by(|a, b| (&a.key, a.initiated).cmp(&(&b.key, b.initiated)));
+        Ok(open)
     }
 }
 

@@ -61,6 +61,10 @@ pub enum Mode {
     Freeze,
     /// Reset new connections at once and reset every open one.
     Down,
+    /// A slow link that keeps moving: response bodies are forwarded `bytes`
+    /// at a time with a pause of `every` before each piece, and request
+    /// bodies are read from the client the same way.
+    Trickle { bytes: usize, every: Duration },
     /// Answer a ListObjectsV2 asking for more than 1,000 keys per page with
     /// `400 InvalidArgument`, as some S3-compatible servers do; forward the
     /// rest.
@@ -308,7 +312,11 @@ async fn serve(client: &mut Conn, shared: &Shared) -> io::Result<End> {
         if req.expects_continue() {
             client.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
         }
-        let body = client.read_request_body(&req).await?;
+        let pace = match shared.mode() {
+            Mode::Trickle { bytes, every } => Some((bytes.max(1), every)),
+            _ => None,
+        };
+        let body = client.read_request_body(&req, pace).await?;
         match shared.thaw(true).await {
             Mode::Down => return Ok(End::Reset),
             Mode::Delay(d) => tokio::time::sleep(d).await,
@@ -557,9 +565,24 @@ impl Sink<'_> {
     /// Sends `data`, or the part of it before the cut; returns how the
     /// connection must end when the cut is reached.
     async fn send(&mut self, data: &[u8]) -> io::Result<Option<End>> {
-        if self.shared.thaw(false).await == Mode::Down {
+        let mode = self.shared.thaw(false).await;
+        if mode == Mode::Down {
             return Ok(Some(End::Reset));
         }
+        if let Mode::Trickle { bytes, every } = mode {
+            for piece in data.chunks(bytes.max(1)) {
+                tokio::time::sleep(every).await;
+                if let Some(end) = self.send_now(piece).await? {
+                    return Ok(Some(end));
+                }
+            }
+            return Ok(None);
+        }
+        self.send_now(data).await
+    }
+
+    /// [`Sink::send`] without pacing.
+    async fn send_now(&mut self, data: &[u8]) -> io::Result<Option<End>> {
         let mut n = data.len();
         let mut limit_reached = false;
         if let Some((after, _)) = &self.cut
@@ -632,8 +655,9 @@ impl Conn {
         Ok(Some(self.buf.split_to(n)))
     }
 
-    /// A whole request body (as sent, chunk framing included).
-    async fn read_request_body(&mut self, head: &Head) -> io::Result<Vec<u8>> {
+    /// A whole request body (as sent, chunk framing included); with `pace`,
+    /// at most that many bytes per pause for a `Content-Length` body.
+    async fn read_request_body(&mut self, head: &Head, pace: Option<(usize, Duration)>) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
         match head.request_framing()? {
             Framing::Length(n) => {
@@ -642,8 +666,14 @@ impl Conn {
                 }
                 while (out.len() as u64) < n {
                     let want = (n - out.len() as u64) as usize;
-                    let piece =
-                        self.read_some(want.min(READ_CHUNK)).await?.ok_or_else(|| eof("request body cut short"))?;
+                    let max = match pace {
+                        Some((bytes, every)) => {
+                            tokio::time::sleep(every).await;
+                            bytes
+                        }
+                        None => READ_CHUNK,
+                    };
+                    let piece = self.read_some(want.min(max)).await?.ok_or_else(|| eof("request body cut short"))?;
                     out.extend_from_slice(&piece);
                 }
             }
