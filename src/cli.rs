@@ -21,6 +21,7 @@ pub enum Command {
     /// `bucketfs SOURCE MOUNTPOINT -o OPT,OPT,...` (how `mount -t fuse.bucketfs` and
     /// /etc/fstab run it) is the same, with every option below as an `-o` key, in the
     /// background unless `-o foreground`.
+    #[command(after_long_help = FSTAB_HELP)]
     Mount(Box<MountArgs>),
     /// Serve the mounts of a Fluid ThinRuntime config (the FUSE container's entry point).
     Fluid(FluidArgs),
@@ -44,6 +45,19 @@ pub struct ManArgs {
     #[arg(long, conflicts_with = "command")]
     pub dir: Option<PathBuf>,
 }
+
+/// The end of `bucketfs mount --help` and of its man page.
+const FSTAB_HELP: &str = "\
+/etc/fstab and mount -t fuse.bucketfs:
+  mount.fuse3 runs `bucketfs SOURCE MOUNTPOINT -o OPT,OPT,...`; every long option above is an -o key,
+  spelt with - or _ (endpoint_url=URL, read_only, ...). An fstab line:
+
+    my-bucket /home/me/data fuse.bucketfs _netdev,nofail,endpoint_url=http://localhost:9000,access_key_file=/etc/bucketfs/ak,secret_key_file=/etc/bucketfs/sk 0 0
+
+  It runs in the background (-o foreground to stay), logging to syslog or log_file=PATH. ro, rw, noexec and
+  allow_other are honoured; _netdev, nofail, auto, noauto, user, users, defaults, x-systemd.* and x-* options,
+  dev, suid, atime options and sync are ignored (mounts are always nosuid,nodev). An unknown option is an error
+  naming it (exit 2). Keep secrets out of fstab: use key files, or the AWS environment or profile.";
 
 #[derive(Args, Debug)]
 pub struct CompletionsArgs {
