@@ -70,7 +70,7 @@ pub fn init_to(level: &str, format: LogFormat, target: &LogTarget) -> anyhow::Re
         }
         LogTarget::Syslog => {
             // syslog adds the time and the program name.
-            let builder = builder.with_writer(Syslog::new()).with_ansi(false).without_time();
+            let builder = builder.with_writer(Syslog::new(SYSLOG_SOCKET)).with_ansi(false).without_time();
             match format {
                 LogFormat::Text => builder.try_init(),
                 LogFormat::Json => builder.json().try_init(),
@@ -92,13 +92,14 @@ pub fn open_log_file(path: &Path) -> anyhow::Result<std::fs::File> {
 /// Sends each log line as one datagram to `/dev/log`, RFC 3164 style, with
 /// the daemon facility and a severity from the level.
 struct Syslog {
+    path: PathBuf,
     socket: Mutex<Option<UnixDatagram>>,
     pid: u32,
 }
 
 impl Syslog {
-    fn new() -> Self {
-        Self { socket: Mutex::new(None), pid: std::process::id() }
+    fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into(), socket: Mutex::new(None), pid: std::process::id() }
     }
 
     fn send(&self, severity: u8, message: &[u8]) {
@@ -109,7 +110,7 @@ impl Syslog {
         // Once more with a new connection if syslog was restarted.
         for _ in 0..2 {
             if socket.is_none() {
-                *socket = UnixDatagram::unbound().and_then(|s| s.connect(SYSLOG_SOCKET).map(|_| s)).ok();
+                *socket = UnixDatagram::unbound().and_then(|s| s.connect(&self.path).map(|_| s)).ok();
             }
             match socket.as_ref().map(|s| s.send(line.as_bytes())) {
                 Some(Ok(_)) => return,
@@ -161,5 +162,33 @@ impl<'a> MakeWriter<'a> for Syslog {
             _ => 7,
         };
         SyslogLine { syslog: self, severity, buf: Vec::new() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syslog_lines_are_datagrams_with_facility_and_severity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let server = UnixDatagram::bind(&path).unwrap();
+        server.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let syslog = Syslog::new(&path);
+        let mut line = syslog.make_writer();
+        line.write_all(b"INFO mounted s3://b/ ").unwrap();
+        line.write_all(b"at /mnt\n").unwrap();
+        drop(line);
+        let mut buf = [0u8; 256];
+        let n = server.recv(&mut buf).unwrap();
+        let want = format!("<30>bucketfs[{}]: INFO mounted s3://b/ at /mnt", std::process::id());
+        assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), want);
+        // A missing socket loses the line and nothing else.
+        drop(server);
+        std::fs::remove_file(&path).unwrap();
+        let mut line = syslog.make_writer();
+        line.write_all(b"lost").unwrap();
+        drop(line);
     }
 }
