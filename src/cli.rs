@@ -16,7 +16,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Mount a bucket (or a prefix of it) and serve it in the foreground.
+    /// Mount a bucket (or a prefix of it) and serve it (in the foreground unless --background).
+    ///
+    /// `bucketfs SOURCE MOUNTPOINT -o OPT,OPT,...` (how `mount -t fuse.bucketfs` and
+    /// /etc/fstab run it) is the same, with every option below as an `-o` key, in the
+    /// background unless `-o foreground`.
+    #[command(after_long_help = FSTAB_HELP)]
     Mount(Box<MountArgs>),
     /// Serve the mounts of a Fluid ThinRuntime config (the FUSE container's entry point).
     Fluid(FluidArgs),
@@ -26,6 +31,39 @@ pub enum Command {
     Warm(WarmArgs),
     /// Validate a configuration and reach the server, step by step.
     Check(Box<CheckArgs>),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff): `bucketfs man | man -l -`, `bucketfs man mount | man -l -`.
+    Man(ManArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ManArgs {
+    /// The page of this command (e.g. mount) instead of the overview.
+    pub command: Option<String>,
+    /// Write every page (bucketfs.1, bucketfs-mount.1, ...) into this directory instead.
+    #[arg(long, conflicts_with = "command")]
+    pub dir: Option<PathBuf>,
+}
+
+/// The end of `bucketfs mount --help` and of its man page.
+const FSTAB_HELP: &str = "\
+/etc/fstab and mount -t fuse.bucketfs:
+  mount.fuse3 runs `bucketfs SOURCE MOUNTPOINT -o OPT,OPT,...`; every long option above is an -o key,
+  spelt with - or _ (endpoint_url=URL, read_only, ...). An fstab line:
+
+    my-bucket /home/me/data fuse.bucketfs _netdev,nofail,endpoint_url=http://localhost:9000,access_key_file=/etc/bucketfs/ak,secret_key_file=/etc/bucketfs/sk 0 0
+
+  It runs in the background (-o foreground to stay), logging to syslog or log_file=PATH. ro, rw, noexec and
+  allow_other are honoured; _netdev, nofail, auto, noauto, user, users, defaults, x-systemd.* and x-* options,
+  dev, suid, atime options and sync are ignored (mounts are always nosuid,nodev). An unknown option is an error
+  naming it (exit 2). Keep secrets out of fstab: use key files, or the AWS environment or profile.";
+
+#[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Args, Debug)]
@@ -98,6 +136,9 @@ pub struct LogArgs {
     /// Log format: text, or json for log collectors.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Append logs to this file instead of stderr (with --background the default is syslog).
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
 }
 
 /// How to reach the server: shared by every command that talks to one.
@@ -187,6 +228,13 @@ pub struct MountArgs {
     /// Mount read-only: every change fails with EROFS.
     #[arg(long)]
     pub read_only: bool,
+    /// Mount with noexec: files on the mount cannot be executed.
+    #[arg(long)]
+    pub no_exec: bool,
+    /// Return once the mount answers and serve it from a background process; on failure,
+    /// the same one-line error and exit code 2 as in the foreground. Logs go to --log-file, else syslog.
+    #[arg(long)]
+    pub background: bool,
     /// Let other users (and containers running as other uids) use the mount.
     #[arg(long)]
     pub allow_other: bool,
@@ -236,6 +284,7 @@ impl MountArgs {
             dir_mode: self.dir_mode,
             allow_other: self.allow_other,
             read_only: self.read_only,
+            no_exec: self.no_exec,
             memory_limit: self.memory_limit,
             read_ahead: self.read_ahead,
             cache_dir: self.cache_dir.clone(),

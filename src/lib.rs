@@ -7,8 +7,10 @@
 
 pub mod check;
 pub mod cli;
+pub mod daemon;
 pub mod fluid;
 pub mod fs;
+pub mod fstab;
 pub mod fuse;
 pub mod logging;
 pub mod metrics;

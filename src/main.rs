@@ -1,24 +1,74 @@
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tracing::{info, warn};
 
-use bucketfs::cli::{CheckArgs, Cli, Command, FluidArgs, MountArgs, ProbeArgs, WarmArgs};
-use bucketfs::logging::LogFormat;
+use bucketfs::cli::{CheckArgs, Cli, Command, FluidArgs, ManArgs, MountArgs, ProbeArgs, WarmArgs};
+use bucketfs::daemon::{self, Ready};
+use bucketfs::logging::{LogFormat, LogTarget};
 use bucketfs::mount::{self, ConfigWatch, EXIT_START, MountRequest};
-use bucketfs::{fluid, probe};
+use bucketfs::{fluid, fstab, probe};
 
 fn main() {
     limit_malloc_arenas();
-    let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
+    // Before anything else, while this is the only thread.
+    let ready = daemon::take_ready_fd();
+    let mut argv: Vec<OsString> = std::env::args_os().collect();
+    // `bucketfs SOURCE MOUNTPOINT -o OPTS`, as mount.fuse3 runs it.
+    match fstab::rewrite(&argv) {
+        Some(Ok(rewritten)) => argv = rewritten,
+        Some(Err(e)) => {
+            eprintln!("bucketfs: {e}");
+            std::process::exit(EXIT_START);
+        }
+        None => {}
+    }
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| e.exit());
     let code = match cli.command {
-        Command::Mount(args) => run_mount(args),
+        Command::Mount(args) => run_mount(args, &argv, ready),
         Command::Fluid(args) => run_fluid(args),
         Command::Probe(args) => run_probe(args),
         Command::Warm(args) => run_warm(args),
         Command::Check(args) => run_check(*args),
+        Command::Completions(args) => {
+            clap_complete::generate(args.shell, &mut Cli::command(), "bucketfs", &mut std::io::stdout());
+            0
+        }
+        Command::Man(args) => run_man(args),
     };
     std::process::exit(code);
+}
+
+fn run_man(args: ManArgs) -> i32 {
+    let mut cmd = Cli::command();
+    cmd.build();
+    if let Some(dir) = &args.dir {
+        return match clap_mangen::generate_to(cmd, dir) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("bucketfs man: {}: {e}", dir.display());
+                1
+            }
+        };
+    }
+    let page = match &args.command {
+        Some(name) => match cmd.find_subcommand(name) {
+            Some(sub) => sub.clone(),
+            None => {
+                eprintln!("bucketfs man: no command {name:?}");
+                return 2;
+            }
+        },
+        None => cmd,
+    };
+    match clap_mangen::Man::new(page).render(&mut std::io::stdout()) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("bucketfs man: {e}");
+            1
+        }
+    }
 }
 
 /// Two malloc arenas instead of glibc's default of eight per core: blocks are
@@ -41,8 +91,33 @@ fn fail_start(e: anyhow::Error) -> i32 {
     EXIT_START
 }
 
-fn run_mount(args: Box<MountArgs>) -> i32 {
-    bucketfs::logging::init(&args.log.log_level, args.log.log_format);
+fn run_mount(args: Box<MountArgs>, argv: &[OsString], ready: Option<Ready>) -> i32 {
+    if args.background && ready.is_none() {
+        // Report what can be checked here before starting the server process.
+        if let Err(e) = args.to_specs() {
+            return fail_start(e);
+        }
+        if let Some(path) = &args.log.log_file
+            && let Err(e) = bucketfs::logging::open_log_file(path)
+        {
+            return fail_start(e);
+        }
+        if args.log.log_file.is_none() && !std::path::Path::new(bucketfs::logging::SYSLOG_SOCKET).exists() {
+            eprintln!(
+                "bucketfs: no syslog at {}: the background mount's logs are discarded (use --log-file)",
+                bucketfs::logging::SYSLOG_SOCKET
+            );
+        }
+        return daemon::start(&argv[1..], &args.mountpoint);
+    }
+    let target = match (&args.log.log_file, &ready) {
+        (Some(path), _) => LogTarget::File(path.clone()),
+        (None, Some(_)) => LogTarget::Syslog,
+        (None, None) => LogTarget::Stderr,
+    };
+    if let Err(e) = bucketfs::logging::init_to(&args.log.log_level, args.log.log_format, &target) {
+        return fail_start(e);
+    }
     let (settings, spec) = match args.to_specs() {
         Ok(v) => v,
         Err(e) => return fail_start(e),
@@ -54,6 +129,7 @@ fn run_mount(args: Box<MountArgs>) -> i32 {
         check_first: true,
         metrics_addr: args.metrics_addr,
         watch: None,
+        on_ready: ready.map(|r| Box::new(move || r.notify()) as Box<dyn FnOnce() + Send>),
     })
 }
 
@@ -73,7 +149,10 @@ fn run_fluid(args: FluidArgs) -> i32 {
         Some(_) => LogFormat::Text,
         None => args.log.log_format,
     };
-    bucketfs::logging::init(&level, format);
+    let target = args.log.log_file.clone().map_or(LogTarget::Stderr, LogTarget::File);
+    if let Err(e) = bucketfs::logging::init_to(&level, format, &target) {
+        return fail_start(e);
+    }
     info!("Fluid config {}: {} mount(s) at {}", path.display(), plan.mounts.len(), plan.target_path.display());
     for key in &plan.unknown_options {
         warn!("ignoring unknown option {key}");
@@ -93,6 +172,7 @@ fn run_fluid(args: FluidArgs) -> i32 {
         check_first: false,
         metrics_addr: plan.metrics_addr,
         watch: Some(ConfigWatch { path, mount_options }),
+        on_ready: None,
     })
 }
 

@@ -56,6 +56,8 @@ pub struct MountRequest {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// A Fluid config to follow for live updates.
     pub watch: Option<ConfigWatch>,
+    /// Called once the mount is up and its root answers (`--background`).
+    pub on_ready: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// The config file `bucketfs fluid` follows.
@@ -65,7 +67,8 @@ pub struct ConfigWatch {
 }
 
 /// Runs a mount until it is unmounted. Returns the process exit code.
-pub fn run(req: MountRequest) -> i32 {
+pub fn run(mut req: MountRequest) -> i32 {
+    let on_ready = req.on_ready.take();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("bucketfs").build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -88,7 +91,7 @@ pub fn run(req: MountRequest) -> i32 {
             if let Some(l) = listener {
                 rt.spawn(crate::metrics::serve(l, fs.snapshot_fn(), req.mountpoint.clone()));
             }
-            serve(&rt, &req, fs)
+            serve(&rt, &req, fs, on_ready)
         }
         Err(e) => {
             eprintln!("bucketfs: {e}");
@@ -115,11 +118,25 @@ pub fn explain_check_failure(spec: &MountSpec, e: &StoreError) -> String {
         StoreError::AccessDenied(code) => format!(
             "access to bucket {bucket:?} at {endpoint} was denied ({code}): check the access key and secret key, or the bucket policy"
         ),
+        StoreError::Network(cause) if is_missing_credentials(cause) => format!(
+            "no S3 credentials found for bucket {bucket:?} at {endpoint}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+             or AWS_PROFILE (~/.aws/credentials), or use --access-key-file and --secret-key-file"
+        ),
         StoreError::Network(cause) => {
-            format!("cannot reach {endpoint} for bucket {bucket:?}: {cause}")
+            format!("cannot reach {endpoint} for bucket {bucket:?}: {}", first_line(cause))
         }
         other => format!("bucket {bucket:?} at {endpoint}: {other}"),
     }
+}
+
+/// True when a request failed because the credential chain found nothing.
+fn is_missing_credentials(cause: &str) -> bool {
+    cause.contains("no credentials found in chain") || cause.contains("no providers in chain provided credentials")
+}
+
+/// The first line of a cause (the credential chain explains itself over several).
+fn first_line(cause: &str) -> &str {
+    cause.lines().next().unwrap_or(cause)
 }
 
 /// The store and mount point for one spec. With `check_first`, the bucket
@@ -267,7 +284,12 @@ fn invalidation_worker(notifier: fuser::Notifier) -> Box<dyn Fn(Invalidate) + Se
     })
 }
 
-fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
+fn serve(
+    rt: &tokio::runtime::Runtime,
+    req: &MountRequest,
+    fs: Arc<Fs>,
+    on_ready: Option<Box<dyn FnOnce() + Send>>,
+) -> i32 {
     let mut options = vec![
         MountOption::FSName(FSNAME.to_string()),
         MountOption::Subtype(FSNAME.to_string()),
@@ -278,6 +300,9 @@ fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
     ];
     if req.settings.read_only {
         options.push(MountOption::RO);
+    }
+    if req.settings.no_exec {
+        options.push(MountOption::NoExec);
     }
     let mut config = Config::default();
     config.mount_options = options;
@@ -324,6 +349,22 @@ fn serve(rt: &tokio::runtime::Runtime, req: &MountRequest, fs: Arc<Fs>) -> i32 {
         req.mountpoint.display(),
         if req.settings.read_only { " (read-only)" } else { "" }
     );
+    if let Some(ready) = on_ready {
+        let mountpoint = req.mountpoint.clone();
+        std::thread::spawn(move || {
+            // The root's attributes now come from this process's session.
+            let answered = (0..100).any(|i| {
+                if i > 0 {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                std::fs::metadata(&mountpoint).is_ok()
+            });
+            if !answered {
+                warn!("{} does not answer stat yet", mountpoint.display());
+            }
+            ready();
+        });
+    }
     rt.block_on(async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
@@ -500,5 +541,23 @@ mod tests {
         assert_eq!(m[0].mount_point, PathBuf::from("/mnt/with space"));
         assert_eq!(m[1].fs_type, "fuse");
         assert_eq!(m[1].source, "bucketfs");
+    }
+
+    #[test]
+    fn a_missing_credential_is_one_line() {
+        let spec = MountSpec {
+            name: "b".into(),
+            path: Vec::new(),
+            source: "b".parse().unwrap(),
+            s3: crate::spec::S3Settings { endpoint: Some("http://127.0.0.1:9000".into()), ..Default::default() },
+            read_only: false,
+            metadata_ttl: Duration::from_secs(1),
+        };
+        let cause = "dispatch failure: other: the credential provider was not enabled: no credentials found in chain. Attempted:\n  Environment: not set\n  Profile: not enabled";
+        let msg = explain_check_failure(&spec, &StoreError::Network(cause.into()));
+        assert!(msg.starts_with("no S3 credentials found for bucket \"b\""), "{msg}");
+        assert!(!msg.contains('\n'));
+        let msg = explain_check_failure(&spec, &StoreError::Network("connection refused\nmore".into()));
+        assert!(!msg.contains('\n'), "{msg}");
     }
 }

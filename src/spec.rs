@@ -220,6 +220,8 @@ pub struct FsSettings {
     pub allow_other: bool,
     /// Mount the whole file system read-only (`MS_RDONLY`).
     pub read_only: bool,
+    /// Mount with `MS_NOEXEC`.
+    pub no_exec: bool,
     pub memory_limit: u64,
     /// Kernel readahead for the mount in bytes; 0 leaves the kernel's default.
     pub read_ahead: u64,
@@ -241,6 +243,7 @@ impl Default for FsSettings {
             dir_mode: 0o755,
             allow_other: false,
             read_only: false,
+            no_exec: false,
             memory_limit: DEFAULT_MEMORY_LIMIT,
             read_ahead: DEFAULT_READ_AHEAD,
             cache_dir: None,

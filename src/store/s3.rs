@@ -327,9 +327,12 @@ async fn build_client(settings: &S3Settings, keys: Option<(String, String)>) -> 
             .credentials_provider(Credentials::new(access, secret, None, None, "bucketfs-keys")),
         None => {
             let loader = aws_config::defaults(BehaviorVersion::latest());
-            let loader = match &settings.region {
-                Some(r) => loader.region(Region::new(r.clone())),
-                None => loader
+            let loader = match (&settings.region, &settings.endpoint) {
+                (Some(r), _) => loader.region(Region::new(r.clone())),
+                // Not AWS: no instance metadata probe for a region or for
+                // credentials (see `chain_without_imds`).
+                (None, Some(_)) => loader.region(region_without_imds()).credentials_provider(chain_without_imds()),
+                (None, None) => loader
                     .region(aws_config::meta::region::RegionProviderChain::default_provider().or_else("us-east-1")),
             };
             aws_sdk_s3::config::Builder::from(&loader.load().await)
@@ -356,6 +359,34 @@ async fn build_client(settings: &S3Settings, keys: Option<(String, String)>) -> 
     }
     let builder = builder.timeout_config(timeouts.build());
     Ok(Client::from_conf(builder.build()))
+}
+
+/// With an endpoint URL and no `--region`: `AWS_REGION` or the profile's,
+/// else `us-east-1`; the instance metadata service is not asked.
+fn region_without_imds() -> aws_config::meta::region::RegionProviderChain {
+    use aws_config::environment::region::EnvironmentVariableRegionProvider;
+    use aws_config::profile::ProfileFileRegionProvider;
+    aws_config::meta::region::RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
+        .or_else(ProfileFileRegionProvider::new())
+        .or_else("us-east-1")
+}
+
+/// The standard credential chain without its last step, EC2 instance
+/// metadata: environment, profile files, web identity, container
+/// credentials. Used with an endpoint URL (MinIO and the like), where asking
+/// the metadata service only costs time and warnings.
+fn chain_without_imds() -> aws_config::meta::credentials::CredentialsProviderChain {
+    use aws_config::ecs::EcsCredentialsProvider;
+    use aws_config::environment::credentials::EnvironmentVariableCredentialsProvider;
+    use aws_config::profile::ProfileFileCredentialsProvider;
+    use aws_config::web_identity_token::WebIdentityTokenCredentialsProvider;
+    aws_config::meta::credentials::CredentialsProviderChain::first_try(
+        "Environment",
+        EnvironmentVariableCredentialsProvider::new(),
+    )
+    .or_else("Profile", ProfileFileCredentialsProvider::builder().build())
+    .or_else("WebIdentityToken", WebIdentityTokenCredentialsProvider::builder().build())
+    .or_else("EcsContainer", EcsCredentialsProvider::builder().build())
 }
 
 fn https_client_with_ca(path: &PathBuf) -> anyhow::Result<aws_smithy_runtime_api::client::http::SharedHttpClient> {
