@@ -12,6 +12,7 @@ pub mod cache;
 pub mod disk_cache;
 #[cfg(test)]
 mod fault_tests;
+mod handles;
 pub mod inode;
 #[cfg(test)]
 mod model_tests;
@@ -25,7 +26,7 @@ pub mod write;
 pub mod writers;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -35,11 +36,12 @@ use tracing::{debug, error, warn};
 use crate::spec::FsSettings;
 use crate::store::{ObjectStore, StoreError};
 use cache::{BlockCache, ObjectId, ReadData};
+use handles::{FileHandle, HandleKind, Handles};
 use inode::{Inode, InodeTable, Loc, PageCache, ROOT};
 use namespace::{Entry, Kind, Skipped};
 use read::Reader;
 use write::WriteError;
-use writers::{WriterEntry, Writers};
+use writers::Writers;
 
 /// Bound on remembered negative lookups; the table is cleared when full.
 const NEGATIVE_CACHE_MAX: usize = 100_000;
@@ -171,36 +173,10 @@ pub struct DirItem {
     pub attr: Attr,
 }
 
-enum HandleKind {
-    Read(Reader),
-    Write(Arc<WriterEntry>),
-}
-
-struct FileHandle {
-    ino: u64,
-    kind: HandleKind,
-    /// For write handles, the thread group of the process that opened it
-    /// (see [`Fs::flush`]); 0 for read handles, whose flush does nothing.
-    /// Finding it reads /proc, which cost 5 % of bucketfs's CPU when it was
-    /// done for every open of a small file.
-    opener: u32,
-}
-
-struct DirHandle {
-    ino: u64,
-    /// The listing this handle reads, filled as its pages arrive.
-    listed: Option<watch::Receiver<Listed>>,
-    /// Entries handed out per call: as many as the kernel's last reply
-    /// buffer held (one page on older kernels, up to 128 KiB on newer).
-    batch: usize,
-    /// What fitted the last time an answer did not: `batch` grows up to it.
-    batch_ceiling: usize,
-}
-
 /// A directory listing as it arrives: `readdir` hands out entries while the
 /// later pages are still being listed.
 #[derive(Default)]
-struct Listed {
+pub(crate) struct Listed {
     /// `.`, `..`, then the entries in the order they became final.
     items: Vec<Arc<DirItem>>,
     /// Set once the listing is complete or has failed.
@@ -211,11 +187,11 @@ struct Listed {
 /// Most entries one `readdir` call returns. A reply holds one memory page:
 /// about 25 entries with attributes (READDIRPLUS, which the kernel always
 /// uses here), about 150 without.
-const READDIR_BATCH: usize = 64;
+pub(crate) const READDIR_BATCH: usize = 64;
 /// Entries of a LIST page taken in between two wake-ups of `readdir`.
 const LISTED_SLICE: usize = 512;
 /// The most entries handed out per `readdir` call.
-const READDIR_BATCH_MAX: usize = 4096;
+pub(crate) const READDIR_BATCH_MAX: usize = 4096;
 
 /// Numbers for `statfs`.
 pub struct StatFs {
@@ -235,9 +211,7 @@ pub struct Fs {
     negative: Mutex<HashMap<(u64, String), Instant>>,
     /// Per directory: when counting started, and lookups that missed.
     misses: Mutex<HashMap<u64, (Instant, u32)>>,
-    files: Mutex<HashMap<u64, Arc<FileHandle>>>,
-    dirs: Mutex<HashMap<u64, DirHandle>>,
-    next_fh: AtomicU64,
+    handles: Handles,
     cache: Arc<BlockCache>,
     warned: Mutex<HashSet<String>>,
     started: SystemTime,
@@ -283,9 +257,7 @@ impl Fs {
             inodes: Mutex::new(table),
             negative: Mutex::new(HashMap::new()),
             misses: Mutex::new(HashMap::new()),
-            files: Mutex::new(HashMap::new()),
-            dirs: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            handles: Handles::default(),
             warned: Mutex::new(HashSet::new()),
             started: now,
             invalidate: OnceLock::new(),
@@ -750,10 +722,8 @@ impl Fs {
 
     fn add_handle(&self, ino: u64, kind: HandleKind, pid: u32) -> u64 {
         crate::metrics::metrics().open_handles.inc();
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let opener = if matches!(kind, HandleKind::Write(_)) { tgid(pid) } else { 0 };
-        lock(&self.files).insert(fh, Arc::new(FileHandle { ino, kind, opener }));
-        fh
+        self.handles.add_file(FileHandle { ino, kind, opener })
     }
 
     /// The hook must not notify the kernel synchronously: the kernel may hold
@@ -768,7 +738,7 @@ impl Fs {
     /// when its bytes are in memory (see [`Reader::read_now`]). Needs a tokio
     /// runtime context, for the fetches it starts.
     pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> ReadNow {
-        let Some(handle) = lock(&self.files).get(&fh).cloned() else { return ReadNow::Wait };
+        let Some(handle) = self.handles.file(fh) else { return ReadNow::Wait };
         let HandleKind::Read(reader) = &handle.kind else { return ReadNow::Wait };
         if self.writers.contains(handle.ino) {
             return ReadNow::Wait;
@@ -784,7 +754,7 @@ impl Fs {
 
     /// Finishes a read that [`Self::read_now`] started.
     pub async fn finish_read(&self, fh: u64, range: std::ops::Range<u64>) -> Result<ReadData> {
-        let handle = lock(&self.files).get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        let handle = self.handles.file(fh).ok_or(FsError::BadHandle)?;
         let len = (range.end - range.start) as u32;
         match &handle.kind {
             HandleKind::Read(reader) if !self.writers.contains(handle.ino) => {
@@ -797,7 +767,7 @@ impl Fs {
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadData> {
-        let handle = lock(&self.files).get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        let handle = self.handles.file(fh).ok_or(FsError::BadHandle)?;
         // While the file is open for writing, every handle reads what was written.
         let writer = match &handle.kind {
             HandleKind::Write(w) => Some(w.clone()),
@@ -853,7 +823,7 @@ impl Fs {
     /// Last close of a handle: a write handle's data is uploaded if no other
     /// close did it (errors can only be logged here).
     pub async fn release(&self, fh: u64) {
-        let Some(handle) = lock(&self.files).remove(&fh) else {
+        let Some(handle) = self.handles.remove_file(fh) else {
             return;
         };
         crate::metrics::metrics().open_handles.dec();
@@ -867,19 +837,15 @@ impl Fs {
     // ----- directories -----
 
     pub fn opendir(&self, ino: u64) -> Result<u64> {
-        let table = lock(&self.inodes);
-        let inode = table.get(ino).ok_or(FsError::NotFound)?;
-        if inode.kind != Kind::Dir {
+        let kind = lock(&self.inodes).get(ino).map(|i| i.kind).ok_or(FsError::NotFound)?;
+        if kind != Kind::Dir {
             return Err(FsError::NotDir);
         }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dirs)
-            .insert(fh, DirHandle { ino, listed: None, batch: READDIR_BATCH, batch_ceiling: READDIR_BATCH_MAX });
-        Ok(fh)
+        Ok(self.handles.add_dir(ino))
     }
 
     pub fn releasedir(&self, fh: u64) {
-        lock(&self.dirs).remove(&fh);
+        self.handles.remove_dir(fh);
     }
 
     /// A batch (see [`Self::readdir_fitted`]) of the directory's entries from `offset` on
@@ -887,11 +853,7 @@ impl Fs {
     /// the directory again, in the background: entries are answered as the
     /// listing's pages arrive, while the next page is requested.
     pub async fn readdir(self: &Arc<Self>, fh: u64, offset: u64) -> Result<Vec<Arc<DirItem>>> {
-        let (ino, listed, batch) = {
-            let dirs = lock(&self.dirs);
-            let h = dirs.get(&fh).ok_or(FsError::BadHandle)?;
-            (h.ino, h.listed.clone(), h.batch)
-        };
+        let handles::DirState { ino, listed, batch } = self.handles.dir(fh).ok_or(FsError::BadHandle)?;
         let mut listed = match listed {
             Some(rx) if offset > 0 => rx,
             _ => {
@@ -904,9 +866,7 @@ impl Fs {
                         l.error = result.err();
                     });
                 });
-                if let Some(h) = lock(&self.dirs).get_mut(&fh) {
-                    h.listed = Some(rx.clone());
-                }
+                self.handles.set_listing(fh, rx.clone());
                 rx
             }
         };
@@ -948,25 +908,16 @@ impl Fs {
 
     /// Tells handle `fh` how many of the `given` entries of a `readdir`
     /// answer fitted into the kernel's buffer, so the next answer holds about
-    /// as many: entries that do not fit are looked up for nothing. The batch
-    /// doubles while answers fit, but not past what fitted when one did not.
+    /// as many: entries that do not fit are looked up for nothing.
     fn readdir_fitted(&self, fh: u64, given: usize, fitted: usize) {
-        if let Some(h) = lock(&self.dirs).get_mut(&fh) {
-            if fitted < given {
-                h.batch = fitted.max(1);
-                h.batch_ceiling = h.batch;
-            } else if given >= h.batch {
-                h.batch = (h.batch * 2).min(h.batch_ceiling);
-            }
-        }
+        self.handles.fitted(fh, given, fitted);
     }
 
     /// [`Self::readdir`] without waiting: the entries from `offset` on when
     /// the listing already has them (or has ended); `None` when the call
     /// must wait for the server.
     pub fn readdir_now(&self, fh: u64, offset: u64) -> Option<Result<Vec<Arc<DirItem>>>> {
-        let dirs = lock(&self.dirs);
-        let h = dirs.get(&fh)?;
+        let h = self.handles.dir(fh)?;
         let listed = h.listed.as_ref().filter(|_| offset > 0)?.borrow();
         Self::listed_from(&listed, offset as usize, h.batch)
     }

@@ -9,11 +9,12 @@ use std::time::{Instant, SystemTime};
 
 use tracing::{error, info};
 
+use super::handles::HandleKind;
 use super::inode::{Loc, PageCache};
 use super::namespace::{self, Entry, Kind};
 use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Upload, Writer};
 use super::writers::{Left, WriterEntry};
-use super::{Attr, Fs, FsError, HandleKind, MountPoint, Result, lock, tgid};
+use super::{Attr, Fs, FsError, MountPoint, Result, lock, tgid};
 use crate::store::{PutCondition, StoreError};
 
 /// Renames of directories copy this many objects at once.
@@ -163,7 +164,7 @@ impl Fs {
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        let handle = lock(&self.files).get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        let handle = self.handles.file(fh).ok_or(FsError::BadHandle)?;
         let HandleKind::Write(w) = &handle.kind else {
             return Err(FsError::BadHandle);
         };
@@ -181,7 +182,7 @@ impl Fs {
     /// sharing the descriptor (a shell's dup'd fd) leaves it to the opener,
     /// so a file is never uploaded half-written or twice.
     pub async fn flush(&self, fh: u64, pid: u32) -> Result<()> {
-        let Some(handle) = lock(&self.files).get(&fh).cloned() else {
+        let Some(handle) = self.handles.file(fh) else {
             return Ok(());
         };
         let HandleKind::Write(w) = &handle.kind else {
@@ -199,7 +200,7 @@ impl Fs {
     }
 
     pub async fn fsync(&self, fh: u64) -> Result<()> {
-        let Some(handle) = lock(&self.files).get(&fh).cloned() else {
+        let Some(handle) = self.handles.file(fh) else {
             return Ok(());
         };
         match &handle.kind {
