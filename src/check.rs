@@ -10,7 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::mount::{FSNAME, explain_check_failure, mounts_at};
+use crate::host::{FSNAME, mounts_at};
+use crate::mount::explain_check_failure;
 use crate::spec::{CredentialSource, MountSpec};
 use crate::store::s3::S3Store;
 use crate::store::{ObjectStore, StoreError, collect_body};

@@ -41,7 +41,7 @@ impl FuseAdapter {
             if bytes == 0 {
                 return;
             }
-            match crate::mount::set_read_ahead(&self.mountpoint, bytes) {
+            match crate::host::set_read_ahead(&self.mountpoint, bytes) {
                 Ok(file) => tracing::debug!("kernel readahead set to {} KiB ({})", bytes / 1024, file.display()),
                 Err(e) => tracing::info!(
                     "kernel readahead left at its default (sequential reads arrive in 128 KiB requests): cannot set it: {e}"

@@ -12,6 +12,7 @@ pub mod fluid;
 pub mod fs;
 pub mod fstab;
 pub mod fuse;
+pub mod host;
 pub mod logging;
 pub mod metrics;
 pub mod mount;

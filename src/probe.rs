@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::mount::{FSNAME, mounts_at};
+use crate::host::{FSNAME, mounts_at};
 
 pub fn check(target: &Path, timeout: Duration) -> Result<(), String> {
     let entries = mounts_at(target);

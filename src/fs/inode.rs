@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::MountPoint;
 use super::namespace::{Entry, Kind};
@@ -109,11 +109,20 @@ pub struct InodeTable {
     inodes: hashbrown::HashMap<u64, Inode>,
     names: hashbrown::HashMap<(u64, String), u64>,
     next: u64,
+    /// Names found missing (or removed here), and when: for a TTL they stay
+    /// missing without asking the server, even if it still lists them.
+    negative: HashMap<(u64, String), Instant>,
+    /// Per directory: when counting started, and lookups that missed.
+    misses: HashMap<u64, (Instant, u32)>,
     /// Inodes made and kernel lookups forgotten since the last sweep.
     churn: usize,
     /// Inodes left after the last sweep.
     kept: usize,
 }
+
+/// Bound on remembered negative lookups (and directories counting misses);
+/// the table is cleared when full.
+const NEGATIVE_CACHE_MAX: usize = 100_000;
 
 /// Sweeps are at least this far apart (in inodes made or forgotten), so
 /// their cost stays a small constant per operation.
@@ -230,6 +239,52 @@ impl InodeTable {
         self.names.insert((parent, entry.name.clone()), ino);
         self.churned();
         ino
+    }
+
+    /// True while `name` in `parent` is known to be missing (within `ttl`).
+    pub fn is_negative(&self, parent: u64, name: &str, ttl: Duration, now: Instant) -> bool {
+        self.negative.get(&(parent, name.to_string())).is_some_and(|at| now < *at + ttl)
+    }
+
+    /// Remembers that `name` in `parent` was missing at `at`.
+    pub fn set_negative(&mut self, parent: u64, name: &str, at: Instant) {
+        if self.negative.len() >= NEGATIVE_CACHE_MAX {
+            self.negative.clear();
+        }
+        self.negative.insert((parent, name.to_string()), at);
+    }
+
+    pub fn clear_negative(&mut self, parent: u64, name: &str) {
+        if !self.negative.is_empty() {
+            self.negative.remove(&(parent, name.to_string()));
+        }
+    }
+
+    /// Drops from `entries` (listed in `parent`) the names known missing.
+    pub fn drop_negative(&self, parent: u64, entries: &mut Vec<Entry>, ttl: Duration, now: Instant) {
+        if !self.negative.is_empty() {
+            entries.retain(|e| !self.is_negative(parent, &e.name, ttl, now));
+        }
+    }
+
+    /// Counts a lookup in `dir` that missed every cache; true (and the count
+    /// starts again) once the directory has had more than `limit` such
+    /// lookups within one `ttl`.
+    pub fn count_miss(&mut self, dir: u64, ttl: Duration, now: Instant, limit: u32) -> bool {
+        if self.misses.len() > NEGATIVE_CACHE_MAX {
+            self.misses.clear();
+        }
+        let entry = self.misses.entry(dir).or_insert((now, 0));
+        if now >= entry.0 + ttl {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        if entry.1 > limit {
+            *entry = (now, 0);
+            true
+        } else {
+            false
+        }
     }
 
     /// Counts one inode made or forgotten, and sweeps once enough have been.

@@ -43,8 +43,6 @@ use read::Reader;
 use write::WriteError;
 use writers::Writers;
 
-/// Bound on remembered negative lookups; the table is cleared when full.
-const NEGATIVE_CACHE_MAX: usize = 100_000;
 /// Lookups that miss in one directory within a TTL before it is listed
 /// whole instead: two requests per name cost more than a listing page.
 const LIST_AFTER_MISSES: u32 = 3;
@@ -208,9 +206,6 @@ pub struct StatFs {
 pub struct Fs {
     settings: FsSettings,
     inodes: Mutex<InodeTable>,
-    negative: Mutex<HashMap<(u64, String), Instant>>,
-    /// Per directory: when counting started, and lookups that missed.
-    misses: Mutex<HashMap<u64, (Instant, u32)>>,
     handles: Handles,
     cache: Arc<BlockCache>,
     warned: Mutex<HashSet<String>>,
@@ -255,8 +250,6 @@ impl Fs {
             cache: Arc::new(BlockCache::new(settings.memory_limit)),
             settings,
             inodes: Mutex::new(table),
-            negative: Mutex::new(HashMap::new()),
-            misses: Mutex::new(HashMap::new()),
             handles: Handles::default(),
             warned: Mutex::new(HashSet::new()),
             started: now,
@@ -525,10 +518,7 @@ impl Fs {
                 }
             }
         };
-        let name_key = (parent, name.to_string());
-        if let Some(at) = lock(&self.negative).get(&name_key)
-            && Instant::now() < *at + mount.ttl
-        {
+        if lock(&self.inodes).is_negative(parent, name, mount.ttl, Instant::now()) {
             return Err(FsError::NotFound);
         }
         // Many names looked up one by one in the same directory (a program
@@ -543,20 +533,17 @@ impl Fs {
         let started = Instant::now();
         match self.remote_lookup(&mount, &key, name).await {
             Ok(entry) => {
-                lock(&self.negative).remove(&name_key);
                 let mut table = lock(&self.inodes);
+                table.clear_negative(parent, name);
                 let ino = table.upsert(parent, &mount, &dir_key, &entry, started + mount.ttl, count);
                 Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?))
             }
             Err(FsError::NotFound) => {
+                let mut table = lock(&self.inodes);
                 if !mount.ttl.is_zero() {
-                    let mut neg = lock(&self.negative);
-                    if neg.len() >= NEGATIVE_CACHE_MAX {
-                        neg.clear();
-                    }
-                    neg.insert(name_key, started);
+                    table.set_negative(parent, name, started);
                 }
-                lock(&self.inodes).unlink_name(parent, name);
+                table.unlink_name(parent, name);
                 Err(FsError::NotFound)
             }
             Err(e) => Err(e),
@@ -569,22 +556,7 @@ impl Fs {
         if ttl.is_zero() {
             return false;
         }
-        let now = Instant::now();
-        let mut misses = lock(&self.misses);
-        if misses.len() > NEGATIVE_CACHE_MAX {
-            misses.clear();
-        }
-        let entry = misses.entry(dir).or_insert((now, 0));
-        if now >= entry.0 + ttl {
-            *entry = (now, 0);
-        }
-        entry.1 += 1;
-        if entry.1 > LIST_AFTER_MISSES {
-            *entry = (now, 0);
-            true
-        } else {
-            false
-        }
+        lock(&self.inodes).count_miss(dir, ttl, Instant::now(), LIST_AFTER_MISSES)
     }
 
     /// HEAD `key` and LIST `key/` at once; a directory wins over a file.
@@ -1030,18 +1002,12 @@ impl Fs {
         let mut entries = entries.into_iter().peekable();
         while entries.peek().is_some() {
             let mut slice: Vec<Entry> = entries.by_ref().take(LISTED_SLICE).collect();
-            {
-                // Names removed here within the TTL stay removed, even if
-                // the server still lists them for a moment.
-                let negative = lock(&self.negative);
-                if !negative.is_empty() {
-                    let now = Instant::now();
-                    slice.retain(|e| negative.get(&(ino, e.name.clone())).is_none_or(|at| now >= *at + mount.ttl));
-                }
-            }
             let mut items = Vec::with_capacity(slice.len());
             {
                 let mut table = lock(&self.inodes);
+                // Names removed here within the TTL stay removed, even if
+                // the server still lists them for a moment.
+                table.drop_negative(ino, &mut slice, mount.ttl, Instant::now());
                 for entry in slice {
                     let child = table.upsert(ino, mount, prefix, &entry, valid_until, false);
                     if let Some(c) = table.get(child) {

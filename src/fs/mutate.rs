@@ -145,8 +145,11 @@ impl Fs {
         let (mount, dir_key) = self.dir_location(parent)?;
         self.check_writable(&mount)?;
         let key = namespace::child_key(&dir_key, name);
-        let ino = lock(&self.inodes).insert_local(parent, &mount, key.clone(), name, SystemTime::now());
-        lock(&self.negative).remove(&(parent, name.to_string()));
+        let ino = {
+            let mut table = lock(&self.inodes);
+            table.clear_negative(parent, name);
+            table.insert_local(parent, &mount, key.clone(), name, SystemTime::now())
+        };
         let dir = self.staging.path();
         let streaming = flags & libc::O_ACCMODE == libc::O_WRONLY;
         let make = || async {
@@ -261,8 +264,8 @@ impl Fs {
     /// Removes `name` from `parent` in every cache, and remembers for a TTL
     /// that it is gone (some servers list emptied prefixes for a while).
     fn forget_name(&self, parent: u64, name: &str) {
-        lock(&self.negative).insert((parent, name.to_string()), Instant::now());
         let mut table = lock(&self.inodes);
+        table.set_negative(parent, name, Instant::now());
         table.unlink_name(parent, name);
         if let Some(dir) = table.get_mut(parent) {
             dir.local_children.remove(name);
@@ -274,8 +277,8 @@ impl Fs {
 
     /// Records a new directory in the parent's cached listing.
     fn note_dir(&self, parent: u64, name: &str) {
-        lock(&self.negative).remove(&(parent, name.to_string()));
         let mut table = lock(&self.inodes);
+        table.clear_negative(parent, name);
         if let Some(dir) = table.get_mut(parent)
             && let Some((_, entries)) = &mut dir.listing
         {
@@ -513,8 +516,8 @@ impl Fs {
         let parent = lock(&self.inodes).get(ino).map(|i| i.parent).unwrap_or_default();
         self.forget_name(parent, name);
         self.forget_name(newparent, newname);
-        lock(&self.negative).remove(&(newparent, newname.to_string()));
         let mut table = lock(&self.inodes);
+        table.clear_negative(newparent, newname);
         table.relink(ino, newparent, newname);
         let (etag, mtime) = match table.get_mut(ino) {
             Some(inode) => {
