@@ -6,3 +6,4 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 source scripts/weed-path.sh
 cargo test --locked --no-fail-fast "$@"
+[ "$#" -gt 0 ] || scripts/container-e2e.sh  # the FUSE image in containers, run as Fluid runs it

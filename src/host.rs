@@ -98,12 +98,20 @@ pub fn absolute(path: &Path) -> PathBuf {
     }
 }
 
-/// True if `path` is a FUSE mount whose server is gone.
+/// True if `path` is a FUSE mount whose server is gone. `stat` alone is not
+/// enough: the kernel answers it from its attribute cache for as long as the
+/// attributes are valid, dead server or not (seen with a FUSE container
+/// killed and restarted at once). `statfs` always asks the server.
 pub fn is_dead_mount(path: &Path) -> bool {
-    match std::fs::metadata(path) {
-        Err(e) => matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)),
-        Ok(_) => false,
+    let dead = |e: Option<i32>| matches!(e, Some(libc::ENOTCONN) | Some(libc::ECONNABORTED));
+    if let Err(e) = std::fs::metadata(path) {
+        return dead(e.raw_os_error());
     }
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: a valid C string and a zeroed out-struct of the right type.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc != 0 && dead(std::io::Error::last_os_error().raw_os_error())
 }
 
 /// Detaches dead FUSE mounts stacked at `path`, and leaves healthy ones

@@ -350,6 +350,42 @@ fn unreachable_server_mounts_promptly_and_fails_operations_with_eio() {
     assert!(wait_until(Duration::from_secs(10), || m.log_text().contains("list failed")), "{}", m.log_text());
 }
 
+/// The goofys flow's single mount sits at the root. Adding a second mount
+/// moves it to /<name> (docs/fluid.md); removing it again moves it back. Names
+/// looked up before a move must not resolve after it.
+#[test]
+fn config_swap_between_root_and_named_layouts() {
+    let srv = server();
+    let a = srv.bucket("layout-a");
+    let b = srv.bucket("layout-b");
+    srv.put(&a, "testfile", "A");
+    srv.put(&b, "in-b", "B");
+    let mut env = FluidEnv::new("layout");
+    let one = env.minio_config(&a, &srv.endpoint, "\"ReadOnlyMany\"");
+    let second = one
+        .replace(&format!("minio://{a}"), &format!("minio://{b}"))
+        .replace("\"name\":\"minio\"", "\"name\":\"extra\"");
+    let mounts =
+        |cfg: &str| cfg.split_once("\"mounts\":[").unwrap().1.split_once("],\"targetPath\"").unwrap().0.to_string();
+    let both = one.replace(&mounts(&one), &format!("{},{}", mounts(&one), mounts(&second)));
+    env.write_config(&one);
+    let m = env.start();
+    let id = mount_ids(&env.target);
+    assert_eq!(std::fs::read_to_string(env.target.join("testfile")).unwrap(), "A");
+
+    env.write_config(&both);
+    assert!(wait_until(Duration::from_secs(15), || env.target.join("extra/in-b").exists()), "{}", m.log_text());
+    assert_eq!(std::fs::read_to_string(env.target.join("minio/testfile")).unwrap(), "A");
+    assert!(!env.target.join("testfile").exists(), "the old root entry still resolves");
+
+    env.write_config(&one);
+    assert!(wait_until(Duration::from_secs(15), || env.target.join("testfile").exists()), "{}", m.log_text());
+    assert!(!env.target.join("extra").exists(), "the removed mount's directory still resolves");
+    assert!(!env.target.join("minio").exists(), "the old mount directory still resolves");
+    assert_eq!(std::fs::read_to_string(env.target.join("testfile")).unwrap(), "A");
+    assert_eq!(mount_ids(&env.target), id, "the FUSE mount was replaced");
+}
+
 #[test]
 fn config_swap_changes_mounts_without_remounting() {
     let srv = server();

@@ -9,7 +9,9 @@
 //! - Core kinds (Pod, Job, Deployment, Service, Secret) get minimal checks.
 //! - The manifests agree with each other and with bucketfs: PVC names,
 //!   profile names, secret references, the FUSE fsname, `bucketfs fluid`.
-//! - The Dockerfile builds a Debian image with the tools Fluid runs.
+//! - The Dockerfile builds a Debian image with the tools Fluid runs, both
+//!   from its Rust build stage and from a binary built outside
+//!   (`runtime-prebuilt`). scripts/container-e2e.sh builds and runs it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -922,9 +924,19 @@ fn parse_dockerfile(text: &str) -> Vec<Stage> {
         }
     }
     let mut stages: Vec<Stage> = Vec::new();
+    // ARGs before the first FROM may be used in FROM lines: their defaults
+    // are what a build without --build-arg uses.
+    let mut global_args: Vec<(String, String)> = Vec::new();
     for ins in instructions {
-        if ins.keyword == "FROM" {
-            let words: Vec<&str> = ins.args.split_whitespace().filter(|w| !w.starts_with("--")).collect();
+        if ins.keyword == "ARG" && stages.is_empty() {
+            let (name, default) = ins.args.split_once('=').unwrap_or((&ins.args, ""));
+            global_args.push((name.trim().to_string(), default.trim().trim_matches('"').to_string()));
+        } else if ins.keyword == "FROM" {
+            let mut args = ins.args.clone();
+            for (name, default) in &global_args {
+                args = args.replace(&format!("${{{name}}}"), default).replace(&format!("${name}"), default);
+            }
+            let words: Vec<&str> = args.split_whitespace().filter(|w| !w.starts_with("--")).collect();
             let name = match words.as_slice() {
                 [_, r#as, name, ..] if r#as.eq_ignore_ascii_case("as") => Some(name.to_string()),
                 _ => None,
@@ -986,17 +998,71 @@ fn dockerfile_builds_bucketfs_image_with_fluid_tools() {
     let text = std::fs::read_to_string(&path).expect("read docker/Dockerfile");
     let stages = parse_dockerfile(&text);
     let mut problems = Vec::new();
-    let Some((runtime, builders)) = stages.split_last() else {
+    let Some((last, builders)) = stages.split_last() else {
         panic!("docker/Dockerfile has no FROM");
     };
+    // A stage FROM an earlier stage inherits its image and instructions.
+    let flatten = |stage: &Stage| -> Stage {
+        let mut chain = vec![stage];
+        while let Some(parent) = stages.iter().find(|s| s.name.as_deref() == Some(chain.last().unwrap().image.as_str()))
+        {
+            if chain.len() > stages.len() {
+                break;
+            }
+            chain.push(parent);
+        }
+        let root = chain.last().unwrap();
+        Stage {
+            image: root.image.clone(),
+            name: stage.name.clone(),
+            instructions: chain
+                .iter()
+                .rev()
+                .flat_map(|s| &s.instructions)
+                .map(|i| Instruction { line: i.line, keyword: i.keyword.clone(), args: i.args.clone() })
+                .collect(),
+        }
+    };
+    // The default target (the last stage) is the users' two-stage build.
+    let runtime = &flatten(last);
 
     // Multi-stage: a rust: build stage, a debian: runtime stage.
     let build = builders.iter().enumerate().find(|(_, s)| s.image.starts_with("rust:"));
     if build.is_none() {
-        problems.push("no build stage FROM rust:<version>-<debian codename>".to_string());
+        problems.push("no build stage FROM rust:<version>-<debian codename> (the RUST_IMAGE default)".to_string());
     }
     if !runtime.image.starts_with("debian:") {
-        problems.push(format!("the final (runtime) stage must be FROM debian:, found {:?}", runtime.image));
+        problems.push(format!("the final (runtime) stage must be based on debian:, found {:?}", runtime.image));
+    }
+    // A runtime-prebuilt stage takes a binary built outside (the build
+    // context holds only `bucketfs`): the same base and tools, the binary
+    // copied from the context to the same place.
+    match stages.iter().find(|s| s.name.as_deref() == Some("runtime-prebuilt")).map(flatten) {
+        None => problems.push("no `runtime-prebuilt` stage for a binary built outside the image".to_string()),
+        Some(prebuilt) => {
+            if prebuilt.image != runtime.image {
+                problems.push(format!(
+                    "runtime-prebuilt is based on {:?}, the default runtime on {:?}",
+                    prebuilt.image, runtime.image
+                ));
+            }
+            let shared = |i: &Instruction| i.keyword != "COPY" && i.keyword != "RUN" || i.args.contains("apt-get");
+            let base_of = |s: &Stage| s.instructions.iter().filter(|i| shared(i)).map(|i| i.line).collect::<Vec<_>>();
+            if base_of(&prebuilt) != base_of(runtime) {
+                problems.push("runtime-prebuilt and the default runtime do not share their base stage".to_string());
+            }
+            let from_context = prebuilt.instructions.iter().any(|i| {
+                i.keyword == "COPY"
+                    && !i.args.contains("--from")
+                    && i.args.split_whitespace().next() == Some("bucketfs")
+                    && i.args.split_whitespace().last() == Some("/usr/local/bin/bucketfs")
+            });
+            if !from_context {
+                problems.push(
+                    "runtime-prebuilt does not COPY bucketfs from the context to /usr/local/bin/bucketfs".to_string(),
+                );
+            }
+        }
     }
     if let Some((index, build)) = build {
         let tag = build.image.trim_start_matches("rust:");
@@ -1233,4 +1299,11 @@ fn dockerfile_parser_joins_continuations_and_reads_apt_lines() {
     assert_eq!((run.keyword.as_str(), run.line), ("RUN", 5));
     let installed: Vec<String> = apt_installed(&run.args).into_iter().collect();
     assert_eq!(installed, ["bash", "coreutils"]);
+
+    let stages = parse_dockerfile(
+        "ARG RUST_IMAGE=rust:1.95-bookworm\nARG BASE_IMAGE=\"debian:bookworm-slim\"\n\
+         FROM ${RUST_IMAGE} AS build\nFROM $BASE_IMAGE AS base\nFROM base AS runtime\n",
+    );
+    let images: Vec<&str> = stages.iter().map(|s| s.image.as_str()).collect();
+    assert_eq!(images, ["rust:1.95-bookworm", "debian:bookworm-slim", "base"]);
 }

@@ -416,4 +416,18 @@ impl InodeTable {
     pub fn unlink_name(&mut self, parent: u64, name: &str) {
         self.names.remove(&NameRef(parent, name));
     }
+
+    /// Forgets every name under `parent` (the inodes stay); returns them.
+    pub fn unlink_children(&mut self, parent: u64) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        self.names.retain(|(p, name), ino| {
+            if *p == parent {
+                out.push((name.clone(), *ino));
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
 }

@@ -310,14 +310,26 @@ impl Fs {
             if let [(path, mount)] = mounts.as_slice()
                 && path.is_empty()
             {
+                // The root becomes the mount's root: the names under it so far
+                // (mount directories, or another mount's entries) must not
+                // resolve any more.
+                for (name, ino) in table.unlink_children(ROOT) {
+                    if let Some(i) = table.get_mut(ino) {
+                        i.pinned = false;
+                    }
+                    gone.push((ROOT, name));
+                }
                 set_loc(&mut table, ROOT, Loc::Object { mount: mount.clone(), key: mount.prefix.clone() });
-                gone.extend(old_children.into_iter().map(|(n, _)| (ROOT, n)));
                 retargeted.push(ROOT);
             } else {
                 // Walk every mount path, reusing the pinned inodes already there.
                 let mut children: HashMap<u64, BTreeMap<String, u64>> = HashMap::new();
                 let was_virtual =
                     !old_children.is_empty() || matches!(table.get(ROOT).map(|r| &r.loc), Some(Loc::Virtual { .. }));
+                if !was_virtual {
+                    // The root was one mount's root: its entries go away.
+                    gone.extend(table.unlink_children(ROOT).into_iter().map(|(name, _)| (ROOT, name)));
+                }
                 let existing: HashMap<(u64, String), u64> = if was_virtual {
                     let mut m = HashMap::new();
                     let mut stack: Vec<u64> = vec![ROOT];
