@@ -21,7 +21,6 @@ use std::collections::HashMap;
 use std::io::IoSlice;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
@@ -254,7 +253,7 @@ impl Inner {
 
 /// See the module documentation.
 pub struct BlockCache {
-    inner: Mutex<Inner>,
+    inner: crate::sync::Mutex<Inner>,
     limit: u64,
     /// Woken whenever reserved bytes come back, for writers waiting for room.
     released: tokio::sync::Notify,
@@ -266,7 +265,7 @@ pub struct BlockCache {
 impl BlockCache {
     pub fn new(limit: u64) -> Self {
         Self {
-            inner: Mutex::new(Inner {
+            inner: crate::sync::Mutex::new(Inner {
                 ready: LruCache::unbounded(),
                 ready_bytes: 0,
                 streamed: LruCache::unbounded(),
@@ -356,8 +355,8 @@ impl BlockCache {
         self.released.notify_waiters();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> crate::sync::MutexGuard<'_, Inner> {
+        self.inner.lock()
     }
 
     /// What the cache holds for `key`. `promote` refreshes the block's place

@@ -20,6 +20,8 @@ mod mutate;
 pub mod namespace;
 pub mod read;
 pub mod reply;
+#[cfg(all(test, feature = "shuttle"))]
+mod shuttle_tests;
 #[cfg(test)]
 mod stress_tests;
 pub mod write;
