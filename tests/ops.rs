@@ -3,35 +3,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::process::Command;
 
 use common::*;
-
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// A plain HTTP/1.0 GET: (status code, body).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let code = out.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, body)
-}
-
-/// The value of a metric line that starts with `prefix`, summed over labels.
-fn metric(text: &str, name: &str, must_contain: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(must_contain))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
-}
 
 #[test]
 fn metrics_and_health_endpoints() {

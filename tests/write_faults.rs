@@ -119,3 +119,61 @@ fn a_failed_overwrite_is_not_read_back_from_the_page_cache() {
     let read = std::fs::read(&path).unwrap();
     assert!(read == old, "read back {:?}...\n{}", &read[..16], m.log_text());
 }
+
+/// Many failed uploads (1,000 single PUTs and 50 multipart uploads, each
+/// failed by one injected 503 with retries off): every close() reports it,
+/// and afterwards the budget holds nothing, no multipart upload is left
+/// open on the server, and no object appeared. `BUCKETFS_FAILED_UPLOADS`
+/// changes the count of single PUTs.
+#[test]
+fn failed_uploads_leave_no_budget_and_no_open_upload() {
+    let n: usize = std::env::var("BUCKETFS_FAILED_UPLOADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let srv = server();
+    let bucket = srv.bucket("failed-uploads");
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], srv.s3_port)));
+    let addr = free_addr();
+    let m = Mount::start_via(&proxy.endpoint(), &bucket, &["--max-attempts", "1", "--metrics-addr", &addr]);
+    let small = pattern(64 << 10, 5);
+    let big = pattern(9 << 20, 6);
+    let mut failed = 0;
+    let started = std::time::Instant::now();
+    for i in 0..n + 50 {
+        let (name, data) = if i < n { (format!("s{i}"), &small) } else { (format!("m{i}"), &big) };
+        let mut f = std::fs::File::create(m.path(&name)).unwrap();
+        f.write_all(data).unwrap();
+        if i >= n {
+            // Let the first part go out; the next request fails.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        proxy.set_mode(Mode::Error503 { remaining: 1 });
+        if let Err(e) = close(f) {
+            assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+            failed += 1;
+        }
+        proxy.set_mode(Mode::Pass);
+    }
+    let took = started.elapsed();
+    assert_eq!(failed, n + 50, "every failed upload is reported by close()");
+    let open_uploads = || {
+        srv.block_on(async {
+            let c = raw_client(&srv.endpoint);
+            c.list_multipart_uploads().bucket(&bucket).send().await.unwrap().uploads().len()
+        })
+    };
+    // Aborts of failed multipart uploads run as the failure is handled.
+    assert!(wait_until(std::time::Duration::from_secs(10), || open_uploads() == 0), "{} left open", open_uploads());
+    let (_, body) = http_get(&addr, "/metrics");
+    let reserved = metric(&body, "bucketfs_memory_reserved_bytes", "");
+    let multipart_open = metric(&body, "bucketfs_multipart_uploads_open", "");
+    let failed_metric = metric(&body, "bucketfs_uploads_failed", "");
+    eprintln!(
+        "failed uploads: {} in {took:.1?}; budget reserved after: {reserved} bytes; multipart uploads open: \
+         bucketfs {multipart_open}, server {}; uploads_failed metric {failed_metric}",
+        n + 50,
+        open_uploads()
+    );
+    assert_eq!(reserved, 0.0, "{body}");
+    assert_eq!(multipart_open, 0.0, "{body}");
+    assert!(failed_metric >= (n + 50) as f64);
+    assert!(srv.get(&bucket, &format!("m{n}")).is_none() && srv.get(&bucket, "s0").is_none());
+}

@@ -815,6 +815,7 @@ impl Fs {
         crate::metrics::metrics().open_handles.dec();
         if let HandleKind::Write(w) = &handle.kind
             && let Err(e) = self.leave_writer(handle.ino, w).await
+            && e != FsError::Write(WriteError::Failed)
         {
             error!("{}: data written through a closed handle could not be uploaded: {e}", w.mount.store.describe());
         }

@@ -12,7 +12,7 @@ use tracing::{error, info};
 use super::handles::HandleKind;
 use super::inode::{Loc, PageCache};
 use super::namespace::{self, Entry, Kind};
-use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Upload, Writer};
+use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Upload, WriteError, Writer};
 use super::writers::{Left, WriterEntry};
 use super::{Attr, Fs, FsError, MountPoint, Result, lock, tgid};
 use crate::store::{PutCondition, StoreError};
@@ -228,6 +228,8 @@ impl Fs {
                 self.record_upload(ino, &w.mount, writer.size(), etag);
                 Ok(())
             }
+            // Already reported (and logged) when it failed.
+            Err(e @ WriteError::Failed) => Err(e.into()),
             Err(e) => {
                 crate::metrics::metrics().uploads_failed.inc();
                 error!(key = %writer.key(), "upload of {}/{} failed: {e}", w.mount.store.describe(), writer.key());
