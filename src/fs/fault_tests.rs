@@ -23,6 +23,10 @@ pub(super) struct Setup {
 }
 
 pub(super) fn setup(limit: u64, seed: u64) -> Setup {
+    setup_with_ttl(limit, seed, Duration::from_secs(60))
+}
+
+pub(super) fn setup_with_ttl(limit: u64, seed: u64, ttl: Duration) -> Setup {
     let mem = Arc::new(MemoryStore::new());
     let faults = Arc::new(FaultyStore::new(mem.clone(), seed));
     let mount = Arc::new(MountPoint {
@@ -30,7 +34,7 @@ pub(super) fn setup(limit: u64, seed: u64) -> Setup {
         store: faults.clone(),
         prefix: String::new(),
         read_only: false,
-        ttl: Duration::from_secs(60),
+        ttl,
         source_id: "memory".into(),
     });
     let settings = FsSettings { memory_limit: limit, ..FsSettings::default() };
@@ -276,5 +280,30 @@ fn inodes_the_kernel_forgot_are_freed() {
         assert!(s.fs.inode_count() <= before + 1, "{} inodes left", s.fs.inode_count());
         // Looked up again, a name is found as before.
         assert_eq!(s.fs.lookup(dir, "k00042").await.unwrap().size, 1);
+    });
+}
+
+/// Sweeps run while a large listing is taken in, after the entries' TTL has
+/// passed: every entry is still handed out, once.
+#[test]
+fn a_listing_longer_than_its_ttl_loses_no_entry_to_a_sweep() {
+    rt().block_on(async {
+        let s = setup_with_ttl(64 << 20, 10, Duration::ZERO);
+        for i in 0..12_000 {
+            s.mem.insert(&format!("big/k{i:05}"), &b"x"[..]);
+        }
+        let dir = s.fs.lookup(1, "big").await.unwrap().ino;
+        let fh = s.fs.opendir(dir).unwrap();
+        let mut names = Vec::new();
+        loop {
+            let got = s.fs.readdir(fh, names.len() as u64).await.unwrap();
+            if got.is_empty() {
+                break;
+            }
+            names.extend(got.iter().map(|i| i.name.clone()));
+        }
+        s.fs.releasedir(fh);
+        let unique: std::collections::BTreeSet<_> = names.iter().collect();
+        assert_eq!((names.len(), unique.len()), (12_002, 12_002));
     });
 }

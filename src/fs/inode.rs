@@ -210,6 +210,9 @@ impl InodeTable {
             }
             return ino;
         }
+        // A sweep comes before the new inode is in: the caller reads it
+        // right after, whatever its lookups and TTL.
+        self.churned();
         let ino = self.next;
         self.next += 1;
         let key = match entry.kind {
@@ -237,7 +240,6 @@ impl InodeTable {
             },
         );
         self.names.insert((parent, entry.name.clone()), ino);
-        self.churned();
         ino
     }
 
