@@ -86,6 +86,7 @@ if [[ " $FS " == *" mountpoint "* ]]; then
       "or a source tree) to build it (scripts/build-mountpoint.sh), or MOUNT_S3 to a binary."
     FS="$(echo " $FS " | sed 's/ mountpoint / /; s/^ *//; s/ *$//')"
     MOUNT_S3=""
+    MOUNTPOINT_MISSING=1
   else
     echo "== mount-s3: $MOUNT_S3 ($("$MOUNT_S3" --version | head -1))"
   fi
@@ -407,6 +408,10 @@ done
   echo "including its setup (stat/open of the files). The write: \`dd bs=1M\` of a new 256 MiB file, MiB/s"
   echo "up to the moment a HEAD on the server shows the whole object (polled every 50 ms), with the time"
   echo "\`dd\` took until its close returned."
+  if [ -n "${MOUNTPOINT_MISSING:-}" ]; then
+    echo
+    echo "**mountpoint-s3 was not available for this run** (see \`scripts/build-mountpoint.sh\`)."
+  fi
   echo
   python3 - "$results" "$FS" "$WORKLOADS" <<'PY'
 import sys
@@ -553,3 +558,7 @@ unset multiplot
 GP
 echo "== wrote $OUT/compare.md and $OUT/compare.png"
 cat "$OUT/compare.md"
+if [ -n "${MOUNTPOINT_MISSING:-}" ]; then
+  warn_loud "This comparison ran WITHOUT mountpoint-s3: mount-s3 was not available" \
+    "(set MOUNTPOINT_SRC or MOUNT_S3; see scripts/build-mountpoint.sh)."
+fi
