@@ -279,7 +279,7 @@ cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/de
 peak_rss_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
 cpu_secs() { if [ -n "$1" ] && [ -n "$2" ]; then python3 -c "print(($2 - $1) / $TICK)"; fi; }
 TICK="$(getconf CLK_TCK)"
-now() { date +%s.%N; }
+now() { echo "$EPOCHREALTIME"; }
 
 obj_size() {
   s3 -I "$ENDPOINT/$BUCKET/$1" 2>/dev/null | tr -d '\r' | awk 'tolower($1) == "content-length:" { print $2 }'
@@ -333,12 +333,16 @@ for w in $WORKLOADS; do
       timeout 300 dd if="$shm/w256.bin" of="$mnt/$key" bs=1M status=none 2>"$work/dd.err" ||
         { note="dd failed: $(head -c 200 "$work/dd.err" | tr '\t\n' '  ')"; echo "write256 on $fs: $note" >&2; }
       t1=$(now)
-      # Whole in S3: poll the server until a HEAD shows all the bytes.
+      # Whole in S3: poll the server until a HEAD shows all the bytes (the
+      # number of HEADs tells whether the object was whole at close: 1).
       size=""
+      heads=0
+      deadline=$((${t0%.*} + 300))
       while :; do
         size="$(obj_size "$key")"
+        heads=$((heads + 1))
         [ "$size" = "$want" ] && break
-        python3 -c "import sys; sys.exit(0 if $(now) - $t0 < 300 else 1)" || break
+        [ "${EPOCHSECONDS}" -lt "$deadline" ] || break
         sleep 0.05
       done
       t2=$(now)
@@ -353,7 +357,8 @@ for w in $WORKLOADS; do
       fi
       closes=$(python3 -c "print(f'{$t1-$t0:.2f}')")
       secs=$(python3 -c "print(f'{$t2-$t0:.2f}')")
-      note="${note:+$note; }close after $closes s"
+      note="${note:+$note; }close after $closes s, $heads HEAD"
+      [ "$heads" -eq 1 ] || note+="s"
       echo "== write256 $fs: $mibs MiB/s (whole in S3 after $secs s; $note)"
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$fs" "$mibs" "$secs" "MiB/s" 256 \
         "$(cpu_secs "$c0" "$c1")" "$(peak_rss_kib "$daemon_pid")" "$note" >>"$results"
@@ -385,13 +390,18 @@ PY
   done
 done
 
+# The raw figures, next to fio's JSON.
+cp "$results" "$OUT/fio/results.tsv"
+
 # ---- report ----
+# The first line a command prints (head closes the pipe early: no pipefail here).
+first_line() { { "$@" 2>/dev/null || true; } | sed -n 1p; }
 versions="$("$BUCKETFS" --version)"
 for fs in $FS; do
   case "$fs" in
-    s3fs) versions+=", $(s3fs --version 2>/dev/null | head -1 | sed 's/Amazon Simple Storage Service File System/s3fs-fuse/; s/ (.*//')" ;;
-    rclone) versions+=", $(rclone version 2>/dev/null | head -1)" ;;
-    mountpoint) versions+=", $("$MOUNT_S3" --version 2>/dev/null | head -1)" ;;
+    s3fs) versions+=", $(first_line s3fs --version | sed 's/Amazon Simple Storage Service File System/s3fs-fuse/; s/ (.*//')" ;;
+    rclone) versions+=", $(first_line rclone version)" ;;
+    mountpoint) versions+=", $(first_line "$MOUNT_S3" --version)" ;;
   esac
 done
 {
