@@ -45,7 +45,8 @@ fn soak_readers_and_writers() {
         srv.put(&bucket, &format!("seed/{i}"), pattern(len, 1000 + i));
         seeds.insert(format!("seed/{i}"), (1000 + i, len));
     }
-    let m = Mount::start(&bucket, &["--memory-limit", &format!("{MEMORY_LIMIT_MIB}MiB")]);
+    let addr = free_addr();
+    let m = Mount::start(&bucket, &["--memory-limit", &format!("{MEMORY_LIMIT_MIB}MiB"), "--metrics-addr", &addr]);
     let pid = m.pid();
     let files: Arc<Mutex<HashMap<String, (u64, usize)>>> = Arc::new(Mutex::new(seeds));
     // Per name: odd while a writer is rewriting it. A read that overlaps a
@@ -55,14 +56,17 @@ fn soak_readers_and_writers() {
     let (ops, bytes, errors) =
         (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
     let peak = Arc::new(AtomicU64::new(0));
+    let budget_peak = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(secs);
     std::thread::scope(|s| {
         // Memory watchdog.
         {
-            let (stop, peak) = (stop.clone(), peak.clone());
+            let (stop, peak, budget_peak, addr) = (stop.clone(), peak.clone(), budget_peak.clone(), addr.clone());
             s.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                    let used = metric(&http_get(&addr, "/metrics").1, "bucketfs_memory_used_bytes", "");
+                    budget_peak.fetch_max(used as u64, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(200));
                 }
             });
@@ -178,14 +182,20 @@ fn soak_readers_and_writers() {
         }
     }
     let peak_mib = peak.load(Ordering::Relaxed) / 1024;
+    let budget_peak_mib = budget_peak.load(Ordering::Relaxed) as f64 / (1 << 20) as f64;
+    let (_, after) = http_get(&addr, "/metrics");
+    let reserved_after = metric(&after, "bucketfs_memory_reserved_bytes", "");
     let errors = errors.lock().unwrap().clone();
     eprintln!(
-        "soak: {secs}s, ops={} bytes_verified={} files_checked_in_s3={} errors={} lost={lost} peak_rss={peak_mib}MiB (budget {MEMORY_LIMIT_MIB}MiB)",
+        "soak: {secs}s, ops={} bytes_verified={} files_checked_in_s3={} errors={} lost={lost} peak_rss={peak_mib}MiB \
+         budget_peak={budget_peak_mib:.1}MiB (limit {MEMORY_LIMIT_MIB}MiB) reserved_after={reserved_after}",
         ops.load(Ordering::Relaxed),
         bytes.load(Ordering::Relaxed),
         written.len(),
         errors.len()
     );
+    assert_eq!(reserved_after, 0.0, "reservations left after the soak");
+
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(lost, 0);
     assert!(peak_mib <= MEMORY_LIMIT_MIB + RSS_OVERHEAD_MIB, "peak RSS {peak_mib} MiB");

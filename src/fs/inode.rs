@@ -116,6 +116,8 @@ pub struct InodeTable {
     misses: HashMap<u64, (Instant, u32)>,
     /// Inodes made and kernel lookups forgotten since the last sweep.
     churn: usize,
+    /// Inodes removed since [`InodeTable::take_freed`] last said so.
+    freed: usize,
     /// Inodes left after the last sweep.
     kept: usize,
 }
@@ -305,6 +307,7 @@ impl InodeTable {
     /// handed out keeps its inodes; an entry swept from an old `readdir`
     /// answer is made again by name if the kernel takes it.
     pub fn sweep(&mut self, now: Instant) {
+        let before = self.inodes.len();
         let Self { inodes, names, .. } = self;
         inodes.retain(|ino, i| {
             let keep = i.pinned || i.local || i.lookups > 0 || now < i.valid_until;
@@ -321,6 +324,25 @@ impl InodeTable {
         }
         self.churn = 0;
         self.kept = self.inodes.len();
+        self.freed += before - self.kept;
+        // Tables sized for a walk long gone give their memory back.
+        if self.inodes.capacity() > 4 * self.inodes.len() + SWEEP_MIN_CHURN {
+            self.inodes.shrink_to_fit();
+            self.names.shrink_to_fit();
+        }
+        if self.negative.capacity() > 4 * self.negative.len() + SWEEP_MIN_CHURN {
+            self.negative.shrink_to_fit();
+        }
+    }
+
+    /// True once `at_least` inodes have been removed since it last said so:
+    /// time to hand freed memory back to the system.
+    pub fn take_freed(&mut self, at_least: usize) -> bool {
+        if self.freed < at_least {
+            return false;
+        }
+        self.freed = 0;
+        true
     }
 
     /// Inserts a file created here (not in S3 yet), with one kernel lookup.
@@ -410,6 +432,7 @@ impl InodeTable {
                 self.names.remove(&key);
             }
             self.inodes.remove(&ino);
+            self.freed += 1;
         }
         self.churned();
     }

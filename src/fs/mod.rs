@@ -48,6 +48,20 @@ use writers::Writers;
 /// Lookups that miss in one directory within a TTL before it is listed
 /// whole instead: two requests per name cost more than a listing page.
 const LIST_AFTER_MISSES: u32 = 3;
+/// Inodes freed between two hand-backs of free heap memory to the system.
+const TRIM_AFTER_FREED: usize = 16_384;
+
+/// Hands free heap memory back to the system. glibc keeps what a walk of a
+/// large tree freed for later use, so without it the process stays at the
+/// walk's size after the kernel has forgotten every inode.
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory; no pointer is involved.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Bound on remembered warnings about odd keys, so each is logged once.
 const WARNED_MAX: usize = 10_000;
 
@@ -606,7 +620,14 @@ impl Fs {
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
-        lock(&self.inodes).forget(ino, n);
+        let trim = {
+            let mut table = lock(&self.inodes);
+            table.forget(ino, n);
+            table.take_freed(TRIM_AFTER_FREED)
+        };
+        if trim {
+            trim_heap();
+        }
     }
 
     /// Attributes, revalidated with a HEAD once the TTL has passed.
