@@ -18,6 +18,7 @@ pub mod inode;
 mod model_tests;
 mod mutate;
 pub mod namespace;
+pub mod posix;
 pub mod read;
 pub mod reply;
 #[cfg(all(test, feature = "shuttle"))]

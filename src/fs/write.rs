@@ -49,7 +49,8 @@ use tokio::task::JoinSet;
 use tracing::warn;
 
 use super::cache::{BlockCache, Reservation, ReservationKind};
-use crate::store::{CompletedPart, ObjectStore, PutCondition, StoreError, collect_body};
+use super::posix::content_type_for;
+use crate::store::{CompletedPart, ObjectAttrs, ObjectStore, PutCondition, StoreError, collect_body};
 
 /// Largest object written with one PutObject.
 pub const SINGLE_PUT_MAX: u64 = 8 << 20;
@@ -147,13 +148,20 @@ pub struct Upload {
     key: String,
     id: String,
     ended: bool,
+    /// The Content-Type and user metadata the completed object carries.
+    attrs: ObjectAttrs,
 }
 
 impl Upload {
     pub async fn create(store: &Arc<dyn ObjectStore>, key: &str) -> Result<Self, StoreError> {
-        let id = store.create_multipart(key).await?;
+        Self::create_with(store, key, ObjectAttrs::default()).await
+    }
+
+    /// An upload whose object gets `attrs`.
+    pub async fn create_with(store: &Arc<dyn ObjectStore>, key: &str, attrs: ObjectAttrs) -> Result<Self, StoreError> {
+        let id = store.create_multipart_with(key, &attrs).await?;
         crate::metrics::metrics().multipart_open.inc();
-        Ok(Self { store: store.clone(), key: key.to_string(), id, ended: false })
+        Ok(Self { store: store.clone(), key: key.to_string(), id, ended: false, attrs })
     }
 
     pub fn id(&self) -> &str {
@@ -253,6 +261,12 @@ pub struct Writer {
     new_file: bool,
     /// The file was unlinked while open: nothing is uploaded any more.
     pub unlinked: bool,
+    /// What uploads give the object: Content-Type (from the file name) and
+    /// user metadata (POSIX attributes, when they are stored).
+    attrs: ObjectAttrs,
+    /// What the last upload gave the object. A multipart upload takes its
+    /// attributes when it starts, so they may be older than `attrs`.
+    uploaded_attrs: Option<ObjectAttrs>,
 }
 
 impl Writer {
@@ -268,7 +282,7 @@ impl Writer {
         let held_by = cache.clone();
         Self {
             store,
-            key,
+            key: key.clone(),
             cache,
             staging_dir: staging_dir.to_path_buf(),
             mode: Mode::Streaming(Streaming {
@@ -286,6 +300,8 @@ impl Writer {
             base,
             new_file,
             unlinked: false,
+            attrs: ObjectAttrs::typed(content_type_for(&key)),
+            uploaded_attrs: None,
         }
     }
 
@@ -302,6 +318,8 @@ impl Writer {
         Ok(Self {
             store,
             new_file: base.is_none(),
+            attrs: ObjectAttrs::typed(content_type_for(&key)),
+            uploaded_attrs: None,
             key,
             cache,
             staging_dir: staging_dir.to_path_buf(),
@@ -331,8 +349,25 @@ impl Writer {
         &self.key
     }
 
+    /// The object is renamed: later uploads go to `key`, with the
+    /// Content-Type of its name.
     pub fn set_key(&mut self, key: String) {
+        self.attrs.content_type = content_type_for(&key);
         self.key = key;
+    }
+
+    /// What the next upload gives the object (Content-Type, user metadata).
+    pub fn set_attrs(&mut self, attrs: ObjectAttrs) {
+        self.attrs = attrs;
+    }
+
+    pub fn attrs(&self) -> &ObjectAttrs {
+        &self.attrs
+    }
+
+    /// What the last upload gave the object, if there was one.
+    pub fn uploaded_attrs(&self) -> Option<&ObjectAttrs> {
+        self.uploaded_attrs.as_ref()
     }
 
     pub fn base(&self) -> Option<&Base> {
@@ -426,7 +461,7 @@ impl Writer {
                 return Ok(());
             }
             if s.upload.is_none() {
-                match Upload::create(&self.store, &self.key).await {
+                match Upload::create_with(&self.store, &self.key, self.attrs.clone()).await {
                     Ok(u) => s.upload = Some(u),
                     Err(e) => return Err(self.fail(e).await),
                 }
@@ -565,7 +600,8 @@ impl Writer {
         let result = match s.upload.take() {
             None => {
                 let key = self.key.clone();
-                self.conditional(|c| self.store.put(&key, rest.clone(), c)).await
+                self.uploaded_attrs = Some(self.attrs.clone());
+                self.conditional(|c| self.store.put_with(&key, rest.clone(), c, &self.attrs)).await
             }
             Some(upload) => {
                 let mut parts = std::mem::take(&mut s.parts);
@@ -588,8 +624,9 @@ impl Writer {
 
     /// CompleteMultipartUpload under the writer's condition; the upload is
     /// aborted if that fails.
-    async fn complete(&self, upload: Upload, mut parts: Vec<CompletedPart>) -> Result<String, StoreError> {
+    async fn complete(&mut self, upload: Upload, mut parts: Vec<CompletedPart>) -> Result<String, StoreError> {
         parts.sort_by_key(|p| p.number);
+        self.uploaded_attrs = Some(upload.attrs.clone());
         let key = self.key.clone();
         let r = self.conditional(|c| self.store.complete_multipart(&key, upload.id(), parts.clone(), c)).await;
         match r {
@@ -599,13 +636,14 @@ impl Writer {
         r
     }
 
-    async fn upload_staged(&self, st: &Staged) -> Result<String, WriteError> {
+    async fn upload_staged(&mut self, st: &Staged) -> Result<String, WriteError> {
         let key = self.key.clone();
         if st.base_prefix == 0 && self.size <= SINGLE_PUT_MAX {
             let (_held, body) = self.read_part(st, 0, self.size).await?;
-            return Ok(self.conditional(|c| self.store.put(&key, body.clone(), c)).await?);
+            self.uploaded_attrs = Some(self.attrs.clone());
+            return Ok(self.conditional(|c| self.store.put_with(&key, body.clone(), c, &self.attrs)).await?);
         }
-        let upload = Upload::create(&self.store, &key).await?;
+        let upload = Upload::create_with(&self.store, &key, self.attrs.clone()).await?;
         match self.staged_parts(st, upload.id()).await {
             Ok(parts) => Ok(self.complete(upload, parts).await?),
             Err(e) => {

@@ -16,7 +16,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, OpenUpload, PutCondition, StoreError};
+use super::{
+    BodyStream, CompletedPart, ListPage, ObjectAttrs, ObjectMeta, ObjectStore, OpenUpload, PutCondition, StoreError,
+};
 use crate::sync::Mutex;
 
 /// What a rule does to a call it picks.
@@ -159,6 +161,11 @@ impl ObjectStore for FaultyStore {
         self.inner.head(key).await
     }
 
+    async fn head_attrs(&self, key: &str) -> Result<(ObjectMeta, ObjectAttrs), StoreError> {
+        self.before("head").await?;
+        self.inner.head_attrs(key).await
+    }
+
     async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError> {
         let fault = self.before("get").await?;
         let body = self.inner.get_range(key, etag, start, end).await?;
@@ -176,6 +183,17 @@ impl ObjectStore for FaultyStore {
         self.inner.put(key, body, cond).await
     }
 
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        cond: PutCondition,
+        attrs: &ObjectAttrs,
+    ) -> Result<String, StoreError> {
+        self.before("put").await?;
+        self.inner.put_with(key, body, cond, attrs).await
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.before("delete").await?;
         self.inner.delete(key).await
@@ -186,9 +204,25 @@ impl ObjectStore for FaultyStore {
         self.inner.copy(from, to).await
     }
 
+    async fn copy_replace(
+        &self,
+        from: &str,
+        to: &str,
+        attrs: &ObjectAttrs,
+        if_match: Option<&str>,
+    ) -> Result<String, StoreError> {
+        self.before("copy").await?;
+        self.inner.copy_replace(from, to, attrs, if_match).await
+    }
+
     async fn create_multipart(&self, key: &str) -> Result<String, StoreError> {
         self.before("create_multipart").await?;
         self.inner.create_multipart(key).await
+    }
+
+    async fn create_multipart_with(&self, key: &str, attrs: &ObjectAttrs) -> Result<String, StoreError> {
+        self.before("create_multipart").await?;
+        self.inner.create_multipart_with(key, attrs).await
     }
 
     async fn upload_part(

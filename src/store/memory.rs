@@ -11,13 +11,16 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
-use super::{BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, OpenUpload, PutCondition, StoreError};
+use super::{
+    BodyStream, CompletedPart, ListPage, ObjectAttrs, ObjectMeta, ObjectStore, OpenUpload, PutCondition, StoreError,
+};
 
 #[derive(Clone)]
 struct Object {
     body: Bytes,
     etag: String,
     modified: SystemTime,
+    attrs: ObjectAttrs,
 }
 
 #[derive(Default)]
@@ -25,6 +28,8 @@ struct State {
     objects: BTreeMap<String, Object>,
     /// Open multipart uploads by id: key, when created, parts sent.
     uploads: HashMap<String, (String, SystemTime, BTreeMap<i32, Bytes>)>,
+    /// The attributes each open upload gives its object.
+    upload_attrs: HashMap<String, ObjectAttrs>,
 }
 
 /// See the module documentation.
@@ -51,13 +56,25 @@ impl MemoryStore {
 
     /// Test helper: stores `body` under `key` unconditionally.
     pub fn insert(&self, key: &str, body: impl Into<Bytes>) -> String {
+        self.insert_with(key, body, ObjectAttrs::default())
+    }
+
+    /// Test helper: stores `body` under `key` with `attrs`, unconditionally.
+    pub fn insert_with(&self, key: &str, body: impl Into<Bytes>, attrs: ObjectAttrs) -> String {
         let etag = self.next_etag();
-        self.state
-            .lock()
-            .unwrap()
-            .objects
-            .insert(key.to_string(), Object { body: body.into(), etag: etag.clone(), modified: SystemTime::now() });
+        let object = Object { body: body.into(), etag: etag.clone(), modified: SystemTime::now(), attrs };
+        self.state.lock().unwrap().objects.insert(key.to_string(), object);
         etag
+    }
+
+    /// Test helper: the Content-Type and user metadata under `key`, if any.
+    pub fn attrs(&self, key: &str) -> Option<ObjectAttrs> {
+        self.state.lock().unwrap().objects.get(key).map(|o| o.attrs.clone())
+    }
+
+    /// Requests of operation `op` served so far.
+    pub fn count_of(&self, op: &str) -> u64 {
+        self.requests.lock().unwrap().get(op).copied().unwrap_or(0)
     }
 
     /// Test helper: the body under `key`, if any.
@@ -162,6 +179,12 @@ impl ObjectStore for MemoryStore {
         state.objects.get(key).map(|o| Self::meta(key, o)).ok_or(StoreError::NotFound)
     }
 
+    async fn head_attrs(&self, key: &str) -> Result<(ObjectMeta, ObjectAttrs), StoreError> {
+        self.count("head");
+        let state = self.state.lock().unwrap();
+        state.objects.get(key).map(|o| (Self::meta(key, o), o.attrs.clone())).ok_or(StoreError::NotFound)
+    }
+
     async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError> {
         self.count("get");
         let state = self.state.lock().unwrap();
@@ -178,11 +201,22 @@ impl ObjectStore for MemoryStore {
     }
 
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError> {
+        self.put_with(key, body, cond, &ObjectAttrs::default()).await
+    }
+
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        cond: PutCondition,
+        attrs: &ObjectAttrs,
+    ) -> Result<String, StoreError> {
         self.count("put");
         let etag = self.next_etag();
         let mut state = self.state.lock().unwrap();
         Self::check(&state, key, &cond)?;
-        state.objects.insert(key.to_string(), Object { body, etag: etag.clone(), modified: SystemTime::now() });
+        let object = Object { body, etag: etag.clone(), modified: SystemTime::now(), attrs: attrs.clone() };
+        state.objects.insert(key.to_string(), object);
         Ok(etag)
     }
 
@@ -196,15 +230,43 @@ impl ObjectStore for MemoryStore {
         self.count("copy");
         let etag = self.next_etag();
         let mut state = self.state.lock().unwrap();
-        let body = state.objects.get(from).ok_or(StoreError::NotFound)?.body.clone();
-        state.objects.insert(to.to_string(), Object { body, etag: etag.clone(), modified: SystemTime::now() });
+        // A copy keeps the source's metadata (`MetadataDirective: COPY`).
+        let source = state.objects.get(from).ok_or(StoreError::NotFound)?;
+        let object = Object { etag: etag.clone(), modified: SystemTime::now(), ..source.clone() };
+        state.objects.insert(to.to_string(), object);
+        Ok(etag)
+    }
+
+    async fn copy_replace(
+        &self,
+        from: &str,
+        to: &str,
+        attrs: &ObjectAttrs,
+        if_match: Option<&str>,
+    ) -> Result<String, StoreError> {
+        self.count("copy");
+        let etag = self.next_etag();
+        let mut state = self.state.lock().unwrap();
+        let source = state.objects.get(from).ok_or(StoreError::NotFound)?;
+        if if_match.is_some_and(|e| e != source.etag) {
+            return Err(StoreError::PreconditionFailed);
+        }
+        let object =
+            Object { body: source.body.clone(), etag: etag.clone(), modified: SystemTime::now(), attrs: attrs.clone() };
+        state.objects.insert(to.to_string(), object);
         Ok(etag)
     }
 
     async fn create_multipart(&self, key: &str) -> Result<String, StoreError> {
+        self.create_multipart_with(key, &ObjectAttrs::default()).await
+    }
+
+    async fn create_multipart_with(&self, key: &str, attrs: &ObjectAttrs) -> Result<String, StoreError> {
         self.count("create_multipart");
         let id = format!("upload-{}", self.counter.fetch_add(1, Ordering::Relaxed));
-        self.state.lock().unwrap().uploads.insert(id.clone(), (key.to_string(), SystemTime::now(), BTreeMap::new()));
+        let mut state = self.state.lock().unwrap();
+        state.uploads.insert(id.clone(), (key.to_string(), SystemTime::now(), BTreeMap::new()));
+        state.upload_attrs.insert(id.clone(), attrs.clone());
         Ok(id)
     }
 
@@ -262,17 +324,19 @@ impl ObjectStore for MemoryStore {
             body.extend_from_slice(stored.get(&p.number).ok_or(StoreError::InvalidRange)?);
         }
         state.uploads.remove(upload_id);
+        let attrs = state.upload_attrs.remove(upload_id).unwrap_or_default();
         // A multipart ETag, as S3 forms it, answered as stored.
         let etag = format!("{}-{}\"", &etag[..etag.len() - 1], parts.len());
-        state
-            .objects
-            .insert(key.to_string(), Object { body: body.freeze(), etag: etag.clone(), modified: SystemTime::now() });
+        let object = Object { body: body.freeze(), etag: etag.clone(), modified: SystemTime::now(), attrs };
+        state.objects.insert(key.to_string(), object);
         Ok(etag)
     }
 
     async fn abort_multipart(&self, _key: &str, upload_id: &str) -> Result<(), StoreError> {
         self.count("abort_multipart");
-        self.state.lock().unwrap().uploads.remove(upload_id);
+        let mut state = self.state.lock().unwrap();
+        state.uploads.remove(upload_id);
+        state.upload_attrs.remove(upload_id);
         Ok(())
     }
 

@@ -13,6 +13,7 @@ pub mod list_xml;
 pub mod memory;
 pub mod s3;
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::SystemTime;
 
@@ -29,6 +30,29 @@ pub struct ObjectMeta {
     /// echoed back in `If-Match`.
     pub etag: String,
     pub last_modified: SystemTime,
+}
+
+/// What a HEAD knows about an object beyond [`ObjectMeta`], and what an
+/// upload or a copy sets: the Content-Type and the user metadata. Listings
+/// carry neither.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectAttrs {
+    pub content_type: Option<String>,
+    /// User metadata: names without `x-amz-meta-`, in lower case.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl ObjectAttrs {
+    /// Attributes with only a Content-Type.
+    pub fn typed(content_type: Option<String>) -> Self {
+        Self { content_type, metadata: BTreeMap::new() }
+    }
+
+    /// The bytes S3 counts against its 2 KB user-metadata limit: names (with
+    /// the `x-amz-meta-` prefix left out, as AWS counts them) and values.
+    pub fn metadata_len(&self) -> usize {
+        self.metadata.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
 }
 
 /// One page of a ListObjectsV2 answer.
@@ -134,6 +158,12 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError>;
 
+    /// HEAD with the object's Content-Type and user metadata (the same one
+    /// request). Stores that keep none answer empty attributes.
+    async fn head_attrs(&self, key: &str) -> Result<(ObjectMeta, ObjectAttrs), StoreError> {
+        Ok((self.head(key).await?, ObjectAttrs::default()))
+    }
+
     /// Bytes `start..end` of `key`. With `etag`, the read carries `If-Match`
     /// and fails with [`StoreError::PreconditionFailed`] if the object changed.
     async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError>;
@@ -141,12 +171,44 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Single-request upload. Returns the new ETag.
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError>;
 
+    /// [`Self::put`] setting the Content-Type and user metadata.
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        cond: PutCondition,
+        attrs: &ObjectAttrs,
+    ) -> Result<String, StoreError> {
+        let _ = attrs;
+        self.put(key, body, cond).await
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
 
     /// Server-side copy of a whole object (up to 5 GiB). Returns the new ETag.
     async fn copy(&self, from: &str, to: &str) -> Result<String, StoreError>;
 
+    /// Server-side copy (up to 5 GiB) that replaces the Content-Type and
+    /// user metadata (`MetadataDirective: REPLACE`); `from` may be `to`,
+    /// which is how an object's metadata is changed. With `if_match`, the
+    /// copy fails with [`StoreError::PreconditionFailed`] unless the source
+    /// has that ETag. Returns the new ETag.
+    async fn copy_replace(
+        &self,
+        from: &str,
+        to: &str,
+        attrs: &ObjectAttrs,
+        if_match: Option<&str>,
+    ) -> Result<String, StoreError>;
+
     async fn create_multipart(&self, key: &str) -> Result<String, StoreError>;
+
+    /// [`Self::create_multipart`] setting the object's Content-Type and
+    /// user metadata (which the completed object carries).
+    async fn create_multipart_with(&self, key: &str, attrs: &ObjectAttrs) -> Result<String, StoreError> {
+        let _ = attrs;
+        self.create_multipart(key).await
+    }
 
     async fn upload_part(
         &self,

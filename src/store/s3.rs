@@ -74,7 +74,7 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as SdkPart};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as SdkPart, MetadataDirective};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeDeserializationInterceptorContextMut;
@@ -86,7 +86,9 @@ use aws_smithy_types::timeout::TimeoutConfig;
 use bytes::Bytes;
 use tracing::{info, warn};
 
-use super::{BodyStream, CompletedPart, ListPage, ObjectMeta, ObjectStore, OpenUpload, PutCondition, StoreError};
+use super::{
+    BodyStream, CompletedPart, ListPage, ObjectAttrs, ObjectMeta, ObjectStore, OpenUpload, PutCondition, StoreError,
+};
 use crate::spec::{CredentialSource, S3Settings};
 
 /// The slowest upload an attempt is given time for: an upload attempt may
@@ -496,6 +498,12 @@ impl Intercept for TakeListBody {
     }
 }
 
+/// User metadata as the SDK sends it (`x-amz-meta-` + name); none when empty,
+/// so requests without metadata are exactly as before.
+fn sdk_metadata(attrs: &ObjectAttrs) -> Option<std::collections::HashMap<String, String>> {
+    (!attrs.metadata.is_empty()).then(|| attrs.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
 fn system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {
     t.and_then(|t| SystemTime::try_from(*t).ok()).unwrap_or(SystemTime::UNIX_EPOCH)
 }
@@ -591,6 +599,10 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
+        Ok(self.head_attrs(key).await?.0)
+    }
+
+    async fn head_attrs(&self, key: &str) -> Result<(ObjectMeta, ObjectAttrs), StoreError> {
         let out = self
             .call("head", |c| async move {
                 c.head_object()
@@ -603,12 +615,20 @@ impl ObjectStore for S3Store {
                     .map_err(map_err)
             })
             .await?;
-        Ok(ObjectMeta {
+        let meta = ObjectMeta {
             key: key.to_string(),
             size: out.content_length().unwrap_or(0).max(0) as u64,
             etag: out.e_tag().unwrap_or("").to_string(),
             last_modified: system_time(out.last_modified()),
-        })
+        };
+        let attrs = ObjectAttrs {
+            content_type: out.content_type().map(str::to_string),
+            metadata: out
+                .metadata()
+                .map(|m| m.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect())
+                .unwrap_or_default(),
+        };
+        Ok((meta, attrs))
     }
 
     async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError> {
@@ -643,6 +663,16 @@ impl ObjectStore for S3Store {
     }
 
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError> {
+        self.put_with(key, body, cond, &ObjectAttrs::default()).await
+    }
+
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        cond: PutCondition,
+        attrs: &ObjectAttrs,
+    ) -> Result<String, StoreError> {
         let bound = Bound::Upload(body.len() as u64);
         let out = self
             .call("put", |c| {
@@ -650,7 +680,13 @@ impl ObjectStore for S3Store {
                 let cond = cond.clone();
                 let upload_bound = self.op_config(bound);
                 async move {
-                    let mut req = c.put_object().bucket(&self.bucket).key(key).body(ByteStream::from(body));
+                    let mut req = c
+                        .put_object()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .body(ByteStream::from(body))
+                        .set_content_type(attrs.content_type.clone())
+                        .set_metadata(sdk_metadata(attrs));
                     req = match cond {
                         PutCondition::None => req,
                         PutCondition::IfAbsent => req.if_none_match("*"),
@@ -695,12 +731,45 @@ impl ObjectStore for S3Store {
         Ok(out.copy_object_result().and_then(|r| r.e_tag()).unwrap_or("").to_string())
     }
 
+    async fn copy_replace(
+        &self,
+        from: &str,
+        to: &str,
+        attrs: &ObjectAttrs,
+        if_match: Option<&str>,
+    ) -> Result<String, StoreError> {
+        let out = self
+            .call("copy", |c| async move {
+                c.copy_object()
+                    .bucket(&self.bucket)
+                    .key(to)
+                    .copy_source(self.copy_source(from))
+                    .metadata_directive(MetadataDirective::Replace)
+                    .set_content_type(attrs.content_type.clone())
+                    .set_metadata(sdk_metadata(attrs))
+                    .set_copy_source_if_match(if_match.map(str::to_string))
+                    .customize()
+                    .config_override(self.op_config(Bound::SlowAnswer))
+                    .send()
+                    .await
+                    .map_err(map_err)
+            })
+            .await?;
+        Ok(out.copy_object_result().and_then(|r| r.e_tag()).unwrap_or("").to_string())
+    }
+
     async fn create_multipart(&self, key: &str) -> Result<String, StoreError> {
+        self.create_multipart_with(key, &ObjectAttrs::default()).await
+    }
+
+    async fn create_multipart_with(&self, key: &str, attrs: &ObjectAttrs) -> Result<String, StoreError> {
         let out = self
             .call("create_multipart", |c| async move {
                 c.create_multipart_upload()
                     .bucket(&self.bucket)
                     .key(key)
+                    .set_content_type(attrs.content_type.clone())
+                    .set_metadata(sdk_metadata(attrs))
                     .customize()
                     .config_override(self.op_config(Bound::Quick))
                     .send()
