@@ -49,7 +49,7 @@ fn server_error() -> Fault {
 /// Waits (bounded) for background aborts, then checks that nothing is held.
 pub(super) async fn assert_clean(s: &Setup) {
     for _ in 0..100 {
-        if s.mem.open_uploads().len() == 0 {
+        if s.mem.open_uploads().is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

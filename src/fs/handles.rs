@@ -81,8 +81,7 @@ impl Handles {
     }
 
     pub fn remove_file(&self, fh: u64) -> Option<Arc<FileHandle>> {
-        let removed = self.tables.lock().files.remove(&fh);
-        removed
+        self.tables.lock().files.remove(&fh)
     }
 
     pub fn add_dir(&self, ino: u64) -> u64 {

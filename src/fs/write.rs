@@ -242,7 +242,7 @@ struct Staged {
 }
 
 enum Mode {
-    Streaming(Streaming),
+    Streaming(Box<Streaming>),
     Staged(Staged),
     Failed,
 }
@@ -285,14 +285,14 @@ impl Writer {
             key: key.clone(),
             cache,
             staging_dir: staging_dir.to_path_buf(),
-            mode: Mode::Streaming(Streaming {
+            mode: Mode::Streaming(Box::new(Streaming {
                 upload: None,
                 parts: Vec::new(),
                 next_part: 1,
                 buf: BytesMut::new(),
                 held: Reservation::empty(&held_by, ReservationKind::WriteBuffer),
                 inflight: JoinSet::new(),
-            }),
+            })),
             size: 0,
             // A truncation of an existing object must be uploaded even if
             // nothing is written; a new file is created at close.
@@ -582,7 +582,7 @@ impl Writer {
         Ok(())
     }
 
-    async fn finish_streaming(&mut self, mut s: Streaming) -> Result<String, WriteError> {
+    async fn finish_streaming(&mut self, mut s: Box<Streaming>) -> Result<String, WriteError> {
         while let Some(joined) = s.inflight.join_next().await {
             match joined {
                 Ok(Ok(part)) => s.parts.push(part),
