@@ -7,6 +7,23 @@
 //! Errors are [`FsError`]s; they become errno values at the FUSE edge only.
 //! Every failure that is not a plain "no such file" is logged here, once,
 //! with the key and the cause.
+//!
+//! `Fs` dispatches between components, each the one owner of its state:
+//!
+//! - the namespace ([`inode::InodeTable`]): inodes, names, listings, the
+//!   negative cache and the per-directory miss counts, under one lock;
+//! - the open handles (`handles`);
+//! - the writer registry ([`writers::Writers`]): one writer per inode, and
+//!   its upload lifecycle ([`write::Writer`], [`write::Upload`]);
+//! - the read side: per-handle prefetch ([`read::Reader`]) and the block
+//!   cache with the memory budget ([`cache::BlockCache`], whose
+//!   [`cache::Reservation`]s give their bytes back on `Drop`).
+//!
+//! The rule that keeps them deadlock-free: no lock guard is held across an
+//! `.await` (guards are not `Send`, so such a future cannot be spawned) or
+//! across a call into another component. Components hand out copies and
+//! `Arc`s, never guards; an operation here takes what it needs from one,
+//! lets go, then goes on to the next.
 
 pub mod cache;
 pub mod disk_cache;
