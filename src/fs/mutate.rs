@@ -12,7 +12,7 @@ use tracing::{error, info};
 use super::handles::HandleKind;
 use super::inode::{Loc, PageCache};
 use super::namespace::{self, Entry, Kind};
-use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Upload, WriteError, Writer};
+use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Upload, WriteError, Writer, stop_all};
 use super::writers::{Left, WriterEntry};
 use super::{Attr, Fs, FsError, MountPoint, Result, lock, tgid};
 use crate::store::{PutCondition, StoreError};
@@ -594,10 +594,25 @@ impl Fs {
         to: &str,
         size: u64,
     ) -> std::result::Result<Vec<crate::store::CompletedPart>, StoreError> {
+        let mut tasks = tokio::task::JoinSet::new();
+        let parts = Self::send_copy_parts(mount, id, from, to, size, &mut tasks).await;
+        if parts.is_err() {
+            stop_all(&mut tasks).await;
+        }
+        parts
+    }
+
+    async fn send_copy_parts(
+        mount: &MountPoint,
+        id: &str,
+        from: &str,
+        to: &str,
+        size: u64,
+        tasks: &mut tokio::task::JoinSet<std::result::Result<crate::store::CompletedPart, StoreError>>,
+    ) -> std::result::Result<Vec<crate::store::CompletedPart>, StoreError> {
         let parts_n = size.div_ceil(MAX_COPY);
         let part_len = size.div_ceil(parts_n);
         let mut parts = Vec::new();
-        let mut tasks = tokio::task::JoinSet::new();
         let joined = |r: std::result::Result<std::result::Result<_, StoreError>, tokio::task::JoinError>| {
             r.map_err(|e| StoreError::Network(format!("copy task failed: {e}"))).and_then(|r| r)
         };

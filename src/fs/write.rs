@@ -124,6 +124,14 @@ async fn on_file<T: Send + 'static>(
     }
 }
 
+/// Stops every task of a failed upload and waits until they have ended, so
+/// their reservations are back and no part is still on its way when the
+/// upload is aborted (S3 may keep a part that lands after the abort).
+pub async fn stop_all<T: 'static>(tasks: &mut JoinSet<T>) {
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
+
 /// A new staging file of `size` bytes (sparse).
 async fn new_staging_file(dir: &Path, size: u64) -> Result<Arc<std::fs::File>, WriteError> {
     let dir = dir.to_path_buf();
@@ -673,8 +681,21 @@ impl Writer {
     /// Copy parts for the unchanged base prefix, then data parts from the
     /// staging file, at most [`MAX_INFLIGHT_PARTS`] at a time.
     async fn staged_parts(&self, st: &Staged, id: &str) -> Result<Vec<CompletedPart>, WriteError> {
-        let mut parts = Vec::new();
         let mut tasks: JoinSet<Result<CompletedPart, WriteError>> = JoinSet::new();
+        let parts = self.send_staged_parts(st, id, &mut tasks).await;
+        if parts.is_err() {
+            stop_all(&mut tasks).await;
+        }
+        parts
+    }
+
+    async fn send_staged_parts(
+        &self,
+        st: &Staged,
+        id: &str,
+        tasks: &mut JoinSet<Result<CompletedPart, WriteError>>,
+    ) -> Result<Vec<CompletedPart>, WriteError> {
+        let mut parts = Vec::new();
         let mut number = 1;
         let mut offset = 0;
         // Copy parts of equal size, each at most MAX_COPY, so none is below
@@ -688,14 +709,14 @@ impl Writer {
             tasks.spawn(async move { Ok(store.upload_part_copy(&key, &id, n, &from, start, start + len).await?) });
             offset += len;
             number += 1;
-            Self::drain(&mut tasks, &mut parts, MAX_INFLIGHT_PARTS).await?;
+            Self::drain(tasks, &mut parts, MAX_INFLIGHT_PARTS).await?;
         }
         while offset < self.size || number == 1 {
             let len = (self.size - offset).min(part_size(number));
             // Room for the part: this upload's own parts in flight go first.
             while !tasks.is_empty() && self.cache.try_reserve_memory(ReservationKind::UploadPart, len).is_none() {
                 let running = tasks.len();
-                Self::drain(&mut tasks, &mut parts, running).await?;
+                Self::drain(tasks, &mut parts, running).await?;
             }
             let (held, body) = self.read_part(st, offset, len).await?;
             let (store, key, id, n) = (self.store.clone(), self.key.clone(), id.to_string(), number);
@@ -705,12 +726,12 @@ impl Writer {
             });
             offset += len;
             number += 1;
-            Self::drain(&mut tasks, &mut parts, MAX_INFLIGHT_PARTS).await?;
+            Self::drain(tasks, &mut parts, MAX_INFLIGHT_PARTS).await?;
             if len == 0 {
                 break;
             }
         }
-        Self::drain(&mut tasks, &mut parts, 1).await?;
+        Self::drain(tasks, &mut parts, 1).await?;
         parts.sort_by_key(|p| p.number);
         Ok(parts)
     }
