@@ -647,7 +647,7 @@ impl Writer {
     async fn upload_staged(&mut self, st: &Staged) -> Result<String, WriteError> {
         let key = self.key.clone();
         if st.base_prefix == 0 && self.size <= SINGLE_PUT_MAX {
-            let (_held, body) = self.read_part(st, 0, self.size).await?;
+            let (_held, body) = self.read_part(st, 0, self.size, None).await?;
             self.uploaded_attrs = Some(self.attrs.clone());
             return Ok(self.conditional(|c| self.store.put_with(&key, body.clone(), c, &self.attrs)).await?);
         }
@@ -663,12 +663,22 @@ impl Writer {
 
     /// Bytes `offset..offset + len` of the staging file, with their
     /// reservation; waits for room as [`Self::make_room`] does.
-    async fn read_part(&self, st: &Staged, offset: u64, len: u64) -> Result<(Reservation, Bytes), WriteError> {
-        let held = self
-            .cache
-            .reserve_memory_within(ReservationKind::UploadPart, len, ADMISSION_PATIENCE)
-            .await
-            .ok_or_else(|| no_room(&self.cache, len))?;
+    /// `room` is a reservation already taken for it, if any.
+    async fn read_part(
+        &self,
+        st: &Staged,
+        offset: u64,
+        len: u64,
+        room: Option<Reservation>,
+    ) -> Result<(Reservation, Bytes), WriteError> {
+        let held = match room {
+            Some(r) => r,
+            None => self
+                .cache
+                .reserve_memory_within(ReservationKind::UploadPart, len, ADMISSION_PATIENCE)
+                .await
+                .ok_or_else(|| no_room(&self.cache, len))?,
+        };
         let body = on_file(&st.file, move |f| {
             let mut buf = vec![0u8; len as usize];
             f.read_exact_at(&mut buf, offset)?;
@@ -714,11 +724,13 @@ impl Writer {
         while offset < self.size || number == 1 {
             let len = (self.size - offset).min(part_size(number));
             // Room for the part: this upload's own parts in flight go first.
-            while !tasks.is_empty() && self.cache.try_reserve_memory(ReservationKind::UploadPart, len).is_none() {
+            let mut room = self.cache.try_reserve_memory(ReservationKind::UploadPart, len);
+            while room.is_none() && !tasks.is_empty() {
                 let running = tasks.len();
                 Self::drain(tasks, &mut parts, running).await?;
+                room = self.cache.try_reserve_memory(ReservationKind::UploadPart, len);
             }
-            let (held, body) = self.read_part(st, offset, len).await?;
+            let (held, body) = self.read_part(st, offset, len, room).await?;
             let (store, key, id, n) = (self.store.clone(), self.key.clone(), id.to_string(), number);
             tasks.spawn(async move {
                 let _held = held;
