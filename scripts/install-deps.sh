@@ -7,7 +7,7 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-apt_packages=(fuse3 curl ca-certificates openssl rsync sqlite3 git tar coreutils util-linux procps man-db)
+apt_packages=(fuse3 curl ca-certificates openssl rsync sqlite3 git tar coreutils util-linux procps man-db attr)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -268,6 +268,9 @@ pub struct MountArgs {
     /// Bound on the disk cache in --cache-dir, e.g. 20GiB (default: 10% of that file system).
     #[arg(long, value_parser = spec::parse_size)]
     pub max_cache_size: Option<u64>,
+    /// Store modes, owners, times, symlinks and user.* xattrs in object metadata, in s3fs's format (x-amz-meta-mode, -uid, -gid, -mtime, ...); costs a HEAD per file for stat.
+    #[arg(long)]
+    pub posix_metadata: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -289,6 +292,7 @@ impl MountArgs {
             read_ahead: self.read_ahead,
             cache_dir: self.cache_dir.clone(),
             max_cache_size: self.max_cache_size,
+            posix_metadata: self.posix_metadata,
         };
         Ok((settings, spec))
     }

@@ -186,7 +186,7 @@ const MOUNT_KEYS: [&str; 9] = [
     "request-timeout",
     "max-attempts",
 ];
-const FS_KEYS: [&str; 10] = [
+const FS_KEYS: [&str; 11] = [
     "uid",
     "gid",
     "file-mode",
@@ -197,6 +197,7 @@ const FS_KEYS: [&str; 10] = [
     "log-level",
     "log-format",
     "read-only",
+    "posix-metadata",
 ];
 
 fn known_mount_key(k: &str) -> bool {
@@ -249,6 +250,7 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
             "log-level" => log_level = Some(v.clone()),
             "log-format" => log_format = Some(v.clone()),
             "read-only" => fs_read_only = flag(&field, v)?,
+            "posix-metadata" => settings.posix_metadata = flag(&field, v)?,
             "metrics-addr" => {
                 metrics_addr = Some(
                     v.trim().parse().with_context(|| format!("{field}: not an address such as 0.0.0.0:9567: {v:?}"))?,

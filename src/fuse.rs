@@ -2,7 +2,7 @@
 //! [`FsError`]s into errno values. No file-system logic lives here.
 
 use std::ffi::OsStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Once};
 use std::time::SystemTime;
 
@@ -15,6 +15,8 @@ use fuser::{
 use tokio::runtime::Handle;
 
 use crate::fs::namespace::Kind;
+use crate::fs::posix;
+use crate::fs::posix_ops::{AttrChange, Owner};
 use crate::fs::{self, Attr, DirItem, Fs, FsError, ReadNow};
 
 pub struct FuseAdapter {
@@ -52,26 +54,51 @@ impl FuseAdapter {
 }
 
 fn file_attr(s: &crate::spec::FsSettings, a: &Attr) -> FileAttr {
-    let (kind, perm, nlink) = match a.kind {
+    let (mut kind, mut perm, nlink) = match a.kind {
         Kind::Dir => (FileType::Directory, s.dir_mode, 2),
         Kind::File => (FileType::RegularFile, s.file_mode, 1),
     };
+    // With --posix-metadata: what the object stores, where it stores it.
+    let p = a.posix.as_deref().map(|p| &p.posix);
+    if let Some(mode) = p.and_then(|p| p.mode) {
+        perm = (mode & 0o7777) as u16;
+        if a.kind == Kind::File && mode & posix::S_IFMT == posix::S_IFLNK {
+            kind = FileType::Symlink;
+        }
+    }
+    let mtime = p.and_then(|p| p.mtime).unwrap_or(a.mtime);
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: a.mtime,
-        mtime: a.mtime,
-        ctime: a.mtime,
-        crtime: a.mtime,
+        atime: p.and_then(|p| p.atime).unwrap_or(mtime),
+        mtime,
+        ctime: p.and_then(|p| p.ctime).unwrap_or(mtime),
+        crtime: mtime,
         kind,
         perm,
         nlink,
-        uid: s.uid,
-        gid: s.gid,
+        uid: p.and_then(|p| p.uid).unwrap_or(s.uid),
+        gid: p.and_then(|p| p.gid).unwrap_or(s.gid),
         rdev: 0,
         blksize: 128 * 1024,
         flags: 0,
+    }
+}
+
+/// The creator of a new entry and its permission bits (umask applied).
+fn owner(req: &Request, mode: u32, umask: u32) -> Owner {
+    Owner { uid: req.uid(), gid: req.gid(), perm: mode & !umask & 0o7777 }
+}
+
+/// Answers a getxattr or listxattr: the size when asked for it (`size` 0),
+/// ERANGE when the caller's buffer is too small, else the bytes.
+fn xattr_reply(reply: ReplyXattr, size: u32, value: Result<Vec<u8>, FsError>) {
+    match value {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(errno(&e)),
     }
 }
 
@@ -121,6 +148,7 @@ impl Filesystem for FuseAdapter {
                             mtime: std::time::UNIX_EPOCH,
                             ttl,
                             read_only: true,
+                            posix: None,
                         };
                         reply.entry(&ttl, &this(&attr), Generation(0))
                     }
@@ -232,8 +260,8 @@ impl Filesystem for FuseAdapter {
         req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
-        _umask: u32,
+        mode: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
@@ -242,8 +270,9 @@ impl Filesystem for FuseAdapter {
         };
         let (fs, this) = (self.fs.clone(), self.attr_maker());
         let pid = req.pid();
+        let owner = owner(req, mode, umask);
         self.rt.spawn(async move {
-            match fs.create(parent.0, &name, flags, pid).await {
+            match fs.create_as(parent.0, &name, flags, pid, Some(owner)).await {
                 Ok((a, fh)) => reply.created(&a.ttl, &this(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -276,11 +305,11 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
@@ -291,10 +320,33 @@ impl Filesystem for FuseAdapter {
         reply: ReplyAttr,
     ) {
         let (fs, this) = (self.fs.clone(), self.attr_maker());
-        let mtime = mtime.map(|t| match t {
+        let time = |t: TimeOrNow| match t {
             TimeOrNow::SpecificTime(t) => t,
             TimeOrNow::Now => SystemTime::now(),
-        });
+        };
+        let (atime, mtime) = (atime.map(time), mtime.map(time));
+        let change = AttrChange { mode, uid, gid, atime, mtime };
+        if fs.settings().posix_metadata {
+            self.rt.spawn(async move {
+                let mut result = Ok(None);
+                if size.is_some() {
+                    result = fs.setattr(ino.0, size, None).await.map(Some);
+                }
+                if result.is_ok() && !change.is_empty() {
+                    result = fs.change_attrs(ino.0, change).await.map(Some);
+                }
+                let result = match result {
+                    Ok(Some(a)) => Ok(a),
+                    Ok(None) => fs.getattr(ino.0).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(a) => reply.attr(&a.ttl, &this(&a)),
+                    Err(e) => reply.error(errno(&e)),
+                }
+            });
+            return;
+        }
         self.rt.spawn(async move {
             match fs.setattr(ino.0, size, mtime).await {
                 Ok(a) => reply.attr(&a.ttl, &this(&a)),
@@ -303,13 +355,14 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let Some(name) = name_str(name) else {
             return reply.error(Errno::EINVAL);
         };
         let (fs, this) = (self.fs.clone(), self.attr_maker());
+        let owner = owner(req, mode, umask);
         self.rt.spawn(async move {
-            match fs.mkdir(parent.0, &name).await {
+            match fs.mkdir_as(parent.0, &name, Some(owner)).await {
                 Ok(a) => reply.entry(&a.ttl, &this(&a), Generation(0)),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -403,15 +456,124 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    // Objects carry no extended attributes. ENOSYS makes the kernel answer
-    // every later xattr call itself ("not supported"), so `ls -l`, which asks
-    // for two attributes of every entry, costs no round trip per entry.
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        reply.error(Errno::ENOSYS);
+    // Without --posix-metadata objects carry no extended attributes. ENOSYS
+    // makes the kernel answer every later xattr call itself ("not
+    // supported"), so `ls -l`, which asks for two attributes of every entry,
+    // costs no round trip per entry.
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.fs.settings().posix_metadata {
+            return reply.error(Errno::ENOSYS);
+        }
+        let Some(name) = name_str(name) else {
+            return reply.error(Errno::ENODATA);
+        };
+        let fs = self.fs.clone();
+        self.rt.spawn(async move { xattr_reply(reply, size, fs.getxattr(ino.0, &name).await) });
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
-        reply.error(Errno::ENOSYS);
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.fs.settings().posix_metadata {
+            return reply.error(Errno::ENOSYS);
+        }
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            let names = fs.listxattr(ino.0).await.map(|names| {
+                let mut out = Vec::new();
+                for n in names {
+                    out.extend_from_slice(n.as_bytes());
+                    out.push(0);
+                }
+                out
+            });
+            xattr_reply(reply, size, names)
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if !self.fs.settings().posix_metadata {
+            return reply.error(Errno::ENOSYS);
+        }
+        let Some(name) = name_str(name) else {
+            return reply.error(Errno::ENOTSUP);
+        };
+        let (fs, value) = (self.fs.clone(), value.to_vec());
+        self.rt.spawn(async move { empty(reply, fs.setxattr(ino.0, &name, &value, flags).await) });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if !self.fs.settings().posix_metadata {
+            return reply.error(Errno::ENOSYS);
+        }
+        let Some(name) = name_str(name) else {
+            return reply.error(Errno::ENODATA);
+        };
+        let fs = self.fs.clone();
+        self.rt.spawn(async move { empty(reply, fs.removexattr(ino.0, &name).await) });
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        if !self.fs.settings().posix_metadata {
+            return reply.error(Errno::EPERM);
+        }
+        let (Some(name), Some(target)) = (name_str(link_name), target.to_str().map(str::to_string)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (fs, this) = (self.fs.clone(), self.attr_maker());
+        let owner = Owner { uid: req.uid(), gid: req.gid(), perm: 0o777 };
+        self.rt.spawn(async move {
+            match fs.symlink(parent.0, &name, &target, owner).await {
+                Ok(a) => reply.entry(&a.ttl, &this(&a), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        if !self.fs.settings().posix_metadata {
+            return reply.error(Errno::ENOSYS);
+        }
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.readlink(ino.0).await {
+                Ok(target) => reply.data(&target),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if !self.fs.settings().posix_metadata {
+            return reply.error(Errno::ENOSYS);
+        }
+        let Some(name) = name_str(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (fs, this) = (self.fs.clone(), self.attr_maker());
+        let (owner, pid) = (owner(req, mode, umask), req.pid());
+        self.rt.spawn(async move {
+            match fs.mknod(parent.0, &name, mode, owner, pid).await {
+                Ok(a) => reply.entry(&a.ttl, &this(&a), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -68,6 +68,9 @@ pub struct Inode {
     pub local: bool,
     /// For directories: names of local (not yet uploaded) children.
     pub local_children: std::collections::BTreeSet<String>,
+    /// With `--posix-metadata`: the object's stored attributes and when
+    /// they were read (trusted for the metadata TTL); `None` until a HEAD.
+    pub posix: Option<(Instant, Arc<super::PosixState>)>,
 }
 
 impl Inode {
@@ -90,6 +93,7 @@ impl Inode {
             page_cache: PageCache::Empty,
             local: false,
             local_children: Default::default(),
+            posix: None,
         }
     }
 
@@ -203,6 +207,10 @@ impl InodeTable {
                 if entry.kind == Kind::File {
                     inode.size = entry.size;
                     inode.mtime = entry.mtime;
+                    if inode.etag != entry.etag {
+                        // Replaced by another client: its metadata is unknown.
+                        inode.posix = None;
+                    }
                     inode.etag = entry.etag.clone();
                 }
                 inode.valid_until = valid_until;
@@ -239,6 +247,7 @@ impl InodeTable {
                 page_cache: PageCache::Empty,
                 local: false,
                 local_children: Default::default(),
+                posix: None,
             },
         );
         self.names.insert((parent, entry.name.clone()), ino);
@@ -374,6 +383,7 @@ impl InodeTable {
                 page_cache: PageCache::Empty,
                 local: true,
                 local_children: Default::default(),
+                posix: None,
             },
         );
         self.names.insert((parent, name.to_string()), ino);

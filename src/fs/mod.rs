@@ -36,6 +36,7 @@ mod model_tests;
 mod mutate;
 pub mod namespace;
 pub mod posix;
+pub mod posix_ops;
 pub mod read;
 pub mod reply;
 #[cfg(all(test, feature = "shuttle"))]
@@ -54,7 +55,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
 use crate::spec::FsSettings;
-use crate::store::{ObjectStore, StoreError};
+use crate::store::{ObjectAttrs, ObjectStore, StoreError};
 use cache::{BlockCache, ObjectId, ReadData};
 use handles::{FileHandle, HandleKind, Handles};
 use inode::{Inode, InodeTable, Loc, PageCache, ROOT};
@@ -141,6 +142,16 @@ pub enum FsError {
     Busy,
     #[error("invalid argument")]
     Invalid,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("argument list too long")]
+    TooBig,
+    #[error("no space left on device")]
+    NoSpace,
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -161,6 +172,11 @@ impl FsError {
             FsError::CrossDevice => libc::EXDEV,
             FsError::Busy => libc::EBUSY,
             FsError::Invalid => libc::EINVAL,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::NotPermitted => libc::EPERM,
+            FsError::NoAttr => libc::ENODATA,
+            FsError::TooBig => libc::E2BIG,
+            FsError::NoSpace => libc::ENOSPC,
             FsError::Store(StoreError::PreconditionFailed) => libc::ESTALE,
             FsError::Store(e) | FsError::Write(WriteError::Store(e)) => match e {
                 StoreError::NotFound => libc::ENOENT,
@@ -186,6 +202,22 @@ pub struct Attr {
     pub ttl: Duration,
     /// Under a read-only mount (for the permission bits shown).
     pub read_only: bool,
+    /// With `--posix-metadata`: what the object stores (mode, owner, times).
+    pub posix: Option<Arc<PosixState>>,
+}
+
+/// An object's stored POSIX attributes (with `--posix-metadata`), with the
+/// whole metadata they came from, so a change rewrites the rest unchanged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PosixState {
+    pub posix: posix::Posix,
+    pub attrs: ObjectAttrs,
+    /// The mtime was set (utimes) while the file is open for writing: the
+    /// upload at close keeps it instead of stamping the upload time.
+    pub mtime_pinned: bool,
+    /// Changed while the file is open for writing and not stored yet: the
+    /// upload at close (or a copy, if there is nothing to upload) stores it.
+    pub pending: bool,
 }
 
 /// What [`Fs::read_now`] did without waiting.
@@ -469,7 +501,8 @@ impl Fs {
         };
         let mtime =
             if inode.kind == Kind::Dir && inode.mtime == SystemTime::UNIX_EPOCH { self.started } else { inode.mtime };
-        Attr { ino: inode.ino, kind: inode.kind, size: inode.size, mtime, ttl, read_only }
+        let posix = inode.posix.as_ref().map(|(_, p)| p.clone());
+        Attr { ino: inode.ino, kind: inode.kind, size: inode.size, mtime, ttl, read_only, posix }
     }
 
     fn warn_once(&self, key: &str, message: impl FnOnce() -> String) {
@@ -509,13 +542,19 @@ impl Fs {
 
     /// Finds `name` in `parent`; counts one kernel lookup on success.
     pub async fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
-        self.lookup_inner(parent, name, true).await
+        let attr = self.lookup_inner(parent, name, true).await?;
+        if self.settings.posix_metadata {
+            return Ok(self.with_posix(attr).await);
+        }
+        Ok(attr)
     }
 
     /// Finds `name` in `parent`; `count` adds a kernel lookup.
     async fn lookup_inner(&self, parent: u64, name: &str, count: bool) -> Result<Attr> {
         if !namespace::valid_name(name) {
-            return Err(FsError::NotFound);
+            // Such a name cannot exist; one too long gets its own errno, so
+            // `open(O_CREAT)` fails as on a local file system.
+            return Err(if name.len() > namespace::NAME_MAX { FsError::NameTooLong } else { FsError::NotFound });
         }
         let (mount, dir_key) = {
             let mut table = lock(&self.inodes);
@@ -576,13 +615,20 @@ impl Fs {
             }
         }
         let key = namespace::child_key(&dir_key, name);
+        if key.len() > posix::KEY_MAX {
+            return Err(FsError::NameTooLong);
+        }
         let started = Instant::now();
         match self.remote_lookup(&mount, &key, name).await {
-            Ok(entry) => {
+            Ok((entry, attrs)) => {
                 let mut table = lock(&self.inodes);
                 table.clear_negative(parent, name);
                 let ino = table.upsert(parent, &mount, &dir_key, &entry, started + mount.ttl, count);
-                Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?))
+                let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
+                if let Some(attrs) = attrs.filter(|_| entry.kind == Kind::File) {
+                    inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
+                }
+                Ok(self.attr_of(inode))
             }
             Err(FsError::NotFound) => {
                 let mut table = lock(&self.inodes);
@@ -606,9 +652,19 @@ impl Fs {
     }
 
     /// HEAD `key` and LIST `key/` at once; a directory wins over a file.
-    async fn remote_lookup(&self, mount: &MountPoint, key: &str, name: &str) -> Result<Entry> {
+    /// With `--posix-metadata`, also the object's metadata (from the same
+    /// HEAD), and s3fs's older directory objects (`key` marked as a
+    /// directory) are directories.
+    async fn remote_lookup(&self, mount: &MountPoint, key: &str, name: &str) -> Result<(Entry, Option<ObjectAttrs>)> {
         let dir_prefix = format!("{key}/");
-        let (head, list) = tokio::join!(mount.store.head(key), mount.store.list(&dir_prefix, true, None, Some(1)));
+        let head = async {
+            if self.settings.posix_metadata {
+                mount.store.head_attrs(key).await.map(|(m, a)| (m, Some(a)))
+            } else {
+                mount.store.head(key).await.map(|m| (m, None))
+            }
+        };
+        let (head, list) = tokio::join!(head, mount.store.list(&dir_prefix, true, None, Some(1)));
         match list {
             Ok(page) if !page.objects.is_empty() || !page.prefixes.is_empty() => {
                 if head.is_ok() {
@@ -619,7 +675,7 @@ impl Fs {
                         )
                     });
                 }
-                return Ok(Entry::dir(name));
+                return Ok((Entry::dir(name), None));
             }
             Ok(_) => {}
             Err(e) => {
@@ -628,7 +684,8 @@ impl Fs {
             }
         }
         match head {
-            Ok(meta) => Ok(Entry::file(name, &meta)),
+            Ok((_, Some(attrs))) if posix::is_dir_object(&attrs) => Ok((Entry::dir(name), None)),
+            Ok((meta, attrs)) => Ok((Entry::file(name, &meta), attrs)),
             Err(StoreError::NotFound) => Err(FsError::NotFound),
             Err(e) => {
                 self.log_store_error("head", mount, key, &e);
@@ -650,6 +707,9 @@ impl Fs {
 
     /// Attributes, revalidated with a HEAD once the TTL has passed.
     pub async fn getattr(&self, ino: u64) -> Result<Attr> {
+        if self.settings.posix_metadata {
+            self.ensure_posix(ino).await?;
+        }
         let writer = self.writers.get(ino);
         if let Some(w) = writer {
             let table = lock(&self.inodes);
@@ -673,10 +733,18 @@ impl Fs {
 
     async fn revalidate(&self, ino: u64, mount: &MountPoint, key: &str) -> Result<Attr> {
         let started = Instant::now();
-        match mount.store.head(key).await {
-            Ok(meta) => {
+        let head = if self.settings.posix_metadata {
+            mount.store.head_attrs(key).await.map(|(m, a)| (m, Some(a)))
+        } else {
+            mount.store.head(key).await.map(|m| (m, None))
+        };
+        match head {
+            Ok((meta, attrs)) => {
                 let mut table = lock(&self.inodes);
                 let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
+                if let Some(attrs) = attrs {
+                    inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
+                }
                 inode.size = meta.size;
                 inode.mtime = meta.last_modified;
                 inode.etag = Some(meta.etag);
@@ -897,11 +965,19 @@ impl Fs {
             }
         };
         let offset = offset as usize;
-        let listed = listed
-            .wait_for(|l| l.done || l.items.len() > offset)
-            .await
-            .map_err(|_| FsError::Store(StoreError::Network("directory listing was abandoned".into())))?;
-        Self::listed_from(&listed, offset, batch).unwrap_or_else(|| Ok(Vec::new()))
+        let items = {
+            let listed = listed
+                .wait_for(|l| l.done || l.items.len() > offset)
+                .await
+                .map_err(|_| FsError::Store(StoreError::Network("directory listing was abandoned".into())))?;
+            Self::listed_from(&listed, offset, batch).unwrap_or_else(|| Ok(Vec::new()))?
+        };
+        if self.settings.posix_metadata {
+            let mut items = items;
+            self.load_posix_of(ino, &mut items).await;
+            return Ok(items);
+        }
+        Ok(items)
     }
 
     /// Adds `items` (a batch from [`Self::readdir`], starting at `offset`)
@@ -943,6 +1019,9 @@ impl Fs {
     /// the listing already has them (or has ended); `None` when the call
     /// must wait for the server.
     pub fn readdir_now(&self, fh: u64, offset: u64) -> Option<Result<Vec<Arc<DirItem>>>> {
+        if self.settings.posix_metadata {
+            return None; // entries' metadata may need HEADs first
+        }
         let h = self.handles.dir(fh)?;
         let listed = h.listed.as_ref().filter(|_| offset > 0)?.borrow();
         Self::listed_from(&listed, offset as usize, h.batch)

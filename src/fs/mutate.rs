@@ -12,9 +12,10 @@ use tracing::{error, info};
 use super::handles::HandleKind;
 use super::inode::{Loc, PageCache};
 use super::namespace::{self, Entry, Kind};
+use super::posix_ops::{Owner, check_name};
 use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Upload, WriteError, Writer, stop_all};
 use super::writers::{Left, WriterEntry};
-use super::{Attr, Fs, FsError, MountPoint, Result, lock, tgid};
+use super::{Attr, Fs, FsError, MountPoint, Result, lock, posix, tgid};
 use crate::store::{PutCondition, StoreError};
 
 /// Renames of directories copy this many objects at once.
@@ -38,12 +39,12 @@ impl Drop for Running<'_> {
 }
 
 impl Fs {
-    fn check_writable(&self, mount: &MountPoint) -> Result<()> {
+    pub(super) fn check_writable(&self, mount: &MountPoint) -> Result<()> {
         if self.settings.read_only || mount.read_only { Err(FsError::ReadOnly) } else { Ok(()) }
     }
 
     /// The mount and prefix of directory `ino`.
-    fn dir_location(&self, ino: u64) -> Result<(Arc<MountPoint>, String)> {
+    pub(super) fn dir_location(&self, ino: u64) -> Result<(Arc<MountPoint>, String)> {
         let table = lock(&self.inodes);
         let dir = table.get(ino).ok_or(FsError::NotFound)?;
         if dir.kind != Kind::Dir {
@@ -139,17 +140,32 @@ impl Fs {
 
     /// Creates and opens a new file. Returns its attributes and the handle.
     pub async fn create(&self, parent: u64, name: &str, flags: i32, pid: u32) -> Result<(Attr, u64)> {
-        if !namespace::valid_name(name) {
-            return Err(FsError::Invalid);
-        }
+        self.create_as(parent, name, flags, pid, None).await
+    }
+
+    /// [`Self::create`] by `owner` (whose uid, gid and mode are stored with
+    /// `--posix-metadata`).
+    pub async fn create_as(
+        &self,
+        parent: u64,
+        name: &str,
+        flags: i32,
+        pid: u32,
+        owner: Option<Owner>,
+    ) -> Result<(Attr, u64)> {
+        check_name(name)?;
         let (mount, dir_key) = self.dir_location(parent)?;
         self.check_writable(&mount)?;
         let key = namespace::child_key(&dir_key, name);
+        if key.len() > posix::KEY_MAX {
+            return Err(FsError::NameTooLong);
+        }
         let ino = {
             let mut table = lock(&self.inodes);
             table.clear_negative(parent, name);
             table.insert_local(parent, &mount, key.clone(), name, SystemTime::now())
         };
+        self.posix_for_new_file(ino, owner);
         let dir = self.staging.path();
         let streaming = flags & libc::O_ACCMODE == libc::O_WRONLY;
         let make = || async {
@@ -215,8 +231,19 @@ impl Fs {
     /// Uploads a writer's content if it changed, and records the result.
     pub(super) async fn upload(&self, ino: u64, w: &Arc<WriterEntry>) -> Result<()> {
         let mut writer = w.writer.lock().await;
-        if !writer.is_dirty() || writer.unlinked {
+        if writer.unlinked {
             return Ok(());
+        }
+        if !writer.is_dirty() {
+            if self.settings.posix_metadata {
+                let key = writer.key().to_string();
+                return self.store_pending_posix(ino, &key, writer.size(), &w.mount).await;
+            }
+            return Ok(());
+        }
+        let posix_attrs = self.upload_attrs(ino, writer.key());
+        if let Some(attrs) = &posix_attrs {
+            writer.set_attrs(attrs.clone());
         }
         let result = {
             let _running = Running::new(&self.uploads);
@@ -224,7 +251,16 @@ impl Fs {
         };
         match result {
             Ok(()) => {
-                let etag = writer.base().map(|b| b.etag.clone()).unwrap_or_default();
+                let mut etag = writer.base().map(|b| b.etag.clone()).unwrap_or_default();
+                if let Some(attrs) = posix_attrs {
+                    // A multipart upload took its metadata when it started;
+                    // a chmod or utimes since then is stored by a copy.
+                    if writer.uploaded_attrs() != Some(&attrs) {
+                        let key = writer.key().to_string();
+                        etag = self.replace_metadata(&w.mount, &key, writer.size(), &attrs, Some(&etag)).await?;
+                    }
+                    self.uploaded_posix(ino, attrs);
+                }
                 self.record_upload(ino, &w.mount, writer.size(), etag);
                 Ok(())
             }
@@ -330,10 +366,17 @@ impl Fs {
 
     /// mkdir: writes the zero-byte `name/` marker.
     pub async fn mkdir(&self, parent: u64, name: &str) -> Result<Attr> {
-        if !namespace::valid_name(name) {
-            return Err(FsError::Invalid);
-        }
+        self.mkdir_as(parent, name, None).await
+    }
+
+    /// [`Self::mkdir`] by `owner`: with `--posix-metadata`, the marker
+    /// carries the directory's mode, owner and times.
+    pub async fn mkdir_as(&self, parent: u64, name: &str, owner: Option<Owner>) -> Result<Attr> {
+        check_name(name)?;
         let (mount, dir_key) = self.dir_location(parent)?;
+        if dir_key.len() + name.len() + 1 > posix::KEY_MAX {
+            return Err(FsError::NameTooLong);
+        }
         self.check_writable(&mount)?;
         match self.lookup_inner(parent, name, false).await {
             Ok(_) => return Err(FsError::Exists),
@@ -341,9 +384,11 @@ impl Fs {
             Err(e) => return Err(e),
         }
         let marker = namespace::child_prefix(&dir_key, name);
-        let put = match mount.store.put(&marker, bytes::Bytes::new(), PutCondition::IfAbsent).await {
+        let state = self.posix_for_new_dir(owner);
+        let attrs = state.as_ref().map(|s| s.attrs.clone()).unwrap_or_default();
+        let put = match mount.store.put_with(&marker, bytes::Bytes::new(), PutCondition::IfAbsent, &attrs).await {
             Err(StoreError::Server { status: 400 | 501, .. }) => {
-                mount.store.put(&marker, bytes::Bytes::new(), PutCondition::None).await
+                mount.store.put_with(&marker, bytes::Bytes::new(), PutCondition::None, &attrs).await
             }
             other => other,
         };
@@ -361,6 +406,9 @@ impl Fs {
         let ino = table.upsert(parent, &mount, &dir_key, &entry, Instant::now() + mount.ttl, true);
         if let Some(i) = table.get_mut(ino) {
             i.mtime = SystemTime::now();
+            if let Some(state) = state {
+                i.posix = Some((Instant::now(), Arc::new(state)));
+            }
         }
         Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?))
     }
@@ -430,9 +478,10 @@ impl Fs {
     /// rename: copy, then delete. A directory is renamed object by object
     /// and is not atomic.
     pub async fn rename(&self, parent: u64, name: &str, newparent: u64, newname: &str, flags: u32) -> Result<()> {
-        if flags & libc::RENAME_EXCHANGE != 0 || !namespace::valid_name(newname) {
+        if flags & libc::RENAME_EXCHANGE != 0 {
             return Err(FsError::Invalid);
         }
+        check_name(newname)?;
         let (mount, src_dir) = self.dir_location(parent)?;
         let (new_mount, dst_dir) = self.dir_location(newparent)?;
         if !Arc::ptr_eq(&mount, &new_mount) {
@@ -567,10 +616,28 @@ impl Fs {
         to: &str,
         size: u64,
     ) -> std::result::Result<String, StoreError> {
-        let upload = Upload::create(&mount.store, to).await?;
+        // A multipart copy does not copy metadata: it is read and given.
+        let attrs =
+            if self.settings.posix_metadata { mount.store.head_attrs(from).await?.1 } else { Default::default() };
+        self.multipart_copy_with(mount, from, to, size, &attrs, None).await
+    }
+
+    /// A multipart copy whose object gets `attrs`; with `if_match`, it is
+    /// completed only if `to` still has that ETag (for a copy onto itself).
+    pub(super) async fn multipart_copy_with(
+        &self,
+        mount: &MountPoint,
+        from: &str,
+        to: &str,
+        size: u64,
+        attrs: &crate::store::ObjectAttrs,
+        if_match: Option<&str>,
+    ) -> std::result::Result<String, StoreError> {
+        let upload = Upload::create_with(&mount.store, to, attrs.clone()).await?;
+        let cond = if_match.map_or(PutCondition::None, |e| PutCondition::IfMatch(e.to_string()));
         match self.copy_parts(mount, upload.id(), from, to, size).await {
             Ok(parts) => {
-                let r = mount.store.complete_multipart(to, upload.id(), parts, PutCondition::None).await;
+                let r = mount.store.complete_multipart(to, upload.id(), parts, cond).await;
                 match r {
                     Ok(_) => upload.completed(),
                     Err(_) => upload.abort().await,

@@ -6,7 +6,10 @@
 //! - the zero-byte `dir/` marker of the directory itself is not an entry;
 //! - when `a` and `a/...` both exist, the directory wins and the file is hidden;
 //! - a component that cannot be a file name (empty, `.`, `..`, longer than
-//!   255 bytes, containing NUL) is skipped.
+//!   255 bytes, containing NUL) is skipped;
+//! - `name_$folder$` (the directory object of s3fs and old S3 tools) is the
+//!   directory `name`; `name/` markers (goofys, rclone, the S3 console) are
+//!   directories like any common prefix.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
@@ -147,6 +150,17 @@ impl PagedEntries {
                 self.skipped.push(Skipped::InvalidName { key: o.key.clone() });
                 continue;
             }
+            // `name_$folder$`: a directory object of s3fs and old S3 tools.
+            if let Some(dir) = super::posix::folder_object_name(name).filter(|d| valid_name(d)) {
+                if !matches!(self.given.get(dir), Some(Kind::Dir)) {
+                    if self.held.remove(dir).is_some() || self.given.contains_key(dir) {
+                        self.skipped.push(Skipped::ShadowedByDir { key: child_key(&self.prefix, dir) });
+                    }
+                    self.given.insert(dir.to_string(), Kind::Dir);
+                    out.push(Entry::dir(dir));
+                }
+                continue;
+            }
             match self.given.get(name) {
                 Some(Kind::Dir) => self.skipped.push(Skipped::ShadowedByDir { key: o.key.clone() }),
                 Some(Kind::File) => {} // listed twice: given out already
@@ -219,6 +233,16 @@ mod tests {
         }
         assert!(valid_name(&"x".repeat(255)));
         assert!(!valid_name(&"x".repeat(256)));
+    }
+
+    #[test]
+    fn markers_of_other_tools_are_directories() {
+        // goofys and rclone write `d/` markers; s3fs and old tools `e_$folder$`.
+        let objects = [meta("p/a"), meta("p/d/"), meta("p/e_$folder$"), meta("p/_$folder$")];
+        let prefixes = ["p/d/".to_string()];
+        let (entries, _) = entries_from_listing("p/", &objects, &prefixes);
+        let got: Vec<_> = entries.iter().map(|e| (e.name.as_str(), e.kind)).collect();
+        assert_eq!(got, [("_$folder$", Kind::File), ("a", Kind::File), ("d", Kind::Dir), ("e", Kind::Dir)]);
     }
 
     #[test]

@@ -1,0 +1,518 @@
+//! `--posix-metadata`: modes, owners, times, symlinks and `user.*` extended
+//! attributes kept in object user metadata, in s3fs's format (see
+//! `posix.rs` for the format). Without the option none of this runs.
+//!
+//! Reading: a listing carries no user metadata, so an entry's metadata
+//! costs a HEAD (of the object, or of a directory's `dir/` marker). It is
+//! kept for the metadata TTL like other attributes. `lookup` of a name not
+//! known yet gets it from the HEAD it sends anyway; `readdir` HEADs the
+//! entries of each batch it hands out, [`HEAD_CONCURRENCY`] at once, so
+//! `ls -l` costs one round trip per that many entries.
+//!
+//! Writing: a change (chmod, chown, utimes, setxattr) of a closed file is a
+//! CopyObject onto itself with the new metadata (`MetadataDirective:
+//! REPLACE`, `If-Match` on the ETag it was read with; a multipart copy above
+//! 5 GiB). A file open for writing takes it with the upload at close. A
+//! directory's metadata is its `dir/` marker, written anew.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use futures::StreamExt;
+
+use super::inode::{Loc, PageCache};
+use super::namespace::{self, Entry, Kind};
+use super::posix::{self, Posix, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG};
+use super::write::MAX_COPY;
+use super::{Attr, DirItem, Fs, FsError, MountPoint, PosixState, Result, lock};
+use crate::store::{ObjectAttrs, PutCondition, StoreError};
+
+/// HEADs in flight at once for the entries of one `readdir` batch.
+pub const HEAD_CONCURRENCY: usize = 32;
+
+/// Who creates a file, directory or symlink, and with which permission bits.
+#[derive(Clone, Copy, Debug)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits (the umask already applied).
+    pub perm: u32,
+}
+
+/// A change of attributes asked by `setattr`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttrChange {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime: Option<SystemTime>,
+    pub mtime: Option<SystemTime>,
+}
+
+impl AttrChange {
+    pub fn is_empty(&self) -> bool {
+        self.mode.is_none() && self.uid.is_none() && self.gid.is_none() && self.atime.is_none() && self.mtime.is_none()
+    }
+}
+
+impl PosixState {
+    /// The state of an object whose HEAD answered `attrs`.
+    pub fn of(attrs: ObjectAttrs) -> Self {
+        PosixState { posix: Posix::from_metadata(&attrs.metadata), attrs, mtime_pinned: false, pending: false }
+    }
+
+    /// A new object's state: type bits `kind`, created by `owner` now.
+    fn new(kind: u32, owner: Owner, now: SystemTime) -> Self {
+        let posix = Posix {
+            mode: Some(kind | (owner.perm & 0o7777)),
+            uid: Some(owner.uid),
+            gid: Some(owner.gid),
+            mtime: Some(now),
+            ctime: Some(now),
+            atime: None,
+        };
+        let mut attrs = ObjectAttrs::default();
+        posix.write_into(&mut attrs.metadata);
+        PosixState { posix, attrs, mtime_pinned: false, pending: false }
+    }
+
+    /// The metadata an upload or copy stores: the object's other metadata
+    /// unchanged, the POSIX headers from `posix`.
+    fn metadata(&self) -> BTreeMap<String, String> {
+        let mut m = self.attrs.metadata.clone();
+        self.posix.write_into(&mut m);
+        m
+    }
+}
+
+/// Where an inode's metadata lives.
+enum MetaHome {
+    /// A file or symlink object, with the ETag it was last seen with.
+    Object { key: String, etag: Option<String>, size: u64 },
+    /// A directory's `dir/` marker.
+    Marker { key: String },
+    /// The bucket root or a virtual directory: nowhere (kept in memory).
+    Nowhere,
+}
+
+impl Fs {
+    /// Attributes with the stored metadata, loading it if needed; on failure
+    /// the attributes as they are (the defaults of the mount options).
+    pub(super) async fn with_posix(&self, attr: Attr) -> Attr {
+        if self.ensure_posix(attr.ino).await.is_err() {
+            return attr;
+        }
+        let table = lock(&self.inodes);
+        table.get(attr.ino).map(|i| self.attr_of(i)).unwrap_or(attr)
+    }
+
+    /// Makes sure inode `ino` knows its stored metadata, no older than the
+    /// metadata TTL: one HEAD if not.
+    pub(super) async fn ensure_posix(&self, ino: u64) -> Result<()> {
+        if !self.settings.posix_metadata {
+            return Ok(());
+        }
+        let (mount, key, kind) = {
+            let table = lock(&self.inodes);
+            let inode = table.get(ino).ok_or(FsError::NotFound)?;
+            let Loc::Object { mount, key } = &inode.loc else { return Ok(()) };
+            let fresh = inode.posix.as_ref().is_some_and(|(at, _)| Instant::now() < *at + mount.ttl);
+            if fresh || inode.local || (inode.posix.is_some() && self.writers.contains(ino)) {
+                return Ok(());
+            }
+            (mount.clone(), key.clone(), inode.kind)
+        };
+        let started = Instant::now();
+        if key.is_empty() {
+            // The bucket's root has no marker to keep metadata on.
+            self.set_posix(ino, started, PosixState::default());
+            return Ok(());
+        }
+        match mount.store.head_attrs(&key).await {
+            Ok((meta, attrs)) => {
+                let mut table = lock(&self.inodes);
+                if let Some(inode) = table.get_mut(ino) {
+                    if kind == Kind::File && !inode.local && !self.writers.contains(ino) {
+                        inode.size = meta.size;
+                        inode.mtime = meta.last_modified;
+                        inode.etag = Some(meta.etag);
+                        inode.valid_until = started + mount.ttl;
+                    }
+                    inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
+                }
+                Ok(())
+            }
+            Err(StoreError::NotFound) if kind == Kind::Dir => {
+                // A directory without a marker: the mount options' defaults.
+                self.set_posix(ino, started, PosixState::default());
+                Ok(())
+            }
+            Err(e) => {
+                self.log_store_error("head", &mount, &key, &e);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn set_posix(&self, ino: u64, at: Instant, state: PosixState) {
+        if let Some(inode) = lock(&self.inodes).get_mut(ino) {
+            inode.posix = Some((at, Arc::new(state)));
+        }
+    }
+
+    /// The stored metadata of the entries of a `readdir` batch of
+    /// directory `dir`, read with up to [`HEAD_CONCURRENCY`] HEADs at once
+    /// (none for fresh ones). An object that its metadata marks as a
+    /// directory (s3fs's older directory objects) becomes one.
+    pub(super) async fn load_posix_of(&self, dir: u64, items: &mut [Arc<DirItem>]) {
+        let inos: Vec<u64> = items.iter().filter(|i| i.name != "." && i.name != "..").map(|i| i.attr.ino).collect();
+        futures::stream::iter(inos)
+            .map(|ino| async move {
+                // A failed HEAD leaves the entry with the defaults.
+                let _ = self.ensure_posix(ino).await;
+            })
+            .buffer_unordered(HEAD_CONCURRENCY)
+            .collect::<Vec<()>>()
+            .await;
+        let mut table = lock(&self.inodes);
+        let Some(Loc::Object { mount, key: dir_key }) = table.get(dir).map(|d| d.loc.clone()) else { return };
+        for item in items.iter_mut().filter(|i| i.attr.kind == Kind::File) {
+            let is_dir = table
+                .get(item.attr.ino)
+                .and_then(|i| i.posix.as_ref())
+                .is_some_and(|(_, p)| posix::is_dir_object(&p.attrs));
+            if !is_dir {
+                continue;
+            }
+            let entry = Entry::dir(&item.name);
+            if let Some((_, entries)) = table.get_mut(dir).and_then(|d| d.listing.as_mut()) {
+                Arc::make_mut(entries).insert(item.name.clone(), entry.clone());
+            }
+            let ino = table.upsert(dir, &mount, &dir_key, &entry, Instant::now() + mount.ttl, false);
+            if let Some(inode) = table.get(ino) {
+                *item = Arc::new(DirItem { name: item.name.clone(), attr: self.attr_of(inode) });
+            }
+        }
+    }
+
+    /// The metadata of `ino` now (loading it if needed), and where it lives.
+    async fn posix_and_home(&self, ino: u64) -> Result<(Arc<MountPoint>, PosixState, MetaHome)> {
+        self.ensure_posix(ino).await?;
+        let table = lock(&self.inodes);
+        let inode = table.get(ino).ok_or(FsError::NotFound)?;
+        let Loc::Object { mount, key } = &inode.loc else { return Err(FsError::ReadOnly) };
+        let state = inode.posix.as_ref().map(|(_, p)| (**p).clone()).unwrap_or_default();
+        let home = match inode.kind {
+            Kind::Dir if key.is_empty() => MetaHome::Nowhere,
+            Kind::Dir => MetaHome::Marker { key: key.clone() },
+            Kind::File => MetaHome::Object { key: key.clone(), etag: inode.etag.clone(), size: inode.size },
+        };
+        Ok((mount.clone(), state, home))
+    }
+
+    /// chmod, chown and utimes with `--posix-metadata`.
+    pub async fn change_attrs(&self, ino: u64, change: AttrChange) -> Result<Attr> {
+        let now = SystemTime::now();
+        self.change_metadata(ino, |state| {
+            if let Some(t) = change.mtime {
+                state.mtime_pinned = true;
+                state.posix.mtime = Some(t);
+            }
+            let p = &mut state.posix;
+            if let Some(mode) = change.mode {
+                let kind = p.mode.map(|m| m & S_IFMT).filter(|k| *k != 0);
+                p.mode = Some(kind.unwrap_or(mode & S_IFMT) | (mode & 0o7777));
+            }
+            p.uid = change.uid.or(p.uid);
+            p.gid = change.gid.or(p.gid);
+            p.atime = change.atime.or(p.atime);
+            p.ctime = Some(now);
+            Ok(None)
+        })
+        .await?;
+        let table = lock(&self.inodes);
+        Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?))
+    }
+
+    /// Applies `edit` to the metadata of `ino` and stores it: on the
+    /// upload at close for a file open for writing, by a copy onto itself
+    /// for a closed file, on the marker for a directory. `edit` may name
+    /// the metadata it alone adds (for telling E2BIG from ENOSPC).
+    async fn change_metadata<F>(&self, ino: u64, edit: F) -> Result<()>
+    where
+        F: FnOnce(&mut PosixState) -> Result<Option<BTreeMap<String, String>>>,
+    {
+        let (mount, mut state, home) = self.posix_and_home(ino).await?;
+        self.check_writable(&mount)?;
+        let alone = edit(&mut state)?;
+        let metadata = state.metadata();
+        let alone = alone.unwrap_or_else(|| metadata.clone());
+        match posix::check_size(&metadata, &alone) {
+            Ok(()) => {}
+            Err(posix::TooLarge::Alone) => return Err(FsError::TooBig),
+            Err(posix::TooLarge::WithOthers) => return Err(FsError::NoSpace),
+        }
+        state.attrs.metadata = metadata.clone();
+        let writing = self.writers.contains(ino) || lock(&self.inodes).get(ino).is_some_and(|i| i.local);
+        let started = Instant::now();
+        if writing {
+            // Taken by the upload at close.
+            state.pending = true;
+            self.set_posix(ino, started, state);
+            return Ok(());
+        }
+        state.mtime_pinned = false;
+        state.pending = false;
+        match home {
+            MetaHome::Nowhere => {}
+            MetaHome::Marker { key } => {
+                let attrs = ObjectAttrs { content_type: state.attrs.content_type.clone(), metadata };
+                mount.store.put_with(&key, bytes::Bytes::new(), PutCondition::None, &attrs).await.inspect_err(|e| {
+                    self.log_store_error("put", &mount, &key, e);
+                })?;
+            }
+            MetaHome::Object { key, etag, size } => {
+                let attrs = ObjectAttrs { content_type: state.attrs.content_type.clone(), metadata };
+                let new_etag = self.replace_metadata(&mount, &key, size, &attrs, etag.as_deref()).await?;
+                let mut table = lock(&self.inodes);
+                if let Some(inode) = table.get_mut(ino) {
+                    // Same bytes, new ETag: pages of the old one are still right.
+                    if etag.as_ref().is_some_and(|e| inode.page_cache == PageCache::Holds(e.clone())) {
+                        inode.page_cache = PageCache::Holds(new_etag.clone());
+                    }
+                    inode.etag = Some(new_etag);
+                    inode.valid_until = started + mount.ttl;
+                }
+            }
+        }
+        self.set_posix(ino, started, state);
+        Ok(())
+    }
+
+    /// Gives object `key` new metadata by copying it onto itself, if it
+    /// still has ETag `etag`. Returns the new ETag.
+    pub(super) async fn replace_metadata(
+        &self,
+        mount: &MountPoint,
+        key: &str,
+        size: u64,
+        attrs: &ObjectAttrs,
+        etag: Option<&str>,
+    ) -> Result<String> {
+        let result = if size <= MAX_COPY {
+            mount.store.copy_replace(key, key, attrs, etag).await
+        } else {
+            self.multipart_copy_with(mount, key, key, size, attrs, etag).await
+        };
+        result.map_err(|e| {
+            self.log_store_error("copy", mount, key, &e);
+            e.into()
+        })
+    }
+
+    /// What the next upload of `ino` (to `key`) stores: its metadata with
+    /// the mtime of the upload (unless utimes set one) and the Content-Type
+    /// of its name. `None` without `--posix-metadata`.
+    pub(super) fn upload_attrs(&self, ino: u64, key: &str) -> Option<ObjectAttrs> {
+        if !self.settings.posix_metadata {
+            return None;
+        }
+        let now = SystemTime::now();
+        let mut state = lock(&self.inodes).get(ino).and_then(|i| i.posix.as_ref().map(|(_, p)| (**p).clone()))?;
+        if !state.mtime_pinned {
+            state.posix.mtime = Some(now);
+        }
+        state.posix.ctime = Some(now);
+        Some(ObjectAttrs { content_type: posix::content_type_for(key), metadata: state.metadata() })
+    }
+
+    /// After an upload with `attrs`: the inode's metadata is what was stored.
+    pub(super) fn uploaded_posix(&self, ino: u64, attrs: ObjectAttrs) {
+        self.set_posix(ino, Instant::now(), PosixState::of(attrs));
+    }
+
+    /// With nothing to upload: stores metadata changed while the file was
+    /// open (a chmod or utimes after the last upload) by a copy onto itself.
+    pub(super) async fn store_pending_posix(&self, ino: u64, key: &str, size: u64, mount: &MountPoint) -> Result<()> {
+        let (pending, etag) = {
+            let table = lock(&self.inodes);
+            let Some(inode) = table.get(ino) else { return Ok(()) };
+            (inode.posix.as_ref().is_some_and(|(_, p)| p.pending) && !inode.local, inode.etag.clone())
+        };
+        if !pending {
+            return Ok(());
+        }
+        let Some(attrs) = self.upload_attrs(ino, key) else { return Ok(()) };
+        let new_etag = self.replace_metadata(mount, key, size, &attrs, etag.as_deref()).await?;
+        self.uploaded_posix(ino, attrs);
+        if let Some(inode) = lock(&self.inodes).get_mut(ino) {
+            if etag.as_ref().is_some_and(|e| inode.page_cache == PageCache::Holds(e.clone())) {
+                inode.page_cache = PageCache::Holds(new_etag.clone());
+            }
+            inode.etag = Some(new_etag);
+        }
+        Ok(())
+    }
+
+    // ----- creating -----
+
+    /// The metadata a new file gets (before its first upload).
+    pub(super) fn posix_for_new_file(&self, ino: u64, owner: Option<Owner>) {
+        if let (true, Some(owner)) = (self.settings.posix_metadata, owner) {
+            self.set_posix(ino, Instant::now(), PosixState::new(S_IFREG, owner, SystemTime::now()));
+        }
+    }
+
+    /// The marker attributes of a new directory, with `--posix-metadata`.
+    pub(super) fn posix_for_new_dir(&self, owner: Option<Owner>) -> Option<PosixState> {
+        match (self.settings.posix_metadata, owner) {
+            (true, Some(owner)) => Some(PosixState::new(S_IFDIR, owner, SystemTime::now())),
+            _ => None,
+        }
+    }
+
+    /// symlink(2): an object whose body is `target` and whose mode has
+    /// `S_IFLNK`, as s3fs makes them.
+    pub async fn symlink(&self, parent: u64, name: &str, target: &str, owner: Owner) -> Result<Attr> {
+        if !self.settings.posix_metadata {
+            return Err(FsError::NotPermitted);
+        }
+        check_name(name)?;
+        let (mount, dir_key) = self.dir_location(parent)?;
+        self.check_writable(&mount)?;
+        let key = namespace::child_key(&dir_key, name);
+        if key.len() > posix::KEY_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        match self.lookup_inner(parent, name, false).await {
+            Ok(_) => return Err(FsError::Exists),
+            Err(FsError::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        let now = SystemTime::now();
+        let state = PosixState::new(S_IFLNK, Owner { perm: 0o777, ..owner }, now);
+        let attrs = ObjectAttrs { content_type: Some("application/octet-stream".into()), metadata: state.metadata() };
+        let body = bytes::Bytes::copy_from_slice(target.as_bytes());
+        let etag = mount.store.put_with(&key, body, PutCondition::None, &attrs).await.inspect_err(|e| {
+            self.log_store_error("put", &mount, &key, e);
+        })?;
+        let started = Instant::now();
+        let entry =
+            Entry { name: name.to_string(), kind: Kind::File, size: target.len() as u64, etag: Some(etag), mtime: now };
+        let mut table = lock(&self.inodes);
+        table.clear_negative(parent, name);
+        if let Some(dir) = table.get_mut(parent)
+            && let Some((_, entries)) = &mut dir.listing
+        {
+            Arc::make_mut(entries).insert(name.to_string(), entry.clone());
+        }
+        let ino = table.upsert(parent, &mount, &dir_key, &entry, started + mount.ttl, true);
+        let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
+        inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
+        Ok(self.attr_of(inode))
+    }
+
+    /// readlink(2): the body of a symlink object.
+    pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let (mount, state, home) = self.posix_and_home(ino).await?;
+        let MetaHome::Object { key, etag, size } = home else { return Err(FsError::Invalid) };
+        if !state.posix.is_symlink() {
+            return Err(FsError::Invalid);
+        }
+        let body = mount.store.get_range(&key, etag.as_deref(), 0, size).await;
+        let body = match body {
+            Ok(b) => crate::store::collect_body(b).await,
+            Err(e) => Err(e),
+        };
+        body.map(|b| b.to_vec()).map_err(|e| {
+            self.log_store_error("get", &mount, &key, &e);
+            e.into()
+        })
+    }
+
+    /// mknod(2): a regular file is created (empty); FIFOs, sockets and
+    /// devices cannot be stored.
+    pub async fn mknod(&self, parent: u64, name: &str, mode: u32, owner: Owner, pid: u32) -> Result<Attr> {
+        if mode & S_IFMT != S_IFREG && mode & S_IFMT != 0 {
+            return Err(FsError::NotPermitted);
+        }
+        let (attr, fh) = self.create_as(parent, name, libc::O_WRONLY, pid, Some(owner)).await?;
+        // The last close uploads the empty object.
+        self.release(fh).await;
+        let table = lock(&self.inodes);
+        Ok(table.get(attr.ino).map(|i| self.attr_of(i)).unwrap_or(attr))
+    }
+
+    // ----- extended attributes -----
+
+    /// getxattr(2): only `user.*` attributes are stored; others are absent
+    /// without a request (the kernel asks for `security.capability` on
+    /// every write).
+    pub async fn getxattr(&self, ino: u64, name: &str) -> Result<Vec<u8>> {
+        if !name.starts_with("user.") {
+            return Err(FsError::NoAttr);
+        }
+        let (_, state, _) = self.posix_and_home(ino).await?;
+        posix::xattrs_of(&state.attrs.metadata).remove(name).ok_or(FsError::NoAttr)
+    }
+
+    /// listxattr(2): the names of the stored attributes.
+    pub async fn listxattr(&self, ino: u64) -> Result<Vec<String>> {
+        let (_, state, _) = self.posix_and_home(ino).await?;
+        Ok(posix::xattrs_of(&state.attrs.metadata).into_keys().collect())
+    }
+
+    /// setxattr(2) of a `user.*` attribute; others are not supported.
+    pub async fn setxattr(&self, ino: u64, name: &str, value: &[u8], flags: i32) -> Result<()> {
+        if !name.starts_with("user.") {
+            return Err(FsError::NotSupported);
+        }
+        if !posix::xattr_name_ok(name) {
+            return Err(FsError::Invalid);
+        }
+        self.change_metadata(ino, |state| {
+            let mut xattrs = posix::xattrs_of(&state.attrs.metadata);
+            let exists = xattrs.contains_key(name);
+            if flags & libc::XATTR_CREATE != 0 && exists {
+                return Err(FsError::Exists);
+            }
+            if flags & libc::XATTR_REPLACE != 0 && !exists {
+                return Err(FsError::NoAttr);
+            }
+            let mut alone = BTreeMap::new();
+            posix::set_xattrs(&mut alone, &posix::Xattrs::from([(name.to_string(), value.to_vec())]));
+            state.posix.write_into(&mut alone);
+            xattrs.insert(name.to_string(), value.to_vec());
+            posix::set_xattrs(&mut state.attrs.metadata, &xattrs);
+            Ok(Some(alone))
+        })
+        .await
+    }
+
+    /// removexattr(2).
+    pub async fn removexattr(&self, ino: u64, name: &str) -> Result<()> {
+        if !name.starts_with("user.") {
+            return Err(FsError::NoAttr);
+        }
+        self.change_metadata(ino, |state| {
+            let mut xattrs = posix::xattrs_of(&state.attrs.metadata);
+            xattrs.remove(name).ok_or(FsError::NoAttr)?;
+            posix::set_xattrs(&mut state.attrs.metadata, &xattrs);
+            Ok(None)
+        })
+        .await
+    }
+}
+
+/// A name a new entry can have: `ENAMETOOLONG` over 255 bytes, `EINVAL` for
+/// the impossible ones (empty, `.`, `..`, with `/` or NUL).
+pub(super) fn check_name(name: &str) -> Result<()> {
+    if name.len() > namespace::NAME_MAX {
+        Err(FsError::NameTooLong)
+    } else if !namespace::valid_name(name) {
+        Err(FsError::Invalid)
+    } else {
+        Ok(())
+    }
+}
