@@ -285,6 +285,9 @@ pub struct Fs {
     /// The mounts served now.
     mounts: Mutex<Vec<Arc<MountPoint>>>,
     disk: Option<Arc<disk_cache::DiskCache>>,
+    /// With `--posix-metadata`: metadata reads in flight, by inode, so a
+    /// read-ahead and a `readdir` waiting for the same entry share one HEAD.
+    posix_reads: Mutex<HashMap<u64, posix_ops::SharedRead>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -325,6 +328,7 @@ impl Fs {
             uploads: AtomicUsize::new(0),
             mounts: Mutex::new(Vec::new()),
             disk,
+            posix_reads: Mutex::new(HashMap::new()),
         };
         fs.reconfigure(mounts)?;
         Ok(fs)
@@ -707,9 +711,8 @@ impl Fs {
 
     /// Attributes, revalidated with a HEAD once the TTL has passed.
     pub async fn getattr(&self, ino: u64) -> Result<Attr> {
-        if self.settings.posix_metadata {
-            self.ensure_posix(ino).await?;
-        }
+        // With --posix-metadata, a HEAD just sent counts as the revalidation.
+        let fresh = self.refresh_posix(ino).await?;
         let writer = self.writers.get(ino);
         if let Some(w) = writer {
             let table = lock(&self.inodes);
@@ -720,7 +723,7 @@ impl Fs {
         let (mount, key) = {
             let table = lock(&self.inodes);
             let inode = table.get(ino).ok_or(FsError::NotFound)?;
-            if inode.kind == Kind::Dir || Instant::now() < inode.valid_until {
+            if fresh || inode.kind == Kind::Dir || Instant::now() < inode.valid_until {
                 return Ok(self.attr_of(inode));
             }
             match &inode.loc {
@@ -973,8 +976,20 @@ impl Fs {
             Self::listed_from(&listed, offset, batch).unwrap_or_else(|| Ok(Vec::new()))?
         };
         if self.settings.posix_metadata {
+            // Read ahead: the metadata of the entries after this batch,
+            // while the kernel takes this one and asks for the next.
+            let ahead: Vec<u64> = {
+                let listed = listed.borrow();
+                let start = (offset + items.len()).min(listed.items.len());
+                let end = (start + posix_ops::READ_AHEAD).min(listed.items.len());
+                listed.items[start..end].iter().map(|i| i.attr.ino).collect()
+            };
             let mut items = items;
             self.load_posix_of(ino, &mut items).await;
+            if !ahead.is_empty() {
+                let fs = self.clone();
+                tokio::spawn(async move { fs.read_posix_of(ahead).await });
+            }
             return Ok(items);
         }
         Ok(items)

@@ -28,8 +28,14 @@ use super::write::MAX_COPY;
 use super::{Attr, DirItem, Fs, FsError, MountPoint, PosixState, Result, lock};
 use crate::store::{ObjectAttrs, PutCondition, StoreError};
 
-/// HEADs in flight at once for the entries of one `readdir` batch.
+/// HEADs in flight at once for the entries of one `readdir` batch (and as
+/// many for the read-ahead of the next ones).
 pub const HEAD_CONCURRENCY: usize = 32;
+/// Entries after a `readdir` batch whose metadata is read ahead.
+pub const READ_AHEAD: usize = 512;
+
+/// A metadata read (one HEAD) that several callers wait for.
+pub type SharedRead = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
 
 /// Who creates a file, directory or symlink, and with which permission bits.
 #[derive(Clone, Copy, Debug)]
@@ -110,16 +116,22 @@ impl Fs {
     /// Makes sure inode `ino` knows its stored metadata, no older than the
     /// metadata TTL: one HEAD if not.
     pub(super) async fn ensure_posix(&self, ino: u64) -> Result<()> {
+        self.refresh_posix(ino).await.map(|_| ())
+    }
+
+    /// [`Self::ensure_posix`]; true if it sent a HEAD (which also refreshed
+    /// a file's size and ETag).
+    pub(super) async fn refresh_posix(&self, ino: u64) -> Result<bool> {
         if !self.settings.posix_metadata {
-            return Ok(());
+            return Ok(false);
         }
         let (mount, key, kind) = {
             let table = lock(&self.inodes);
             let inode = table.get(ino).ok_or(FsError::NotFound)?;
-            let Loc::Object { mount, key } = &inode.loc else { return Ok(()) };
+            let Loc::Object { mount, key } = &inode.loc else { return Ok(false) };
             let fresh = inode.posix.as_ref().is_some_and(|(at, _)| Instant::now() < *at + mount.ttl);
             if fresh || inode.local || (inode.posix.is_some() && self.writers.contains(ino)) {
-                return Ok(());
+                return Ok(false);
             }
             (mount.clone(), key.clone(), inode.kind)
         };
@@ -127,7 +139,7 @@ impl Fs {
         if key.is_empty() {
             // The bucket's root has no marker to keep metadata on.
             self.set_posix(ino, started, PosixState::default());
-            return Ok(());
+            return Ok(false);
         }
         match mount.store.head_attrs(&key).await {
             Ok((meta, attrs)) => {
@@ -141,18 +153,46 @@ impl Fs {
                     }
                     inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
                 }
-                Ok(())
+                Ok(true)
             }
             Err(StoreError::NotFound) if kind == Kind::Dir => {
                 // A directory without a marker: the mount options' defaults.
                 self.set_posix(ino, started, PosixState::default());
-                Ok(())
+                Ok(true)
             }
             Err(e) => {
                 self.log_store_error("head", &mount, &key, &e);
                 Err(e.into())
             }
         }
+    }
+
+    /// Reads the metadata of `inos` that is not fresh, [`HEAD_CONCURRENCY`]
+    /// at once, joining reads already in flight. A failed HEAD leaves an
+    /// entry with the mount options' defaults.
+    pub(super) async fn read_posix_of(self: &Arc<Self>, inos: Vec<u64>) {
+        futures::stream::iter(inos)
+            .map(|ino| self.shared_posix_read(ino))
+            .buffer_unordered(HEAD_CONCURRENCY)
+            .collect::<Vec<()>>()
+            .await;
+    }
+
+    fn shared_posix_read(self: &Arc<Self>, ino: u64) -> SharedRead {
+        use futures::FutureExt;
+        let mut reads = lock(&self.posix_reads);
+        if let Some(r) = reads.get(&ino) {
+            return r.clone();
+        }
+        let fs = self.clone();
+        let read = async move {
+            let _ = fs.ensure_posix(ino).await;
+            lock(&fs.posix_reads).remove(&ino);
+        }
+        .boxed()
+        .shared();
+        reads.insert(ino, read.clone());
+        read
     }
 
     fn set_posix(&self, ino: u64, at: Instant, state: PosixState) {
@@ -165,16 +205,9 @@ impl Fs {
     /// directory `dir`, read with up to [`HEAD_CONCURRENCY`] HEADs at once
     /// (none for fresh ones). An object that its metadata marks as a
     /// directory (s3fs's older directory objects) becomes one.
-    pub(super) async fn load_posix_of(&self, dir: u64, items: &mut [Arc<DirItem>]) {
+    pub(super) async fn load_posix_of(self: &Arc<Self>, dir: u64, items: &mut [Arc<DirItem>]) {
         let inos: Vec<u64> = items.iter().filter(|i| i.name != "." && i.name != "..").map(|i| i.attr.ino).collect();
-        futures::stream::iter(inos)
-            .map(|ino| async move {
-                // A failed HEAD leaves the entry with the defaults.
-                let _ = self.ensure_posix(ino).await;
-            })
-            .buffer_unordered(HEAD_CONCURRENCY)
-            .collect::<Vec<()>>()
-            .await;
+        self.read_posix_of(inos).await;
         let mut table = lock(&self.inodes);
         let Some(Loc::Object { mount, key: dir_key }) = table.get(dir).map(|d| d.loc.clone()) else { return };
         for item in items.iter_mut().filter(|i| i.attr.kind == Kind::File) {

@@ -156,8 +156,9 @@ pub struct Upload {
     key: String,
     id: String,
     ended: bool,
-    /// The Content-Type and user metadata the completed object carries.
-    attrs: ObjectAttrs,
+    /// The Content-Type and user metadata the completed object carries
+    /// (boxed: a writer holds an `Option<Upload>` while streaming).
+    attrs: Box<ObjectAttrs>,
 }
 
 impl Upload {
@@ -169,7 +170,7 @@ impl Upload {
     pub async fn create_with(store: &Arc<dyn ObjectStore>, key: &str, attrs: ObjectAttrs) -> Result<Self, StoreError> {
         let id = store.create_multipart_with(key, &attrs).await?;
         crate::metrics::metrics().multipart_open.inc();
-        Ok(Self { store: store.clone(), key: key.to_string(), id, ended: false, attrs })
+        Ok(Self { store: store.clone(), key: key.to_string(), id, ended: false, attrs: Box::new(attrs) })
     }
 
     pub fn id(&self) -> &str {
@@ -634,7 +635,7 @@ impl Writer {
     /// aborted if that fails.
     async fn complete(&mut self, upload: Upload, mut parts: Vec<CompletedPart>) -> Result<String, StoreError> {
         parts.sort_by_key(|p| p.number);
-        self.uploaded_attrs = Some(upload.attrs.clone());
+        self.uploaded_attrs = Some((*upload.attrs).clone());
         let key = self.key.clone();
         let r = self.conditional(|c| self.store.complete_multipart(&key, upload.id(), parts.clone(), c)).await;
         match r {
