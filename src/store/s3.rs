@@ -185,8 +185,8 @@ async fn read_list_body(body: SdkBody, idle: Duration) -> Result<Bytes, BodyErro
 pub struct S3Store {
     bucket: String,
     settings: S3Settings,
-    /// The client and its generation, bumped whenever it is rebuilt.
-    client: RwLock<(Client, u64)>,
+    /// The clients and their generation, bumped whenever they are rebuilt.
+    client: RwLock<Clients>,
     /// The keys the current client was built with, when they come from files
     /// or literals; compared after a denial to detect a rotation.
     keys: tokio::sync::Mutex<Option<(String, String)>>,
@@ -194,8 +194,28 @@ pub struct S3Store {
     /// S3's 1,000 if the server rejects more.
     page_keys: AtomicI32,
     /// Set when a request timed out in every attempt; cleared by any answer
-    /// from the server. While set, requests get one attempt (see `op_config`).
+    /// from the server. While set, requests get one attempt (see `client`).
     silent: AtomicBool,
+}
+
+/// The client, the same with one attempt per request, and their generation.
+///
+/// Two clients rather than a per-request override: an override rebuilds the
+/// request's runtime configuration, which costs about as much CPU as the
+/// rest of a HEAD, and a listing with `--posix-metadata` sends one HEAD per
+/// entry.
+#[derive(Clone)]
+struct Clients {
+    normal: Client,
+    one_attempt: Client,
+    generation: u64,
+}
+
+impl Clients {
+    fn new(normal: Client, generation: u64) -> Self {
+        let one_attempt = Client::from_conf(normal.config().to_builder().retry_config(retry_config(1)).build());
+        Clients { normal, one_attempt, generation }
+    }
 }
 
 /// Keys asked for per LIST page. AWS S3, MinIO and most servers answer at
@@ -213,35 +233,34 @@ impl S3Store {
         Ok(Self {
             bucket: bucket.to_string(),
             settings,
-            client: RwLock::new((client, 0)),
+            client: RwLock::new(Clients::new(client, 0)),
             keys: tokio::sync::Mutex::new(keys),
             page_keys: AtomicI32::new(LIST_PAGE_KEYS),
             silent: AtomicBool::new(false),
         })
     }
 
-    /// The per-request config: the attempt bound of `bound` when it is not
-    /// the client's (quick) one, and a single attempt while the server is
-    /// silent. A server that let a request time out in every attempt is not
-    /// given the full round of attempts again until it answers something:
-    /// the kernel asks twice when revalidating a cached name fails, and a
-    /// walk of a tree asks once per entry, so a frozen server would otherwise
-    /// cost the whole retry budget again for each.
+    /// The per-request config of a request that is not quick: its attempt
+    /// bound.
     fn op_config(&self, bound: Bound) -> aws_sdk_s3::config::Builder {
         let mut b = aws_sdk_s3::config::Builder::default();
-        if !matches!(bound, Bound::Quick)
-            && let Some(t) = attempt_timeout(&self.settings, bound)
-        {
+        if let Some(t) = attempt_timeout(&self.settings, bound) {
             b = b.timeout_config(TimeoutConfig::builder().operation_attempt_timeout(t).build());
-        }
-        if self.silent.load(Ordering::Relaxed) {
-            b = b.retry_config(retry_config(1));
         }
         b
     }
 
+    /// The client to use now, and its generation: a single attempt per
+    /// request while the server is silent. A server that let a request time
+    /// out in every attempt is not given the full round of attempts again
+    /// until it answers something: the kernel asks twice when revalidating a
+    /// cached name fails, and a walk of a tree asks once per entry, so a
+    /// frozen server would otherwise cost the whole retry budget again for
+    /// each.
     fn client(&self) -> (Client, u64) {
-        self.client.read().unwrap_or_else(|e| e.into_inner()).clone()
+        let c = self.client.read().unwrap_or_else(|e| e.into_inner());
+        let client = if self.silent.load(Ordering::Relaxed) { &c.one_attempt } else { &c.normal };
+        (client.clone(), c.generation)
     }
 
     /// After a denial by the client of generation `used`: re-reads the key
@@ -269,7 +288,7 @@ impl S3Store {
         match build_client(&self.settings, fresh.clone()).await {
             Ok(client) => {
                 info!(bucket = %self.bucket, "credentials changed on disk; using the new keys");
-                *self.client.write().unwrap_or_else(|e| e.into_inner()) = (client, used + 1);
+                *self.client.write().unwrap_or_else(|e| e.into_inner()) = Clients::new(client, used + 1);
                 *keys = fresh;
                 true
             }
@@ -522,15 +541,7 @@ impl ObjectStore for S3Store {
     async fn check_bucket(&self) -> Result<(), StoreError> {
         self.call("list", |c| async move {
             // HEAD cannot tell a missing bucket from other 404s, so list one key.
-            c.list_objects_v2()
-                .bucket(&self.bucket)
-                .max_keys(1)
-                .customize()
-                .config_override(self.op_config(Bound::Quick))
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(map_err)
+            c.list_objects_v2().bucket(&self.bucket).max_keys(1).send().await.map(|_| ()).map_err(map_err)
         })
         .await
     }
@@ -560,7 +571,6 @@ impl ObjectStore for S3Store {
                             .set_continuation_token(token.clone())
                             .set_max_keys(max_keys)
                             .customize()
-                            .config_override(self.op_config(Bound::Quick))
                             .interceptor(taken.clone())
                             .send()
                             .await
@@ -603,16 +613,9 @@ impl ObjectStore for S3Store {
     }
 
     async fn head_attrs(&self, key: &str) -> Result<(ObjectMeta, ObjectAttrs), StoreError> {
-        let out = self
-            .call("head", |c| async move {
-                c.head_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .customize()
-                    .config_override(self.op_config(Bound::Quick))
-                    .send()
-                    .await
-                    .map_err(map_err)
+        let out =
+            self.call("head", |c| async move {
+                c.head_object().bucket(&self.bucket).key(key).send().await.map_err(map_err)
             })
             .await?;
         let meta = ObjectMeta {
@@ -643,8 +646,6 @@ impl ObjectStore for S3Store {
                     .key(key)
                     .range(format!("bytes={}-{}", start, end - 1))
                     .set_if_match(etag.map(str::to_string))
-                    .customize()
-                    .config_override(self.op_config(Bound::Quick))
                     .send()
                     .await
                     .map_err(map_err)
@@ -701,15 +702,7 @@ impl ObjectStore for S3Store {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.call("delete", |c| async move {
-            c.delete_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .customize()
-                .config_override(self.op_config(Bound::Quick))
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(map_err)
+            c.delete_object().bucket(&self.bucket).key(key).send().await.map(|_| ()).map_err(map_err)
         })
         .await
     }
@@ -770,8 +763,6 @@ impl ObjectStore for S3Store {
                     .key(key)
                     .set_content_type(attrs.content_type.clone())
                     .set_metadata(sdk_metadata(attrs))
-                    .customize()
-                    .config_override(self.op_config(Bound::Quick))
                     .send()
                     .await
                     .map_err(map_err)
@@ -880,8 +871,6 @@ impl ObjectStore for S3Store {
                 .bucket(&self.bucket)
                 .key(key)
                 .upload_id(upload_id)
-                .customize()
-                .config_override(self.op_config(Bound::Quick))
                 .send()
                 .await
                 .map(|_| ())
@@ -904,8 +893,6 @@ impl ObjectStore for S3Store {
                             .prefix(prefix)
                             .set_key_marker(key_marker)
                             .set_upload_id_marker(id_marker)
-                            .customize()
-                            .config_override(self.op_config(Bound::Quick))
                             .send()
                             .await
                             .map_err(map_err)
