@@ -467,6 +467,12 @@ impl Filesystem for FuseAdapter {
         let Some(name) = name_str(name) else {
             return reply.error(Errno::ENODATA);
         };
+        // `ls -l` asks every entry for `security.selinux` and
+        // `system.posix_acl_access`: only `user.*` names are stored, and
+        // the metadata `readdir` just read answers the rest on this thread.
+        if let Some(value) = self.fs.getxattr_now(ino.0, &name) {
+            return xattr_reply(reply, size, value);
+        }
         let fs = self.fs.clone();
         self.rt.spawn(async move { xattr_reply(reply, size, fs.getxattr(ino.0, &name).await) });
     }

@@ -490,6 +490,25 @@ impl Fs {
         posix::xattrs_of(&state.attrs.metadata).remove(name).ok_or(FsError::NoAttr)
     }
 
+    /// [`Self::getxattr`] without waiting: the answer if it needs no
+    /// request (a name outside `user.*`, or fresh metadata), else `None`.
+    pub fn getxattr_now(&self, ino: u64, name: &str) -> Option<Result<Vec<u8>>> {
+        if !name.starts_with("user.") {
+            return Some(Err(FsError::NoAttr));
+        }
+        let state = {
+            let table = lock(&self.inodes);
+            let inode = table.get(ino)?;
+            let Loc::Object { mount, .. } = &inode.loc else { return None };
+            let (at, state) = inode.posix.as_ref()?;
+            if Instant::now() >= *at + mount.ttl {
+                return None;
+            }
+            state.clone()
+        };
+        Some(posix::xattrs_of(&state.attrs.metadata).remove(name).ok_or(FsError::NoAttr))
+    }
+
     /// listxattr(2): the names of the stored attributes.
     pub async fn listxattr(&self, ino: u64) -> Result<Vec<String>> {
         let (_, state, _) = self.posix_and_home(ino).await?;
