@@ -239,6 +239,20 @@ fn a_bucket_written_by_s3fs_reads_back_with_modes_owners_times_and_symlinks() {
     assert!(ls.lines().any(|l| l.starts_with("lrwxrwxrwx 1 1000 100 9 ") && l.ends_with("ln -> script.sh")), "{ls}");
     assert!(ls.lines().any(|l| l.starts_with("-rwxr-xr-x 1 1000 100 10 ")), "{ls}");
     assert!(ls.lines().any(|l| l.starts_with("d") && l.ends_with(" olddir")), "{ls}");
+    // rmdir removes the older directory object too, and a renamed
+    // directory keeps its metadata and its files'.
+    std::fs::remove_dir(m.path("olddir")).unwrap();
+    std::fs::rename(m.path("dir"), m.path("dir2")).unwrap();
+    drop(m);
+    let m = Mount::start(&bucket, POSIX);
+    assert!(!m.path("olddir").exists());
+    assert_eq!(std::fs::read(m.path("dir2/inner")).unwrap(), b"i");
+    if markers_keep_metadata(&bucket) {
+        let d = std::fs::metadata(m.path("dir2")).unwrap();
+        assert_eq!((d.mode() & 0o7777, d.uid(), d.gid()), (0o750, 7, 8));
+    }
+    let s = std::fs::metadata(m.path("script.sh")).unwrap();
+    assert_eq!((s.mode(), s.uid()), (33261, 1000));
 }
 
 #[test]

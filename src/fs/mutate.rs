@@ -464,11 +464,23 @@ impl Fs {
         if page.objects.iter().any(|o| o.key != prefix) || !page.prefixes.is_empty() {
             return Err(FsError::NotEmpty);
         }
-        match mount.store.delete(&prefix).await {
-            Ok(()) | Err(StoreError::NotFound) => {}
-            Err(e) => {
-                self.log_store_error("delete", &mount, &prefix, &e);
-                return Err(e.into());
+        let mut keys = vec![prefix.clone()];
+        if self.settings.posix_metadata {
+            // s3fs's older directory object: the key without the slash.
+            let legacy = prefix.trim_end_matches('/');
+            if let Ok((_, attrs)) = mount.store.head_attrs(legacy).await
+                && posix::is_dir_object(&attrs)
+            {
+                keys.push(legacy.to_string());
+            }
+        }
+        for key in keys {
+            match mount.store.delete(&key).await {
+                Ok(()) | Err(StoreError::NotFound) => {}
+                Err(e) => {
+                    self.log_store_error("delete", &mount, &key, &e);
+                    return Err(e.into());
+                }
             }
         }
         self.forget_name(parent, name);
@@ -778,13 +790,16 @@ impl Fs {
         // leaves the source whole; memory and requests in flight stay
         // bounded by a page and RENAME_CONCURRENCY, whatever the tree's size.
         let (from_s, to_s) = (from.as_str(), to.as_str());
+        let posix = self.settings.posix_metadata;
         let copied = self
             .for_each_object(mount, from_s, "copy", move |o| async move {
                 let target = format!("{to_s}{}", &o.key[from_s.len()..]);
                 if o.key.ends_with('/') && o.size == 0 {
                     // A directory marker: writing a new one is cheaper than a
-                    // copy, and some servers cannot copy markers.
-                    mount.store.put(&target, bytes::Bytes::new(), PutCondition::None).await.map(|_| ())
+                    // copy, and some servers cannot copy markers. With
+                    // --posix-metadata it carries the directory's metadata.
+                    let attrs = if posix { mount.store.head_attrs(&o.key).await?.1 } else { Default::default() };
+                    mount.store.put_with(&target, bytes::Bytes::new(), PutCondition::None, &attrs).await.map(|_| ())
                 } else if o.size <= MAX_COPY {
                     mount.store.copy(&o.key, &target).await.map(|_| ())
                 } else {

@@ -568,3 +568,65 @@ pub(super) fn check_name(name: &str) -> Result<()> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::fault_tests::{Setup, setup};
+    use crate::fs::inode::ROOT as ROOT_INO;
+    use crate::store::ObjectStore;
+    use bytes::Bytes;
+
+    fn posix_setup() -> Setup {
+        let mut s = setup(64 << 20, 1);
+        let mut settings = s.fs.settings().clone();
+        settings.posix_metadata = true;
+        s.fs = Arc::new(Fs::new(settings, vec![(Vec::new(), s.mount.clone())]).unwrap());
+        s
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn a_renamed_directory_keeps_its_marker_metadata_and_its_files() {
+        let s = posix_setup();
+        rt().block_on(async {
+            let d = s.fs.mkdir(ROOT_INO, "d").await.unwrap();
+            s.fs.change_attrs(d.ino, AttrChange { mode: Some(S_IFDIR | 0o700), uid: Some(7), ..Default::default() })
+                .await
+                .unwrap();
+            s.mem
+                .put_with(
+                    "d/f",
+                    Bytes::from_static(b"x"),
+                    PutCondition::None,
+                    &ObjectAttrs { content_type: None, metadata: [("mode".to_string(), "33188".to_string())].into() },
+                )
+                .await
+                .unwrap();
+            s.fs.rename(ROOT_INO, "d", ROOT_INO, "e", 0).await.unwrap();
+            let (_, marker) = s.mem.head_attrs("e/").await.unwrap();
+            let p = Posix::from_metadata(&marker.metadata);
+            assert_eq!((p.mode, p.uid), (Some(S_IFDIR | 0o700), Some(7)), "{marker:?}");
+            let (_, file) = s.mem.head_attrs("e/f").await.unwrap();
+            assert_eq!(file.metadata.get("mode").map(String::as_str), Some("33188"));
+            assert!(s.mem.head("d/").await.is_err());
+        });
+    }
+
+    #[test]
+    fn rmdir_removes_an_older_s3fs_directory_object() {
+        let s = posix_setup();
+        rt().block_on(async {
+            let attrs =
+                ObjectAttrs { content_type: Some("application/x-directory".into()), metadata: Default::default() };
+            s.mem.put_with("old", Bytes::new(), PutCondition::None, &attrs).await.unwrap();
+            assert_eq!(s.fs.lookup(ROOT_INO, "old").await.unwrap().kind, Kind::Dir);
+            s.fs.rmdir(ROOT_INO, "old").await.unwrap();
+            assert!(matches!(s.mem.head("old").await, Err(StoreError::NotFound)));
+            assert!(matches!(s.fs.lookup(ROOT_INO, "old").await, Err(FsError::NotFound)));
+        });
+    }
+}
