@@ -309,3 +309,44 @@ fn names_too_long_and_content_types_without_the_option() {
     let (ok, out) = try_sh(&format!("setfattr -n user.a -v 1 {}", p(&m.path("notes.txt"))));
     assert!(!ok && out.contains("not supported"), "{out}");
 }
+
+/// Runs `cmd` as user `uid` (group `uid`, no other groups).
+fn sh_as(uid: u32, cmd: &str) -> (bool, String) {
+    let out = Command::new("setpriv")
+        .args(["--reuid", &uid.to_string(), "--regid", &uid.to_string(), "--clear-groups", "sh", "-c", cmd])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn default_permissions_enforces_the_stored_modes_and_owners() {
+    use std::os::unix::fs::PermissionsExt;
+    let srv = server();
+    let bucket = srv.bucket("posix-perms");
+    let m = Mount::start(&bucket, &["--posix-metadata", "--metadata-ttl", "0", "--allow-other"]);
+    // The test's temporary directory is private; others must reach the mount.
+    std::fs::set_permissions(m.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let f = p(&m.path("secret.txt"));
+    std::fs::write(&f, "secret\n").unwrap();
+    sh(&format!("chown 1234:1234 {f} && chmod 0600 {f}"));
+    let (ok, out) = sh_as(65534, &format!("cat {f}"));
+    assert!(!ok && out.contains("Permission denied"), "another user read a 0600 file: {out}");
+    let (ok, out) = sh_as(1234, &format!("cat {f}"));
+    assert!(ok && out == "secret\n", "the owner could not read: {out}");
+    let (ok, out) = sh_as(1234, &format!("echo more >> {f}"));
+    assert!(ok, "the owner could not append: {out}");
+    // The modes are the stored ones: after a remount, still enforced.
+    drop(m);
+    let m = Mount::start(&bucket, &["--posix-metadata", "--metadata-ttl", "0", "--allow-other"]);
+    std::fs::set_permissions(m.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let f = p(&m.path("secret.txt"));
+    let (ok, out) = sh_as(65534, &format!("cat {f}"));
+    assert!(!ok && out.contains("Permission denied"), "after a remount another user read a 0600 file: {out}");
+    sh(&format!("chmod 0644 {f}"));
+    let (ok, out) = sh_as(65534, &format!("cat {f}"));
+    assert!(ok && out == "secret\nmore\n", "a 0644 file was not readable: {out}");
+    let (ok, _) = sh_as(65534, &format!("echo x >> {f}"));
+    assert!(!ok, "another user wrote to a 0644 file");
+}
