@@ -10,6 +10,7 @@
 #   scripts/compare.sh                  # build bucketfs (release), run everything
 #   NO_BUILD=1 scripts/compare.sh       # use the existing target/release/bucketfs
 #   FS="bucketfs s3fs" scripts/compare.sh
+#   FS="bucketfs bucketfs-posix s3fs" WORKLOADS="ls rsync2" scripts/compare.sh
 #   WORKLOADS="seq1 rand4k" scripts/compare.sh
 #   MOUNTPOINT_SRC=/path/to/mountpoint-s3 scripts/compare.sh
 #
@@ -32,11 +33,17 @@
 #            until a HEAD on the server shows the whole object (some clients
 #            upload after close); the bytes are then checked by sha256
 #   ls       `ls -l` of a 10,000-entry directory (wall time; not fio)
+#   rsync2   the second `rsync -a` of a 1,000-file tree onto the mount (the first
+#            one, untimed, on another mount): wall time and files transferred
+#
+# File systems: bucketfs, bucketfs-posix (bucketfs with --posix-metadata),
+# s3fs, rclone, mountpoint.
 # Every fio run is bounded (--runtime=30 or less) and wrapped in `timeout`.
 #
 # For every cell the FUSE daemon's CPU time (utime + stime of /proc/PID/stat,
 # from just before the workload to its end) is reported per GiB moved, and its
-# peak RSS (VmHWM of /proc/PID/status, fresh mount each cell) after it.
+# peak RSS (VmHWM of /proc/PID/status, fresh mount each cell) after it, and
+# the S3 requests the server answered during it (SeaweedFS's own counters).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -55,13 +62,13 @@ scripts/install-deps.sh
 source scripts/weed-path.sh
 for f in $FS; do
   case "$f" in
-    bucketfs | s3fs | rclone | mountpoint) ;;
+    bucketfs | bucketfs-posix | s3fs | rclone | mountpoint) ;;
     *) echo "unknown file system $f" >&2; exit 1 ;;
   esac
 done
 for w in $WORKLOADS; do
   case "$w" in
-    seq1 | seq4 | rand4k | rand256k | small | write256 | ls) ;;
+    seq1 | seq4 | rand4k | rand256k | small | write256 | ls | rsync2) ;;
     *) echo "unknown workload $w" >&2; exit 1 ;;
   esac
 done
@@ -151,7 +158,7 @@ trap cleanup EXIT
 # ---- SeaweedFS, with the flags of tests/common/mod.rs ----
 read -r -a P <<<"$(python3 -c '
 import socket
-ss=[socket.socket() for _ in range(8)]
+ss=[socket.socket() for _ in range(9)]
 for s in ss: s.bind(("127.0.0.1",0))
 print(" ".join(str(s.getsockname()[1]) for s in ss))')"
 PORT="${P[6]}"
@@ -163,8 +170,14 @@ JSON
   -master.port="${P[0]}" -master.port.grpc="${P[1]}" -volume.port="${P[2]}" -volume.port.grpc="${P[3]}" \
   -filer.port="${P[4]}" -filer.port.grpc="${P[5]}" -s3 -s3.port="$PORT" -s3.port.grpc="${P[7]}" \
   -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$work/s3.json" \
+  -metricsIp=127.0.0.1 -metricsPort="${P[8]}" \
   -volume.max=500 -master.volumeSizeLimitMB=512 >"$work/weed.log" 2>&1 &
 weed_pid=$!
+# Requests the S3 gateway has answered so far (it counts a HEAD as a GET).
+s3_requests() {
+  curl -s "http://127.0.0.1:${P[8]}/metrics" |
+    awk '/^SeaweedFS_s3_request_total/ { n += $NF } END { printf "%d", n }'
+}
 s3() { curl -sf --aws-sigv4 "aws:amz:us-east-1:s3" --user "$AK:$SK" "$@"; }
 for _ in $(seq 1 180); do s3 "$ENDPOINT/" >/dev/null 2>&1 && break; sleep 0.5; done
 s3 "$ENDPOINT/" >/dev/null || { echo "SeaweedFS did not start; log:" >&2; tail -20 "$work/weed.log" >&2; exit 1; }
@@ -205,6 +218,19 @@ for i in range(10000):
 PY
 "${RCLONE[@]}" copy "$src" "weed:$BUCKET" --transfers 16 --checkers 16 --s3-upload-concurrency 4
 rm -rf "$src"
+# The rsync tree: 1,000 files of 4 KiB in 10 directories, with old mtimes.
+tree="$shm/tree"
+python3 - "$tree" <<'PY'
+import os, sys
+root = sys.argv[1]
+for d in range(10):
+    os.makedirs(f"{root}/d{d}", exist_ok=True)
+    for i in range(100):
+        path = f"{root}/d{d}/f{i:03d}.txt"
+        with open(path, "wb") as f:
+            f.write(os.urandom(4096))
+        os.utime(path, (1600000000 + i, 1600000000 + i))
+PY
 head -c $((256 << 20)) /dev/urandom >"$shm/w256.bin"
 W256_SHA="$(sha256sum "$shm/w256.bin" | cut -d' ' -f1)"
 # The server is still busy with the upload for a while: a pause and one plain
@@ -222,8 +248,10 @@ mount_fs() {
     s3fs_ro="" rclone_ro=() mp_mode=(--allow-delete --allow-overwrite)
   fi
   case "$fs" in
-    bucketfs)
-      "$BUCKETFS" mount "$BUCKET" "$mnt" --endpoint-url "$ENDPOINT" \
+    bucketfs | bucketfs-posix)
+      local posix=()
+      [ "$fs" = bucketfs-posix ] && posix=(--posix-metadata)
+      "$BUCKETFS" mount "$BUCKET" "$mnt" --endpoint-url "$ENDPOINT" "${posix[@]}" \
         --access-key-file "$work/ak" --secret-key-file "$work/sk" >"$log" 2>&1 &
       ;;
     s3fs)
@@ -302,20 +330,40 @@ fio_args() {
 results="$work/results.tsv"
 : >"$results"
 # results.tsv: workload, fs, rate, wall s, unit, MiB moved, daemon CPU s,
-# daemon peak RSS KiB, note.
+# daemon peak RSS KiB, note, S3 requests.
 for w in $WORKLOADS; do
   for fs in $FS; do
     drop_caches
     mode=ro
-    [ "$w" = write256 ] && mode=rw
+    case "$w" in write256 | rsync2) mode=rw ;; esac
+    if [ "$w" = rsync2 ]; then
+      # The first copy, untimed, on its own mount.
+      if mount_fs "$fs" rw; then
+        timeout 600 rsync -a "$tree/" "$mnt/rsync-$fs/" 2>"$work/rsync1.err" ||
+          echo "first rsync on $fs failed: $(head -c 300 "$work/rsync1.err")" >&2
+      fi
+      unmount
+      drop_caches
+    fi
     if ! mount_fs "$fs" "$mode"; then
       printf '%s\t%s\t0\t0\t%s\t0\t\t\tdid not mount\n' "$w" "$fs" "$([ "$w" = ls ] && echo entries/s || echo MiB/s)" >>"$results"
       unmount
       continue
     fi
     c0=$(cpu_ticks "$daemon_pid")
+    r0=$(s3_requests)
     note=""
-    if [ "$w" = ls ]; then
+    if [ "$w" = rsync2 ]; then
+      t0=$(now)
+      timeout 600 rsync -a --stats "$tree/" "$mnt/rsync-$fs/" >"$work/rsync2.out" 2>&1 || note="rsync failed: $(grep -v '^$' "$work/rsync2.out" | head -2 | tr '\t\n' '  ' | head -c 200)"
+      t1=$(now)
+      c1=$(cpu_ticks "$daemon_pid")
+      sent=$(awk -F': ' '/Number of regular files transferred/ { gsub(/,/, "", $2); print $2 }' "$work/rsync2.out")
+      secs=$(python3 -c "print(f'{$t1-$t0:.2f}')")
+      echo "== rsync2 $fs: ${sent:-?} files transferred in $secs s${note:+ ($note)}"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$fs" "${sent:-0}" "$secs" "files" 0 \
+        "$(cpu_secs "$c0" "$c1")" "$(peak_rss_kib "$daemon_pid")" "$note" "$(($(s3_requests) - r0))" >>"$results"
+    elif [ "$w" = ls ]; then
       t0=$(now)
       n=$(timeout 300 ls -l "$mnt/dir10k" | tail -n +2 | wc -l) || n=0
       t1=$(now)
@@ -324,8 +372,8 @@ for w in $WORKLOADS; do
       rate=$(python3 -c "print(f'{$n/($t1-$t0):.0f}')")
       echo "== ls     $fs: $n entries in $secs s ($rate entries/s)"
       [ "$n" -eq 10000 ] || note="$n entries"
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$fs" "$rate" "$secs" "entries/s" 0 \
-        "$(cpu_secs "$c0" "$c1")" "$(peak_rss_kib "$daemon_pid")" "$note" >>"$results"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$fs" "$rate" "$secs" "entries/s" 0 \
+        "$(cpu_secs "$c0" "$c1")" "$(peak_rss_kib "$daemon_pid")" "$note" "$(($(s3_requests) - r0))" >>"$results"
     elif [ "$w" = write256 ]; then
       key="w256-$fs.bin"
       want=$((256 << 20))
@@ -347,6 +395,8 @@ for w in $WORKLOADS; do
       done
       t2=$(now)
       c1=$(cpu_ticks "$daemon_pid")
+      # The polling HEADs are the script's, not the client's.
+      requests=$(($(s3_requests) - r0 - heads))
       if [ "$size" != "$want" ]; then
         note="${note:+$note; }object not whole after 300 s (${size:-no object})"
         mibs=0
@@ -360,8 +410,8 @@ for w in $WORKLOADS; do
       note="${note:+$note; }close after $closes s, $heads HEAD"
       [ "$heads" -eq 1 ] || note+="s"
       echo "== write256 $fs: $mibs MiB/s (whole in S3 after $secs s; $note)"
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$fs" "$mibs" "$secs" "MiB/s" 256 \
-        "$(cpu_secs "$c0" "$c1")" "$(peak_rss_kib "$daemon_pid")" "$note" >>"$results"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$fs" "$mibs" "$secs" "MiB/s" 256 \
+        "$(cpu_secs "$c0" "$c1")" "$(peak_rss_kib "$daemon_pid")" "$note" "$requests" >>"$results"
     else
       json="$OUT/fio/$w-$fs.json"
       t0=$(now)
@@ -383,8 +433,8 @@ PY
 )
       secs=$(python3 -c "print(f'{$t1-$t0:.2f}')")
       echo "== $w $fs: $mibs MiB/s ($iomib MiB read, fio wall $secs s)"
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$fs" "$mibs" "$secs" "MiB/s" "$iomib" \
-        "$(cpu_secs "$c0" "$c1")" "$(peak_rss_kib "$daemon_pid")" "" >>"$results"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$fs" "$mibs" "$secs" "MiB/s" "$iomib" \
+        "$(cpu_secs "$c0" "$c1")" "$(peak_rss_kib "$daemon_pid")" "" "$(($(s3_requests) - r0))" >>"$results"
     fi
     unmount
   done
@@ -430,11 +480,12 @@ for line in open(sys.argv[1]):
     if not line.strip():
         continue
     f = line.rstrip("\n").split("\t")
-    f += [""] * (9 - len(f))
+    f += [""] * (10 - len(f))
     rows[(f[0], f[1])] = f
 fss = sys.argv[2].split()
 wls = sys.argv[3].split()
-names = {"bucketfs": "bucketfs", "s3fs": "s3fs-fuse", "rclone": "rclone mount", "mountpoint": "mountpoint-s3"}
+names = {"bucketfs": "bucketfs", "bucketfs-posix": "bucketfs --posix-metadata", "s3fs": "s3fs-fuse",
+         "rclone": "rclone mount", "mountpoint": "mountpoint-s3"}
 labels = {
     "seq1": "seq read 1 GiB, 1 job",
     "seq4": "seq read 1 GiB, 4 jobs (quarters)",
@@ -443,6 +494,7 @@ labels = {
     "small": "1000 x 16 KiB files",
     "write256": "write 256 MiB, until whole in S3",
     "ls": "ls -l, 10,000 entries",
+    "rsync2": "second rsync -a, 1,000 files",
 }
 
 def num(x):
@@ -465,10 +517,12 @@ def table(cell):
         print(out)
 
 def rate(w, r):
-    _, _, v, secs, unit, mib, _, _, note = r
+    _, _, v, secs, unit, mib, _, _, note, _ = r
     if note == "did not mount":
         return "did not mount"
-    if unit == "entries/s":
+    if unit == "files":
+        s = f"{secs} s, {v} files transferred"
+    elif unit == "entries/s":
         s = f"{secs} s ({v} entries/s)"
     elif w == "write256":
         s = f"{v} MiB/s (whole after {secs} s)"
@@ -480,7 +534,7 @@ def cpu(w, r):
     c, mib = num(r[6]), num(r[5])
     if c is None:
         return "—"
-    if w == "ls" or not mib:
+    if w in ("ls", "rsync2") or not mib:
         return f"{c:.2f} s"
     return f"{c / (mib / 1024):.2f} ({c:.2f} s)"
 
@@ -501,6 +555,11 @@ print()
 print("The FUSE daemon's peak RSS (VmHWM from /proc/PID/status) at the end of the workload, fresh mount each cell:")
 print()
 table(rss)
+print()
+print("S3 requests the server answered during the workload (SeaweedFS's counters; for the write, without the")
+print("script's polling HEADs):")
+print()
+table(lambda w, r: r[9] or "—")
 PY
 } >"$OUT/compare.md"
 
@@ -511,14 +570,15 @@ rows = {}
 for line in open(sys.argv[1]):
     if line.strip():
         f = line.rstrip("\n").split("\t")
-        f += [""] * (9 - len(f))
+        f += [""] * (10 - len(f))
         rows[(f[0], f[1])] = f
 fss = sys.argv[2].split()
 wls = sys.argv[3].split()
 work = sys.argv[4]
-names = {"bucketfs": "bucketfs", "s3fs": "s3fs", "rclone": "rclone", "mountpoint": "mountpoint-s3"}
+names = {"bucketfs": "bucketfs", "bucketfs-posix": "bucketfs-posix", "s3fs": "s3fs", "rclone": "rclone",
+         "mountpoint": "mountpoint-s3"}
 short = {"seq1": "seq 1 job", "seq4": "seq 4 jobs", "rand4k": "rand 4K", "rand256k": "rand 256K",
-         "small": "1000x16K files", "write256": "write 256M", "ls": "ls -l 10k"}
+         "small": "1000x16K files", "write256": "write 256M", "ls": "ls -l 10k", "rsync2": "rsync 1000"}
 
 def val(w, f, what):
     r = rows.get((w, f))
@@ -535,7 +595,8 @@ def val(w, f, what):
         return 0.01
     return max(v, 0.01)
 
-for what, keep in (("rate", lambda w: w != "ls"), ("cpu", lambda w: w != "ls"), ("rss", lambda w: True)):
+for what, keep in (("rate", lambda w: w not in ("ls", "rsync2")), ("cpu", lambda w: w not in ("ls", "rsync2")),
+                   ("rss", lambda w: True)):
     with open(f"{work}/chart-{what}.dat", "w") as out:
         out.write("workload " + " ".join(names[f] for f in fss) + "\n")
         for w in wls:
