@@ -268,6 +268,9 @@ pub struct MountArgs {
     /// Bound on the disk cache in --cache-dir, e.g. 20GiB (default: 10% of that file system).
     #[arg(long, value_parser = spec::parse_size)]
     pub max_cache_size: Option<u64>,
+    /// Never hand files to the kernel for passthrough: every read of a file cached whole in --cache-dir goes through bucketfs.
+    #[arg(long)]
+    pub no_passthrough: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -289,6 +292,7 @@ impl MountArgs {
             read_ahead: self.read_ahead,
             cache_dir: self.cache_dir.clone(),
             max_cache_size: self.max_cache_size,
+            passthrough: !self.no_passthrough,
         };
         Ok((settings, spec))
     }

@@ -230,6 +230,9 @@ pub struct FsSettings {
     pub cache_dir: Option<PathBuf>,
     /// Bound on the disk cache (default: 10% of the file system's size).
     pub max_cache_size: Option<u64>,
+    /// Let the kernel serve opens whose bytes are local from the local file
+    /// itself (FUSE passthrough), when the kernel allows it.
+    pub passthrough: bool,
 }
 
 impl Default for FsSettings {
@@ -248,6 +251,7 @@ impl Default for FsSettings {
             read_ahead: DEFAULT_READ_AHEAD,
             cache_dir: None,
             max_cache_size: None,
+            passthrough: true,
         }
     }
 }

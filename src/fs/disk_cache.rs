@@ -327,7 +327,7 @@ impl DiskCache {
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || match this.checked_file(&name, size) {
-            Ok(f) => Some(Arc::new(f)),
+            Ok(f) => f.map(Arc::new),
             Err(why) => {
                 this.drop_entry(&name, &why);
                 None
@@ -340,10 +340,12 @@ impl DiskCache {
 
     /// Opens whole-object file `name` and checks it, unless it was checked
     /// already and has not changed since.
-    fn checked_file(&self, name: &str, size: u64) -> Result<std::fs::File, String> {
+    /// `Ok(None)` when the caller's size is not this version's (the caller
+    /// raced with a change of the object): the file stays.
+    fn checked_file(&self, name: &str, size: u64) -> Result<Option<std::fs::File>, String> {
         let meta = self.meta(name)?;
         if meta.size != size {
-            return Err(format!("holds {} bytes, the object has {size}", meta.size));
+            return Ok(None);
         }
         let file = std::fs::File::open(self.path(name)).map_err(|e| e.to_string())?;
         let stamp = Stamp::of(&file.metadata().map_err(|e| e.to_string())?);
@@ -352,7 +354,7 @@ impl DiskCache {
         }
         let checked = self.lock().objects.get(name).and_then(|l| l.verified);
         if checked == Some(stamp) {
-            return Ok(file);
+            return Ok(Some(file));
         }
         let mut reader = std::io::BufReader::with_capacity(1 << 20, &file);
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
@@ -366,7 +368,7 @@ impl DiskCache {
         if let Some(l) = self.lock().objects.get_mut(name) {
             l.verified = Some(stamp);
         }
-        Ok(file)
+        Ok(Some(file))
     }
 
     /// Stores a block in the background. `held` counts the block and its

@@ -745,6 +745,26 @@ impl Fs {
         Ok((self.add_handle(ino, HandleKind::Read(reader), pid), keep_cache))
     }
 
+    /// The local file that holds every byte handle `fh` can read, for the
+    /// kernel to read by itself (FUSE passthrough): the whole-object file of
+    /// the version the open saw, checked (see [`disk_cache`]). `None` when
+    /// passthrough is off, the handle writes, the inode has a writer (its
+    /// bytes are not the cached version's), or the version is not on disk
+    /// whole.
+    pub async fn passthrough_file(&self, fh: u64) -> Option<Arc<std::fs::File>> {
+        if !self.settings.passthrough {
+            return None;
+        }
+        let disk = self.disk.clone()?;
+        let handle = self.handles.file(fh)?;
+        let HandleKind::Read(reader) = &handle.kind else { return None };
+        if self.writers.contains(handle.ino) {
+            return None;
+        }
+        let size = lock(&self.inodes).get(handle.ino)?.size;
+        disk.open_object(reader.object(), size).await
+    }
+
     fn add_handle(&self, ino: u64, kind: HandleKind, pid: u32) -> u64 {
         crate::metrics::metrics().open_handles.inc();
         let opener = if matches!(kind, HandleKind::Write(_)) { tgid(pid) } else { 0 };
