@@ -196,3 +196,47 @@ fn a_write_open_while_passed_through_fails_with_ebusy() {
     expect.push(b'+');
     assert!(srv.get(&bucket, "f").unwrap() == expect);
 }
+
+/// A cache directory the kernel will not take backing files from (here on
+/// overlayfs, a stacked file system): the first refusal is logged once,
+/// passthrough stays off for the mount, and reads go through bucketfs.
+#[test]
+fn a_refused_backing_file_falls_back_with_one_log_line() {
+    let srv = server();
+    let bucket = srv.bucket("pt-fallback");
+    let data = pattern(2 << 20, 4);
+    srv.put(&bucket, "a", data.clone());
+    srv.put(&bucket, "b", data.clone());
+    let layers = tempfile::tempdir().unwrap();
+    let dirs: Vec<_> = ["l", "u", "w", "m"].iter().map(|d| layers.path().join(d)).collect();
+    for d in &dirs {
+        std::fs::create_dir(d).unwrap();
+    }
+    let opts = format!("lowerdir={},upperdir={},workdir={}", dirs[0].display(), dirs[1].display(), dirs[2].display());
+    sh(&format!("mount -t overlay overlay -o {opts} {}", dirs[3].display()));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _overlay = Unmount(dirs[3].clone());
+    let addr = free_addr();
+    let m = Mount::start(&bucket, &["--cache-dir", dirs[3].to_str().unwrap(), "--metrics-addr", &addr]);
+    let objects = || sh(&format!("find {} -name '*.obj' | wc -l", dirs[3].display())).trim().parse::<usize>().unwrap();
+    let gets = || metric(&http_get(&addr, "/metrics").1, "bucketfs_s3_requests_total", "operation=\"get\"");
+    for key in ["a", "b"] {
+        assert!(std::fs::read(m.path(key)).unwrap() == data);
+        assert!(wait_until(Duration::from_secs(20), || objects() >= if key == "a" { 1 } else { 2 }));
+        let before = gets();
+        for _ in 0..3 {
+            drop_page_cache();
+            assert!(std::fs::read(m.path(key)).unwrap() == data, "reads after the fallback");
+        }
+        assert_eq!(gets(), before, "served from the disk cache through bucketfs");
+    }
+    let (_, body) = http_get(&addr, "/metrics");
+    assert_eq!(metric(&body, "bucketfs_passthrough_opens_total", ""), 0.0);
+    let log = m.log_text();
+    assert_eq!(log.matches("passthrough off").count(), 1, "{log}");
+}
