@@ -58,6 +58,20 @@ impl Cached {
     }
 }
 
+/// SHA-256 of the file's bytes read through a shared read-only mapping.
+fn mapped_sha256(path: &std::path::Path) -> String {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    // SAFETY: a fresh read-only mapping of an open file, unmapped below.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0) };
+    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    // SAFETY: `len` bytes are mapped at `p`.
+    let sum = sha256(unsafe { std::slice::from_raw_parts(p as *const u8, len) });
+    unsafe { libc::munmap(p, len) };
+    sum
+}
+
 fn drop_page_cache() {
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").expect("dropping the page cache (needs root)");
 }
@@ -86,6 +100,8 @@ fn cached_reread(passthrough: bool) {
     let (gets, opens, read) = (c.gets(), c.passthrough_opens(), c.read_bytes());
     drop_page_cache();
     assert_eq!(sha256(&std::fs::read(c.m.path("dir/big.bin")).unwrap()), want, "bytes after drop_caches");
+    drop_page_cache();
+    assert_eq!(mapped_sha256(&c.m.path("dir/big.bin")), want, "bytes through mmap");
     assert_eq!(c.gets(), gets, "no GET for a file cached whole");
     if passthrough {
         assert!(c.passthrough_opens() > opens, "the open was not passed through; log:\n{}", c.m.log_text());

@@ -17,7 +17,11 @@
 //!   its upload lifecycle ([`write::Writer`], [`write::Upload`]);
 //! - the read side: per-handle prefetch ([`read::Reader`]) and the block
 //!   cache with the memory budget ([`cache::BlockCache`], whose
-//!   [`cache::Reservation`]s give their bytes back on `Drop`).
+//!   [`cache::Reservation`]s give their bytes back on `Drop`);
+//! - the disk cache ([`disk_cache::DiskCache`]), which also hands out the
+//!   checked whole-object file of a version cached whole, for the FUSE
+//!   edge to pass through to the kernel ([`Fs::passthrough_file`]; the
+//!   kernel-side rules live in [`crate::passthrough`]).
 //!
 //! The rule that keeps them deadlock-free: no lock guard is held across an
 //! `.await` (guards are not `Send`, so such a future cannot be spawned) or
