@@ -271,6 +271,9 @@ pub struct MountArgs {
     /// Store modes, owners, times, symlinks and user.* xattrs in object metadata, in s3fs's format (x-amz-meta-mode, -uid, -gid, -mtime, ...); costs a HEAD per file for stat.
     #[arg(long)]
     pub posix_metadata: bool,
+    /// Never hand files to the kernel for passthrough: every read of a file cached whole in --cache-dir goes through bucketfs.
+    #[arg(long)]
+    pub no_passthrough: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -293,6 +296,7 @@ impl MountArgs {
             cache_dir: self.cache_dir.clone(),
             max_cache_size: self.max_cache_size,
             posix_metadata: self.posix_metadata,
+            passthrough: !self.no_passthrough,
         };
         Ok((settings, spec))
     }

@@ -257,6 +257,7 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
                 )
             }
             "cache-dir" => settings.cache_dir = Some(PathBuf::from(v.trim())),
+            "no-passthrough" => settings.passthrough = !flag(&field, v)?,
             "max-cache-size" => settings.max_cache_size = Some(spec::parse_size(v).with_context(|| field.clone())?),
             k if TTL_KEYS.contains(&k) => default_ttl = spec::parse_ttl(v).with_context(|| field.clone())?,
             k if k.starts_with("fluid.") => {}

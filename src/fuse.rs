@@ -18,6 +18,7 @@ use crate::fs::namespace::Kind;
 use crate::fs::posix;
 use crate::fs::posix_ops::{AttrChange, Owner};
 use crate::fs::{self, Attr, DirItem, Fs, FsError, ReadNow};
+use crate::passthrough::{Answer, Passthrough};
 
 pub struct FuseAdapter {
     fs: Arc<Fs>,
@@ -25,11 +26,14 @@ pub struct FuseAdapter {
     mountpoint: PathBuf,
     /// Set once the kernel readahead has been tuned (after INIT).
     tuned: Once,
+    /// Which inodes the kernel reads by itself, from which local file.
+    passthrough: Arc<Passthrough>,
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<Fs>, rt: Handle, mountpoint: PathBuf) -> Self {
-        Self { fs, rt, mountpoint, tuned: Once::new() }
+        let passthrough = Arc::new(Passthrough::new(fs.settings().passthrough));
+        Self { fs, rt, mountpoint, tuned: Once::new(), passthrough }
     }
 
     /// Raises the kernel readahead to `--read-ahead`, on the first open (INIT
@@ -113,6 +117,18 @@ fn empty(reply: ReplyEmpty, result: Result<(), FsError>) {
     }
 }
 
+/// Fails an open that cannot share the backing file its inode is passed
+/// through to (see [`crate::passthrough`]).
+fn busy(reply: ReplyOpen, ino: u64) {
+    tracing::warn!(
+        ino,
+        "open refused with EBUSY: the file is open elsewhere in passthrough mode on its cached copy, and this open \
+         (a write, or a newer version of the object) cannot share it; retry once the other handles close, or mount \
+         with --no-passthrough"
+    );
+    reply.error(Errno::EBUSY)
+}
+
 fn name_str(name: &OsStr) -> Option<String> {
     name.to_str().map(str::to_string)
 }
@@ -126,6 +142,16 @@ impl Filesystem for FuseAdapter {
             let _ = config.set_max_readahead(max);
         }
         let _ = config.set_max_background(64);
+        if self.passthrough.is_on() {
+            // Stack depth 1: backing files on a plain file system, and this
+            // mount may still be a lower layer of overlayfs.
+            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+                Ok(()) => {
+                    let _ = config.set_max_stack_depth(1);
+                }
+                Err(_) => self.passthrough.turn_off("the kernel does not offer FUSE passthrough (Linux 6.9 or later)"),
+            }
+        }
         Ok(())
     }
 
@@ -175,14 +201,51 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.tune_read_ahead();
-        let fs = self.fs.clone();
+        let (fs, passthrough) = (self.fs.clone(), self.passthrough.clone());
         let pid = req.pid();
+        let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         self.rt.spawn(async move {
-            match fs.open(ino.0, flags.0, pid).await {
-                Ok((fh, keep)) => {
-                    reply.opened(FileHandle(fh), if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() })
+            // A write is counted before it is made: it must not fail after
+            // the file system has started it (see `passthrough`).
+            if writing
+                && !passthrough.reserve(ino.0)
+                && !(passthrough.settle(ino.0).await && passthrough.reserve(ino.0))
+            {
+                return busy(reply, ino.0);
+            }
+            let (fh, keep) = match fs.open(ino.0, flags.0, pid).await {
+                Ok(opened) => opened,
+                Err(e) => {
+                    if writing {
+                        passthrough.unreserve(ino.0);
+                    }
+                    return reply.error(errno(&e));
                 }
-                Err(e) => reply.error(errno(&e)),
+            };
+            let cached = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+            if writing {
+                passthrough.bind(ino.0, fh);
+                return reply.opened(FileHandle(fh), cached);
+            }
+            let file = match passthrough.is_on() {
+                true => fs.passthrough_file(fh).await,
+                false => None,
+            };
+            let register = |f: &std::fs::File| reply.open_backing(f);
+            let mut answer = passthrough.open_read(ino.0, fh, file.as_deref(), register);
+            if matches!(answer, Answer::Busy) && passthrough.settle(ino.0).await {
+                answer = passthrough.open_read(ino.0, fh, file.as_deref(), register);
+            }
+            match answer {
+                Answer::Passthrough(backing) => {
+                    crate::metrics::metrics().passthrough_opens.inc();
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing)
+                }
+                Answer::Cached => reply.opened(FileHandle(fh), cached),
+                Answer::Busy => {
+                    fs.release(fh).await;
+                    busy(reply, ino.0)
+                }
             }
         });
     }
@@ -249,6 +312,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
+        self.passthrough.release(fh.0);
         self.rt.spawn(async move {
             fs.release(fh.0).await;
             reply.ok();
@@ -268,12 +332,21 @@ impl Filesystem for FuseAdapter {
         let Some(name) = name_str(name) else {
             return reply.error(Errno::EINVAL);
         };
-        let (fs, this) = (self.fs.clone(), self.attr_maker());
+        let (fs, this, passthrough) = (self.fs.clone(), self.attr_maker(), self.passthrough.clone());
         let pid = req.pid();
         let owner = owner(req, mode, umask);
         self.rt.spawn(async move {
             match fs.create_as(parent.0, &name, flags, pid, Some(owner)).await {
-                Ok((a, fh)) => reply.created(&a.ttl, &this(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+                Ok((a, fh)) => {
+                    // A new inode: nothing passes it through. (An existing
+                    // one reaches `open`, unless it appeared meanwhile.)
+                    if !passthrough.reserve(a.ino) {
+                        fs.release(fh).await;
+                        return reply.error(Errno::EBUSY);
+                    }
+                    passthrough.bind(a.ino, fh);
+                    reply.created(&a.ttl, &this(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });

@@ -16,6 +16,7 @@ pub mod host;
 pub mod logging;
 pub mod metrics;
 pub mod mount;
+pub mod passthrough;
 pub mod probe;
 pub mod spec;
 pub mod store;

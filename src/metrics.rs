@@ -68,6 +68,7 @@ pub struct Metrics {
     pub cache_evictions: Counter,
     pub disk_cache_hits: Counter,
     pub disk_cache_bytes: Gauge,
+    pub passthrough_opens: Counter,
     pub prefetch_restarts: Counter,
     pub open_handles: Gauge,
     pub memory_used: Gauge,
@@ -100,6 +101,7 @@ pub fn metrics() -> &'static Metrics {
             cache_evictions: Counter::default(),
             disk_cache_hits: Counter::default(),
             disk_cache_bytes: Gauge::default(),
+            passthrough_opens: Counter::default(),
             prefetch_restarts: Counter::default(),
             open_handles: Gauge::default(),
             memory_used: Gauge::default(),
@@ -120,6 +122,11 @@ pub fn metrics() -> &'static Metrics {
         registry.register("cache_evictions", "Blocks evicted from the memory cache", m.cache_evictions.clone());
         registry.register("disk_cache_hits", "Blocks served from the disk cache", m.disk_cache_hits.clone());
         registry.register("disk_cache_size_bytes", "Bytes held by the disk cache", m.disk_cache_bytes.clone());
+        registry.register(
+            "passthrough_opens",
+            "Opens answered in passthrough mode: the kernel reads the local file itself",
+            m.passthrough_opens.clone(),
+        );
         registry.register("prefetch_restarts", "Sequential streams broken by a seek", m.prefetch_restarts.clone());
         registry.register("open_handles", "Open file handles", m.open_handles.clone());
         registry.register(

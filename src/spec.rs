@@ -233,6 +233,9 @@ pub struct FsSettings {
     /// Store and read modes, owners, times, symlinks and extended attributes
     /// in object metadata, in s3fs's format (costs a HEAD per `stat`).
     pub posix_metadata: bool,
+    /// Let the kernel serve opens whose bytes are local from the local file
+    /// itself (FUSE passthrough), when the kernel allows it.
+    pub passthrough: bool,
 }
 
 impl Default for FsSettings {
@@ -252,6 +255,7 @@ impl Default for FsSettings {
             cache_dir: None,
             max_cache_size: None,
             posix_metadata: false,
+            passthrough: true,
         }
     }
 }

@@ -90,7 +90,11 @@ fn disk_cache_serves_warmed_files_after_a_restart() {
     assert_eq!(std::fs::read_to_string(m.path("warm/b.txt")).unwrap(), "small");
     let (_, body) = http_get(&addr, "/metrics");
     assert_eq!(metric(&body, "bucketfs_s3_requests_total", "operation=\"get\""), 0.0, "data fetched again:\n{body}");
-    assert!(metric(&body, "bucketfs_disk_cache_hits_total", "") >= 160.0, "{body}");
+    // Served from disk: through bucketfs block by block, or, for files
+    // cached whole, by the kernel from the cache file (passthrough).
+    let (hits, passed) =
+        (metric(&body, "bucketfs_disk_cache_hits_total", ""), metric(&body, "bucketfs_passthrough_opens_total", ""));
+    assert!(hits >= 160.0 || passed >= 2.0, "{body}");
     // A changed object is not served from the cache.
     srv.put(&bucket, "warm/b.txt", "changed");
     std::thread::sleep(std::time::Duration::from_millis(1100));

@@ -17,7 +17,11 @@
 //!   its upload lifecycle ([`write::Writer`], [`write::Upload`]);
 //! - the read side: per-handle prefetch ([`read::Reader`]) and the block
 //!   cache with the memory budget ([`cache::BlockCache`], whose
-//!   [`cache::Reservation`]s give their bytes back on `Drop`).
+//!   [`cache::Reservation`]s give their bytes back on `Drop`);
+//! - the disk cache ([`disk_cache::DiskCache`]), which also hands out the
+//!   checked whole-object file of a version cached whole, for the FUSE
+//!   edge to pass through to the kernel ([`Fs::passthrough_file`]; the
+//!   kernel-side rules live in [`crate::passthrough`]).
 //!
 //! The rule that keeps them deadlock-free: no lock guard is held across an
 //! `.await` (guards are not `Send`, so such a future cannot be spawned) or
@@ -814,6 +818,26 @@ impl Fs {
             reader = reader.in_page_cache_of(ino);
         }
         Ok((self.add_handle(ino, HandleKind::Read(reader), pid), keep_cache))
+    }
+
+    /// The local file that holds every byte handle `fh` can read, for the
+    /// kernel to read by itself (FUSE passthrough): the whole-object file of
+    /// the version the open saw, checked (see [`disk_cache`]). `None` when
+    /// passthrough is off, the handle writes, the inode has a writer (its
+    /// bytes are not the cached version's), or the version is not on disk
+    /// whole.
+    pub async fn passthrough_file(&self, fh: u64) -> Option<Arc<std::fs::File>> {
+        if !self.settings.passthrough {
+            return None;
+        }
+        let disk = self.disk.clone()?;
+        let handle = self.handles.file(fh)?;
+        let HandleKind::Read(reader) = &handle.kind else { return None };
+        if self.writers.contains(handle.ino) {
+            return None;
+        }
+        let size = lock(&self.inodes).get(handle.ino)?.size;
+        disk.open_object(reader.object(), size).await
     }
 
     fn add_handle(&self, ino: u64, kind: HandleKind, pid: u32) -> u64 {

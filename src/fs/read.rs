@@ -466,7 +466,7 @@ impl Reader {
                                 && let Some(held) =
                                     cache.try_reserve_memory(ReservationKind::DiskWrite, 2 * block.len() as u64)
                             {
-                                d.put(object, i, block.clone(), held);
+                                d.put(object, size, i, block.clone(), held);
                             }
                             cache.fill(object, i, tx, Ok(block));
                         }

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Cached re-read of a 1 GiB object after dropping the page cache, with FUSE
+# passthrough, with --no-passthrough, and a plain dd of the cache file on
+# the same disk; bucketfs CPU seconds per GiB for each (utime + stime from
+# /proc/PID/stat). Then append and in-place edit throughput on a staged file.
+#
+# Needs root (drop_caches, mount), the release build (cargo build --release)
+# and SeaweedFS (scripts/install-deps.sh). Usage: scripts/bench-passthrough.sh [RUNS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS="${1:-3}"
+BIN="$PWD/target/release/bucketfs"
+source scripts/weed-path.sh
+# The cache must be on a real disk, like a --cache-dir in production.
+work="$(mktemp -d "$PWD/target/bench-passthrough.XXXXXX")"
+mnt="$work/mnt"
+cache="$work/cache"
+mkdir -p "$work/data" "$mnt" "$cache"
+AK=AKIABUCKETFSTEST SK=bucketfs-test-secret-4f1c9e BUCKET=bench
+fs_pid="" weed_pid=""
+unmount() {
+  if [ -n "$fs_pid" ]; then
+    kill -TERM "$fs_pid" 2>/dev/null || true
+    wait "$fs_pid" 2>/dev/null || true
+    fs_pid=""
+  fi
+  for _ in 1 2 3; do mountpoint -q "$mnt" || break; umount -l "$mnt" 2>/dev/null || true; sleep 0.2; done
+}
+cleanup() {
+  unmount
+  [ -n "$weed_pid" ] && kill "$weed_pid" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+read -r -a P <<<"$(python3 -c '
+import socket
+ss=[socket.socket() for _ in range(9)]
+for s in ss: s.bind(("127.0.0.1",0))
+print(" ".join(str(s.getsockname()[1]) for s in ss))')"
+ENDPOINT="http://127.0.0.1:${P[6]}"
+cat >"$work/s3.json" <<JSON
+{"identities":[{"name":"admin","credentials":[{"accessKey":"$AK","secretKey":"$SK"}],"actions":["Admin","Read","Write","List","Tagging"]}]}
+JSON
+"$WEED" server -dir="$work/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+  -master.port="${P[0]}" -master.port.grpc="${P[1]}" -volume.port="${P[2]}" -volume.port.grpc="${P[3]}" \
+  -filer.port="${P[4]}" -filer.port.grpc="${P[5]}" -s3 -s3.port="${P[6]}" -s3.port.grpc="${P[7]}" \
+  -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$work/s3.json" \
+  -volume.max=500 -master.volumeSizeLimitMB=512 >"$work/weed.log" 2>&1 &
+weed_pid=$!
+s3() { curl -sf --aws-sigv4 "aws:amz:us-east-1:s3" --user "$AK:$SK" "$@"; }
+for _ in $(seq 1 180); do s3 "$ENDPOINT/" >/dev/null 2>&1 && break; sleep 0.5; done
+s3 -X PUT "$ENDPOINT/$BUCKET" >/dev/null
+printf '%s\n' "$AK" >"$work/ak"; printf '%s\n' "$SK" >"$work/sk"
+
+mount_fs() {
+  "$BIN" mount "$BUCKET" "$mnt" --endpoint-url "$ENDPOINT" --access-key-file "$work/ak" \
+    --secret-key-file "$work/sk" --cache-dir "$cache" --metadata-ttl indefinite --metrics-addr "127.0.0.1:${P[8]}" "$@" >>"$work/bucketfs.log" 2>&1 &
+  fs_pid=$!
+  for _ in $(seq 1 100); do mountpoint -q "$mnt" && return; sleep 0.1; done
+  echo "bucketfs did not mount" >&2; tail "$work/bucketfs.log" >&2; exit 1
+}
+metric() { curl -s "http://127.0.0.1:${P[8]}/metrics" | awk -v m="$1" '$1 ~ "^"m {s+=$NF} END {print s+0}'; }
+report() { echo "   (this mount: passthrough opens $(metric bucketfs_passthrough_opens_total), GETs $(metric 'bucketfs_s3_requests_total.*get'))"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# One timed read of $1: "MiB/s cpu-s/GiB" (CPU of the bucketfs process, if mounted).
+timed_read() {
+  local file="$1" t0 t1 c0=0 c1=0 bytes
+  drop
+  if [ -n "$fs_pid" ]; then c0=$(cpu_ticks "$fs_pid"); fi
+  t0=$(date +%s.%N)
+  bytes=$(dd if="$file" of=/dev/null bs=1M 2>&1 | awk '/bytes/{print $1}')
+  t1=$(date +%s.%N)
+  if [ -n "$fs_pid" ]; then c1=$(cpu_ticks "$fs_pid"); fi
+  python3 -c "import sys; b,t0,t1,c0,c1,hz=map(float,sys.argv[1:]); g=b/2**30; print(f'{b/2**20/(t1-t0):.0f} {(c1-c0)/hz/g:.3f}')" \
+    "$bytes" "$t0" "$t1" "$c0" "$c1" "$(getconf CLK_TCK)"
+}
+
+echo "== kernel $(uname -r), $(nproc) CPUs, commit $(git rev-parse --short HEAD)"
+head -c 1G /dev/urandom >"$work/src.bin"
+want=$(sha256sum <"$work/src.bin" | cut -d' ' -f1)
+s3 -T "$work/src.bin" "$ENDPOINT/$BUCKET/big.bin" >/dev/null
+rm "$work/src.bin"
+
+# Fill the cache: one read from the server, then wait for the join.
+mount_fs
+got=$(sha256sum <"$mnt/big.bin" | cut -d' ' -f1)
+[ "$got" = "$want" ] || { echo "wrong bytes"; exit 1; }
+for _ in $(seq 1 600); do obj=$(find "$cache" -name '*.obj' | head -1); [ -n "$obj" ] && break; sleep 0.1; done
+[ -n "$obj" ] || { echo "the object was not joined"; exit 1; }
+sleep 1
+
+echo "== cached re-read of 1 GiB after drop_caches: MiB/s, bucketfs CPU s/GiB (runs: $RUNS)"
+for i in $(seq 1 "$RUNS"); do echo "passthrough   $(timed_read "$mnt/big.bin")"; done
+report
+unmount
+for i in $(seq 1 "$RUNS"); do echo "dd cache file $(timed_read "$obj")"; done
+mount_fs --no-passthrough
+for i in $(seq 1 "$RUNS"); do echo "no-passthrough $(timed_read "$mnt/big.bin")"; done
+report
+unmount
+# A new process checks the file whole on its first open.
+mount_fs
+echo "passthrough, first open after a restart (file checked) $(timed_read "$mnt/big.bin")"
+echo "passthrough, next open $(timed_read "$mnt/big.bin")"
+got=$(sha256sum <"$mnt/big.bin" | cut -d' ' -f1)
+[ "$got" = "$want" ] || { echo "wrong bytes after the runs"; exit 1; }
+report
+unmount
+
+# Staged writes: append 256 MiB to, and overwrite 256 MiB in place inside,
+# the cached 1 GiB file; close uploads. Time includes the upload.
+echo "== staged writes (time to close, upload included): MiB/s, bucketfs CPU s/GiB written"
+timed_write() {
+  local t0 t1 c0 c1
+  c0=$(cpu_ticks "$fs_pid"); t0=$(date +%s.%N)
+  "$@" 2>/dev/null
+  t1=$(date +%s.%N); c1=$(cpu_ticks "$fs_pid")
+  python3 -c "import sys; t0,t1,c0,c1,hz=map(float,sys.argv[1:]); print(f'{256/(t1-t0):.0f} {(c1-c0)/hz/0.25:.3f}')" \
+    "$t0" "$t1" "$c0" "$c1" "$(getconf CLK_TCK)"
+}
+for mode in passthrough no-passthrough; do
+  flags=(); [ "$mode" = no-passthrough ] && flags=(--no-passthrough)
+  mount_fs "${flags[@]}"
+  echo "$mode append   $(timed_write dd if=/dev/zero of="$mnt/big.bin" bs=1M count=256 oflag=append conv=notrunc)"
+  echo "$mode in place $(timed_write dd if=/dev/zero of="$mnt/big.bin" bs=1M count=256 seek=256 conv=notrunc)"
+  unmount
+done
