@@ -130,7 +130,7 @@ pub struct Reader {
     state: Mutex<State>,
     /// Random reads started and not finished yet: [`Self::finish`] fetches
     /// these for themselves alone.
-    direct: Mutex<SmallVec<[Range<u64>; 2]>>,
+    direct: Mutex<Vec<Range<u64>>>,
     /// Becomes true when the handle closes: its prefetch GETs stop, even one
     /// waiting for the server's answer.
     closed: watch::Sender<bool>,
@@ -149,7 +149,7 @@ impl Reader {
     ) -> Self {
         let max_window = MAX_WINDOW.min(cache.limit() / 4).max(MIN_WINDOW);
         let (state, closed) = (Mutex::new(State::default()), watch::Sender::new(false));
-        let direct = Mutex::new(SmallVec::new());
+        let direct = Mutex::new(Vec::new());
         Self { object, size, store, cache, disk, max_window, state, direct, closed, page_cache: None }
     }
 
