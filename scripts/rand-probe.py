@@ -356,7 +356,7 @@ def main():
                     if a.fuse_log and name.startswith("bucketfs"):
                         sizes = collections.Counter()
                         for line in open(f"{work}/{name}.log"):
-                            m = re.search(r"READ fh .*?offset (\d+), size (\d+)", line) or \
+                            m = re.search(r"READ fh .*?offset (?:Ok\()?(\d+)\)?, size (\d+)", line) or \
                                 re.search(r"Read\(.*?offset: (\d+), size: (\d+)", line)
                             if m:
                                 sizes[int(m.group(2))] += 1
