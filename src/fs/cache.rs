@@ -13,9 +13,11 @@
 //! would pass [`PREFETCH_SHARE`] of the budget, which makes prefetch windows
 //! shrink under pressure instead of growing the process.
 //!
-//! 128 KiB blocks: the kernel sends FUSE reads of 128 KiB by default, a
-//! random 256 KiB read touches at most three blocks (at most 1.5× the bytes
-//! read), and 512 MiB of cache is only 4,096 entries.
+//! 128 KiB blocks: the kernel's default readahead, and 512 MiB of cache is
+//! only 4,096 entries. Random
+//! reads do not come here: the reader fetches them for themselves alone
+//! (see `read`), counted in the budget as [`ReservationKind::DirectRead`]
+//! until their answer is sent.
 
 use std::collections::HashMap;
 use std::io::IoSlice;
@@ -150,12 +152,22 @@ impl Block {
 #[derive(Clone, Debug, Default)]
 pub struct ReadData {
     parts: Vec<Bytes>,
+    /// The budget's bytes for pieces held outside the block cache (a read
+    /// fetched for itself alone): they come back when the answer is dropped,
+    /// once it has been sent.
+    _held: Option<Arc<Reservation>>,
 }
 
 impl ReadData {
     /// Consecutive pieces, in order.
     pub fn from_parts(parts: Vec<Bytes>) -> Self {
-        Self { parts }
+        Self { parts, _held: None }
+    }
+
+    /// Consecutive pieces, in order, counted in the budget by `held` until
+    /// the answer is dropped.
+    pub fn holding(parts: Vec<Bytes>, held: Reservation) -> Self {
+        Self { parts, _held: Some(Arc::new(held)) }
     }
 
     pub fn len(&self) -> usize {
@@ -178,7 +190,7 @@ impl ReadData {
 
 impl From<Bytes> for ReadData {
     fn from(b: Bytes) -> Self {
-        Self { parts: vec![b] }
+        Self::from_parts(vec![b])
     }
 }
 /// The right and duty to fill one pending block. A fetch task that ends
@@ -561,6 +573,12 @@ impl BlockCache {
         }
     }
 
+    /// Counts `n` bytes fetched for one read alone, outside the blocks.
+    pub fn fetched(&self, n: u64) {
+        self.stats.fetched_bytes.fetch_add(n, Ordering::Relaxed);
+        crate::metrics::metrics().bytes_fetched.inc_by(n);
+    }
+
     pub fn hit(&self) {
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
         crate::metrics::metrics().cache_hits.inc();
@@ -576,18 +594,26 @@ pub enum ReservationKind {
     UploadPart = 1,
     /// Blocks on their way to the disk cache.
     DiskWrite = 2,
+    /// The bytes of a random read, fetched for it alone (not cached), until
+    /// its answer has been sent.
+    DirectRead = 3,
 }
 
 impl ReservationKind {
-    pub const COUNT: usize = 3;
-    pub const ALL: [ReservationKind; Self::COUNT] =
-        [ReservationKind::WriteBuffer, ReservationKind::UploadPart, ReservationKind::DiskWrite];
+    pub const COUNT: usize = 4;
+    pub const ALL: [ReservationKind; Self::COUNT] = [
+        ReservationKind::WriteBuffer,
+        ReservationKind::UploadPart,
+        ReservationKind::DiskWrite,
+        ReservationKind::DirectRead,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             ReservationKind::WriteBuffer => "write_buffer",
             ReservationKind::UploadPart => "upload_part",
             ReservationKind::DiskWrite => "disk_write",
+            ReservationKind::DirectRead => "direct_read",
         }
     }
 }

@@ -1,8 +1,21 @@
 //! The per-handle reader: sequential detection and prefetch over the shared
 //! block cache.
 //!
-//! - The first reads of a handle fetch only the blocks they touch, so a random
-//!   reader pays for one small GET per read.
+//! - A read that does not continue the handle's previous read (a seek; also
+//!   a handle's first read, unless it starts at offset 0) is taken as
+//!   random: unless the cache has all its blocks, it is fetched for itself
+//!   alone, as one ranged GET of exactly its bytes, and answered from that
+//!   GET's buffers without going through the block cache. The kernel's page
+//!   cache keeps what it read, so caching it here too would only hold memory;
+//!   rounding it out to blocks would fetch up to 32 times the bytes of a
+//!   4 KiB read. The kernel sends a random read whole (FUSE requests are as
+//!   large as the read when `max_pages` allows, and a lone random read gets
+//!   no readahead), so one read is one GET and one round trip. With a disk
+//!   cache, which stores blocks, random reads go through the blocks.
+//! - Reads that continue the previous one before the stream is known to be
+//!   sequential, and the first read at offset 0, fetch the blocks they
+//!   touch: a file read from its start with small reads is then served by
+//!   one block GET, not one GET per read.
 //! - Once reads have been contiguous for [`SEQUENTIAL_TRIGGER`] bytes, the
 //!   reader keeps a window of blocks requested ahead of the read position. The
 //!   window starts at [`INITIAL_WINDOW`] (less when the memory budget is
@@ -64,14 +77,6 @@ pub const MAX_CHUNK: u64 = 8 << 20;
 /// and a range that straddles their boundaries costs the server more (25 %
 /// more CPU for SeaweedFS's 4 MiB chunks).
 pub const PREFETCH_CHUNK: u64 = 8 << 20;
-/// Smallest fetch for a large read (≥ [`LARGE_READ`]) that is not part of a
-/// sequential stream: the kernel splits an application's 256 KiB read into
-/// 128 KiB requests that arrive one after the other, and three blocks cover
-/// the whole read at any alignment, so it costs one GET and 1.5× its bytes.
-pub const RANDOM_MIN_FETCH: u64 = 3 * BLOCK_SIZE;
-/// Requests at least this large get [`RANDOM_MIN_FETCH`]; small random reads
-/// fetch only the blocks they touch.
-pub const LARGE_READ: u64 = 64 << 10;
 /// How far back a read may step and still count as sequential: the kernel
 /// sends readahead requests from several threads, slightly out of order.
 pub const BACKWARD_SLACK: u64 = 4 << 20;
@@ -106,6 +111,14 @@ struct State {
     settled: bool,
 }
 
+/// How a started read gets its bytes.
+enum Started {
+    /// From blocks of the cache, fetched or being fetched.
+    Blocks(Range<u64>),
+    /// From a GET of exactly its bytes, for it alone (a random read).
+    Direct(Range<u64>),
+}
+
 /// Reads one version of one object for one open handle.
 pub struct Reader {
     object: Arc<ObjectId>,
@@ -115,6 +128,9 @@ pub struct Reader {
     disk: Option<Arc<DiskCache>>,
     max_window: u64,
     state: Mutex<State>,
+    /// Random reads started and not finished yet: [`Self::finish`] fetches
+    /// these for themselves alone.
+    direct: Mutex<Vec<Range<u64>>>,
     /// Becomes true when the handle closes: its prefetch GETs stop, even one
     /// waiting for the server's answer.
     closed: watch::Sender<bool>,
@@ -133,7 +149,8 @@ impl Reader {
     ) -> Self {
         let max_window = MAX_WINDOW.min(cache.limit() / 4).max(MIN_WINDOW);
         let (state, closed) = (Mutex::new(State::default()), watch::Sender::new(false));
-        Self { object, size, store, cache, disk, max_window, state, closed, page_cache: None }
+        let direct = Mutex::new(Vec::new());
+        Self { object, size, store, cache, disk, max_window, state, direct, closed, page_cache: None }
     }
 
     /// Reads of this handle fill the page cache of inode `ino`: prefetch
@@ -154,7 +171,8 @@ impl Reader {
     /// Reads up to `len` bytes at `offset`; short only at end of file.
     pub async fn read(&self, offset: u64, len: u32) -> Result<ReadData, StoreError> {
         match self.start(offset, len) {
-            Some(range) => self.finish(range).await,
+            Some(Started::Blocks(range)) => self.finish_blocks(range).await,
+            Some(Started::Direct(range)) => self.finish(range).await,
             None => Ok(ReadData::default()),
         }
     }
@@ -163,7 +181,11 @@ impl Reader {
     /// spans is in memory: the common case of a stream that prefetch keeps
     /// ahead of. Otherwise returns the started range, for [`Self::finish`].
     pub fn read_now(&self, offset: u64, len: u32) -> Result<ReadData, Range<u64>> {
-        let Some(range) = self.start(offset, len) else { return Ok(ReadData::default()) };
+        let range = match self.start(offset, len) {
+            None => return Ok(ReadData::default()),
+            Some(Started::Direct(range)) => return Err(range),
+            Some(Started::Blocks(range)) => range,
+        };
         let sequential = self.is_sequential();
         let blocks = self.span(&range);
         let mut ready = Vec::with_capacity(blocks.clone().count());
@@ -197,8 +219,42 @@ impl Reader {
         ReadData::from_parts(parts)
     }
 
-    /// Waits for the blocks of a read started by [`Self::read_now`].
+    /// Finishes a read started by [`Self::read_now`]: fetches a random read's
+    /// bytes, or waits for the blocks of any other.
     pub async fn finish(&self, range: Range<u64>) -> Result<ReadData, StoreError> {
+        let direct = {
+            let mut d = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+            d.iter().position(|r| *r == range).map(|at| d.swap_remove(at)).is_some()
+        };
+        if direct { self.read_direct(range).await } else { self.finish_blocks(range).await }
+    }
+
+    /// One ranged GET of exactly `range`, answered from the buffers the body
+    /// arrives in; the bytes count in the budget until the answer is dropped.
+    async fn read_direct(&self, range: Range<u64>) -> Result<ReadData, StoreError> {
+        let len = range.end - range.start;
+        let held = self.cache.reserve_memory(ReservationKind::DirectRead, len);
+        let mut body = self.store.get_range(&self.object.key, Some(&self.object.etag), range.start, range.end).await?;
+        let (mut parts, mut have) = (Vec::new(), 0u64);
+        while have < len {
+            match body.next().await {
+                Some(Ok(mut chunk)) => {
+                    chunk.truncate((len - have) as usize);
+                    have += chunk.len() as u64;
+                    parts.push(chunk);
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Err(StoreError::Network("the body ended before the requested range".into())),
+            }
+        }
+        // Read the end of the body, so the connection returns to the pool.
+        while let Some(Ok(_)) = body.next().await {}
+        self.cache.fetched(len);
+        Ok(ReadData::holding(parts, held))
+    }
+
+    /// Waits for the blocks of a read.
+    async fn finish_blocks(&self, range: Range<u64>) -> Result<ReadData, StoreError> {
         let sequential = self.is_sequential();
         let mut blocks = Vec::new();
         for index in self.span(&range) {
@@ -209,8 +265,8 @@ impl Reader {
 
     /// Updates the access pattern and starts the GETs a read at `offset`
     /// needs, with any prefetch it triggers. Returns the byte range it will
-    /// return, `None` at or after the end of the file.
-    fn start(&self, offset: u64, len: u32) -> Option<Range<u64>> {
+    /// return and how, `None` at or after the end of the file.
+    fn start(&self, offset: u64, len: u32) -> Option<Started> {
         if offset >= self.size || len == 0 {
             return None;
         }
@@ -226,15 +282,12 @@ impl Reader {
                 st.ahead = st.ahead.min(end);
             }
         }
-        let prefetch = self.plan(offset, end);
-        // A random read fetches at least RANDOM_MIN_FETCH: the kernel splits
-        // one application read into 128 KiB requests that arrive one after
-        // the other, and the next block is then already on its way.
-        let sequential = prefetch.is_some() || self.is_sequential();
-        let min_last = first + RANDOM_MIN_FETCH / BLOCK_SIZE - 1;
-        let large = end - offset >= LARGE_READ;
-        let last_fetch = if sequential || !large { last } else { last.max(min_last).min((self.size - 1) / BLOCK_SIZE) };
-        self.fetch(first..last_fetch + 1, false);
+        let (prefetch, seek) = self.plan(offset, end);
+        if seek && self.disk.is_none() && self.any_missing(first..last + 1) {
+            self.direct.lock().unwrap_or_else(|e| e.into_inner()).push(offset..end);
+            return Some(Started::Direct(offset..end));
+        }
+        self.fetch(first..last + 1, false);
         // Blocks the kernel already has (another handle read them) are not
         // fetched: no read will come for them.
         let parts = match (prefetch, &self.page_cache) {
@@ -251,7 +304,12 @@ impl Reader {
                 break;
             }
         }
-        Some(offset..end)
+        Some(Started::Blocks(offset..end))
+    }
+
+    /// True if a block in `blocks` is neither cached nor being fetched.
+    fn any_missing(&self, blocks: Range<u64>) -> bool {
+        blocks.into_iter().any(|i| matches!(self.cache.probe(&self.key(i), false), Probe::Missing))
     }
 
     /// The largest window this handle may use now: sequential streams share
@@ -267,11 +325,14 @@ impl Reader {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).window > 0
     }
 
-    /// Updates the access pattern and returns the blocks to prefetch.
-    fn plan(&self, offset: u64, end: u64) -> Option<Range<u64>> {
+    /// Updates the access pattern and returns the blocks to prefetch, and
+    /// whether the read is a seek: it does not continue the previous read,
+    /// and is not a handle's first read at offset 0.
+    fn plan(&self, offset: u64, end: u64) -> (Option<Range<u64>>, bool) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let sequential =
             st.started && offset + BACKWARD_SLACK >= st.next && offset <= st.next.max(st.ahead) + BLOCK_SIZE;
+        let seek = !sequential && (st.started || offset > 0);
         if sequential {
             st.streak += end.saturating_sub(st.next.max(offset));
         } else {
@@ -283,7 +344,7 @@ impl Reader {
         }
         st.next = st.next.max(end);
         if st.streak < SEQUENTIAL_TRIGGER || end >= self.size {
-            return None;
+            return (None, seek);
         }
         if st.window == 0 {
             st.window = INITIAL_WINDOW.min(self.window_cap());
@@ -293,11 +354,11 @@ impl Reader {
         let from = st.ahead.max(end);
         let to = ((end + st.window) / PREFETCH_CHUNK * PREFETCH_CHUNK).min(self.size);
         if to < from + PREFETCH_CHUNK && to < self.size {
-            return None;
+            return (None, seek);
         }
         st.ahead = to;
         self.adapt_window(&mut st, end, Instant::now());
-        (from < to).then(|| from / BLOCK_SIZE..to.div_ceil(BLOCK_SIZE))
+        ((from < to).then(|| from / BLOCK_SIZE..to.div_ceil(BLOCK_SIZE)), seek)
     }
 
     /// Each time a whole window has been read (the first, which includes the
@@ -595,6 +656,77 @@ mod tests {
         drop(store);
     }
 
+    fn gets(store: &MemoryStore) -> u64 {
+        store.requests.lock().unwrap().get("get").copied().unwrap_or(0)
+    }
+
+    /// Random reads (seeks) are one GET each of exactly their bytes, answered
+    /// without the block cache: nothing is cached or held once the answers
+    /// are dropped, and a 4 KiB read fetches 4 KiB, not a block.
+    #[tokio::test]
+    async fn random_reads_fetch_exactly_their_bytes_once() {
+        let len = 64 << 20;
+        let (store, reader, data) = setup(len, 64 << 20);
+        let mut read = 0u64;
+        for (i, bs) in (1..65u64).zip([4096usize, 256 << 10, 12_345].into_iter().cycle()) {
+            // Steps of 9 MiB + 4 KiB (or back 54 MiB): never a continuation.
+            let off = ((i * ((9 << 20) + 4096)) % (len as u64 - (1 << 20))) as usize;
+            let got = match reader.read_now(off as u64, bs as u32) {
+                Ok(_) => panic!("read {i} at {off} was in memory"),
+                Err(range) => reader.finish(range).await.unwrap(),
+            };
+            assert_eq!(got.to_vec(), &data[off..off + bs], "read {i} at {off}");
+            read += bs as u64;
+            assert_eq!(gets(&store), i, "one GET per random read");
+            assert_eq!(reader.cache.stats.fetched_bytes.load(Ordering::Relaxed), read, "exactly the bytes read");
+            assert_eq!(reader.cache.reserved(ReservationKind::DirectRead), bs as u64, "held while answered");
+        }
+        assert_eq!(reader.cache.used(), 0, "nothing cached, nothing held");
+        assert!(!reader.is_sequential());
+    }
+
+    /// A file read from its start, or from a seek on, with small reads goes
+    /// through the blocks after its first read: one block GET serves many
+    /// reads, and the stream turns sequential and prefetches as before.
+    #[tokio::test]
+    async fn small_reads_that_continue_use_blocks() {
+        let len = 16 << 20;
+        let (store, reader, data) = setup(len, 64 << 20);
+        // From offset 0: the first read fetches its block, the next 31 hit it.
+        for off in (0..BLOCK_SIZE as usize).step_by(4096) {
+            assert_eq!(reader.read(off as u64, 4096).await.unwrap().to_vec(), &data[off..off + 4096]);
+        }
+        assert_eq!(gets(&store), 1);
+        // A seek: its own 4 KiB GET; the reads that continue it fetch the
+        // block they are in (one GET), then hit it.
+        let at = 5 * BLOCK_SIZE as usize + 8192;
+        for off in (at..at + 16 * 4096).step_by(4096) {
+            assert_eq!(reader.read(off as u64, 4096).await.unwrap().to_vec(), &data[off..off + 4096]);
+        }
+        assert_eq!(gets(&store), 3);
+        // Going on sequentially turns prefetch on, as before.
+        let mut off = at + 16 * 4096;
+        while off + (256 << 10) <= len {
+            assert_eq!(reader.read(off as u64, 256 << 10).await.unwrap().to_vec(), &data[off..off + (256 << 10)]);
+            off += 256 << 10;
+        }
+        assert!(gets(&store) < 10, "{} GETs", gets(&store));
+    }
+
+    /// A random read whose blocks another handle has cached is answered from
+    /// them, without a GET.
+    #[tokio::test]
+    async fn random_reads_of_cached_blocks_are_answered_from_memory() {
+        let len = 8 << 20;
+        let (store, first, data) = setup(len, 64 << 20);
+        first.read(0, 2 << 20).await.unwrap();
+        let before = gets(&store);
+        let other = Reader::new(first.object.clone(), len as u64, store.clone(), first.cache.clone(), None);
+        let got = other.read_now(1 << 20, 256 << 10).expect("in memory");
+        assert_eq!(got.to_vec(), &data[1 << 20..(1 << 20) + (256 << 10)]);
+        assert_eq!(gets(&store), before);
+    }
+
     /// Prefetch skips blocks another handle's reads put in the kernel's page
     /// cache: quarter readers fetch the object about once. Blocks asked for
     /// again (the page cache lost them) are prefetched as usual.
@@ -673,11 +805,12 @@ mod tests {
             let got = reader.read((i << 20) as u64, 1 << 20).await.unwrap();
             assert_eq!(got.to_vec(), &data[i << 20..(i + 1) << 20]);
         }
-        // A read across two blocks, twice: the same bytes in the same memory.
+        // A read across two blocks the stream keeps, twice: the same bytes
+        // in the same memory.
         let at = |d: &ReadData| d.io_slices().iter().map(|s| s.as_ptr()).collect::<Vec<_>>();
-        let (a, b) =
-            (reader.read((1 << 20) - 100, 200).await.unwrap(), reader.read((1 << 20) - 100, 200).await.unwrap());
-        assert_eq!(a.to_vec(), &data[(1 << 20) - 100..(1 << 20) + 100]);
+        let mid = 15 << 20;
+        let (a, b) = (reader.read(mid - 100, 200).await.unwrap(), reader.read(mid - 100, 200).await.unwrap());
+        assert_eq!(a.to_vec(), &data[mid as usize - 100..mid as usize + 100]);
         assert!(a.io_slices().len() >= 2, "one piece per block at least");
         assert_eq!(at(&a), at(&b), "both replies point into the cached blocks");
     }
