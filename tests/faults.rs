@@ -386,7 +386,11 @@ fn closing_a_handle_cancels_its_prefetch() {
     let want = pattern(len, 11);
     srv.put(&bucket, "big.bin", want.clone());
     let proxy = Proxy::start(upstream());
-    let m = Mount::start_via(&proxy.endpoint(), &bucket, &[]);
+    // With a disk cache every read goes through blocks: without one, the
+    // warm-up's reads below (each a seek) would be fetched as exact ranges
+    // and kept nowhere.
+    let cache = tempfile::tempdir().unwrap();
+    let m = Mount::start_via(&proxy.endpoint(), &bucket, &["--cache-dir", cache.path().to_str().unwrap()]);
     let no_readahead = |f: &File| {
         // SAFETY: a valid descriptor.
         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
