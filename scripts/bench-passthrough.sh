@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
 BIN="$PWD/target/release/bucketfs"
-source scripts/weed-path.sh
+source scripts/weed-server.sh
 # The cache must be on a real disk, like a --cache-dir in production.
 work="$(mktemp -d "$PWD/target/bench-passthrough.XXXXXX")"
 mnt="$work/mnt"
@@ -34,34 +34,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r -a P <<<"$(python3 -c '
-import socket
-ss=[socket.socket() for _ in range(9)]
-for s in ss: s.bind(("127.0.0.1",0))
-print(" ".join(str(s.getsockname()[1]) for s in ss))')"
-ENDPOINT="http://127.0.0.1:${P[6]}"
-cat >"$work/s3.json" <<JSON
-{"identities":[{"name":"admin","credentials":[{"accessKey":"$AK","secretKey":"$SK"}],"actions":["Admin","Read","Write","List","Tagging"]}]}
-JSON
-"$WEED" server -dir="$work/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-  -master.port="${P[0]}" -master.port.grpc="${P[1]}" -volume.port="${P[2]}" -volume.port.grpc="${P[3]}" \
-  -filer.port="${P[4]}" -filer.port.grpc="${P[5]}" -s3 -s3.port="${P[6]}" -s3.port.grpc="${P[7]}" \
-  -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$work/s3.json" \
-  -volume.max=500 -master.volumeSizeLimitMB=512 >"$work/weed.log" 2>&1 &
-weed_pid=$!
-s3() { curl -sf --aws-sigv4 "aws:amz:us-east-1:s3" --user "$AK:$SK" "$@"; }
-for _ in $(seq 1 180); do s3 "$ENDPOINT/" >/dev/null 2>&1 && break; sleep 0.5; done
-s3 -X PUT "$ENDPOINT/$BUCKET" >/dev/null
+weed_server "$work"
 printf '%s\n' "$AK" >"$work/ak"; printf '%s\n' "$SK" >"$work/sk"
 
 mount_fs() {
   "$BIN" mount "$BUCKET" "$mnt" --endpoint-url "$ENDPOINT" --access-key-file "$work/ak" \
-    --secret-key-file "$work/sk" --cache-dir "$cache" --metadata-ttl indefinite --metrics-addr "127.0.0.1:${P[8]}" "$@" >>"$work/bucketfs.log" 2>&1 &
+    --secret-key-file "$work/sk" --cache-dir "$cache" --metadata-ttl indefinite --metrics-addr "127.0.0.1:${P[9]}" "$@" >>"$work/bucketfs.log" 2>&1 &
   fs_pid=$!
   for _ in $(seq 1 100); do mountpoint -q "$mnt" && return; sleep 0.1; done
   echo "bucketfs did not mount" >&2; tail "$work/bucketfs.log" >&2; exit 1
 }
-metric() { curl -s "http://127.0.0.1:${P[8]}/metrics" | awk -v m="$1" '$1 ~ "^"m {s+=$NF} END {print s+0}'; }
+metric() { curl -s "http://127.0.0.1:${P[9]}/metrics" | awk -v m="$1" '$1 ~ "^"m {s+=$NF} END {print s+0}'; }
 report() { echo "   (this mount: passthrough opens $(metric bucketfs_passthrough_opens_total), GETs $(metric 'bucketfs_s3_requests_total.*get'))"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
