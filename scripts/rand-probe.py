@@ -12,8 +12,10 @@ and CPU. Run as root (FUSE mounts, drop_caches). 127.0.0.1 only.
   scripts/rand-probe.py --fs bucketfs=target/release/bucketfs --fs s3fs \
       --delay 0 --delay 20 --workload rand256k --workload rand4k
 
---fs NAME=BINARY for a bucketfs binary (NAME starts with "bucketfs"), or
-s3fs. --delay direct mounts without the proxy (no request counts).
+--fs NAME=BINARY for a bucketfs binary (NAME starts with "bucketfs"; with
+"posix" in it, the mount gets --posix-metadata), or s3fs.
+--workload ls: `ls -l` of a directory of 10,000 small objects (uploaded
+once), timed, with the requests the proxy counted (HEADs included). --delay direct mounts without the proxy (no request counts).
 --fuse-log keeps bucketfs's FUSE request log and prints the READ sizes.
 """
 
@@ -32,6 +34,7 @@ import tempfile
 import threading
 import time
 
+LS_DIR, LS_ENTRIES = "dir10k", 10_000
 AK, SK, BUCKET, KEY = "AKIABUCKETFSTEST", "bucketfs-test-secret-4f1c9e", "bench", "seq/big.bin"
 SIZE = 1 << 30
 
@@ -273,6 +276,12 @@ def main():
                 break
             except Exception:
                 time.sleep(0.5)
+        if "ls" in workloads:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda i: s3.put_object(Bucket=BUCKET, Key=f"{LS_DIR}/e{i:05d}", Body=f"{i}\n"),
+                              range(LS_ENTRIES)))
         src = f"{work}/big.bin"
         with open(src, "wb") as f:
             for _ in range(SIZE >> 24):
@@ -313,6 +322,8 @@ def main():
                         env["RUST_LOG"] = "fuser=debug,bucketfs=info" if a.fuse_log else "bucketfs=info"
                         cmd = [binary, "mount", BUCKET, mnt, "--endpoint-url", ep, "--access-key-file", f"{work}/ak",
                                "--secret-key-file", f"{work}/sk"]
+                        if "posix" in name:
+                            cmd.append("--posix-metadata")
                     else:
                         cmd = ["s3fs", BUCKET, mnt, "-f", "-o",
                                f"url={ep},use_path_request_style,passwd_file={work}/passwd,ro"]
@@ -327,16 +338,25 @@ def main():
                         proxy.reset()
                     c0 = cpu_s(dpid)
                     t0 = time.monotonic()
-                    out = subprocess.run(
-                        ["timeout", str(a.runtime * 4 + 60), "fio", "--name", w, f"--filename={mnt}/{KEY}",
-                         "--ioengine=psync", "--readonly", "--direct=0", "--numjobs=1", f"--runtime={a.runtime}",
-                         "--output-format=json"] + FIO[w].split(), capture_output=True, text=True)
+                    if w == "ls":
+                        out = subprocess.run(f"timeout 600 ls -l {mnt}/{LS_DIR} | tail -n +2 | wc -l", shell=True,
+                                             capture_output=True, text=True)
+                    else:
+                        out = subprocess.run(
+                            ["timeout", str(a.runtime * 4 + 60), "fio", "--name", w, f"--filename={mnt}/{KEY}",
+                             "--ioengine=psync", "--readonly", "--direct=0", "--numjobs=1", f"--runtime={a.runtime}",
+                             "--output-format=json"] + FIO[w].split(), capture_output=True, text=True)
                     wall = time.monotonic() - t0
                     c1, hwm = cpu_s(dpid), hwm_mib(dpid)
                     snap = proxy.snapshot() if proxy else {}
                     try:
-                        r = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]["read"]
-                        rate, io = r["bw_bytes"] / 2**20, r["io_bytes"]
+                        if w == "ls":
+                            entries = int(out.stdout.strip() or 0)
+                            rate, io = 0, 0
+                            snap.update(entries=entries, entries_per_s=round(entries / wall))
+                        else:
+                            r = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]["read"]
+                            rate, io = r["bw_bytes"] / 2**20, r["io_bytes"]
                     except (ValueError, KeyError):
                         rate, io = 0, 0
                         print(out.stderr, file=sys.stderr)
