@@ -30,9 +30,9 @@ use crate::store::{ObjectAttrs, PutCondition, StoreError};
 
 /// HEADs in flight at once for the entries of one `readdir` batch (and as
 /// many for the read-ahead of the next ones).
-pub const HEAD_CONCURRENCY: usize = 32;
+pub const HEAD_CONCURRENCY: usize = 64;
 /// Entries after a `readdir` batch whose metadata is read ahead.
-pub const READ_AHEAD: usize = 512;
+pub const READ_AHEAD: usize = 1024;
 
 /// A metadata read (one HEAD) that several callers wait for.
 pub type SharedRead = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
