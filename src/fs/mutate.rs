@@ -43,6 +43,25 @@ impl Fs {
         if self.settings.read_only || mount.read_only { Err(FsError::ReadOnly) } else { Ok(()) }
     }
 
+    /// The mount and prefix of directory `parent`, for a new entry `name`
+    /// whose key is `extra` bytes longer than `prefix + name` (1 for a
+    /// directory's marker): the name is valid, the mount writable and the
+    /// key within S3's limit.
+    pub(super) fn new_entry_location(
+        &self,
+        parent: u64,
+        name: &str,
+        extra: usize,
+    ) -> Result<(Arc<MountPoint>, String)> {
+        check_name(name)?;
+        let (mount, dir_key) = self.dir_location(parent)?;
+        self.check_writable(&mount)?;
+        if dir_key.len() + name.len() + extra > posix::KEY_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        Ok((mount, dir_key))
+    }
+
     /// The mount and prefix of directory `ino`.
     pub(super) fn dir_location(&self, ino: u64) -> Result<(Arc<MountPoint>, String)> {
         let table = lock(&self.inodes);
@@ -153,13 +172,8 @@ impl Fs {
         pid: u32,
         owner: Option<Owner>,
     ) -> Result<(Attr, u64)> {
-        check_name(name)?;
-        let (mount, dir_key) = self.dir_location(parent)?;
-        self.check_writable(&mount)?;
+        let (mount, dir_key) = self.new_entry_location(parent, name, 0)?;
         let key = namespace::child_key(&dir_key, name);
-        if key.len() > posix::KEY_MAX {
-            return Err(FsError::NameTooLong);
-        }
         let ino = {
             let mut table = lock(&self.inodes);
             table.clear_negative(parent, name);
@@ -372,12 +386,7 @@ impl Fs {
     /// [`Self::mkdir`] by `owner`: with `--posix-metadata`, the marker
     /// carries the directory's mode, owner and times.
     pub async fn mkdir_as(&self, parent: u64, name: &str, owner: Option<Owner>) -> Result<Attr> {
-        check_name(name)?;
-        let (mount, dir_key) = self.dir_location(parent)?;
-        if dir_key.len() + name.len() + 1 > posix::KEY_MAX {
-            return Err(FsError::NameTooLong);
-        }
-        self.check_writable(&mount)?;
+        let (mount, dir_key) = self.new_entry_location(parent, name, 1)?;
         match self.lookup_inner(parent, name, false).await {
             Ok(_) => return Err(FsError::Exists),
             Err(FsError::NotFound) => {}

@@ -411,13 +411,8 @@ impl Fs {
         if !self.settings.posix_metadata {
             return Err(FsError::NotPermitted);
         }
-        check_name(name)?;
-        let (mount, dir_key) = self.dir_location(parent)?;
-        self.check_writable(&mount)?;
+        let (mount, dir_key) = self.new_entry_location(parent, name, 0)?;
         let key = namespace::child_key(&dir_key, name);
-        if key.len() > posix::KEY_MAX {
-            return Err(FsError::NameTooLong);
-        }
         match self.lookup_inner(parent, name, false).await {
             Ok(_) => return Err(FsError::Exists),
             Err(FsError::NotFound) => {}
