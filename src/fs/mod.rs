@@ -59,7 +59,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
 use crate::spec::FsSettings;
-use crate::store::{ObjectAttrs, ObjectStore, StoreError};
+use crate::store::{ObjectAttrs, ObjectMeta, ObjectStore, StoreError};
 use cache::{BlockCache, ObjectId, ReadData};
 use handles::{FileHandle, HandleKind, Handles};
 use inode::{Inode, InodeTable, Loc, PageCache, ROOT};
@@ -229,7 +229,7 @@ pub enum ReadNow {
     /// The read is answered.
     Done(ReadData),
     /// The read is started; [`Fs::finish_read`] waits for its bytes.
-    Started(std::ops::Range<u64>),
+    Started(read::Started),
     /// Not a handle reading an object: use [`Fs::read`].
     Wait,
 }
@@ -659,20 +659,26 @@ impl Fs {
         lock(&self.inodes).count_miss(dir, ttl, Instant::now(), LIST_AFTER_MISSES)
     }
 
+    /// HEAD `key`; with `--posix-metadata`, with the object's metadata.
+    async fn head(
+        &self,
+        mount: &MountPoint,
+        key: &str,
+    ) -> std::result::Result<(ObjectMeta, Option<ObjectAttrs>), StoreError> {
+        if self.settings.posix_metadata {
+            mount.store.head_attrs(key).await.map(|(m, a)| (m, Some(a)))
+        } else {
+            mount.store.head(key).await.map(|m| (m, None))
+        }
+    }
+
     /// HEAD `key` and LIST `key/` at once; a directory wins over a file.
     /// With `--posix-metadata`, also the object's metadata (from the same
     /// HEAD), and s3fs's older directory objects (`key` marked as a
     /// directory) are directories.
     async fn remote_lookup(&self, mount: &MountPoint, key: &str, name: &str) -> Result<(Entry, Option<ObjectAttrs>)> {
         let dir_prefix = format!("{key}/");
-        let head = async {
-            if self.settings.posix_metadata {
-                mount.store.head_attrs(key).await.map(|(m, a)| (m, Some(a)))
-            } else {
-                mount.store.head(key).await.map(|m| (m, None))
-            }
-        };
-        let (head, list) = tokio::join!(head, mount.store.list(&dir_prefix, true, None, Some(1)));
+        let (head, list) = tokio::join!(self.head(mount, key), mount.store.list(&dir_prefix, true, None, Some(1)));
         match list {
             Ok(page) if !page.objects.is_empty() || !page.prefixes.is_empty() => {
                 if head.is_ok() {
@@ -740,12 +746,7 @@ impl Fs {
 
     async fn revalidate(&self, ino: u64, mount: &MountPoint, key: &str) -> Result<Attr> {
         let started = Instant::now();
-        let head = if self.settings.posix_metadata {
-            mount.store.head_attrs(key).await.map(|(m, a)| (m, Some(a)))
-        } else {
-            mount.store.head(key).await.map(|m| (m, None))
-        };
-        match head {
+        match self.head(mount, key).await {
             Ok((meta, attrs)) => {
                 let mut table = lock(&self.inodes);
                 let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
@@ -868,19 +869,19 @@ impl Fs {
                 crate::metrics::metrics().bytes_read.inc_by(data.len() as u64);
                 ReadNow::Done(data)
             }
-            Err(range) => ReadNow::Started(range),
+            Err(started) => ReadNow::Started(started),
         }
     }
 
     /// Finishes a read that [`Self::read_now`] started.
-    pub async fn finish_read(&self, fh: u64, range: std::ops::Range<u64>) -> Result<ReadData> {
+    pub async fn finish_read(&self, fh: u64, started: read::Started) -> Result<ReadData> {
         let handle = self.handles.file(fh).ok_or(FsError::BadHandle)?;
+        let range = started.range().clone();
         let len = (range.end - range.start) as u32;
         match &handle.kind {
             HandleKind::Read(reader) if !self.writers.contains(handle.ino) => {
-                let offset = range.start;
-                let got = reader.finish(range).await;
-                self.reader_result(&handle, reader, got, offset, len)
+                let got = reader.finish(started).await;
+                self.reader_result(&handle, reader, got, range.start, len)
             }
             _ => self.read(fh, range.start, len).await,
         }

@@ -125,16 +125,20 @@ impl Fs {
         if !self.settings.posix_metadata {
             return Ok(false);
         }
-        let (mount, key, kind) = {
+        let (mount, key, kind, known) = {
             let table = lock(&self.inodes);
             let inode = table.get(ino).ok_or(FsError::NotFound)?;
             let Loc::Object { mount, key } = &inode.loc else { return Ok(false) };
             let fresh = inode.posix.as_ref().is_some_and(|(at, _)| Instant::now() < *at + mount.ttl);
-            if fresh || inode.local || (inode.posix.is_some() && self.writers.contains(ino)) {
+            if fresh || inode.local {
                 return Ok(false);
             }
-            (mount.clone(), key.clone(), inode.kind)
+            (mount.clone(), key.clone(), inode.kind, inode.posix.is_some())
         };
+        // A writer holds the metadata its upload will store.
+        if known && self.writers.contains(ino) {
+            return Ok(false);
+        }
         let started = Instant::now();
         if key.is_empty() {
             // The bucket's root has no marker to keep metadata on.
@@ -143,9 +147,10 @@ impl Fs {
         }
         match mount.store.head_attrs(&key).await {
             Ok((meta, attrs)) => {
+                let writing = self.writers.contains(ino);
                 let mut table = lock(&self.inodes);
                 if let Some(inode) = table.get_mut(ino) {
-                    if kind == Kind::File && !inode.local && !self.writers.contains(ino) {
+                    if kind == Kind::File && !inode.local && !writing {
                         inode.size = meta.size;
                         inode.mtime = meta.last_modified;
                         inode.etag = Some(meta.etag);

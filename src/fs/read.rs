@@ -111,12 +111,22 @@ struct State {
     settled: bool,
 }
 
-/// How a started read gets its bytes.
-enum Started {
+/// A started read, and how it gets its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Started {
     /// From blocks of the cache, fetched or being fetched.
     Blocks(Range<u64>),
     /// From a GET of exactly its bytes, for it alone (a random read).
     Direct(Range<u64>),
+}
+
+impl Started {
+    /// The bytes the read returns.
+    pub fn range(&self) -> &Range<u64> {
+        match self {
+            Started::Blocks(r) | Started::Direct(r) => r,
+        }
+    }
 }
 
 /// Reads one version of one object for one open handle.
@@ -128,9 +138,6 @@ pub struct Reader {
     disk: Option<Arc<DiskCache>>,
     max_window: u64,
     state: Mutex<State>,
-    /// Random reads started and not finished yet: [`Self::finish`] fetches
-    /// these for themselves alone.
-    direct: Mutex<Vec<Range<u64>>>,
     /// Becomes true when the handle closes: its prefetch GETs stop, even one
     /// waiting for the server's answer.
     closed: watch::Sender<bool>,
@@ -149,8 +156,7 @@ impl Reader {
     ) -> Self {
         let max_window = MAX_WINDOW.min(cache.limit() / 4).max(MIN_WINDOW);
         let (state, closed) = (Mutex::new(State::default()), watch::Sender::new(false));
-        let direct = Mutex::new(Vec::new());
-        Self { object, size, store, cache, disk, max_window, state, direct, closed, page_cache: None }
+        Self { object, size, store, cache, disk, max_window, state, closed, page_cache: None }
     }
 
     /// Reads of this handle fill the page cache of inode `ino`: prefetch
@@ -171,8 +177,7 @@ impl Reader {
     /// Reads up to `len` bytes at `offset`; short only at end of file.
     pub async fn read(&self, offset: u64, len: u32) -> Result<ReadData, StoreError> {
         match self.start(offset, len) {
-            Some(Started::Blocks(range)) => self.finish_blocks(range).await,
-            Some(Started::Direct(range)) => self.finish(range).await,
+            Some(started) => self.finish(started).await,
             None => Ok(ReadData::default()),
         }
     }
@@ -180,11 +185,11 @@ impl Reader {
     /// Starts a read and answers it without waiting when every block it
     /// spans is in memory: the common case of a stream that prefetch keeps
     /// ahead of. Otherwise returns the started range, for [`Self::finish`].
-    pub fn read_now(&self, offset: u64, len: u32) -> Result<ReadData, Range<u64>> {
+    pub fn read_now(&self, offset: u64, len: u32) -> Result<ReadData, Started> {
         let range = match self.start(offset, len) {
             None => return Ok(ReadData::default()),
-            Some(Started::Direct(range)) => return Err(range),
             Some(Started::Blocks(range)) => range,
+            Some(direct) => return Err(direct),
         };
         let sequential = self.is_sequential();
         let blocks = self.span(&range);
@@ -192,7 +197,7 @@ impl Reader {
         for index in blocks {
             match self.cache.probe(&self.key(index), !sequential) {
                 Probe::Ready(b) => ready.push(b),
-                _ => return Err(range),
+                _ => return Err(Started::Blocks(range)),
             }
         }
         for index in self.span(&range) {
@@ -221,12 +226,11 @@ impl Reader {
 
     /// Finishes a read started by [`Self::read_now`]: fetches a random read's
     /// bytes, or waits for the blocks of any other.
-    pub async fn finish(&self, range: Range<u64>) -> Result<ReadData, StoreError> {
-        let direct = {
-            let mut d = self.direct.lock().unwrap_or_else(|e| e.into_inner());
-            d.iter().position(|r| *r == range).map(|at| d.swap_remove(at)).is_some()
-        };
-        if direct { self.read_direct(range).await } else { self.finish_blocks(range).await }
+    pub async fn finish(&self, started: Started) -> Result<ReadData, StoreError> {
+        match started {
+            Started::Direct(range) => self.read_direct(range).await,
+            Started::Blocks(range) => self.finish_blocks(range).await,
+        }
     }
 
     /// One ranged GET of exactly `range`, answered from the buffers the body
@@ -284,7 +288,6 @@ impl Reader {
         }
         let (prefetch, seek) = self.plan(offset, end);
         if seek && self.disk.is_none() && self.any_missing(first..last + 1) {
-            self.direct.lock().unwrap_or_else(|e| e.into_inner()).push(offset..end);
             return Some(Started::Direct(offset..end));
         }
         self.fetch(first..last + 1, false);
@@ -673,7 +676,7 @@ mod tests {
             let off = ((i * ((9 << 20) + 4096)) % (len as u64 - (1 << 20))) as usize;
             let got = match reader.read_now(off as u64, bs as u32) {
                 Ok(_) => panic!("read {i} at {off} was in memory"),
-                Err(range) => reader.finish(range).await.unwrap(),
+                Err(started) => reader.finish(started).await.unwrap(),
             };
             assert_eq!(got.to_vec(), &data[off..off + bs], "read {i} at {off}");
             read += bs as u64;
@@ -821,7 +824,7 @@ mod tests {
         let (_, reader, data) = setup(len, 64 << 20);
         // Nothing fetched yet: the read starts the GET and defers.
         let started = reader.read_now(0, 1 << 20).unwrap_err();
-        assert_eq!(started, 0..1 << 20);
+        assert_eq!(started, Started::Blocks(0..1 << 20));
         assert_eq!(reader.finish(started).await.unwrap().to_vec(), &data[..1 << 20]);
         // Fetched blocks are answered at once, with the right bytes.
         let now = reader.read_now(1000, 5000).expect("in memory");
