@@ -688,6 +688,34 @@ mod tests {
         assert!(!reader.is_sequential());
     }
 
+    /// A random read whose GET fails (the server, or a changed object) fails
+    /// with the store's error and gives its budget bytes back; the next one
+    /// works.
+    #[tokio::test]
+    async fn a_failed_random_read_gives_its_budget_back() {
+        use crate::store::faulty::{Fault, FaultyStore, Rule};
+        let len = 16 << 20;
+        let (mem, _, data) = setup(len, 64 << 20);
+        let faults = Arc::new(FaultyStore::new(mem.clone(), 1));
+        let object =
+            Arc::new(ObjectId { source: "t".into(), key: "k".into(), etag: mem.head("k").await.unwrap().etag });
+        let cache = Arc::new(BlockCache::new(64 << 20));
+        let reader = Reader::new(object, len as u64, faults.clone(), cache.clone(), None);
+        let failures = [StoreError::Network("injected".into()), StoreError::PreconditionFailed];
+        for (offset, error) in [2u64 << 20, 11 << 20].into_iter().zip(failures) {
+            faults.add(Rule::nth("get", 0, Fault::Fail(error)));
+            let started = reader.read_now(offset, 256 << 10).expect_err("a random read is not in memory");
+            assert!(matches!(started, Started::Direct(_)), "{started:?}");
+            assert!(reader.finish(started).await.is_err());
+            assert_eq!(cache.reserved(ReservationKind::DirectRead), 0, "budget bytes held after a failed read");
+            faults.clear();
+        }
+        let got = reader.read(6 << 20, 4096).await.unwrap();
+        assert_eq!(got.to_vec(), &data[6 << 20..(6 << 20) + 4096]);
+        drop(got);
+        assert_eq!(cache.reserved(ReservationKind::DirectRead), 0);
+    }
+
     /// A file read from its start, or from a seek on, with small reads goes
     /// through the blocks after its first read: one block GET serves many
     /// reads, and the stream turns sequential and prefetches as before.
