@@ -206,36 +206,46 @@ impl Filesystem for FuseAdapter {
         let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         self.rt.spawn(async move {
             // A write is counted before it is made: it must not fail after
-            // the file system has started it (see `passthrough`).
-            if writing
-                && !passthrough.reserve(ino.0)
-                && !(passthrough.settle(ino.0).await && passthrough.reserve(ino.0))
-            {
-                return busy(reply, ino.0);
-            }
+            // the file system has started it (see `passthrough`). One that
+            // finds the inode passed through to its writer's staging file
+            // shares that file instead.
+            let shares = match writing && !passthrough.reserve(ino.0) {
+                false => false,
+                true if fs.local_writer_file(ino.0).is_some_and(|f| passthrough.passed_to(ino.0, &f)) => true,
+                true if passthrough.settle(ino.0).await && passthrough.reserve(ino.0) => false,
+                true => return busy(reply, ino.0),
+            };
             let (fh, keep) = match fs.open(ino.0, flags.0, pid).await {
                 Ok(opened) => opened,
                 Err(e) => {
-                    if writing {
+                    if writing && !shares {
                         passthrough.unreserve(ino.0);
                     }
                     return reply.error(errno(&e));
                 }
             };
             let cached = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
-            if writing {
-                passthrough.bind(ino.0, fh);
-                return reply.opened(FileHandle(fh), cached);
-            }
-            let file = match passthrough.is_on() {
-                true => fs.passthrough_file(fh).await,
-                false => None,
-            };
             let register = |f: &std::fs::File| reply.open_backing(f);
-            let mut answer = passthrough.open_read(ino.0, fh, file.as_deref(), register);
-            if matches!(answer, Answer::Busy) && passthrough.settle(ino.0).await {
-                answer = passthrough.open_read(ino.0, fh, file.as_deref(), register);
-            }
+            let answer = if writing && !shares {
+                passthrough.bind(ino.0, fh);
+                match passthrough.alone(ino.0, fh) {
+                    true => match fs.passthrough_file(fh).await {
+                        Some(file) => passthrough.upgrade(ino.0, fh, &file, register),
+                        None => Answer::Cached,
+                    },
+                    false => Answer::Cached,
+                }
+            } else {
+                let file = match passthrough.is_on() {
+                    true => fs.passthrough_file(fh).await,
+                    false => None,
+                };
+                let mut answer = passthrough.open_read(ino.0, fh, file.as_deref(), register);
+                if matches!(answer, Answer::Busy) && !writing && passthrough.settle(ino.0).await {
+                    answer = passthrough.open_read(ino.0, fh, file.as_deref(), register);
+                }
+                answer
+            };
             match answer {
                 Answer::Passthrough(backing) => {
                     crate::metrics::metrics().passthrough_opens.inc();

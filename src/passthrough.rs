@@ -19,10 +19,13 @@
 //! - **Cached**: handles answered the ordinary way. A passthrough candidate
 //!   opened now is answered the ordinary way too (it is correct, only
 //!   slower).
-//! - **Passed**: handles on one backing file. Another read of the same
-//!   version shares it; an open that cannot (a write, or a read of a newer
-//!   version of the object) fails with EBUSY and one log line, since no
-//!   answer the kernel accepts would be right. `--no-passthrough` avoids it.
+//! - **Passed**: handles on one backing file. An open that can use the
+//!   same file shares it (another read of the same cached version; any
+//!   read or write of a file whose writer's staging file is passed
+//!   through); an open that cannot (a write of a file read from the cache,
+//!   or a read of a newer version of the object) fails with EBUSY and one
+//!   log line, since no answer the kernel accepts would be right.
+//!   `--no-passthrough` avoids it.
 //!
 //! The counts here are never below the kernel's: a handle is counted before
 //! its answer is sent, and uncounted when its RELEASE arrives, which the
@@ -30,6 +33,13 @@
 //! counted before the file system opens them ([`Passthrough::reserve`]),
 //! so an open that must fail fails before a writer exists (a truncating
 //! open that failed later would still have truncated).
+//!
+//! A write open is reserved and counted as an ordinary open before its
+//! writer exists; when it is the inode's only open and its writer can make
+//! its staging file hold the whole file ([`crate::fs::Fs::passthrough_file`]),
+//! it is then *upgraded* to passthrough on that file. Later opens of the
+//! inode, reads and writes, share the staging file while it is passed
+//! through: every one of them sees what the kernel wrote there.
 //!
 //! A registration ([`BackingId`]) is shared by the handles of its inode and
 //! closed (its `Drop`) when the last of them is released. The lock is never
@@ -220,6 +230,58 @@ impl Passthrough {
         answer
     }
 
+    /// True when handle `fh`, counted by [`Self::reserve`] and
+    /// [`Self::bind`], is the only open of `ino`: the one case in which it
+    /// may still be answered in passthrough mode ([`Self::upgrade`]).
+    pub fn alone(&self, ino: u64, fh: u64) -> bool {
+        self.is_on() && Self::sole(&self.state.lock(), ino, fh)
+    }
+
+    fn sole(s: &State, ino: u64, fh: u64) -> bool {
+        matches!(s.inodes.get(&ino), Some(Mode::Cached(1))) && s.handles.get(&fh) == Some(&ino)
+    }
+
+    /// True when `ino` is passed through to `file`: an open that can use
+    /// `file` may share it ([`Self::open_read`] counts it).
+    pub fn passed_to(&self, ino: u64, file: &std::fs::File) -> bool {
+        let Ok(m) = file.metadata() else { return false };
+        matches!(self.state.lock().inodes.get(&ino), Some(Mode::Passed { file, .. }) if *file == (m.dev(), m.ino()))
+    }
+
+    /// Answers handle `fh` of `ino`, already counted as an ordinary open,
+    /// in passthrough mode on `file` if it is still the inode's only open;
+    /// otherwise the ordinary way. A write open takes this path: its writer
+    /// exists before the backing file does (see the module documentation).
+    pub fn upgrade(
+        &self,
+        ino: u64,
+        fh: u64,
+        file: &std::fs::File,
+        register: impl Fn(&std::fs::File) -> std::io::Result<BackingId>,
+    ) -> Answer {
+        let Some(id) = file.metadata().ok().map(|m| (m.dev(), m.ino())) else { return Answer::Cached };
+        if !self.alone(ino, fh) {
+            return Answer::Cached;
+        }
+        let backing = match register(file) {
+            Ok(b) => Arc::new(b),
+            Err(e) => {
+                self.turn_off(&format!("the kernel refused a backing file: {e}"));
+                return Answer::Cached;
+            }
+        };
+        let mut s = self.state.lock();
+        if !Self::sole(&s, ino, fh) {
+            drop(s);
+            // Another open came meanwhile: ordinary mode, and the unused
+            // registration is closed outside the lock.
+            drop(backing);
+            return Answer::Cached;
+        }
+        s.inodes.insert(ino, Mode::Passed { file: id, backing: backing.clone(), opens: 1 });
+        Answer::Passthrough(backing)
+    }
+
     /// Counts an ordinary open `fh` of `ino`, made without a reservation.
     fn count(&self, ino: u64, fh: u64) -> Answer {
         let mut s = self.state.lock();
@@ -267,5 +329,188 @@ impl Passthrough {
             Mode::Cached(n) => (c + n, p),
             Mode::Passed { opens, .. } => (c, p + opens),
         })
+    }
+}
+
+/// The kernel's rule, checked against what [`Passthrough`] answers: a model
+/// of the kernel holds each answered handle (added when the answer is
+/// "sent", removed just before its RELEASE is "sent", as the kernel does),
+/// and every answer must agree with the handles the model already holds:
+/// all ordinary, or all passed through to one file.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Kernel {
+        Cached,
+        Passed(FileId),
+    }
+
+    /// The kernel's view: handle -> (inode, mode).
+    #[derive(Default)]
+    struct Model(crate::sync::Mutex<HashMap<u64, (u64, Kernel)>>);
+
+    impl Model {
+        fn answered(&self, ino: u64, fh: u64, answer: &Answer, file: Option<FileId>) {
+            let mode = match answer {
+                Answer::Busy => return,
+                Answer::Cached => Kernel::Cached,
+                Answer::Passthrough(_) => Kernel::Passed(file.expect("passed through without a file")),
+            };
+            let mut open = self.0.lock();
+            for (other, (i, m)) in open.iter() {
+                if *i == ino {
+                    assert_eq!(*m, mode, "handle {fh} answered {mode:?} while handle {other} is {m:?}");
+                }
+            }
+            open.insert(fh, (ino, mode));
+        }
+
+        fn closing(&self, fh: u64) {
+            self.0.lock().remove(&fh);
+        }
+    }
+
+    fn id(f: &std::fs::File) -> FileId {
+        let m = f.metadata().unwrap();
+        (m.dev(), m.ino())
+    }
+
+    fn register(_: &std::fs::File) -> std::io::Result<BackingId> {
+        Ok(BackingId::detached(7))
+    }
+
+    /// A write open as the FUSE edge makes it: reserved, bound, upgraded
+    /// to `file` if alone; false if it was refused.
+    fn write_open(p: &Passthrough, m: &Model, ino: u64, fh: u64, file: &std::fs::File) -> bool {
+        if !p.reserve(ino) {
+            if !p.passed_to(ino, file) {
+                return false;
+            }
+            let answer = p.open_read(ino, fh, Some(file), register);
+            m.answered(ino, fh, &answer, Some(id(file)));
+            return !matches!(answer, Answer::Busy);
+        }
+        p.bind(ino, fh);
+        let answer = match p.alone(ino, fh) {
+            true => p.upgrade(ino, fh, file, register),
+            false => Answer::Cached,
+        };
+        m.answered(ino, fh, &answer, Some(id(file)));
+        true
+    }
+
+    fn read_open(p: &Passthrough, m: &Model, ino: u64, fh: u64, file: Option<&std::fs::File>) -> bool {
+        let answer = p.open_read(ino, fh, file, register);
+        m.answered(ino, fh, &answer, file.map(id));
+        !matches!(answer, Answer::Busy)
+    }
+
+    fn close(p: &Passthrough, m: &Model, fh: u64) {
+        m.closing(fh);
+        p.release(fh);
+    }
+
+    /// Random sequences of opens (reads of a cache file, reads and writes of
+    /// a staging file, plain reads) and closes on two inodes, in one thread:
+    /// every answer keeps the kernel's rule, and everything is uncounted at
+    /// the end.
+    #[test]
+    fn answers_keep_the_kernels_rule_and_counts_come_back() {
+        let files = [tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap()];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..200 {
+            let (p, m) = (Passthrough::new(true), Model::default());
+            let mut open: Vec<u64> = Vec::new();
+            for fh in 1..60u64 {
+                let ino = 1 + next(2);
+                let ok = match next(5) {
+                    0 => write_open(&p, &m, ino, fh, &files[1]),
+                    1 => read_open(&p, &m, ino, fh, Some(&files[0])),
+                    2 => read_open(&p, &m, ino, fh, Some(&files[1])),
+                    3 => read_open(&p, &m, ino, fh, None),
+                    _ => {
+                        if !open.is_empty() {
+                            let i = next(open.len() as u64) as usize;
+                            close(&p, &m, open.swap_remove(i));
+                        }
+                        false
+                    }
+                };
+                if ok {
+                    open.push(fh);
+                }
+            }
+            for fh in open {
+                close(&p, &m, fh);
+            }
+            assert_eq!(p.counts(), (0, 0));
+            assert!(p.state.lock().handles.is_empty());
+        }
+    }
+
+    /// A write open that upgrades to passthrough while reads of the same
+    /// inode arrive: either the reads share its file or the write stays
+    /// ordinary, never a mix.
+    #[test]
+    fn a_write_upgrading_alone_is_never_mixed_with_ordinary_opens() {
+        let file = tempfile::tempfile().unwrap();
+        let (p, m) = (Passthrough::new(true), Model::default());
+        assert!(write_open(&p, &m, 1, 1, &file));
+        assert_eq!(p.counts(), (0, 1), "alone: upgraded");
+        assert!(read_open(&p, &m, 1, 2, Some(&file)), "a read shares the staging file");
+        assert!(write_open(&p, &m, 1, 3, &file), "a second write shares it");
+        assert!(!read_open(&p, &m, 1, 4, None), "a read that cannot use it is refused");
+        for fh in [1, 2, 3] {
+            close(&p, &m, fh);
+        }
+        assert!(read_open(&p, &m, 1, 5, None));
+        assert!(write_open(&p, &m, 1, 6, &file), "not alone: ordinary");
+        assert_eq!(p.counts(), (2, 0));
+        close(&p, &m, 5);
+        close(&p, &m, 6);
+        assert_eq!(p.counts(), (0, 0));
+    }
+
+    /// The same race under shuttle's scheduler, in many interleavings.
+    #[cfg(feature = "shuttle")]
+    #[test]
+    fn shuttle_passthrough_upgrade_races_reads() {
+        shuttle::check_random(
+            || {
+                let file = Arc::new(tempfile::tempfile().unwrap());
+                let p = Arc::new(Passthrough::new(true));
+                let m = Arc::new(Model::default());
+                let threads: Vec<_> = (0..3u64)
+                    .map(|t| {
+                        let (p, m, file) = (p.clone(), m.clone(), file.clone());
+                        shuttle::thread::spawn(move || {
+                            let fh = 10 + t;
+                            let ok = match t {
+                                0 => write_open(&p, &m, 1, fh, &file),
+                                1 => read_open(&p, &m, 1, fh, Some(&file)),
+                                _ => read_open(&p, &m, 1, fh, None),
+                            };
+                            shuttle::thread::yield_now();
+                            if ok {
+                                close(&p, &m, fh);
+                            }
+                        })
+                    })
+                    .collect();
+                for t in threads {
+                    t.join().unwrap();
+                }
+                assert_eq!(p.counts(), (0, 0));
+            },
+            2_000,
+        );
     }
 }

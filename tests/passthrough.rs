@@ -256,3 +256,91 @@ fn a_refused_backing_file_falls_back_with_one_log_line() {
     let log = m.log_text();
     assert_eq!(log.matches("passthrough off").count(), 1, "{log}");
 }
+
+/// Edits of an existing object through write opens: with passthrough the
+/// kernel writes the writer's staging file itself (no WRITE reaches
+/// bucketfs), and readers and other writers opened meanwhile share that
+/// file; without it every write goes through bucketfs. Both ways, what
+/// close and fsync return is in the bucket, and an open for writing that
+/// writes nothing uploads nothing.
+fn staged_edits(passthrough: bool) {
+    let srv = server();
+    let bucket = srv.bucket(if passthrough { "pt-wedit" } else { "nopt-wedit" });
+    let data = pattern((3 << 20) + 5, 21);
+    srv.put(&bucket, "f.bin", data.clone());
+    let c = Cached::start(&bucket, passthrough);
+    let path = c.m.path("f.bin");
+    let written = || c.metric("bucketfs_written_bytes_total", "");
+    let puts = || c.metric("bucketfs_s3_requests_total", "operation=\"put\"");
+    let (opens, bytes_in) = (c.passthrough_opens(), written());
+    let mut expect = data.clone();
+    {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"tail one").unwrap();
+        expect.extend_from_slice(b"tail one");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), expect.len() as u64, "stat while open");
+        assert!(std::fs::read(&path).unwrap() == expect, "a reader while the writer is open");
+        let mut g = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        g.write_all(b"+two").unwrap();
+        expect.extend_from_slice(b"+two");
+        f.write_all(b"+three").unwrap();
+        expect.extend_from_slice(b"+three");
+    }
+    assert!(srv.get(&bucket, "f.bin").unwrap() == expect, "appends not in the bucket after close");
+    {
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        f.write_all_at(b"EDITED", 1 << 20).unwrap();
+        f.set_len(expect.len() as u64 - 3).unwrap();
+        f.sync_all().unwrap();
+        expect[(1 << 20)..(1 << 20) + 6].copy_from_slice(b"EDITED");
+        expect.truncate(expect.len() - 3);
+        assert!(srv.get(&bucket, "f.bin").unwrap() == expect, "in-place edit and truncate not in the bucket after fsync");
+        f.write_all_at(b"after fsync", 7).unwrap();
+        expect[7..18].copy_from_slice(b"after fsync");
+    }
+    assert!(srv.get(&bucket, "f.bin").unwrap() == expect, "a write after fsync not in the bucket after close");
+    let before = puts();
+    drop(std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap());
+    assert_eq!(puts(), before, "an open for writing that wrote nothing uploaded");
+    if passthrough {
+        assert!(c.passthrough_opens() >= opens + 5.0, "the opens were not passed through; log:\n{}", c.m.log_text());
+        assert_eq!(written(), bytes_in, "a WRITE reached bucketfs: the kernel writes the staging file itself");
+    } else {
+        assert_eq!(c.passthrough_opens(), 0.0);
+        assert!(written() > bytes_in, "the writes went through bucketfs");
+    }
+    drop_page_cache();
+    assert!(std::fs::read(&path).unwrap() == expect, "read after the edits");
+}
+
+#[test]
+fn staged_edits_reach_the_bucket_with_passthrough() {
+    staged_edits(true);
+}
+
+#[test]
+fn staged_edits_reach_the_bucket_without_passthrough() {
+    staged_edits(false);
+}
+
+/// The guarantees of an edit hold when the kernel writes the file: an
+/// object changed by another client meanwhile fails fsync and close (If-Match),
+/// and the other client's object stays.
+#[test]
+fn a_passthrough_edit_of_an_object_changed_meanwhile_fails_fsync_and_close() {
+    use std::os::fd::IntoRawFd;
+    let srv = server();
+    let bucket = srv.bucket("pt-conflict");
+    srv.put(&bucket, "f", b"first version\n".to_vec());
+    let c = Cached::start(&bucket, true);
+    let opens = c.passthrough_opens();
+    let mut f = std::fs::OpenOptions::new().append(true).open(c.m.path("f")).unwrap();
+    assert!(c.passthrough_opens() > opens, "not passed through; log:\n{}", c.m.log_text());
+    f.write_all(b"local line\n").unwrap();
+    srv.put(&bucket, "f", b"another client's\n".to_vec());
+    assert!(f.sync_all().is_err(), "fsync of an edit of a changed object succeeded");
+    // SAFETY: the descriptor is ours and closed once.
+    let closed = unsafe { libc::close(f.into_raw_fd()) };
+    assert_eq!(closed, -1, "close of an edit of a changed object succeeded");
+    assert_eq!(srv.get(&bucket, "f").unwrap(), b"another client's\n", "the other client's object was overwritten");
+}

@@ -20,8 +20,9 @@
 //!   [`cache::Reservation`]s give their bytes back on `Drop`);
 //! - the disk cache ([`disk_cache::DiskCache`]), which also hands out the
 //!   checked whole-object file of a version cached whole, for the FUSE
-//!   edge to pass through to the kernel ([`Fs::passthrough_file`]; the
-//!   kernel-side rules live in [`crate::passthrough`]).
+//!   edge to pass through to the kernel ([`Fs::passthrough_file`], which
+//!   also hands out a writer's staging file once it holds the whole file;
+//!   the kernel-side rules live in [`crate::passthrough`]).
 //!
 //! The rule that keeps them deadlock-free: no lock guard is held across an
 //! `.await` (guards are not `Send`, so such a future cannot be spawned) or
@@ -66,11 +67,15 @@ use inode::{Inode, InodeTable, Loc, PageCache, ROOT};
 use namespace::{Entry, Kind, Skipped};
 use read::Reader;
 use write::WriteError;
-use writers::Writers;
+use writers::{WriterEntry, Writers};
 
 /// Lookups that miss in one directory within a TTL before it is listed
 /// whole instead: two requests per name cost more than a listing page.
 const LIST_AFTER_MISSES: u32 = 3;
+/// The largest download an open for writing makes so that the kernel can
+/// write the file itself (passthrough): an edit of a larger object goes
+/// through bucketfs, which appends without downloading what is before.
+pub const PASSTHROUGH_DOWNLOAD_MAX: u64 = 64 << 20;
 /// Inodes freed between two hand-backs of free heap memory to the system.
 const TRIM_AFTER_FREED: usize = 16_384;
 
@@ -727,7 +732,7 @@ impl Fs {
         if let Some(w) = writer {
             let table = lock(&self.inodes);
             let mut attr = self.attr_of(table.get(ino).ok_or(FsError::NotFound)?);
-            attr.size = w.size.load(Ordering::Relaxed);
+            attr.size = w.size();
             return Ok(attr);
         }
         let (mount, key) = {
@@ -822,23 +827,57 @@ impl Fs {
     }
 
     /// The local file that holds every byte handle `fh` can read, for the
-    /// kernel to read by itself (FUSE passthrough): the whole-object file of
-    /// the version the open saw, checked (see [`disk_cache`]). `None` when
-    /// passthrough is off, the handle writes, the inode has a writer (its
-    /// bytes are not the cached version's), or the version is not on disk
-    /// whole.
+    /// kernel to read (and write) by itself: FUSE passthrough.
+    ///
+    /// - A read handle: the staging file of the inode's writer if it is
+    ///   local; else, if the inode has no writer, the whole-object file of
+    ///   the version the open saw, checked (see [`disk_cache`]).
+    /// - A write handle: its writer's staging file, made local now
+    ///   ([`write::Writer::make_local`]) if at most [`PASSTHROUGH_DOWNLOAD_MAX`]
+    ///   bytes of the object must be downloaded for it. A streaming writer
+    ///   (a new or truncated file written in order) has none.
+    ///
+    /// `None` when passthrough is off or no such file exists.
     pub async fn passthrough_file(&self, fh: u64) -> Option<Arc<std::fs::File>> {
         if !self.settings.passthrough {
             return None;
         }
-        let disk = self.disk.clone()?;
         let handle = self.handles.file(fh)?;
-        let HandleKind::Read(reader) = &handle.kind else { return None };
+        let reader = match &handle.kind {
+            HandleKind::Read(reader) => reader,
+            HandleKind::Write(entry) => return self.make_local(entry).await,
+        };
+        if let Some(entry) = self.writers.get(handle.ino) {
+            return entry.local.get().cloned();
+        }
         if self.writers.contains(handle.ino) {
             return None;
         }
+        let disk = self.disk.clone()?;
         let size = lock(&self.inodes).get(handle.ino)?.size;
         disk.open_object(reader.object(), size).await
+    }
+
+    /// The staging file of the writer of `ino`, if it is local.
+    pub fn local_writer_file(&self, ino: u64) -> Option<Arc<std::fs::File>> {
+        self.writers.get(ino)?.local.get().cloned()
+    }
+
+    async fn make_local(&self, entry: &Arc<WriterEntry>) -> Option<Arc<std::fs::File>> {
+        if let Some(file) = entry.local.get() {
+            return Some(file.clone());
+        }
+        let mut writer = entry.writer.lock().await;
+        match writer.make_local(PASSTHROUGH_DOWNLOAD_MAX).await {
+            Ok(Some(file)) => Some(entry.local.get_or_init(|| file).clone()),
+            Ok(None) => None,
+            Err(e) => {
+                // The open goes on the ordinary way; the write path will
+                // meet (and report) the same failure if it matters.
+                warn!(key = %writer.key(), "could not prepare {} for passthrough writes: {e}", writer.key());
+                None
+            }
+        }
     }
 
     fn add_handle(&self, ino: u64, kind: HandleKind, pid: u32) -> u64 {

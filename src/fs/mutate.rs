@@ -141,6 +141,7 @@ impl Fs {
             size: AtomicU64::new(writer.size()),
             writer: tokio::sync::Mutex::new(writer),
             mount: mount.clone(),
+            local: Default::default(),
         }
     }
 

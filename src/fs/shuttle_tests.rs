@@ -35,7 +35,7 @@ fn entry(cache: &Arc<BlockCache>) -> WriterEntry {
         source_id: "memory".into(),
     });
     let writer = Writer::streaming(store, "k".into(), cache.clone(), std::path::Path::new("/tmp"), None);
-    WriterEntry { writer: tokio::sync::Mutex::new(writer), mount, size: Default::default() }
+    WriterEntry { writer: tokio::sync::Mutex::new(writer), mount, size: Default::default(), local: Default::default() }
 }
 
 /// Joins the writer of inode 1 (making it if needed), checks it is the one

@@ -19,6 +19,16 @@
 //!   UploadPartCopy and sends only the new tail. Any write, read or truncate
 //!   below `base_prefix` first downloads the object ("materialises" it).
 //!
+//! A staged file can also be made **local** ([`Writer::make_local`]): the
+//! whole object is downloaded into the staging file, which then holds the
+//! file's truth. That is what lets the kernel write the file itself (FUSE
+//! passthrough, see [`crate::passthrough`]): bucketfs no longer sees the
+//! writes, so a local writer reads its size from the file, and learns that
+//! it changed from the file's mtime. The mtime is set to a fixed old time
+//! ([`UNCHANGED`]) whenever the file matches S3 (after the download, before
+//! each upload reads it); any write after that sets it to the present, so a
+//! write is never missed, whatever the timestamp granularity.
+//!
 //! A write that does not continue a streaming file (a seek back, a read, a
 //! truncate) turns it into a staged file: in memory only, the buffer moves to
 //! the temp file; if parts were already sent, the upload is completed and the
@@ -70,6 +80,10 @@ pub const ADMISSION_PATIENCE: Duration = Duration::from_secs(10);
 /// A streaming buffer grows its reservation by doubling from this size, so
 /// a small file takes little of the budget and a large one few steps.
 const FIRST_BUFFER_RESERVATION: u64 = 64 << 10;
+
+/// The mtime of a local staging file whose bytes are what S3 has (see the
+/// module documentation): any write moves it to the present.
+const UNCHANGED: std::time::SystemTime = std::time::UNIX_EPOCH;
 
 /// Part size for part number `n` (1-based): 8 MiB for the first 1,000 parts
 /// (7.8 GiB), 128 MiB for the next 1,000 (125 GiB), then 640 MiB, which
@@ -270,6 +284,9 @@ pub struct Writer {
     new_file: bool,
     /// The file was unlinked while open: nothing is uploaded any more.
     pub unlinked: bool,
+    /// The staging file holds every byte and may be written by the kernel:
+    /// size and changes are read from it.
+    local: bool,
     /// What uploads give the object: Content-Type (from the file name) and
     /// user metadata (POSIX attributes, when they are stored).
     attrs: ObjectAttrs,
@@ -309,6 +326,7 @@ impl Writer {
             base,
             new_file,
             unlinked: false,
+            local: false,
             attrs: ObjectAttrs::typed(content_type_for(&key)),
             uploaded_attrs: None,
         }
@@ -337,21 +355,74 @@ impl Writer {
             dirty: false,
             base,
             unlinked: false,
+            local: false,
         })
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.local_state().map_or(self.size, |(size, _)| size)
     }
 
     /// Written, truncated or otherwise changed since the last upload.
     pub fn has_changes(&self) -> bool {
-        self.dirty && !self.unlinked
+        self.changed() && !self.unlinked
     }
 
     /// Has content S3 does not have yet, counting a new, still empty file.
     pub fn is_dirty(&self) -> bool {
-        self.dirty || (self.new_file && !self.unlinked)
+        self.changed() || (self.new_file && !self.unlinked)
+    }
+
+    fn changed(&self) -> bool {
+        self.dirty || self.local_state().is_some_and(|(_, written)| written)
+    }
+
+    /// A local staging file's size, and whether it was written since it last
+    /// matched S3.
+    fn local_state(&self) -> Option<(u64, bool)> {
+        let Mode::Staged(st) = &self.mode else { return None };
+        if !self.local {
+            return None;
+        }
+        let meta = st.file.metadata().ok()?;
+        Some((meta.len(), meta.modified().ok() != Some(UNCHANGED)))
+    }
+
+    /// Takes what the kernel wrote into a local staging file into account.
+    fn sync_local(&mut self) {
+        if let Some((size, written)) = self.local_state() {
+            self.size = size;
+            self.dirty |= written;
+        }
+    }
+
+    /// The staging file of a local writer (see the module documentation).
+    pub fn local_file(&self) -> Option<Arc<std::fs::File>> {
+        match &self.mode {
+            Mode::Staged(st) if self.local => Some(st.file.clone()),
+            _ => None,
+        }
+    }
+
+    /// Makes a staged writer local: downloads what of the object is not in
+    /// the staging file yet, and returns the file, which holds every byte of
+    /// the file from now on. `None` for a streaming writer (a new or
+    /// truncated file written in order uploads as it goes), or when more
+    /// than `max` bytes would be downloaded.
+    pub async fn make_local(&mut self, max: u64) -> Result<Option<Arc<std::fs::File>>, WriteError> {
+        if self.local {
+            return Ok(self.local_file());
+        }
+        let Mode::Staged(st) = &self.mode else { return Ok(None) };
+        if st.base_prefix > max || self.unlinked {
+            return Ok(None);
+        }
+        self.materialise_all().await?;
+        let Mode::Staged(st) = &self.mode else { return Err(WriteError::Failed) };
+        let file = st.file.clone();
+        on_file(&file, |f| f.set_modified(UNCHANGED)).await?;
+        self.local = true;
+        Ok(Some(file))
     }
 
     pub fn key(&self) -> &str {
@@ -420,6 +491,7 @@ impl Writer {
             // POSIX: writing nothing does not extend the file.
             return Ok(());
         }
+        self.sync_local();
         let end = offset + data.len() as u64;
         if self.unlinked && matches!(self.mode, Mode::Failed) {
             // Unlinked while streaming: its upload was abandoned, and what
@@ -561,8 +633,14 @@ impl Writer {
     /// is nothing new. On success the writer continues as an append-mode
     /// staged file on top of the new object.
     pub async fn upload(&mut self) -> Result<(), WriteError> {
+        self.sync_local();
         if self.unlinked || !self.is_dirty() {
             return Ok(());
+        }
+        if let (true, Mode::Staged(st)) = (self.local, &self.mode) {
+            // Marked unchanged before it is read: a write from now on, even
+            // one the upload reads, leaves the file changed for the next.
+            on_file(&st.file, |f| f.set_modified(UNCHANGED)).await?;
         }
         tracing::debug!(key = %self.key, size = self.size, condition = ?self.condition(), "uploading");
         let etag = match std::mem::replace(&mut self.mode, Mode::Failed) {
@@ -792,6 +870,17 @@ impl Writer {
         if st.base_prefix == 0 || (offset >= st.base_prefix && st.base_prefix >= MIN_PART) {
             return Ok(());
         }
+        self.materialise_all().await
+    }
+
+    /// Downloads what of the base object is not in the staging file.
+    async fn materialise_all(&mut self) -> Result<(), WriteError> {
+        let Mode::Staged(st) = &mut self.mode else {
+            return Ok(());
+        };
+        if st.base_prefix == 0 {
+            return Ok(());
+        }
         let etag = self.base.as_ref().map(|b| b.etag.clone());
         let held = self.cache.reserve_memory(ReservationKind::WriteBuffer, DOWNLOAD_CHUNK.min(st.base_prefix));
         let mut start = 0;
@@ -808,6 +897,7 @@ impl Writer {
     }
 
     pub async fn read(&mut self, offset: u64, len: u32) -> Result<Bytes, WriteError> {
+        self.sync_local();
         if offset >= self.size {
             return Ok(Bytes::new());
         }
@@ -843,6 +933,7 @@ impl Writer {
     }
 
     pub async fn truncate(&mut self, size: u64) -> Result<(), WriteError> {
+        self.sync_local();
         if size == self.size && !matches!(self.mode, Mode::Failed) {
             return Ok(());
         }

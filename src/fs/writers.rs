@@ -32,6 +32,18 @@ pub struct WriterEntry {
     pub mount: Arc<MountPoint>,
     /// The logical size, readable without the writer's lock (for getattr).
     pub size: AtomicU64,
+    /// Set once the writer is local (see [`Writer::make_local`]): its
+    /// staging file, which the kernel may write directly.
+    pub local: std::sync::OnceLock<Arc<std::fs::File>>,
+}
+
+impl WriterEntry {
+    /// The logical size: a local file's own, since the kernel may have
+    /// written it without bucketfs seeing the write.
+    pub fn size(&self) -> u64 {
+        let local = self.local.get().and_then(|f| f.metadata().ok());
+        local.map_or_else(|| self.size.load(std::sync::atomic::Ordering::Relaxed), |m| m.len())
+    }
 }
 
 type Cell = Arc<tokio::sync::OnceCell<Arc<WriterEntry>>>;

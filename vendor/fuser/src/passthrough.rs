@@ -61,6 +61,16 @@ impl BackingId {
         Ok(id as u32)
     }
 
+    /// A backing ID registered with no channel: dropping it closes nothing.
+    /// For tests of code that keeps backing IDs, without a FUSE mount.
+    #[doc(hidden)]
+    pub fn detached(backing_id: u32) -> Self {
+        Self {
+            channel: Weak::new(),
+            backing_id,
+        }
+    }
+
     pub(crate) fn create(channel: &Arc<DevFuse>, fd: impl AsFd) -> std::io::Result<Self> {
         Ok(Self {
             channel: Arc::downgrade(channel),
