@@ -6,9 +6,12 @@
 #
 # Needs root (drop_caches, mount), the release build (cargo build --release)
 # and SeaweedFS (scripts/install-deps.sh). Usage: scripts/bench-passthrough.sh [RUNS]
+# SECTIONS="read staged edits" (the default) picks what runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
+SECTIONS="${SECTIONS:-read staged edits}"
+on() { [[ " $SECTIONS " == *" $1 "* ]]; }
 BIN="$PWD/target/release/bucketfs"
 source scripts/weed-server.sh
 # The cache must be on a real disk, like a --cache-dir in production.
@@ -62,6 +65,7 @@ timed_read() {
 }
 
 echo "== kernel $(uname -r), $(nproc) CPUs, commit $(git rev-parse --short HEAD)"
+if on read || on staged; then
 head -c 1G /dev/urandom >"$work/src.bin"
 want=$(sha256sum <"$work/src.bin" | cut -d' ' -f1)
 s3 -T "$work/src.bin" "$ENDPOINT/$BUCKET/big.bin" >/dev/null
@@ -75,6 +79,8 @@ for _ in $(seq 1 600); do obj=$(find "$cache" -name '*.obj' | head -1); [ -n "$o
 [ -n "$obj" ] || { echo "the object was not joined"; exit 1; }
 sleep 1
 
+fi
+if on read; then
 echo "== cached re-read of 1 GiB after drop_caches: MiB/s, bucketfs CPU s/GiB (runs: $RUNS)"
 for i in $(seq 1 "$RUNS"); do echo "passthrough   $(timed_read "$mnt/big.bin")"; done
 report
@@ -93,21 +99,71 @@ got=$(sha256sum <"$mnt/big.bin" | cut -d' ' -f1)
 report
 unmount
 
+fi
+
 # Staged writes: append 256 MiB to, and overwrite 256 MiB in place inside,
-# the cached 1 GiB file; close uploads. Time includes the upload.
-echo "== staged writes (time to close, upload included): MiB/s, bucketfs CPU s/GiB written"
+# the cached 1 GiB file; close uploads. Time includes the upload. The file
+# is larger than what an open downloads for passthrough writes (64 MiB), so
+# both mounts take the same path here.
 timed_write() {
-  local t0 t1 c0 c1
+  local mib="$1" t0 t1 c0 c1
+  shift
   c0=$(cpu_ticks "$fs_pid"); t0=$(date +%s.%N)
   "$@" 2>/dev/null
   t1=$(date +%s.%N); c1=$(cpu_ticks "$fs_pid")
-  python3 -c "import sys; t0,t1,c0,c1,hz=map(float,sys.argv[1:]); print(f'{256/(t1-t0):.0f} {(c1-c0)/hz/0.25:.3f}')" \
-    "$t0" "$t1" "$c0" "$c1" "$(getconf CLK_TCK)"
+  python3 -c "import sys; m,t0,t1,c0,c1,hz=map(float,sys.argv[1:]); print(f'{m/(t1-t0):.0f} {(c1-c0)/hz/(m/1024):.3f}')" \
+    "$mib" "$t0" "$t1" "$c0" "$c1" "$(getconf CLK_TCK)"
 }
+if on staged; then
+echo "== staged writes (time to close, upload included): MiB/s, bucketfs CPU s/GiB written"
 for mode in passthrough no-passthrough; do
   flags=(); [ "$mode" = no-passthrough ] && flags=(--no-passthrough)
   mount_fs "${flags[@]}"
-  echo "$mode append   $(timed_write dd if=/dev/zero of="$mnt/big.bin" bs=1M count=256 oflag=append conv=notrunc)"
-  echo "$mode in place $(timed_write dd if=/dev/zero of="$mnt/big.bin" bs=1M count=256 seek=256 conv=notrunc)"
+  echo "$mode 1 GiB file, append 256 MiB   $(timed_write 256 dd if=/dev/zero of="$mnt/big.bin" bs=1M count=256 oflag=append conv=notrunc)"
+  echo "$mode 1 GiB file, in place 256 MiB $(timed_write 256 dd if=/dev/zero of="$mnt/big.bin" bs=1M count=256 seek=256 conv=notrunc)"
+  unmount
+done
+fi
+
+# Edits: 32 MiB appended to a 4 MiB and to a 32 MiB object, and 32 MiB
+# overwritten in place in a 32 MiB object, in 4 KiB and in 1 MiB writes; each
+# a new object. An open for writing downloads the object whole so the kernel
+# can write it (passthrough), except an append to an object of 5 MiB or
+# more, which is copied in S3 at upload instead.
+on edits || exit 0
+echo "== edits (time to close: download, writes, upload): MiB/s of the 32 MiB written, bucketfs CPU s/GiB written"
+head -c 32M /dev/urandom >"$work/b32.bin"
+head -c 4M /dev/urandom >"$work/b4.bin"
+ops="append4M append32M inplace32M"
+base_of() { if [ "$1" = append4M ]; then echo "$work/b4.bin"; else echo "$work/b32.bin"; fi; }
+# The objects exist before the mount (it caches listings indefinitely).
+for mode in passthrough no-passthrough; do
+  for bs in 4k 1M; do
+    for op in $ops; do s3 -T "$(base_of "$op")" "$ENDPOINT/$BUCKET/e-$bs-$op-$mode" >/dev/null; done
+  done
+done
+for mode in passthrough no-passthrough; do
+  flags=(); [ "$mode" = no-passthrough ] && flags=(--no-passthrough)
+  mount_fs "${flags[@]}"
+  for bs in 4k 1M; do
+    count=8192
+    [ "$bs" = 1M ] && count=32
+    for op in $ops; do
+      base="$(base_of "$op")"
+      key="e-$bs-$op-$mode"
+      f="$mnt/$key"
+      if [ "$op" = inplace32M ]; then
+        r=$(timed_write 32 dd if=/dev/zero of="$f" bs="$bs" count="$count" conv=notrunc)
+        want=$(head -c 32M /dev/zero | sha256sum | cut -d' ' -f1)
+      else
+        r=$(timed_write 32 dd if=/dev/zero of="$f" bs="$bs" count="$count" oflag=append conv=notrunc)
+        want=$(cat "$base" <(head -c 32M /dev/zero) | sha256sum | cut -d' ' -f1)
+      fi
+      got=$(s3 "$ENDPOINT/$BUCKET/$key" | sha256sum | cut -d' ' -f1)
+      [ "$got" = "$want" ] || { echo "wrong bytes in the bucket after $mode $op $bs"; exit 1; }
+      echo "$mode $op bs=$bs $r"
+    done
+  done
+  report
   unmount
 done

@@ -229,7 +229,7 @@ impl Filesystem for FuseAdapter {
             let answer = if writing && !shares {
                 passthrough.bind(ino.0, fh);
                 match passthrough.alone(ino.0, fh) {
-                    true => match fs.passthrough_file(fh).await {
+                    true => match fs.passthrough_file(fh, flags.0).await {
                         Some(file) => passthrough.upgrade(ino.0, fh, &file, register),
                         None => Answer::Cached,
                     },
@@ -237,7 +237,7 @@ impl Filesystem for FuseAdapter {
                 }
             } else {
                 let file = match passthrough.is_on() {
-                    true => fs.passthrough_file(fh).await,
+                    true => fs.passthrough_file(fh, flags.0).await,
                     false => None,
                 };
                 let mut answer = passthrough.open_read(ino.0, fh, file.as_deref(), register);

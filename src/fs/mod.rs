@@ -834,18 +834,28 @@ impl Fs {
     ///   the version the open saw, checked (see [`disk_cache`]).
     /// - A write handle: its writer's staging file, made local now
     ///   ([`write::Writer::make_local`]) if at most [`PASSTHROUGH_DOWNLOAD_MAX`]
-    ///   bytes of the object must be downloaded for it. A streaming writer
-    ///   (a new or truncated file written in order) has none.
+    ///   bytes of the object must be downloaded for it. An append (`flags`
+    ///   with `O_APPEND`) downloads only an object smaller than S3's least
+    ///   part: a larger one is kept in S3 and copied there at upload, which
+    ///   for a log appended line by line beats downloading and uploading it
+    ///   whole at every open. A streaming writer (a new or truncated file
+    ///   written in order) has none.
     ///
     /// `None` when passthrough is off or no such file exists.
-    pub async fn passthrough_file(&self, fh: u64) -> Option<Arc<std::fs::File>> {
+    pub async fn passthrough_file(&self, fh: u64, flags: i32) -> Option<Arc<std::fs::File>> {
         if !self.settings.passthrough {
             return None;
         }
         let handle = self.handles.file(fh)?;
         let reader = match &handle.kind {
             HandleKind::Read(reader) => reader,
-            HandleKind::Write(entry) => return self.make_local(entry).await,
+            HandleKind::Write(entry) => {
+                let max = match flags & libc::O_APPEND {
+                    0 => PASSTHROUGH_DOWNLOAD_MAX,
+                    _ => write::MIN_PART - 1,
+                };
+                return self.make_local(entry, max).await;
+            }
         };
         if let Some(entry) = self.writers.get(handle.ino) {
             return entry.local.get().cloned();
@@ -863,12 +873,12 @@ impl Fs {
         self.writers.get(ino)?.local.get().cloned()
     }
 
-    async fn make_local(&self, entry: &Arc<WriterEntry>) -> Option<Arc<std::fs::File>> {
+    async fn make_local(&self, entry: &Arc<WriterEntry>, max: u64) -> Option<Arc<std::fs::File>> {
         if let Some(file) = entry.local.get() {
             return Some(file.clone());
         }
         let mut writer = entry.writer.lock().await;
-        match writer.make_local(PASSTHROUGH_DOWNLOAD_MAX).await {
+        match writer.make_local(max).await {
             Ok(Some(file)) => Some(entry.local.get_or_init(|| file).clone()),
             Ok(None) => None,
             Err(e) => {
