@@ -271,7 +271,7 @@ pub struct MountArgs {
     /// Store modes, owners, times, symlinks and user.* xattrs in object metadata, in s3fs's format (x-amz-meta-mode, -uid, -gid, -mtime, ...); costs a HEAD per file for stat.
     #[arg(long)]
     pub posix_metadata: bool,
-    /// Never hand files to the kernel for passthrough: every read of a file cached whole in --cache-dir goes through bucketfs.
+    /// Never hand files to the kernel for passthrough: every read of a file cached whole in --cache-dir, and every write of an edit, goes through bucketfs.
     #[arg(long)]
     pub no_passthrough: bool,
     #[command(flatten)]
