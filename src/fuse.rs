@@ -129,6 +129,31 @@ fn busy(reply: ReplyOpen, ino: u64) {
     reply.error(Errno::EBUSY)
 }
 
+/// Answers a lookup in `parent`. A miss is a negative entry (inode 0), so
+/// the kernel remembers it for the directory's TTL, as the in-process cache
+/// does.
+fn entry(fs: &Fs, parent: u64, got: Result<Attr, FsError>, reply: ReplyEntry, this: &impl Fn(&Attr) -> FileAttr) {
+    match got {
+        Ok(a) => reply.entry(&a.ttl, &this(&a), Generation(0)),
+        Err(FsError::NotFound) => match fs.dir_ttl(parent) {
+            Some(ttl) if !ttl.is_zero() => {
+                let attr = Attr {
+                    ino: 0,
+                    kind: Kind::File,
+                    size: 0,
+                    mtime: std::time::UNIX_EPOCH,
+                    ttl,
+                    read_only: true,
+                    posix: None,
+                };
+                reply.entry(&ttl, &this(&attr), Generation(0))
+            }
+            _ => reply.error(Errno::ENOENT),
+        },
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
 fn name_str(name: &OsStr) -> Option<String> {
     name.to_str().map(str::to_string)
 }
@@ -160,28 +185,13 @@ impl Filesystem for FuseAdapter {
             return reply.error(Errno::ENOENT);
         };
         let (fs, this) = (self.fs.clone(), self.attr_maker());
+        // An answer the caches hold is sent from this thread.
+        if let Some(got) = fs.lookup_now(parent.0, &name) {
+            return entry(&fs, parent.0, got, reply, &this);
+        }
         self.rt.spawn(async move {
-            match fs.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(&a.ttl, &this(&a), Generation(0)),
-                // A negative entry (inode 0) lets the kernel remember the miss
-                // for the directory's TTL, as the in-process cache does.
-                Err(FsError::NotFound) => match fs.dir_ttl(parent.0) {
-                    Some(ttl) if !ttl.is_zero() => {
-                        let attr = Attr {
-                            ino: 0,
-                            kind: Kind::File,
-                            size: 0,
-                            mtime: std::time::UNIX_EPOCH,
-                            ttl,
-                            read_only: true,
-                            posix: None,
-                        };
-                        reply.entry(&ttl, &this(&attr), Generation(0))
-                    }
-                    _ => reply.error(Errno::ENOENT),
-                },
-                Err(e) => reply.error(errno(&e)),
-            }
+            let got = fs.lookup(parent.0, &name).await;
+            entry(&fs, parent.0, got, reply, &this)
         });
     }
 
@@ -345,19 +355,35 @@ impl Filesystem for FuseAdapter {
         let (fs, this, passthrough) = (self.fs.clone(), self.attr_maker(), self.passthrough.clone());
         let pid = req.pid();
         let owner = owner(req, mode, umask);
+        // A new inode: nothing passes it through. (An existing one reaches
+        // `open`, unless it appeared meanwhile.)
+        let answer = move |created: Result<(Attr, u64), FsError>, reply: ReplyCreate| match created {
+            Ok((a, fh)) if !passthrough.reserve(a.ino) => Err((fh, reply)),
+            Ok((a, fh)) => {
+                passthrough.bind(a.ino, fh);
+                reply.created(&a.ttl, &this(&a), Generation(0), FileHandle(fh), FopenFlags::empty());
+                Ok(())
+            }
+            Err(e) => {
+                reply.error(errno(&e));
+                Ok(())
+            }
+        };
+        // A file written in order is created from this thread.
+        if let Some(created) = fs.create_now(parent.0, &name, flags, pid, Some(owner)) {
+            if let Err((fh, reply)) = answer(created, reply) {
+                self.rt.spawn(async move {
+                    fs.release(fh).await;
+                    reply.error(Errno::EBUSY)
+                });
+            }
+            return;
+        }
         self.rt.spawn(async move {
-            match fs.create_as(parent.0, &name, flags, pid, Some(owner)).await {
-                Ok((a, fh)) => {
-                    // A new inode: nothing passes it through. (An existing
-                    // one reaches `open`, unless it appeared meanwhile.)
-                    if !passthrough.reserve(a.ino) {
-                        fs.release(fh).await;
-                        return reply.error(Errno::EBUSY);
-                    }
-                    passthrough.bind(a.ino, fh);
-                    reply.created(&a.ttl, &this(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
-                }
-                Err(e) => reply.error(errno(&e)),
+            let created = fs.create_as(parent.0, &name, flags, pid, Some(owner)).await;
+            if let Err((fh, reply)) = answer(created, reply) {
+                fs.release(fh).await;
+                reply.error(Errno::EBUSY)
             }
         });
     }
@@ -374,6 +400,10 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        // A write that is a copy into a streaming buffer is done here.
+        if let Some(n) = self.fs.write_now(fh.0, offset, data) {
+            return reply.written(n);
+        }
         let fs = self.fs.clone();
         let data = data.to_vec();
         self.rt.spawn(async move {

@@ -294,7 +294,10 @@ fn staged_edits(passthrough: bool) {
         f.sync_all().unwrap();
         expect[(1 << 20)..(1 << 20) + 6].copy_from_slice(b"EDITED");
         expect.truncate(expect.len() - 3);
-        assert!(srv.get(&bucket, "f.bin").unwrap() == expect, "in-place edit and truncate not in the bucket after fsync");
+        assert!(
+            srv.get(&bucket, "f.bin").unwrap() == expect,
+            "in-place edit and truncate not in the bucket after fsync"
+        );
         f.write_all_at(b"after fsync", 7).unwrap();
         expect[7..18].copy_from_slice(b"after fsync");
     }

@@ -2,8 +2,10 @@
 //! failed streamed upload, a failed staged upload, a failed copy, an abort
 //! that fails too, and a writer dropped mid-upload, the budget is back to
 //! zero and no multipart upload is left open. Also: concurrent openers of
-//! one file share one writer, and a writer that finds no room in the budget
-//! waits a bounded time, then fails with ENOBUFS.
+//! one file share one writer, a writer that finds no room in the budget
+//! waits a bounded time, then fails with ENOBUFS, a file created from the
+//! FUSE thread fails its flush when its PUT fails, and a local writer (write
+//! passthrough) uploads what was written into its file, conditionally.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -305,5 +307,71 @@ fn a_listing_longer_than_its_ttl_loses_no_entry_to_a_sweep() {
         s.fs.releasedir(fh);
         let unique: std::collections::BTreeSet<_> = names.iter().collect();
         assert_eq!((names.len(), unique.len()), (12_002, 12_002));
+    });
+}
+
+/// A file created and written without waiting (`create_now`, `write_now`,
+/// what the FUSE thread does for a file written in order) is uploaded at
+/// flush like any other; and when its PUT fails, flush returns the error
+/// (and so does every later flush: the bytes were in the failed upload's
+/// buffer), and the budget comes back.
+#[test]
+fn a_file_created_without_waiting_uploads_at_flush_or_fails_it() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 11);
+        let (_, fh) = s.fs.create_now(super::inode::ROOT, "new.txt", libc::O_WRONLY, pid(), None).unwrap().unwrap();
+        assert_eq!(s.fs.write_now(fh, 0, b"hello "), Some(6));
+        assert_eq!(s.fs.write_now(fh, 3, b"not in order"), None, "a write that does not continue waits");
+        assert_eq!(s.fs.write_now(fh, 6, b"world"), Some(5));
+        assert!(s.fs.cache().reserved(ReservationKind::WriteBuffer) > 0);
+        s.faults.add(Rule::nth("put", 0, server_error()));
+        assert!(s.fs.flush(fh, pid()).await.is_err(), "the failed PUT reaches flush");
+        assert!(s.fs.flush(fh, pid()).await.is_err(), "a later flush does not claim success");
+        assert!(s.mem.body("new.txt").is_none());
+        s.fs.release(fh).await;
+        assert_clean(&s).await;
+        let (_, fh) = s.fs.create_now(super::inode::ROOT, "ok.txt", libc::O_WRONLY, pid(), None).unwrap().unwrap();
+        assert_eq!(s.fs.write_now(fh, 0, b"hello world"), Some(11));
+        s.fs.flush(fh, pid()).await.unwrap();
+        assert_eq!(&s.mem.body("ok.txt").unwrap()[..], b"hello world");
+        s.fs.release(fh).await;
+        assert_clean(&s).await;
+    });
+}
+
+/// A writer made local (what a write passthrough open does): the object is
+/// downloaded whole into the staging file; bytes written into that file
+/// directly (as the kernel does) are what flush uploads, with If-Match; a
+/// flush with no such write uploads nothing; and a download that fails
+/// leaves the open on the ordinary path with nothing held.
+#[test]
+fn a_local_writer_uploads_what_was_written_into_its_file() {
+    use std::os::unix::fs::FileExt;
+    rt().block_on(async {
+        let s = setup(64 << 20, 12);
+        s.mem.insert("edit.bin", vec![7u8; 3 << 20]);
+        let ino = s.fs.lookup(super::inode::ROOT, "edit.bin").await.unwrap().ino;
+        let (fh, _) = s.fs.open(ino, libc::O_RDWR, pid()).await.unwrap();
+        s.faults.add(Rule::nth("get", 0, server_error()));
+        assert!(s.fs.passthrough_file(fh, libc::O_RDWR).await.is_none(), "a failed download gives no file");
+        assert_eq!(s.fs.cache().reserved(ReservationKind::WriteBuffer), 0);
+        let file = s.fs.passthrough_file(fh, libc::O_RDWR).await.expect("the object downloaded whole");
+        assert_eq!(file.metadata().unwrap().len(), 3 << 20);
+        let puts = s.mem.count_of("put");
+        s.fs.flush(fh, pid()).await.unwrap();
+        assert_eq!(s.mem.count_of("put"), puts, "nothing written, nothing uploaded");
+        file.write_all_at(b"kernel wrote this", (3 << 20) - 4).unwrap();
+        assert_eq!(s.fs.getattr(ino).await.unwrap().size, (3 << 20) + 13, "the size comes from the file");
+        s.fs.flush(fh, pid()).await.unwrap();
+        let body = s.mem.body("edit.bin").unwrap();
+        assert_eq!(body.len(), (3 << 20) + 13);
+        assert_eq!(&body[(3 << 20) - 4..], b"kernel wrote this");
+        // Another client's change meanwhile: the next upload fails, not overwrites.
+        file.write_all_at(b"again", 0).unwrap();
+        s.mem.insert("edit.bin", b"someone else".to_vec());
+        assert!(s.fs.flush(fh, pid()).await.is_err());
+        assert_eq!(&s.mem.body("edit.bin").unwrap()[..], b"someone else");
+        let _ = s.fs.release(fh).await;
+        assert_clean(&s).await;
     });
 }

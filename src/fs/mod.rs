@@ -72,6 +72,14 @@ use writers::{WriterEntry, Writers};
 /// Lookups that miss in one directory within a TTL before it is listed
 /// whole instead: two requests per name cost more than a listing page.
 const LIST_AFTER_MISSES: u32 = 3;
+/// What the caches say about a name ([`Fs::lookup_now`]).
+enum Cached {
+    /// The answer, from the caches.
+    Answer(FsError),
+    /// Not known: ask the server about the directory `(mount, key)`'s child.
+    Miss(Arc<MountPoint>, String),
+}
+
 /// The largest download an open for writing makes so that the kernel can
 /// write the file itself (passthrough): an edit of a larger object goes
 /// through bucketfs, which appends without downloading what is before.
@@ -562,63 +570,85 @@ impl Fs {
         Ok(attr)
     }
 
-    /// Finds `name` in `parent`; `count` adds a kernel lookup.
-    async fn lookup_inner(&self, parent: u64, name: &str, count: bool) -> Result<Attr> {
+    /// [`Self::lookup`] without waiting: the answer when the caches hold
+    /// it (no request needed), else `None`. The FUSE edge answers such
+    /// lookups on its own thread.
+    pub fn lookup_now(&self, parent: u64, name: &str) -> Option<Result<Attr>> {
+        if self.settings.posix_metadata {
+            return None;
+        }
+        match self.lookup_cached(parent, name, true) {
+            Ok(attr) => Some(Ok(attr)),
+            Err(Cached::Answer(e)) => Some(Err(e)),
+            Err(Cached::Miss(..)) => None,
+        }
+    }
+
+    /// The part of a lookup the caches answer.
+    fn lookup_cached(&self, parent: u64, name: &str, count: bool) -> std::result::Result<Attr, Cached> {
         if !namespace::valid_name(name) {
             // Such a name cannot exist; one too long gets its own errno, so
             // `open(O_CREAT)` fails as on a local file system.
-            return Err(if name.len() > namespace::NAME_MAX { FsError::NameTooLong } else { FsError::NotFound });
+            let e = if name.len() > namespace::NAME_MAX { FsError::NameTooLong } else { FsError::NotFound };
+            return Err(Cached::Answer(e));
         }
-        let (mount, dir_key) = {
-            let mut table = lock(&self.inodes);
-            let dir = table.get(parent).ok_or(FsError::NotFound)?;
-            if dir.kind != Kind::Dir {
-                return Err(FsError::NotDir);
+        let mut table = lock(&self.inodes);
+        let dir = table.get(parent).ok_or(Cached::Answer(FsError::NotFound))?;
+        if dir.kind != Kind::Dir {
+            return Err(Cached::Answer(FsError::NotDir));
+        }
+        let found = |table: &InodeTable, ino: u64| table.get(ino).map(|i| self.attr_of(i)).ok_or(FsError::NotFound);
+        match &dir.loc {
+            Loc::Virtual { children } => {
+                let ino = *children.get(name).ok_or(Cached::Answer(FsError::NotFound))?;
+                if count {
+                    table.remember(ino);
+                }
+                found(&table, ino).map_err(Cached::Answer)
             }
-            match &dir.loc {
-                Loc::Virtual { children } => {
-                    let ino = *children.get(name).ok_or(FsError::NotFound)?;
+            Loc::Object { mount, key } => {
+                let (mount, key) = (mount.clone(), key.clone());
+                let now = Instant::now();
+                // Files being created exist only here until uploaded.
+                if let Some(ino) = table.child(parent, name)
+                    && table.get(ino).is_some_and(|i| i.local)
+                {
                     if count {
                         table.remember(ino);
                     }
-                    let child = table.get(ino).ok_or(FsError::NotFound)?;
-                    return Ok(self.attr_of(child));
+                    return found(&table, ino).map_err(Cached::Answer);
                 }
-                Loc::Object { mount, key } => {
-                    let (mount, key) = (mount.clone(), key.clone());
-                    let now = Instant::now();
-                    // Files being created exist only here until uploaded.
-                    if let Some(ino) = table.child(parent, name)
-                        && table.get(ino).is_some_and(|i| i.local)
-                    {
-                        if count {
-                            table.remember(ino);
-                        }
-                        return Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?));
-                    }
-                    // A fresh listing answers both ways.
-                    if let Some((at, entries)) = &dir.listing
-                        && now < *at + mount.ttl
-                    {
-                        let valid_until = *at + mount.ttl;
-                        let entry = entries.get(name).cloned().ok_or(FsError::NotFound)?;
-                        let ino = table.upsert(parent, &mount, &key, &entry, valid_until, true);
-                        return Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?));
-                    }
-                    // A known child with fresh attributes.
-                    if let Some(ino) = table.child(parent, name)
-                        && table.get(ino).is_some_and(|i| now < i.valid_until)
-                    {
-                        table.remember(ino);
-                        return Ok(self.attr_of(table.get(ino).ok_or(FsError::NotFound)?));
-                    }
-                    (mount, key)
+                // A fresh listing answers both ways.
+                if let Some((at, entries)) = &dir.listing
+                    && now < *at + mount.ttl
+                {
+                    let valid_until = *at + mount.ttl;
+                    let entry = entries.get(name).cloned().ok_or(Cached::Answer(FsError::NotFound))?;
+                    let ino = table.upsert(parent, &mount, &key, &entry, valid_until, true);
+                    return found(&table, ino).map_err(Cached::Answer);
                 }
+                // A known child with fresh attributes.
+                if let Some(ino) = table.child(parent, name)
+                    && table.get(ino).is_some_and(|i| now < i.valid_until)
+                {
+                    table.remember(ino);
+                    return found(&table, ino).map_err(Cached::Answer);
+                }
+                if table.is_negative(parent, name, mount.ttl, now) {
+                    return Err(Cached::Answer(FsError::NotFound));
+                }
+                Err(Cached::Miss(mount, key))
             }
-        };
-        if lock(&self.inodes).is_negative(parent, name, mount.ttl, Instant::now()) {
-            return Err(FsError::NotFound);
         }
+    }
+
+    /// Finds `name` in `parent`; `count` adds a kernel lookup.
+    async fn lookup_inner(&self, parent: u64, name: &str, count: bool) -> Result<Attr> {
+        let (mount, dir_key) = match self.lookup_cached(parent, name, count) {
+            Ok(attr) => return Ok(attr),
+            Err(Cached::Answer(e)) => return Err(e),
+            Err(Cached::Miss(mount, key)) => (mount, key),
+        };
         // Many names looked up one by one in the same directory (a program
         // opening files by path): one listing answers them all for the TTL.
         if self.busy_directory(parent, mount.ttl) {

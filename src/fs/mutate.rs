@@ -173,6 +173,45 @@ impl Fs {
         pid: u32,
         owner: Option<Owner>,
     ) -> Result<(Attr, u64)> {
+        if let Some(done) = self.create_now(parent, name, flags, pid, owner) {
+            return done;
+        }
+        let (mount, key, ino) = self.new_local_file(parent, name, owner)?;
+        let dir = self.staging.path();
+        let make = || async {
+            let writer = Writer::staged(mount.store.clone(), key, self.cache.clone(), dir, None).await?;
+            Ok::<_, FsError>(self.writer_entry(ino, &mount, writer))
+        };
+        let (entry, _) = self.writers.join(ino, make).await?;
+        self.created(ino, entry, pid)
+    }
+
+    /// [`Self::create_as`] without waiting, for a file opened write-only:
+    /// its writer streams from empty, which needs no request and no file.
+    /// `None` for other opens.
+    pub fn create_now(
+        &self,
+        parent: u64,
+        name: &str,
+        flags: i32,
+        pid: u32,
+        owner: Option<Owner>,
+    ) -> Option<Result<(Attr, u64)>> {
+        if flags & libc::O_ACCMODE != libc::O_WRONLY {
+            return None;
+        }
+        let create = || {
+            let (mount, key, ino) = self.new_local_file(parent, name, owner)?;
+            let writer = Writer::streaming(mount.store.clone(), key, self.cache.clone(), self.staging.path(), None);
+            let entry = self.writers.adopt(ino, self.writer_entry(ino, &mount, writer))?;
+            self.created(ino, entry, pid)
+        };
+        Some(create())
+    }
+
+    /// A new file's inode (in the namespace only, until it is uploaded):
+    /// its mount, key and inode number.
+    fn new_local_file(&self, parent: u64, name: &str, owner: Option<Owner>) -> Result<(Arc<MountPoint>, String, u64)> {
         let (mount, dir_key) = self.new_entry_location(parent, name, 0)?;
         let key = namespace::child_key(&dir_key, name);
         let ino = {
@@ -181,20 +220,28 @@ impl Fs {
             table.insert_local(parent, &mount, key.clone(), name, SystemTime::now())
         };
         self.posix_for_new_file(ino, owner);
-        let dir = self.staging.path();
-        let streaming = flags & libc::O_ACCMODE == libc::O_WRONLY;
-        let make = || async {
-            let writer = if streaming {
-                Writer::streaming(mount.store.clone(), key, self.cache.clone(), dir, None)
-            } else {
-                Writer::staged(mount.store.clone(), key, self.cache.clone(), dir, None).await?
-            };
-            Ok::<_, FsError>(self.writer_entry(ino, &mount, writer))
-        };
-        let (entry, _) = self.writers.join(ino, make).await?;
+        Ok((mount, key, ino))
+    }
+
+    fn created(&self, ino: u64, entry: Arc<WriterEntry>, pid: u32) -> Result<(Attr, u64)> {
         let fh = self.add_handle(ino, HandleKind::Write(entry), pid);
         let attr = self.attr_of(lock(&self.inodes).get(ino).ok_or(FsError::NotFound)?);
         Ok((attr, fh))
+    }
+
+    /// [`Self::write`] without waiting: done when the file streams, this
+    /// write continues it, and its buffer has room already (a copy into
+    /// memory); else `None`.
+    pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<u32> {
+        let handle = self.handles.file(fh)?;
+        let HandleKind::Write(w) = &handle.kind else { return None };
+        let mut writer = w.writer.try_lock().ok()?;
+        if !writer.write_now(offset, data) {
+            return None;
+        }
+        w.size.store(writer.size(), Ordering::Relaxed);
+        crate::metrics::metrics().bytes_written.inc_by(data.len() as u64);
+        Some(data.len() as u32)
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {

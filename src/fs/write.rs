@@ -85,6 +85,13 @@ const FIRST_BUFFER_RESERVATION: u64 = 64 << 10;
 /// module documentation): any write moves it to the present.
 const UNCHANGED: std::time::SystemTime = std::time::UNIX_EPOCH;
 
+/// How much a streaming buffer's reservation of `held` bytes grows to hold
+/// `need`: doubling from [`FIRST_BUFFER_RESERVATION`], at most a part at a
+/// time, and at least what is missing.
+fn grow_by(held: u64, need: u64, next_part: i32) -> u64 {
+    (need - held).max(held.clamp(FIRST_BUFFER_RESERVATION, part_size(next_part)))
+}
+
 /// Part size for part number `n` (1-based): 8 MiB for the first 1,000 parts
 /// (7.8 GiB), 128 MiB for the next 1,000 (125 GiB), then 640 MiB, which
 /// reaches 5 TiB within S3's 10,000 parts.
@@ -466,7 +473,7 @@ impl Writer {
             if held >= need {
                 return Ok(());
             }
-            let want = (need - held).max(held.clamp(FIRST_BUFFER_RESERVATION, part_size(s.next_part)));
+            let want = grow_by(held, need, s.next_part);
             if let Some(r) = self.cache.try_reserve_memory(ReservationKind::WriteBuffer, want) {
                 s.held.absorb(r);
                 continue;
@@ -519,6 +526,28 @@ impl Writer {
         self.size = self.size.max(end);
         self.dirty = true;
         Ok(())
+    }
+
+    /// [`Self::write`] when it is a copy into memory: the file streams,
+    /// `offset` continues it, and the buffer has room for `data` without
+    /// filling a part. False (nothing done) otherwise.
+    pub fn write_now(&mut self, offset: u64, data: &[u8]) -> bool {
+        let Mode::Streaming(s) = &mut self.mode else { return false };
+        let need = s.buf.len() as u64 + data.len() as u64;
+        if data.is_empty() || offset != self.size || need >= part_size(s.next_part) {
+            return false;
+        }
+        let held = s.held.bytes();
+        if held < need {
+            match self.cache.try_reserve_memory(ReservationKind::WriteBuffer, grow_by(held, need, s.next_part)) {
+                Some(r) => s.held.absorb(r),
+                None => return false,
+            }
+        }
+        s.buf.extend_from_slice(data);
+        self.size += data.len() as u64;
+        self.dirty = true;
+        true
     }
 
     /// The file was unlinked: nothing will be uploaded. A multipart upload

@@ -103,6 +103,22 @@ impl Writers {
         }
     }
 
+    /// Registers `entry` as the writer of `ino`, a new inode, with one
+    /// user. A new inode number is never reused, so it has no slot; if it
+    /// had one, nothing changes and the call fails.
+    pub fn adopt(&self, ino: u64, entry: WriterEntry) -> Result<Arc<WriterEntry>, super::FsError> {
+        let entry = Arc::new(entry);
+        let cell: Cell = Arc::new(tokio::sync::OnceCell::new_with(Some(entry.clone())));
+        let mut slots = self.slots.lock();
+        match slots.entry(ino) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Slot { cell, users: 1 });
+                Ok(entry)
+            }
+            std::collections::hash_map::Entry::Occupied(_) => Err(super::FsError::Busy),
+        }
+    }
+
     /// The writer of `ino`, if one is made and in use.
     pub fn get(&self, ino: u64) -> Option<Arc<WriterEntry>> {
         self.slots.lock().get(&ino).and_then(|s| s.cell.get().cloned())
