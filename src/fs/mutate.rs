@@ -269,7 +269,9 @@ impl Fs {
         let HandleKind::Write(w) = &handle.kind else {
             return Ok(());
         };
-        if tgid(pid) != handle.opener {
+        // The opener's own thread (most often the one closing) is known
+        // without reading /proc.
+        if pid != handle.opener && tgid(pid) != handle.opener {
             return Ok(());
         }
         // A new file nobody wrote to yet is created at release, not here: a
