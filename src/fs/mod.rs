@@ -305,6 +305,10 @@ pub struct Fs {
     /// With `--posix-metadata`: metadata reads in flight, by inode, so a
     /// read-ahead and a `readdir` waiting for the same entry share one HEAD.
     posix_reads: Mutex<HashMap<u64, posix_ops::SharedRead>>,
+    /// Permits for those reads' HEADs: at most
+    /// [`posix_ops::HEAD_CONCURRENCY`] in flight for the whole mount,
+    /// however many `readdir` batches and read-aheads overlap.
+    posix_heads: tokio::sync::Semaphore,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -346,6 +350,7 @@ impl Fs {
             mounts: Mutex::new(Vec::new()),
             disk,
             posix_reads: Mutex::new(HashMap::new()),
+            posix_heads: tokio::sync::Semaphore::new(posix_ops::HEAD_CONCURRENCY),
         };
         fs.reconfigure(mounts)?;
         Ok(fs)

@@ -203,7 +203,9 @@ impl Fs {
         let create = || {
             let (mount, key, ino) = self.new_local_file(parent, name, owner)?;
             let writer = Writer::streaming(mount.store.clone(), key, self.cache.clone(), self.staging.path(), None);
-            let entry = self.writers.adopt(ino, self.writer_entry(ino, &mount, writer))?;
+            let entry = self.writers.adopt(ino, self.writer_entry(ino, &mount, writer)).inspect_err(|_| {
+                lock(&self.inodes).unlink_name(parent, name);
+            })?;
             self.created(ino, entry, pid)
         };
         Some(create())

@@ -6,7 +6,8 @@
 //! costs a HEAD (of the object, or of a directory's `dir/` marker). It is
 //! kept for the metadata TTL like other attributes. `lookup` of a name not
 //! known yet gets it from the HEAD it sends anyway; `readdir` HEADs the
-//! entries of each batch it hands out, [`HEAD_CONCURRENCY`] at once, so
+//! entries of each batch it hands out and reads ahead the next ones, with
+//! at most [`HEAD_CONCURRENCY`] HEADs in flight for the whole mount, so
 //! `ls -l` costs one round trip per that many entries.
 //!
 //! Writing: a change (chmod, chown, utimes, setxattr) of a closed file is a
@@ -28,8 +29,8 @@ use super::write::MAX_COPY;
 use super::{Attr, DirItem, Fs, FsError, MountPoint, PosixState, Result, lock};
 use crate::store::{ObjectAttrs, PutCondition, StoreError};
 
-/// HEADs in flight at once for the entries of one `readdir` batch (and as
-/// many for the read-ahead of the next ones).
+/// HEADs in flight at once for the metadata of listed entries, for the
+/// whole mount: `readdir` batches and their read-aheads share them.
 pub const HEAD_CONCURRENCY: usize = 64;
 /// Entries after a `readdir` batch whose metadata is read ahead.
 pub const READ_AHEAD: usize = 1024;
@@ -191,7 +192,10 @@ impl Fs {
         }
         let fs = self.clone();
         let read = async move {
+            // The semaphore is never closed.
+            let permit = fs.posix_heads.acquire().await;
             let _ = fs.ensure_posix(ino).await;
+            drop(permit);
             lock(&fs.posix_reads).remove(&ino);
         }
         .boxed()
@@ -627,6 +631,98 @@ mod tests {
             s.fs.rmdir(ROOT_INO, "old").await.unwrap();
             assert!(matches!(s.mem.head("old").await, Err(StoreError::NotFound)));
             assert!(matches!(s.fs.lookup(ROOT_INO, "old").await, Err(FsError::NotFound)));
+        });
+    }
+
+    fn with_mode(mode: u32) -> ObjectAttrs {
+        ObjectAttrs { content_type: None, metadata: [("mode".to_string(), mode.to_string())].into() }
+    }
+
+    /// chmod of a closed file whose CopyObject fails: the error reaches the
+    /// caller, neither the object nor what `stat` shows changes, and the
+    /// next chmod works.
+    #[test]
+    fn a_failed_copy_leaves_the_mode_as_it_was() {
+        use crate::store::faulty::{Fault, Rule};
+        let s = posix_setup();
+        rt().block_on(async {
+            s.mem
+                .put_with("f", Bytes::from_static(b"x"), PutCondition::None, &with_mode(S_IFREG | 0o644))
+                .await
+                .unwrap();
+            let ino = s.fs.lookup(ROOT_INO, "f").await.unwrap().ino;
+            let fail = Fault::Fail(StoreError::Server { status: 500, message: "injected".into() });
+            s.faults.add(Rule::nth("copy", 0, fail));
+            let chmod = AttrChange { mode: Some(S_IFREG | 0o600), ..Default::default() };
+            assert!(s.fs.change_attrs(ino, chmod).await.is_err());
+            let mode = |a: &Attr| a.posix.as_ref().and_then(|p| p.posix.mode);
+            assert_eq!(mode(&s.fs.getattr(ino).await.unwrap()), Some(S_IFREG | 0o644), "stat after a failed chmod");
+            let (_, stored) = s.mem.head_attrs("f").await.unwrap();
+            assert_eq!(Posix::from_metadata(&stored.metadata).mode, Some(S_IFREG | 0o644));
+            let attr = s.fs.change_attrs(ino, chmod).await.unwrap();
+            assert_eq!(mode(&attr), Some(S_IFREG | 0o600));
+            let (_, stored) = s.mem.head_attrs("f").await.unwrap();
+            assert_eq!(Posix::from_metadata(&stored.metadata).mode, Some(S_IFREG | 0o600));
+        });
+    }
+
+    /// `ls -l` of three large directories at once, with slow HEADs of which
+    /// some fail: never more than [`HEAD_CONCURRENCY`] HEADs in flight for
+    /// the mount, every entry is listed, a failed HEAD leaves the mount's
+    /// defaults (no error to `ls`), and the others show what is stored.
+    #[test]
+    fn metadata_read_ahead_is_bounded_and_survives_failed_heads() {
+        use crate::store::faulty::{Fault, Rule};
+        let s = posix_setup();
+        rt().block_on(async {
+            for d in 0..3 {
+                for i in 0..400 {
+                    let attrs = with_mode(S_IFREG | 0o640);
+                    s.mem.put_with(&format!("d{d}/f{i:03}"), Bytes::new(), PutCondition::None, &attrs).await.unwrap();
+                }
+            }
+            s.faults.add(Rule::always("head", Fault::Delay(std::time::Duration::from_millis(40))));
+            let fail = Fault::Fail(StoreError::Server { status: 503, message: "injected".into() });
+            s.faults.add(Rule::sometimes("head", 0.2, fail));
+            let mut dirs = Vec::new();
+            for d in 0..3 {
+                dirs.push(s.fs.lookup(ROOT_INO, &format!("d{d}")).await.unwrap().ino);
+            }
+            let listings = dirs.iter().map(|&dir| {
+                let fs = s.fs.clone();
+                async move {
+                    let fh = fs.opendir(dir).unwrap();
+                    let mut names = Vec::new();
+                    let mut offset = 0;
+                    loop {
+                        let batch = fs.readdir(fh, offset).await.unwrap();
+                        if batch.is_empty() {
+                            break;
+                        }
+                        offset += batch.len() as u64;
+                        names.extend(batch.iter().filter(|i| i.name.starts_with('f')).map(|i| i.attr.clone()));
+                    }
+                    fs.releasedir(fh);
+                    names
+                }
+            });
+            let listed = futures::future::join_all(listings).await;
+            // Read-aheads may still run: wait for them before counting.
+            for _ in 0..200 {
+                if s.fs.posix_heads.available_permits() == HEAD_CONCURRENCY {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            let most = s.faults.most_heads_at_once();
+            assert!(most > 8 && most <= HEAD_CONCURRENCY, "{most} HEADs at once");
+            for attrs in &listed {
+                assert_eq!(attrs.len(), 400, "every entry listed");
+                let table = lock(&s.fs.inodes);
+                let mode = |ino| table.get(ino).and_then(|i| i.posix.as_ref()).and_then(|(_, p)| p.posix.mode);
+                let stored = attrs.iter().filter(|a| mode(a.ino) == Some(S_IFREG | 0o640)).count();
+                assert!(stored > 100, "{stored} entries show their stored mode");
+            }
         });
     }
 }

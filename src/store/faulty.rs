@@ -76,11 +76,39 @@ struct State {
 pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
     state: Mutex<State>,
+    /// HEADs running now, and the most that ever ran at once.
+    heads: std::sync::atomic::AtomicUsize,
+    most_heads: std::sync::atomic::AtomicUsize,
+}
+
+/// One HEAD running (see [`FaultyStore::most_heads_at_once`]).
+struct HeadRunning<'a>(&'a FaultyStore);
+
+impl Drop for HeadRunning<'_> {
+    fn drop(&mut self) {
+        self.0.heads.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl FaultyStore {
     pub fn new(inner: Arc<dyn ObjectStore>, seed: u64) -> Self {
-        Self { inner, state: Mutex::new(State { rules: Vec::new(), rng: seed | 1, injected: 0 }) }
+        Self {
+            inner,
+            state: Mutex::new(State { rules: Vec::new(), rng: seed | 1, injected: 0 }),
+            heads: Default::default(),
+            most_heads: Default::default(),
+        }
+    }
+
+    /// The most HEADs that were running at once, delays included.
+    pub fn most_heads_at_once(&self) -> usize {
+        self.most_heads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn head_running(&self) -> HeadRunning<'_> {
+        let now = self.heads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.most_heads.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        HeadRunning(self)
     }
 
     pub fn add(&self, rule: Rule) {
@@ -157,11 +185,13 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
+        let _running = self.head_running();
         self.before("head").await?;
         self.inner.head(key).await
     }
 
     async fn head_attrs(&self, key: &str) -> Result<(ObjectMeta, ObjectAttrs), StoreError> {
+        let _running = self.head_running();
         self.before("head").await?;
         self.inner.head_attrs(key).await
     }
