@@ -1,5 +1,10 @@
 //! The FUSE edge: translates fuser callbacks into [`Fs`] calls on tokio and
 //! [`FsError`]s into errno values. No file-system logic lives here.
+//!
+//! A request that needs no server round trip is answered on the FUSE thread
+//! itself, through the `Fs` calls that never wait (`read_now`, `lookup_now`,
+//! `create_now`, `write_now`, `getxattr_now`): handing it to a runtime
+//! thread and back costs more than answering it.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
