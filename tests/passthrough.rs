@@ -347,3 +347,31 @@ fn a_passthrough_edit_of_an_object_changed_meanwhile_fails_fsync_and_close() {
     assert_eq!(closed, -1, "close of an edit of a changed object succeeded");
     assert_eq!(srv.get(&bucket, "f").unwrap(), b"another client's\n", "the other client's object was overwritten");
 }
+
+/// An in-place edit of a file cached whole, larger than what an open
+/// downloads for passthrough: its staging file is filled from the cache
+/// file (no GET), the kernel writes it, and the bucket has the edit.
+#[test]
+fn an_edit_of_a_cached_file_is_filled_from_the_cache() {
+    let srv = server();
+    let bucket = srv.bucket("pt-fill");
+    let mut data = pattern((70 << 20) + 11, 31);
+    srv.put(&bucket, "big.bin", data.clone());
+    let c = Cached::start(&bucket, true);
+    cache_whole(&c, "big.bin", &sha256(&data));
+    assert_eq!(sha256(&std::fs::read(c.m.path("big.bin")).unwrap()), sha256(&data));
+    let (gets, opens) = (c.gets(), c.passthrough_opens());
+    // The readers' RELEASE is sent after close returns: retry for a moment.
+    let mut f = None;
+    assert!(wait_until(Duration::from_secs(5), || {
+        f = std::fs::OpenOptions::new().read(true).write(true).open(c.m.path("big.bin")).ok();
+        f.is_some()
+    }));
+    let f = f.unwrap();
+    f.write_all_at(b"EDITED IN PLACE", 40 << 20).unwrap();
+    assert!(c.passthrough_opens() > opens, "not passed through; log:\n{}", c.m.log_text());
+    assert_eq!(c.gets(), gets, "the staging file was downloaded instead of copied from the cache");
+    drop(f);
+    data[(40 << 20)..(40 << 20) + 15].copy_from_slice(b"EDITED IN PLACE");
+    assert!(srv.get(&bucket, "big.bin").unwrap() == data, "the edit is not in the bucket after close");
+}

@@ -869,7 +869,8 @@ impl Fs {
     ///   the version the open saw, checked (see [`disk_cache`]).
     /// - A write handle: its writer's staging file, made local now
     ///   ([`write::Writer::make_local`]) if at most [`PASSTHROUGH_DOWNLOAD_MAX`]
-    ///   bytes of the object must be downloaded for it. An append (`flags`
+    ///   bytes of the object must be downloaded for it, or if the version is
+    ///   cached whole on disk (copied from there, whatever its size). An append (`flags`
     ///   with `O_APPEND`) downloads only an object smaller than S3's least
     ///   part: a larger one is kept in S3 and copied there at upload, which
     ///   for a log appended line by line beats downloading and uploading it
@@ -913,7 +914,20 @@ impl Fs {
             return Some(file.clone());
         }
         let mut writer = entry.writer.lock().await;
-        match writer.make_local(max).await {
+        // The version the edit starts from, if it is cached whole on disk
+        // (not for an append, which keeps a large base in S3).
+        let cached = match (&self.disk, writer.base()) {
+            (Some(disk), Some(base)) if max == PASSTHROUGH_DOWNLOAD_MAX && base.size > 0 => {
+                let object = ObjectId {
+                    source: entry.mount.source_id.clone(),
+                    key: writer.key().to_string(),
+                    etag: base.etag.clone(),
+                };
+                disk.open_object(&object, base.size).await
+            }
+            _ => None,
+        };
+        match writer.make_local(max, cached).await {
             Ok(Some(file)) => Some(entry.local.get_or_init(|| file).clone()),
             Ok(None) => None,
             Err(e) => {

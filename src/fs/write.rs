@@ -153,6 +153,44 @@ pub async fn stop_all<T: 'static>(tasks: &mut JoinSet<T>) {
     while tasks.join_next().await.is_some() {}
 }
 
+/// Copies bytes `0..len` of `from` to the same offsets of `to`, in the
+/// kernel (copy_file_range), falling back to reads and writes.
+fn copy_range(from: &std::fs::File, to: &std::fs::File, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut done = 0u64;
+    while done < len {
+        let (mut off_in, mut off_out) = (done as i64, done as i64);
+        let chunk = (len - done).min(1 << 30) as usize;
+        // SAFETY: both descriptors are open for the call; the offsets are
+        // ours and the kernel only reads and writes the files.
+        let n = unsafe { libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), &mut off_out, chunk, 0) };
+        match n {
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "cache file shorter than the object",
+                ));
+            }
+            n if n > 0 => done += n as u64,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // Not offered between these files: plain reads and writes.
+                let mut buf = vec![0u8; 1 << 20];
+                while done < len {
+                    let n = (len - done).min(buf.len() as u64) as usize;
+                    from.read_exact_at(&mut buf[..n], done)?;
+                    to.write_all_at(&buf[..n], done)?;
+                    done += n as u64;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A new staging file of `size` bytes (sparse).
 async fn new_staging_file(dir: &Path, size: u64) -> Result<Arc<std::fs::File>, WriteError> {
     let dir = dir.to_path_buf();
@@ -416,15 +454,31 @@ impl Writer {
     /// the file from now on. `None` for a streaming writer (a new or
     /// truncated file written in order uploads as it goes), or when more
     /// than `max` bytes would be downloaded.
-    pub async fn make_local(&mut self, max: u64) -> Result<Option<Arc<std::fs::File>>, WriteError> {
+    ///
+    /// `cached` is a local file holding the whole base object (the disk
+    /// cache's checked copy of this version): the bytes are copied from it
+    /// instead of downloaded, whatever their size.
+    pub async fn make_local(
+        &mut self,
+        max: u64,
+        cached: Option<Arc<std::fs::File>>,
+    ) -> Result<Option<Arc<std::fs::File>>, WriteError> {
         if self.local {
             return Ok(self.local_file());
         }
-        let Mode::Staged(st) = &self.mode else { return Ok(None) };
-        if st.base_prefix > max || self.unlinked {
+        let Mode::Staged(st) = &mut self.mode else { return Ok(None) };
+        if self.unlinked {
             return Ok(None);
         }
-        self.materialise_all().await?;
+        match cached {
+            Some(from) if st.base_prefix > 0 => {
+                let len = st.base_prefix;
+                on_file(&st.file, move |to| copy_range(&from, to, len)).await?;
+                st.base_prefix = 0;
+            }
+            _ if st.base_prefix > max => return Ok(None),
+            _ => self.materialise_all().await?,
+        }
         let Mode::Staged(st) = &self.mode else { return Err(WriteError::Failed) };
         let file = st.file.clone();
         on_file(&file, |f| f.set_modified(UNCHANGED)).await?;
