@@ -64,6 +64,10 @@ use crate::sync::Mutex;
 /// A backing file's identity: device and inode number.
 type FileId = (u64, u64);
 
+fn file_id(file: &std::fs::File) -> Option<FileId> {
+    file.metadata().ok().map(|m| (m.dev(), m.ino()))
+}
+
 enum Mode {
     Cached(usize),
     Passed { file: FileId, backing: Arc<BackingId>, opens: usize },
@@ -172,7 +176,7 @@ impl Passthrough {
         file: Option<&std::fs::File>,
         register: impl Fn(&std::fs::File) -> std::io::Result<BackingId>,
     ) -> Answer {
-        let id = file.and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
+        let id = file.and_then(file_id);
         let (Some(file), Some(id)) = (file.filter(|_| self.is_on()), id) else {
             return self.count(ino, fh);
         };
@@ -188,13 +192,7 @@ impl Passthrough {
             }
         };
         let mut made = match needs {
-            true => match register(file) {
-                Ok(b) => Some(Arc::new(b)),
-                Err(e) => {
-                    self.turn_off(&format!("the kernel refused a backing file: {e}"));
-                    None
-                }
-            },
+            true => self.register(file, register),
             false => None,
         };
         let answer = {
@@ -244,8 +242,23 @@ impl Passthrough {
     /// True when `ino` is passed through to `file`: an open that can use
     /// `file` may share it ([`Self::open_read`] counts it).
     pub fn passed_to(&self, ino: u64, file: &std::fs::File) -> bool {
-        let Ok(m) = file.metadata() else { return false };
-        matches!(self.state.lock().inodes.get(&ino), Some(Mode::Passed { file, .. }) if *file == (m.dev(), m.ino()))
+        let Some(id) = file_id(file) else { return false };
+        matches!(self.state.lock().inodes.get(&ino), Some(Mode::Passed { file, .. }) if *file == id)
+    }
+
+    /// Registers `file` with the kernel; a refusal turns passthrough off.
+    fn register(
+        &self,
+        file: &std::fs::File,
+        register: impl Fn(&std::fs::File) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        match register(file) {
+            Ok(b) => Some(Arc::new(b)),
+            Err(e) => {
+                self.turn_off(&format!("the kernel refused a backing file: {e}"));
+                None
+            }
+        }
     }
 
     /// Answers handle `fh` of `ino`, already counted as an ordinary open,
@@ -259,17 +272,11 @@ impl Passthrough {
         file: &std::fs::File,
         register: impl Fn(&std::fs::File) -> std::io::Result<BackingId>,
     ) -> Answer {
-        let Some(id) = file.metadata().ok().map(|m| (m.dev(), m.ino())) else { return Answer::Cached };
+        let Some(id) = file_id(file) else { return Answer::Cached };
         if !self.alone(ino, fh) {
             return Answer::Cached;
         }
-        let backing = match register(file) {
-            Ok(b) => Arc::new(b),
-            Err(e) => {
-                self.turn_off(&format!("the kernel refused a backing file: {e}"));
-                return Answer::Cached;
-            }
-        };
+        let Some(backing) = self.register(file, register) else { return Answer::Cached };
         let mut s = self.state.lock();
         if !Self::sole(&s, ino, fh) {
             drop(s);
@@ -373,8 +380,7 @@ mod tests {
     }
 
     fn id(f: &std::fs::File) -> FileId {
-        let m = f.metadata().unwrap();
-        (m.dev(), m.ino())
+        file_id(f).unwrap()
     }
 
     fn register(_: &std::fs::File) -> std::io::Result<BackingId> {

@@ -5,7 +5,8 @@
 //! one file share one writer, a writer that finds no room in the budget
 //! waits a bounded time, then fails with ENOBUFS, a file created from the
 //! FUSE thread fails its flush when its PUT fails, and a local writer (write
-//! passthrough) uploads what was written into its file, conditionally.
+//! passthrough) uploads what was written into its file, conditionally, and
+//! fills it from a cache file only of the version it started from.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -372,6 +373,50 @@ fn a_local_writer_uploads_what_was_written_into_its_file() {
         assert!(s.fs.flush(fh, pid()).await.is_err());
         assert_eq!(&s.mem.body("edit.bin").unwrap()[..], b"someone else");
         let _ = s.fs.release(fh).await;
+        assert_clean(&s).await;
+    });
+}
+
+/// A writer made local takes a cache file only for the version it started
+/// from: another version's file is ignored (and the object downloaded, or
+/// not made local when it is over the limit); its own version's file is
+/// copied, with no GET.
+#[test]
+fn a_local_writer_takes_only_its_own_version_from_the_cache() {
+    use std::os::unix::fs::FileExt;
+    rt().block_on(async {
+        let s = setup(64 << 20, 13);
+        let etag = s.mem.insert("v.bin", vec![1u8; 1 << 20]);
+        let base = super::write::Base { etag: etag.clone(), size: 1 << 20 };
+        let store: Arc<dyn ObjectStore> = s.faults.clone();
+        let tmp = std::env::temp_dir();
+        let staged = || {
+            let (store, cache, base) = (store.clone(), s.fs.cache().clone(), Some(base.clone()));
+            super::write::Writer::staged(store, "v.bin".into(), cache, tmp.as_path(), base)
+        };
+        // A cache file with other bytes than the server's shows where they came from.
+        let cached = |etag: &str, byte: u8| {
+            let f = tempfile::tempfile().unwrap();
+            f.write_all_at(&vec![byte; 1 << 20], 0).unwrap();
+            Some((etag.to_string(), Arc::new(f)))
+        };
+        let first_byte = |f: &std::fs::File| {
+            let mut b = [0u8];
+            f.read_exact_at(&mut b, 0).unwrap();
+            b[0]
+        };
+        let mut w = staged().await.unwrap();
+        assert!(w.make_local(0, cached("\"other\"", 9)).await.unwrap().is_none(), "another version, over the limit");
+        let gets = s.mem.count_of("get");
+        let f = w.make_local(u64::MAX, cached("\"other\"", 9)).await.unwrap().unwrap();
+        assert!(s.mem.count_of("get") > gets, "another version's file is not used");
+        assert_eq!(first_byte(&f), 1);
+        let mut w = staged().await.unwrap();
+        let gets = s.mem.count_of("get");
+        let f = w.make_local(0, cached(&etag, 7)).await.unwrap().unwrap();
+        assert_eq!(s.mem.count_of("get"), gets, "its own version is copied from the cache");
+        assert_eq!(first_byte(&f), 7);
+        drop((w, f));
         assert_clean(&s).await;
     });
 }

@@ -868,14 +868,14 @@ impl Fs {
     ///   local; else, if the inode has no writer, the whole-object file of
     ///   the version the open saw, checked (see [`disk_cache`]).
     /// - A write handle: its writer's staging file, made local now
-    ///   ([`write::Writer::make_local`]) if at most [`PASSTHROUGH_DOWNLOAD_MAX`]
-    ///   bytes of the object must be downloaded for it, or if the version is
-    ///   cached whole on disk (copied from there, whatever its size). An append (`flags`
-    ///   with `O_APPEND`) downloads only an object smaller than S3's least
-    ///   part: a larger one is kept in S3 and copied there at upload, which
-    ///   for a log appended line by line beats downloading and uploading it
-    ///   whole at every open. A streaming writer (a new or truncated file
-    ///   written in order) has none.
+    ///   ([`write::Writer::make_local`]): filled from the disk cache when
+    ///   the version is cached whole there (whatever its size), else
+    ///   downloaded if it is at most [`PASSTHROUGH_DOWNLOAD_MAX`]. An append
+    ///   (`flags` with `O_APPEND`) downloads only an object smaller than S3's
+    ///   least part: a larger one is kept in S3 and copied there at upload,
+    ///   which for a log appended line by line beats downloading and
+    ///   uploading it whole at every open. A streaming writer (a new or
+    ///   truncated file written in order) has none.
     ///
     /// `None` when passthrough is off or no such file exists.
     pub async fn passthrough_file(&self, fh: u64, flags: i32) -> Option<Arc<std::fs::File>> {
@@ -885,13 +885,7 @@ impl Fs {
         let handle = self.handles.file(fh)?;
         let reader = match &handle.kind {
             HandleKind::Read(reader) => reader,
-            HandleKind::Write(entry) => {
-                let max = match flags & libc::O_APPEND {
-                    0 => PASSTHROUGH_DOWNLOAD_MAX,
-                    _ => write::MIN_PART - 1,
-                };
-                return self.make_local(entry, max).await;
-            }
+            HandleKind::Write(entry) => return self.make_local(entry, flags & libc::O_APPEND != 0).await,
         };
         if let Some(entry) = self.writers.get(handle.ino) {
             return entry.local.get().cloned();
@@ -904,29 +898,36 @@ impl Fs {
         disk.open_object(reader.object(), size).await
     }
 
+    /// The disk cache's whole-object file of the version the writer of
+    /// `entry` started from, with that version's ETag. Looked up without
+    /// the writer's lock: checking a cache file may read it whole.
+    async fn cached_base(&self, entry: &WriterEntry) -> Option<(String, Arc<std::fs::File>)> {
+        let disk = self.disk.clone()?;
+        let (key, base) = {
+            let writer = entry.writer.lock().await;
+            (writer.key().to_string(), writer.base().cloned()?)
+        };
+        if base.size == 0 {
+            return None;
+        }
+        let object = ObjectId { source: entry.mount.source_id.clone(), key, etag: base.etag.clone() };
+        disk.open_object(&object, base.size).await.map(|file| (base.etag, file))
+    }
+
     /// The staging file of the writer of `ino`, if it is local.
     pub fn local_writer_file(&self, ino: u64) -> Option<Arc<std::fs::File>> {
         self.writers.get(ino)?.local.get().cloned()
     }
 
-    async fn make_local(&self, entry: &Arc<WriterEntry>, max: u64) -> Option<Arc<std::fs::File>> {
+    async fn make_local(&self, entry: &Arc<WriterEntry>, append: bool) -> Option<Arc<std::fs::File>> {
         if let Some(file) = entry.local.get() {
             return Some(file.clone());
         }
-        let mut writer = entry.writer.lock().await;
-        // The version the edit starts from, if it is cached whole on disk
-        // (not for an append, which keeps a large base in S3).
-        let cached = match (&self.disk, writer.base()) {
-            (Some(disk), Some(base)) if max == PASSTHROUGH_DOWNLOAD_MAX && base.size > 0 => {
-                let object = ObjectId {
-                    source: entry.mount.source_id.clone(),
-                    key: writer.key().to_string(),
-                    etag: base.etag.clone(),
-                };
-                disk.open_object(&object, base.size).await
-            }
-            _ => None,
+        let (max, cached) = match append {
+            true => (write::MIN_PART - 1, None),
+            false => (PASSTHROUGH_DOWNLOAD_MAX, self.cached_base(entry).await),
         };
+        let mut writer = entry.writer.lock().await;
         match writer.make_local(max, cached).await {
             Ok(Some(file)) => Some(entry.local.get_or_init(|| file).clone()),
             Ok(None) => None,

@@ -455,13 +455,14 @@ impl Writer {
     /// truncated file written in order uploads as it goes), or when more
     /// than `max` bytes would be downloaded.
     ///
-    /// `cached` is a local file holding the whole base object (the disk
-    /// cache's checked copy of this version): the bytes are copied from it
-    /// instead of downloaded, whatever their size.
+    /// `cached` is a local file holding a whole object version with its
+    /// ETag (the disk cache's checked copy): when it is the version this
+    /// writer started from, the bytes are copied from it instead of
+    /// downloaded, whatever their size.
     pub async fn make_local(
         &mut self,
         max: u64,
-        cached: Option<Arc<std::fs::File>>,
+        cached: Option<(String, Arc<std::fs::File>)>,
     ) -> Result<Option<Arc<std::fs::File>>, WriteError> {
         if self.local {
             return Ok(self.local_file());
@@ -470,6 +471,8 @@ impl Writer {
         if self.unlinked {
             return Ok(None);
         }
+        let base_etag = self.base.as_ref().map(|b| b.etag.as_str());
+        let cached = cached.filter(|(etag, _)| Some(etag.as_str()) == base_etag).map(|(_, file)| file);
         match cached {
             Some(from) if st.base_prefix > 0 => {
                 let len = st.base_prefix;
