@@ -3,8 +3,8 @@
 //!
 //! A request that needs no server round trip is answered on the FUSE thread
 //! itself, through the `Fs` calls that never wait (`read_now`, `lookup_now`,
-//! `create_now`, `write_now`, `getxattr_now`): handing it to a runtime
-//! thread and back costs more than answering it.
+//! `create_now`, `write_now`, `getxattr_now`, `flush_now`, `release_now`):
+//! handing it to a runtime thread and back costs more than answering it.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -311,8 +311,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        let fs = self.fs.clone();
         let pid = req.pid();
+        if let Some(done) = self.fs.flush_now(fh.0, pid) {
+            return empty(reply, done);
+        }
+        let fs = self.fs.clone();
         self.rt.spawn(async move { empty(reply, fs.flush(fh.0, pid).await) });
     }
 
@@ -336,10 +339,13 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let fs = self.fs.clone();
         self.passthrough.release(fh.0);
+        let Some(last) = self.fs.release_now(fh.0) else {
+            return reply.ok();
+        };
+        let fs = self.fs.clone();
         self.rt.spawn(async move {
-            fs.release(fh.0).await;
+            fs.release_last(last).await;
             reply.ok();
         });
     }

@@ -67,7 +67,7 @@ use inode::{Inode, InodeTable, Loc, PageCache, ROOT};
 use namespace::{Entry, Kind, Skipped};
 use read::Reader;
 use write::WriteError;
-use writers::{WriterEntry, Writers};
+use writers::{Left, WriterEntry, Writers};
 
 /// Lookups that miss in one directory within a TTL before it is listed
 /// whole instead: two requests per name cost more than a listing page.
@@ -245,6 +245,13 @@ pub enum ReadNow {
     Started(read::Started),
     /// Not a handle reading an object: use [`Fs::read`].
     Wait,
+}
+
+/// A writer whose last user released it with data still to upload (see
+/// [`Fs::release_now`]).
+pub struct LastWriter {
+    ino: u64,
+    entry: Arc<WriterEntry>,
 }
 
 /// One entry of a directory snapshot.
@@ -1043,15 +1050,40 @@ impl Fs {
     /// Last close of a handle: a write handle's data is uploaded if no other
     /// close did it (errors can only be logged here).
     pub async fn release(&self, fh: u64) {
-        let Some(handle) = self.handles.remove_file(fh) else {
-            return;
-        };
+        if let Some(last) = self.release_now(fh) {
+            self.release_last(last).await;
+        }
+    }
+
+    /// [`Self::release`] as far as it goes without waiting: the handle is
+    /// gone, and so is its writer if this was its last user and it has
+    /// nothing to upload. Returns the writer when it still has to be
+    /// uploaded and retired: [`Self::release_last`] does that.
+    pub fn release_now(&self, fh: u64) -> Option<LastWriter> {
+        let handle = self.handles.remove_file(fh)?;
         crate::metrics::metrics().open_handles.dec();
-        if let HandleKind::Write(w) = &handle.kind
-            && let Err(e) = self.leave_writer(handle.ino, w).await
+        let HandleKind::Write(w) = &handle.kind else { return None };
+        let Left::Last(entry) = self.writers.leave(handle.ino, w) else { return None };
+        // Checked after leaving: a write by another user before it left is
+        // seen here, and nobody writes through a retired writer. With
+        // --posix-metadata a clean writer may still have attributes to store.
+        let clean = !self.settings.posix_metadata && entry.writer.try_lock().is_ok_and(|wr| !wr.is_dirty());
+        if clean {
+            self.writers.retire(handle.ino, &entry);
+            return None;
+        }
+        Some(LastWriter { ino: handle.ino, entry })
+    }
+
+    /// Uploads what the last user of a writer left, and retires it.
+    pub async fn release_last(&self, last: LastWriter) {
+        let LastWriter { ino, entry } = last;
+        let result = self.upload(ino, &entry).await;
+        self.writers.retire(ino, &entry);
+        if let Err(e) = result
             && e != FsError::Write(WriteError::Failed)
         {
-            error!("{}: data written through a closed handle could not be uploaded: {e}", w.mount.store.describe());
+            error!("{}: data written through a closed handle could not be uploaded: {e}", entry.mount.store.describe());
         }
     }
 

@@ -265,6 +265,9 @@ impl Fs {
     /// sharing the descriptor (a shell's dup'd fd) leaves it to the opener,
     /// so a file is never uploaded half-written or twice.
     pub async fn flush(&self, fh: u64, pid: u32) -> Result<()> {
+        if let Some(done) = self.flush_now(fh, pid) {
+            return done;
+        }
         let Some(handle) = self.handles.file(fh) else {
             return Ok(());
         };
@@ -282,6 +285,23 @@ impl Fs {
             return Ok(());
         }
         self.upload(handle.ino, w).await
+    }
+
+    /// [`Self::flush`] when it has nothing to upload and knows it without
+    /// waiting: a read handle, or the opener's close of a writer with no
+    /// changes (or one busy elsewhere: `None`, ask [`Self::flush`]).
+    pub fn flush_now(&self, fh: u64, pid: u32) -> Option<Result<()>> {
+        let Some(handle) = self.handles.file(fh) else {
+            return Some(Ok(()));
+        };
+        let HandleKind::Write(w) = &handle.kind else {
+            return Some(Ok(()));
+        };
+        if pid != handle.opener {
+            return None;
+        }
+        let changed = w.writer.try_lock().ok()?.has_changes();
+        (!changed).then_some(Ok(()))
     }
 
     pub async fn fsync(&self, fh: u64) -> Result<()> {

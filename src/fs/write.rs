@@ -1,7 +1,11 @@
 //! Writes: streaming multipart uploads for new files written in order, and a
 //! local staging file for everything else. Nothing is acknowledged as durable
 //! before it is in S3: `flush` (close) and `fsync` upload and return the
-//! upload's error.
+//! upload's error. A failed upload loses nothing that is still here: a
+//! staging file, or the buffer of a file sent as one PutObject, stays, and
+//! the next flush, fsync or last close sends it again. Only a multipart
+//! stream that failed is gone (its parts were sent and their bytes
+//! dropped); every later upload of it reports the failure.
 //!
 //! A [`Writer`] belongs to an inode while any handle has it open for writing.
 //! It starts in one of two modes:
@@ -312,6 +316,11 @@ struct Staged {
 enum Mode {
     Streaming(Box<Streaming>),
     Staged(Staged),
+    /// The content is the base object, and nothing is local: what a
+    /// staged writer with an untouched staging file would be. The file is
+    /// made when something needs it ([`Writer::make_staged`]), so a file written
+    /// once and closed never makes one.
+    Uploaded,
     Failed,
 }
 
@@ -467,10 +476,11 @@ impl Writer {
         if self.local {
             return Ok(self.local_file());
         }
-        let Mode::Staged(st) = &mut self.mode else { return Ok(None) };
         if self.unlinked {
             return Ok(None);
         }
+        self.make_staged().await?;
+        let Mode::Staged(st) = &mut self.mode else { return Ok(None) };
         let base_etag = self.base.as_ref().map(|b| b.etag.as_str());
         let cached = cached.filter(|(etag, _)| Some(etag.as_str()) == base_etag).map(|(_, file)| file);
         match cached {
@@ -574,6 +584,7 @@ impl Writer {
             }
             self.switch_to_staging().await?;
         }
+        self.make_staged().await?;
         self.materialise_below(offset.min(self.size)).await?;
         let Mode::Staged(st) = &self.mode else {
             return Err(WriteError::Failed);
@@ -729,8 +740,14 @@ impl Writer {
             on_file(&st.file, |f| f.set_modified(UNCHANGED)).await?;
         }
         tracing::debug!(key = %self.key, size = self.size, condition = ?self.condition(), "uploading");
+        self.make_staged().await?;
         let etag = match std::mem::replace(&mut self.mode, Mode::Failed) {
             Mode::Failed => return Err(WriteError::Failed),
+            // Not reached (made staged above); it would have nothing to send.
+            Mode::Uploaded => {
+                self.mode = Mode::Uploaded;
+                return Ok(());
+            }
             Mode::Streaming(s) => self.finish_streaming(s).await?,
             Mode::Staged(st) => {
                 self.mode = Mode::Staged(st);
@@ -749,6 +766,15 @@ impl Writer {
         self.dirty = false;
         if matches!(self.mode, Mode::Failed) {
             // Streaming finished: later writes append to the new object.
+            self.mode = Mode::Uploaded;
+        }
+        Ok(())
+    }
+
+    /// Gives an [`Mode::Uploaded`] writer its staging file, holding none of
+    /// the base's bytes yet.
+    async fn make_staged(&mut self) -> Result<(), WriteError> {
+        if let Mode::Uploaded = self.mode {
             let file = new_staging_file(&self.staging_dir, self.size).await?;
             self.mode = Mode::Staged(Staged { file, base_prefix: self.size });
         }
@@ -774,7 +800,15 @@ impl Writer {
             None => {
                 let key = self.key.clone();
                 self.uploaded_attrs = Some(self.attrs.clone());
-                self.conditional(|c| self.store.put_with(&key, rest.clone(), c, &self.attrs)).await
+                let put = self.conditional(|c| self.store.put_with(&key, rest.clone(), c, &self.attrs)).await;
+                if put.is_err() {
+                    // The whole file is still in this buffer: it stays, so
+                    // the next flush, fsync or last close tries again.
+                    s.buf = rest.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+                    self.mode = Mode::Streaming(s);
+                    return put.map_err(WriteError::Store);
+                }
+                put
             }
             Some(upload) => {
                 let mut parts = std::mem::take(&mut s.parts);
@@ -994,6 +1028,7 @@ impl Writer {
             }
             self.switch_to_staging().await?;
         }
+        self.make_staged().await?;
         let etag = self.base.as_ref().map(|b| b.etag.clone());
         let Mode::Staged(st) = &self.mode else {
             return Err(WriteError::Failed);
@@ -1039,6 +1074,7 @@ impl Writer {
             }
             self.switch_to_staging().await?;
         }
+        self.make_staged().await?;
         self.materialise_below(size.min(self.size)).await?;
         let Mode::Staged(st) = &self.mode else {
             return Err(WriteError::Failed);
