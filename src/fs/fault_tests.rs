@@ -437,3 +437,35 @@ fn a_local_writer_takes_only_its_own_version_from_the_cache() {
         assert_clean(&s).await;
     });
 }
+
+/// A directory made through the mount starts with an empty listing: the
+/// names created in it are looked up (not found) and then found without a
+/// request, and a listing of it shows them. A mkdir whose marker PUT fails
+/// leaves no directory and no listing behind.
+#[test]
+fn a_new_directory_answers_its_names_without_requests() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 13);
+        s.faults.add(Rule::nth("put", 0, server_error()));
+        assert!(s.fs.mkdir(super::inode::ROOT, "d").await.is_err(), "the failed marker PUT reaches mkdir");
+        let dir = s.fs.mkdir(super::inode::ROOT, "d").await.unwrap().ino;
+        let asked = |s: &Setup| s.mem.count_of("head") + s.mem.count_of("list");
+        let before = asked(&s);
+        for i in 0..10 {
+            let name = format!("f{i}");
+            assert_eq!(s.fs.lookup(dir, &name).await.unwrap_err(), FsError::NotFound);
+            let (_, fh) = s.fs.create(dir, &name, libc::O_WRONLY, pid()).await.unwrap();
+            s.fs.write(fh, 0, b"data").await.unwrap();
+            s.fs.flush(fh, pid()).await.unwrap();
+            s.fs.release(fh).await;
+            assert_eq!(s.fs.lookup(dir, &name).await.unwrap().size, 4);
+        }
+        assert_eq!(asked(&s), before, "no HEAD or LIST for the names of a new directory");
+        let fh = s.fs.opendir(dir).unwrap();
+        let names: Vec<_> = s.fs.readdir(fh, 0).await.unwrap().iter().map(|i| i.name.clone()).collect();
+        s.fs.releasedir(fh);
+        assert_eq!(names.len(), 12, "., .. and the ten files: {names:?}");
+        assert_eq!(s.mem.body("d/f9").as_deref(), Some(&b"data"[..]));
+        assert_clean(&s).await;
+    });
+}

@@ -484,9 +484,13 @@ impl Fs {
         self.note_dir(parent, name);
         let entry = Entry::dir(name);
         let mut table = lock(&self.inodes);
-        let ino = table.upsert(parent, &mount, &dir_key, &entry, Instant::now() + mount.ttl, true);
+        let now = Instant::now();
+        let ino = table.upsert(parent, &mount, &dir_key, &entry, now + mount.ttl, true);
         if let Some(i) = table.get_mut(ino) {
             i.mtime = SystemTime::now();
+            // Nothing was under it a moment ago: the new directory's names
+            // are answered without a request for a TTL, like a listing's.
+            i.listing = Some((now, Arc::new(Default::default())));
             if let Some(state) = state {
                 i.posix = Some((Instant::now(), Arc::new(state)));
             }
