@@ -6,6 +6,10 @@
 //!   to a new file's PUT (`If-None-Match: *`, a Content-Type). Each variant
 //!   sends N (default 1,000) PUTs of 4 KiB one after another, twice, into
 //!   new keys, and prints the time per PUT of each round.
+//! - `s3_probe ENDPOINT BUCKET ACCESS_KEY SECRET_KEY store-put [N]`: the
+//!   same new-file PUT (`If-None-Match: *`, a Content-Type) sent by the raw
+//!   client and by bucketfs's own S3 store (its client configuration,
+//!   timeouts and request path), alternating, in one process.
 //! - `s3_probe ENDPOINT BUCKET ACCESS_KEY SECRET_KEY head PREFIX [CONCURRENCY]`:
 //!   lists PREFIX, then HEADs every object with CONCURRENCY (default 64) in
 //!   flight, and prints the rate: the server's HEAD ceiling, next to which
@@ -35,6 +39,10 @@ async fn main() {
     let client = aws_sdk_s3::Client::from_conf(conf);
     match what.as_str() {
         "put" => puts(&client, bucket, rest.first().map_or(1000, |s| s.parse().expect("N"))).await,
+        "store-put" => {
+            let n = rest.first().map_or(1000, |s| s.parse().expect("N"));
+            store_puts(&client, endpoint, bucket, ak, sk, n).await
+        }
         "head" => {
             let prefix = rest.first().expect("PREFIX");
             heads(&client, bucket, prefix, rest.get(1).map_or(64, |s| s.parse().expect("CONCURRENCY"))).await
@@ -89,6 +97,40 @@ async fn puts(client: &aws_sdk_s3::Client, bucket: &str, n: usize) {
             }
             let per = t.elapsed().as_secs_f64() * 1000.0 / n as f64;
             println!("round {round} {variant:<14} {per:.3} ms per PUT");
+        }
+    }
+}
+
+async fn store_puts(client: &aws_sdk_s3::Client, endpoint: &str, bucket: &str, ak: &str, sk: &str, n: usize) {
+    use bucketfs::spec::{CredentialSource, S3Settings, SecretValue};
+    use bucketfs::store::{ObjectAttrs, ObjectStore, PutCondition};
+    let settings = S3Settings {
+        endpoint: Some(endpoint.to_string()),
+        path_style: true,
+        credentials: CredentialSource::Keys {
+            access_key: SecretValue::Literal(ak.to_string()),
+            secret_key: SecretValue::Literal(sk.to_string()),
+        },
+        ..S3Settings::default()
+    };
+    let store = bucketfs::store::s3::S3Store::new(bucket, settings).await.expect("store");
+    let body = bytes::Bytes::from(vec![b'x'; 4096]);
+    let attrs = ObjectAttrs::typed(Some("application/octet-stream".to_string()));
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    for round in 0..3 {
+        for variant in ["raw", "store"] {
+            let t = Instant::now();
+            for i in 0..n {
+                let key = format!("probe-{run}-{round}-{variant}/f{i}");
+                if variant == "raw" {
+                    let req = client.put_object().bucket(bucket).key(key).body(ByteStream::from(body.clone()));
+                    req.if_none_match("*").content_type("application/octet-stream").send().await.expect("put");
+                } else {
+                    store.put_with(&key, body.clone(), PutCondition::IfAbsent, &attrs).await.expect("put");
+                }
+            }
+            let per = t.elapsed().as_secs_f64() * 1000.0 / n as f64;
+            println!("round {round} {variant:<6} {per:.3} ms per PUT");
         }
     }
 }
