@@ -3,8 +3,9 @@
 //!
 //! A request that needs no server round trip is answered on the FUSE thread
 //! itself, through the `Fs` calls that never wait (`read_now`, `lookup_now`,
-//! `create_now`, `write_now`, `getxattr_now`, `flush_now`, `release_now`):
-//! handing it to a runtime thread and back costs more than answering it.
+//! `create_now`, `write_now`, `getattr_now`, `getxattr_now`, `flush_now`,
+//! `release_now`): handing it to a runtime thread and back costs more than
+//! answering it.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -205,7 +206,13 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let (fs, this) = (self.fs.clone(), self.attr_maker());
+        let this = self.attr_maker();
+        match self.fs.getattr_now(ino.0) {
+            Some(Ok(a)) => return reply.attr(&a.ttl, &this(&a)),
+            Some(Err(e)) => return reply.error(errno(&e)),
+            None => {}
+        }
+        let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.getattr(ino.0).await {
                 Ok(a) => reply.attr(&a.ttl, &this(&a)),

@@ -462,10 +462,41 @@ fn a_new_directory_answers_its_names_without_requests() {
         }
         assert_eq!(asked(&s), before, "no HEAD or LIST for the names of a new directory");
         let fh = s.fs.opendir(dir).unwrap();
-        let names: Vec<_> = s.fs.readdir(fh, 0).await.unwrap().iter().map(|i| i.name.clone()).collect();
+        let mut names = Vec::new();
+        loop {
+            let got = s.fs.readdir(fh, names.len() as u64).await.unwrap();
+            if got.is_empty() {
+                break;
+            }
+            names.extend(got.iter().map(|i| i.name.clone()));
+        }
         s.fs.releasedir(fh);
         assert_eq!(names.len(), 12, "., .. and the ten files: {names:?}");
         assert_eq!(s.mem.body("d/f9").as_deref(), Some(&b"data"[..]));
+        assert_clean(&s).await;
+    });
+}
+
+/// `getattr_now` answers what needs no request: a directory, a file being
+/// written (its writer's size) and fresh attributes; attributes past their
+/// TTL are left to `getattr`, which revalidates them with a HEAD.
+#[test]
+fn getattr_without_waiting_answers_only_what_needs_no_request() {
+    rt().block_on(async {
+        let s = setup_with_ttl(64 << 20, 14, Duration::ZERO);
+        s.mem.insert("old.bin", vec![1u8; 10]);
+        let ino = s.fs.lookup(super::inode::ROOT, "old.bin").await.unwrap().ino;
+        assert!(s.fs.getattr_now(ino).is_none(), "attributes past their TTL need a HEAD");
+        let heads = s.mem.count_of("head");
+        assert_eq!(s.fs.getattr(ino).await.unwrap().size, 10);
+        assert_eq!(s.mem.count_of("head"), heads + 1);
+        assert!(matches!(s.fs.getattr_now(super::inode::ROOT), Some(Ok(a)) if a.kind == super::namespace::Kind::Dir));
+        let (attr, fh) = s.fs.create(super::inode::ROOT, "new.bin", libc::O_WRONLY, pid()).await.unwrap();
+        s.fs.write(fh, 0, b"12345").await.unwrap();
+        assert_eq!(s.fs.getattr_now(attr.ino).unwrap().unwrap().size, 5, "a file being written: its writer's size");
+        s.fs.flush(fh, pid()).await.unwrap();
+        s.fs.release(fh).await;
+        assert!(s.fs.getattr_now(u64::MAX).unwrap().is_err(), "an unknown inode");
         assert_clean(&s).await;
     });
 }

@@ -770,25 +770,41 @@ impl Fs {
     pub async fn getattr(&self, ino: u64) -> Result<Attr> {
         // With --posix-metadata, a HEAD just sent counts as the revalidation.
         let fresh = self.refresh_posix(ino).await?;
-        let writer = self.writers.get(ino);
-        if let Some(w) = writer {
-            let table = lock(&self.inodes);
-            let mut attr = self.attr_of(table.get(ino).ok_or(FsError::NotFound)?);
-            attr.size = w.size();
-            return Ok(attr);
-        }
-        let (mount, key) = {
-            let table = lock(&self.inodes);
-            let inode = table.get(ino).ok_or(FsError::NotFound)?;
-            if fresh || inode.kind == Kind::Dir || Instant::now() < inode.valid_until {
-                return Ok(self.attr_of(inode));
-            }
-            match &inode.loc {
-                Loc::Object { mount, key } => (mount.clone(), key.clone()),
-                Loc::Virtual { .. } => return Ok(self.attr_of(inode)),
-            }
+        let (mount, key) = match self.attr_cached(ino, fresh) {
+            Ok(answer) => return answer,
+            Err(location) => location,
         };
         self.revalidate(ino, &mount, &key).await
+    }
+
+    /// [`Self::getattr`] without waiting: the answer when no request is
+    /// needed (a file being written, a directory, fresh attributes), else
+    /// `None`. Not with `--posix-metadata`, whose attributes may need a HEAD.
+    pub fn getattr_now(&self, ino: u64) -> Option<Result<Attr>> {
+        if self.settings.posix_metadata {
+            return None;
+        }
+        self.attr_cached(ino, false).ok()
+    }
+
+    /// The attributes of `ino` when no request is needed, else where to
+    /// revalidate them.
+    fn attr_cached(&self, ino: u64, fresh: bool) -> std::result::Result<Result<Attr>, (Arc<MountPoint>, String)> {
+        let writer = self.writers.get(ino);
+        let table = lock(&self.inodes);
+        let Some(inode) = table.get(ino) else { return Ok(Err(FsError::NotFound)) };
+        if let Some(w) = writer {
+            let mut attr = self.attr_of(inode);
+            attr.size = w.size();
+            return Ok(Ok(attr));
+        }
+        if fresh || inode.kind == Kind::Dir || Instant::now() < inode.valid_until {
+            return Ok(Ok(self.attr_of(inode)));
+        }
+        match &inode.loc {
+            Loc::Object { mount, key } => Err((mount.clone(), key.clone())),
+            Loc::Virtual { .. } => Ok(Ok(self.attr_of(inode))),
+        }
     }
 
     async fn revalidate(&self, ino: u64, mount: &MountPoint, key: &str) -> Result<Attr> {
