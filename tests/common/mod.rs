@@ -336,6 +336,12 @@ impl Mount {
 
     /// As [`Mount::start`], with another endpoint (a proxy in front of the server).
     pub fn start_via(endpoint: &str, source: &str, extra: &[&str]) -> Mount {
+        Self::start_with(endpoint, source, extra, &[])
+    }
+
+    /// As [`Mount::start_via`], with more environment for bucketfs (a
+    /// benchmark's log level, say: tests log at debug).
+    pub fn start_with(endpoint: &str, source: &str, extra: &[&str], env: &[(&str, &str)]) -> Mount {
         let srv = server();
         let dir = tempfile::tempdir().unwrap();
         let (a, s) = srv.key_files(dir.path());
@@ -353,7 +359,7 @@ impl Mount {
             s.to_str().unwrap().into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(dir, mountpoint, &args, &[])
+        Self::spawn(dir, mountpoint, &args, env)
     }
 
     /// Runs bucketfs with `args` and waits for `mountpoint` to appear.
