@@ -170,6 +170,29 @@ fn unlinking_a_file_being_streamed_aborts_its_upload() {
     });
 }
 
+/// A file unlinked before any part of it went out never starts a multipart
+/// upload, however much is written after: the bytes stay readable through
+/// the open handle, nothing is sent, and nothing is left open.
+#[test]
+fn a_file_unlinked_before_its_first_part_never_starts_an_upload() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 15);
+        let (_, fh) = s.fs.create(1, "early", libc::O_WRONLY, pid()).await.unwrap();
+        s.fs.write(fh, 0, b"head").await.unwrap();
+        s.fs.unlink(1, "early").await.unwrap();
+        for i in 0..20u64 {
+            s.fs.write(fh, 4 + (i << 20), &vec![5u8; 1 << 20]).await.unwrap();
+        }
+        assert_eq!(s.mem.count_of("create_multipart"), 0, "an unlinked file starts no upload");
+        assert_eq!(&s.fs.read(fh, 0, 6).await.unwrap().to_vec()[..], &b"head\x05\x05"[..]);
+        s.fs.flush(fh, pid()).await.unwrap();
+        s.fs.release(fh).await;
+        assert!(s.mem.body("early").is_none());
+        assert_eq!(s.mem.count_of("create_multipart"), 0);
+        assert_clean(&s).await;
+    });
+}
+
 #[test]
 fn a_dropped_writer_aborts_its_upload() {
     rt().block_on(async {
@@ -497,6 +520,25 @@ fn getattr_without_waiting_answers_only_what_needs_no_request() {
         s.fs.flush(fh, pid()).await.unwrap();
         s.fs.release(fh).await;
         assert!(s.fs.getattr_now(u64::MAX).unwrap().is_err(), "an unknown inode");
+        assert_clean(&s).await;
+    });
+}
+
+/// A file the kernel forgets before its upload (a `touch` whose release
+/// uploads after close returned, with the dentry reclaimed meanwhile) is
+/// still recorded in its directory's listing by that upload, so the new
+/// directory's listing does not hide it.
+#[test]
+fn a_file_forgotten_before_its_upload_is_still_listed() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 16);
+        let dir = s.fs.mkdir(super::inode::ROOT, "d").await.unwrap().ino;
+        let (attr, fh) = s.fs.create(dir, "x", libc::O_WRONLY, pid()).await.unwrap();
+        s.fs.forget(attr.ino, 1);
+        s.fs.flush(fh, pid()).await.unwrap();
+        s.fs.release(fh).await;
+        assert!(s.mem.body("d/x").is_some(), "the empty file is uploaded at release");
+        assert_eq!(s.fs.lookup(dir, "x").await.unwrap().size, 0, "the listing knows it");
         assert_clean(&s).await;
     });
 }

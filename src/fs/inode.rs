@@ -431,12 +431,14 @@ impl InodeTable {
     }
 
     /// Drops `n` kernel lookups; an unpinned inode nobody knows is removed.
+    /// A file not uploaded yet stays (as in [`Self::sweep`]): its upload
+    /// still has to record it in its directory's listing.
     pub fn forget(&mut self, ino: u64, n: u64) {
         let Some(inode) = self.inodes.get_mut(&ino) else {
             return;
         };
         inode.lookups = inode.lookups.saturating_sub(n);
-        if inode.lookups == 0 && !inode.pinned {
+        if inode.lookups == 0 && !inode.pinned && !inode.local {
             let key = NameRef(inode.parent, &inode.name);
             if self.names.get(&key) == Some(&ino) {
                 self.names.remove(&key);

@@ -790,12 +790,13 @@ impl Fs {
     /// The attributes of `ino` when no request is needed, else where to
     /// revalidate them.
     fn attr_cached(&self, ino: u64, fresh: bool) -> std::result::Result<Result<Attr>, (Arc<MountPoint>, String)> {
-        let writer = self.writers.get(ino);
+        // Read before the table is locked (a local writer's size is an fstat).
+        let written_size = self.writers.get(ino).map(|w| w.size());
         let table = lock(&self.inodes);
         let Some(inode) = table.get(ino) else { return Ok(Err(FsError::NotFound)) };
-        if let Some(w) = writer {
+        if let Some(size) = written_size {
             let mut attr = self.attr_of(inode);
-            attr.size = w.size();
+            attr.size = size;
             return Ok(Ok(attr));
         }
         if fresh || inode.kind == Kind::Dir || Instant::now() < inode.valid_until {
@@ -1083,7 +1084,10 @@ impl Fs {
         // Checked after leaving: a write by another user before it left is
         // seen here, and nobody writes through a retired writer. With
         // --posix-metadata a clean writer may still have attributes to store.
-        let clean = !self.settings.posix_metadata && entry.writer.try_lock().is_ok_and(|wr| !wr.is_dirty());
+        // A writer with a staging file is dropped on the runtime: closing
+        // that file may free gigabytes of disk blocks.
+        let clean = !self.settings.posix_metadata
+            && entry.writer.try_lock().is_ok_and(|wr| !wr.is_dirty() && !wr.has_staging_file());
         if clean {
             self.writers.retire(handle.ino, &entry);
             return None;

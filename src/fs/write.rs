@@ -222,6 +222,9 @@ pub struct Upload {
     /// The Content-Type and user metadata the completed object carries
     /// (boxed: a writer holds an `Option<Upload>` while streaming).
     attrs: Box<ObjectAttrs>,
+    /// The runtime it was started on: a drop on a thread outside it (a
+    /// FUSE thread dropping the last reference) still aborts it there.
+    rt: Option<tokio::runtime::Handle>,
 }
 
 impl Upload {
@@ -233,7 +236,8 @@ impl Upload {
     pub async fn create_with(store: &Arc<dyn ObjectStore>, key: &str, attrs: ObjectAttrs) -> Result<Self, StoreError> {
         let id = store.create_multipart_with(key, &attrs).await?;
         crate::metrics::metrics().multipart_open.inc();
-        Ok(Self { store: store.clone(), key: key.to_string(), id, ended: false, attrs: Box::new(attrs) })
+        let rt = tokio::runtime::Handle::try_current().ok();
+        Ok(Self { store: store.clone(), key: key.to_string(), id, ended: false, attrs: Box::new(attrs), rt })
     }
 
     pub fn id(&self) -> &str {
@@ -281,11 +285,11 @@ impl Drop for Upload {
         }
         self.end();
         let (store, key, id) = (self.store.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.id));
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
+        match tokio::runtime::Handle::try_current().ok().or_else(|| self.rt.clone()) {
+            Some(rt) => {
                 rt.spawn(async move { abort_logged(&*store, &key, &id).await });
             }
-            Err(_) => warn!(key, "the multipart upload of {key} is left incomplete (no runtime to abort it)"),
+            None => warn!(key, "the multipart upload of {key} is left incomplete (no runtime to abort it)"),
         }
     }
 }
@@ -448,6 +452,11 @@ impl Writer {
             self.size = size;
             self.dirty |= written;
         }
+    }
+
+    /// Holds a staging file (staged, not just uploaded).
+    pub fn has_staging_file(&self) -> bool {
+        matches!(self.mode, Mode::Staged(_))
     }
 
     /// The staging file of a local writer (see the module documentation).
@@ -637,6 +646,11 @@ impl Writer {
             let want = part_size(s.next_part);
             if (s.buf.len() as u64) < want {
                 return Ok(());
+            }
+            if s.upload.is_none() && self.unlinked {
+                // Unlinked before a part went out: nothing will be uploaded,
+                // so the bytes go to a staging file (readable, not sent).
+                return self.switch_to_staging().await;
             }
             if s.upload.is_none() {
                 match Upload::create_with(&self.store, &self.key, self.attrs.clone()).await {
