@@ -64,6 +64,21 @@ pub(super) async fn assert_clean(s: &Setup) {
     assert_eq!(s.fs.writer_count(), 0, "writers left registered");
 }
 
+/// Every name `readdir` hands out for `dir`, `.` and `..` included.
+async fn all_names(fs: &Arc<Fs>, dir: u64) -> Vec<String> {
+    let fh = fs.opendir(dir).unwrap();
+    let mut names = Vec::new();
+    loop {
+        let got = fs.readdir(fh, names.len() as u64).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        names.extend(got.iter().map(|i| i.name.clone()));
+    }
+    fs.releasedir(fh);
+    names
+}
+
 fn pid() -> u32 {
     std::process::id()
 }
@@ -319,16 +334,7 @@ fn a_listing_longer_than_its_ttl_loses_no_entry_to_a_sweep() {
             s.mem.insert(&format!("big/k{i:05}"), &b"x"[..]);
         }
         let dir = s.fs.lookup(1, "big").await.unwrap().ino;
-        let fh = s.fs.opendir(dir).unwrap();
-        let mut names = Vec::new();
-        loop {
-            let got = s.fs.readdir(fh, names.len() as u64).await.unwrap();
-            if got.is_empty() {
-                break;
-            }
-            names.extend(got.iter().map(|i| i.name.clone()));
-        }
-        s.fs.releasedir(fh);
+        let names = all_names(&s.fs, dir).await;
         let unique: std::collections::BTreeSet<_> = names.iter().collect();
         assert_eq!((names.len(), unique.len()), (12_002, 12_002));
     });
@@ -484,16 +490,7 @@ fn a_new_directory_answers_its_names_without_requests() {
             assert_eq!(s.fs.lookup(dir, &name).await.unwrap().size, 4);
         }
         assert_eq!(asked(&s), before, "no HEAD or LIST for the names of a new directory");
-        let fh = s.fs.opendir(dir).unwrap();
-        let mut names = Vec::new();
-        loop {
-            let got = s.fs.readdir(fh, names.len() as u64).await.unwrap();
-            if got.is_empty() {
-                break;
-            }
-            names.extend(got.iter().map(|i| i.name.clone()));
-        }
-        s.fs.releasedir(fh);
+        let names = all_names(&s.fs, dir).await;
         assert_eq!(names.len(), 12, "., .. and the ten files: {names:?}");
         assert_eq!(s.mem.body("d/f9").as_deref(), Some(&b"data"[..]));
         assert_clean(&s).await;
