@@ -14,18 +14,29 @@
 //!   lists PREFIX, then HEADs every object with CONCURRENCY (default 64) in
 //!   flight, and prints the rate: the server's HEAD ceiling, next to which
 //!   `ls -l` with `--posix-metadata` is measured.
+//! - `s3_probe ENDPOINT BUCKET ACCESS_KEY SECRET_KEY get KEY [N] [SIZE]`:
+//!   N (default 1,000) ranged GETs of SIZE bytes (default 256 KiB) at
+//!   random aligned offsets of KEY, one at a time, in rounds that alternate
+//!   a plain GET and one with `If-Match` (what a conditional read costs the
+//!   server): the one-GET-per-read floor of a random read. With
+//!   `PROBE_STORE=1` the second variant goes through bucketfs's own S3
+//!   store instead; `PROBE_GAP_US=G` sleeps G µs before each GET, as the
+//!   round trip through the kernel does between a mount's reads.
 
 use std::time::Instant;
 
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation};
 use aws_sdk_s3::primitives::ByteStream;
+use bytes::Buf;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let [_, endpoint, bucket, ak, sk, what, rest @ ..] = args.as_slice() else {
-        eprintln!("usage: s3_probe ENDPOINT BUCKET ACCESS_KEY SECRET_KEY put [N] | head PREFIX [CONCURRENCY]");
+        eprintln!(
+            "usage: s3_probe ENDPOINT BUCKET ACCESS_KEY SECRET_KEY put [N] | store-put [N] | get KEY [N] [SIZE] | head PREFIX [CONCURRENCY]"
+        );
         std::process::exit(2);
     };
     let conf = aws_sdk_s3::Config::builder()
@@ -43,12 +54,23 @@ async fn main() {
             let n = rest.first().map_or(1000, |s| s.parse().expect("N"));
             store_puts(&client, endpoint, bucket, ak, sk, n).await
         }
+        "get" => {
+            let key = rest.first().expect("KEY");
+            let n = rest.get(1).map_or(1000, |s| s.parse().expect("N"));
+            let size = rest.get(2).map_or(256 << 10, |s| s.parse().expect("SIZE"));
+            let store = if std::env::var_os("PROBE_STORE").is_some() {
+                Some(store(endpoint, bucket, ak, sk).await)
+            } else {
+                None
+            };
+            gets(&client, store.as_ref(), bucket, key, n, size).await
+        }
         "head" => {
             let prefix = rest.first().expect("PREFIX");
             heads(&client, bucket, prefix, rest.get(1).map_or(64, |s| s.parse().expect("CONCURRENCY"))).await
         }
         _ => {
-            eprintln!("s3_probe: unknown probe {what:?} (put or head)");
+            eprintln!("s3_probe: unknown probe {what:?} (put, store-put, get or head)");
             std::process::exit(2);
         }
     }
@@ -73,6 +95,67 @@ async fn heads(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str, concurre
     while tasks.join_next().await.is_some() {}
     let secs = t.elapsed().as_secs_f64();
     println!("{} HEADs, {concurrency} in flight: {secs:.3} s, {:.0} HEADs/s", keys.len(), keys.len() as f64 / secs);
+}
+
+async fn store(endpoint: &str, bucket: &str, ak: &str, sk: &str) -> bucketfs::store::s3::S3Store {
+    use bucketfs::spec::{CredentialSource, S3Settings, SecretValue};
+    let settings = S3Settings {
+        endpoint: Some(endpoint.to_string()),
+        path_style: true,
+        credentials: CredentialSource::Keys {
+            access_key: SecretValue::Literal(ak.to_string()),
+            secret_key: SecretValue::Literal(sk.to_string()),
+        },
+        ..S3Settings::default()
+    };
+    bucketfs::store::s3::S3Store::new(bucket, settings).await.expect("store")
+}
+
+async fn gets(
+    client: &aws_sdk_s3::Client,
+    store: Option<&bucketfs::store::s3::S3Store>,
+    bucket: &str,
+    key: &str,
+    n: usize,
+    size: u64,
+) {
+    use bucketfs::store::ObjectStore;
+    use futures::StreamExt;
+    let head = client.head_object().bucket(bucket).key(key).send().await.expect("head");
+    let (len, etag) = (head.content_length().unwrap_or(0) as u64, head.e_tag().unwrap_or("").to_string());
+    let slots = (len / size).max(1);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..3 {
+        for variant in if store.is_some() { ["plain", "store"] } else { ["plain", "if-match"] } {
+            let t = Instant::now();
+            for _ in 0..n {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let start = (seed % slots) * size;
+                if let Some(gap) = std::env::var("PROBE_GAP_US").ok().and_then(|g| g.parse().ok()) {
+                    std::thread::sleep(std::time::Duration::from_micros(gap));
+                }
+                if variant == "store" {
+                    let mut body = store.unwrap().get_range(key, Some(&etag), start, start + size).await.expect("get");
+                    let mut got = 0;
+                    while let Some(chunk) = body.next().await {
+                        got += chunk.expect("body").len() as u64;
+                    }
+                    assert_eq!(got, size);
+                    continue;
+                }
+                let req =
+                    client.get_object().bucket(bucket).key(key).range(format!("bytes={}-{}", start, start + size - 1));
+                let req = if variant == "if-match" { req.if_match(&etag) } else { req };
+                let body = req.send().await.expect("get").body.collect().await.expect("body");
+                assert_eq!(body.remaining() as u64, size);
+            }
+            let secs = t.elapsed().as_secs_f64();
+            let rate = (n as u64 * size) as f64 / secs / (1 << 20) as f64;
+            println!("round {round} {variant:<8} {:.3} ms per GET, {rate:.1} MiB/s", secs * 1000.0 / n as f64);
+        }
+    }
 }
 
 async fn puts(client: &aws_sdk_s3::Client, bucket: &str, n: usize) {
@@ -102,18 +185,8 @@ async fn puts(client: &aws_sdk_s3::Client, bucket: &str, n: usize) {
 }
 
 async fn store_puts(client: &aws_sdk_s3::Client, endpoint: &str, bucket: &str, ak: &str, sk: &str, n: usize) {
-    use bucketfs::spec::{CredentialSource, S3Settings, SecretValue};
     use bucketfs::store::{ObjectAttrs, ObjectStore, PutCondition};
-    let settings = S3Settings {
-        endpoint: Some(endpoint.to_string()),
-        path_style: true,
-        credentials: CredentialSource::Keys {
-            access_key: SecretValue::Literal(ak.to_string()),
-            secret_key: SecretValue::Literal(sk.to_string()),
-        },
-        ..S3Settings::default()
-    };
-    let store = bucketfs::store::s3::S3Store::new(bucket, settings).await.expect("store");
+    let store = store(endpoint, bucket, ak, sk).await;
     let body = bytes::Bytes::from(vec![b'x'; 4096]);
     let attrs = ObjectAttrs::typed(Some("application/octet-stream".to_string()));
     let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
