@@ -185,3 +185,50 @@ fn failed_uploads_leave_no_budget_and_no_open_upload() {
     assert!(srv.get(&bucket, &format!("m{n}")).is_none(), "a failed multipart stream left an object");
     assert!(srv.get(&bucket, "s0").unwrap() == small, "the release's try stored another body");
 }
+
+#[test]
+fn a_put_applied_whose_answer_was_lost_is_not_an_error() {
+    let srv = server();
+    let bucket = srv.bucket("wlost");
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], srv.s3_port)));
+    let m = Mount::start_via(&proxy.endpoint(), &bucket, &[]);
+
+    // A new file: its PUT (If-None-Match) is applied, the answer lost, and
+    // the retry finds the object it stored itself.
+    proxy.set_mode(Mode::LoseAnswers { method: "PUT", remaining: 1 });
+    let mut f = std::fs::File::create(m.path("new.txt")).unwrap();
+    f.write_all(b"stored once, answered never").unwrap();
+    close(f).expect("close() failed although the object is stored");
+    assert_eq!(proxy.stats().lost_answers, 1);
+    assert_eq!(srv.get(&bucket, "new.txt").unwrap(), b"stored once, answered never");
+
+    // An overwrite (If-Match on the old ETag) the same way.
+    proxy.set_mode(Mode::LoseAnswers { method: "PUT", remaining: 1 });
+    std::fs::write(m.path("new.txt"), b"second version").expect("overwrite failed although stored");
+    assert_eq!(proxy.stats().lost_answers, 2);
+    assert_eq!(srv.get(&bucket, "new.txt").unwrap(), b"second version");
+    assert_eq!(std::fs::read(m.path("new.txt")).unwrap(), b"second version");
+
+    // A multipart upload whose completion is applied and its answer lost.
+    // The first POST (CreateMultipartUpload) goes out while the first
+    // 8 MiB part fills; the next is the completion.
+    let big = pattern(20 << 20, 9);
+    let mut f = std::fs::File::create(m.path("big.bin")).unwrap();
+    f.write_all(&big[..12 << 20]).unwrap();
+    proxy.set_mode(Mode::LoseAnswers { method: "POST", remaining: 1 });
+    f.write_all(&big[12 << 20..]).unwrap();
+    let closed = close(f);
+    let posts = proxy.stats().lost_answers;
+    assert!(srv.get(&bucket, "big.bin").unwrap() == big, "the multipart object is not whole");
+    closed.expect("close() failed although the multipart object is stored");
+    assert_eq!(posts, 3, "the completion's answer was not lost");
+
+    // Another client's object is still never replaced: a new file whose
+    // name another client took meanwhile fails, and the other bytes stay.
+    let mut f = std::fs::File::create(m.path("taken.txt")).unwrap();
+    f.write_all(b"mine").unwrap();
+    srv.put(&bucket, "taken.txt", b"theirs");
+    let err = close(f).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(srv.get(&bucket, "taken.txt").unwrap(), b"theirs");
+}

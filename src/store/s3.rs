@@ -339,6 +339,42 @@ impl S3Store {
         }
     }
 
+    /// After a conditional PUT was refused: the object's ETag if it holds
+    /// exactly `body` with `attrs`' metadata. That is an earlier attempt of
+    /// the same PUT that the server applied but whose answer was lost: the
+    /// SDK's retry, or the writer's next try after a failed close, then
+    /// meets the object it stored itself, and is refused by its own
+    /// condition. A single PutObject's ETag is the MD5 of its body (not
+    /// under SSE-KMS or SSE-C, where nothing matches and the refusal stands).
+    /// Empty bodies stay refused: a `dir/` marker or an empty file that
+    /// exists already is the conflict itself (`mkdir`'s `EEXIST`), whoever
+    /// made it.
+    async fn stored_already(&self, key: &str, body: &Bytes, attrs: &ObjectAttrs) -> Option<String> {
+        use md5::{Digest, Md5};
+        let (meta, stored) = self.head_attrs(key).await.ok()?;
+        let same = meta.size == body.len() as u64
+            && meta.etag.trim_matches('"').eq_ignore_ascii_case(&hex(&Md5::digest(body)))
+            && stored.metadata == attrs.metadata;
+        if same {
+            info!(bucket = %self.bucket, key, "an upload was refused by its own earlier attempt, stored but unanswered; the object holds this upload");
+        }
+        same.then_some(meta.etag)
+    }
+
+    /// After a completion failed: the object's ETag if it was completed
+    /// from exactly these parts, as [`Self::stored_already`] does for a
+    /// PUT. A multipart object's ETag is the MD5 of its parts' MD5s (their
+    /// ETags), then `-` and the number of parts.
+    async fn completed_already(&self, key: &str, parts: &[CompletedPart]) -> Option<String> {
+        let expected = multipart_etag(parts)?;
+        let (meta, _) = self.head_attrs(key).await.ok()?;
+        let same = meta.etag.trim_matches('"').eq_ignore_ascii_case(&expected);
+        if same {
+            info!(bucket = %self.bucket, key, "a multipart upload's completion failed on a retry, but its earlier attempt had completed it");
+        }
+        same.then_some(meta.etag)
+    }
+
     fn copy_source(&self, key: &str) -> String {
         format!("{}/{}", self.bucket, encode_key(key))
     }
@@ -426,6 +462,29 @@ fn https_client_with_ca(path: &PathBuf) -> anyhow::Result<aws_smithy_runtime_api
         .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
         .tls_context(context)
         .build_https())
+}
+
+/// Lower-case hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The ETag S3 gives an object completed from `parts` (without quotes):
+/// the MD5 of the parts' MD5s, `-`, the number of parts. `None` when a
+/// part's ETag is not an MD5.
+fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {
+    use md5::{Digest, Md5};
+    let mut digests = Md5::new();
+    for part in parts {
+        let hex = part.etag.trim_matches('"');
+        if hex.len() != 32 {
+            return None;
+        }
+        for i in (0..32).step_by(2) {
+            digests.update([u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()?]);
+        }
+    }
+    Some(format!("{}-{}", hex(&digests.finalize()), parts.len()))
 }
 
 /// Percent-encodes a key for `x-amz-copy-source`, keeping `/`.
@@ -705,8 +764,14 @@ impl ObjectStore for S3Store {
                     .map_err(map_err)
                 }
             })
-            .await?;
-        Ok(out.e_tag().unwrap_or("").to_string())
+            .await;
+        match out {
+            Ok(out) => Ok(out.e_tag().unwrap_or("").to_string()),
+            Err(StoreError::PreconditionFailed) if !body.is_empty() && !matches!(cond, PutCondition::None) => {
+                self.stored_already(key, &body, attrs).await.ok_or(StoreError::PreconditionFailed)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -870,8 +935,16 @@ impl ObjectStore for S3Store {
                     req.customize().config_override(self.op_config(Bound::SlowAnswer)).send().await.map_err(map_err)
                 }
             })
-            .await?;
-        Ok(out.e_tag().unwrap_or("").to_string())
+            .await;
+        match out {
+            Ok(out) => Ok(out.e_tag().unwrap_or("").to_string()),
+            // The server answered, but maybe to a retry of a completion it
+            // had applied: the upload is gone (404) or the condition fails.
+            Err(e @ (StoreError::PreconditionFailed | StoreError::NotFound | StoreError::Server { .. })) => {
+                self.completed_already(key, &parts).await.ok_or(e)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
@@ -931,3 +1004,22 @@ impl ObjectStore for S3Store {
 
 /// Shared handle to a store, as the file system holds it.
 pub type SharedStore = Arc<dyn ObjectStore>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_multipart_etag_is_the_md5_of_its_parts_md5s() {
+        // md5("a"), md5("b"); the expected value computed with Python's hashlib.
+        let parts = [
+            CompletedPart { number: 1, etag: "\"0cc175b9c0f1b6a831c399e269772661\"".into() },
+            CompletedPart { number: 2, etag: "92EB5FFEE6AE2FEC3AD71C777531578F".into() },
+        ];
+        assert_eq!(multipart_etag(&parts).as_deref(), Some("96e024ba2074fe77e8e965ba43a704be-2"));
+        let kms = [CompletedPart { number: 1, etag: "\"not-an-md5\"".into() }];
+        assert_eq!(multipart_etag(&kms), None);
+        let odd = [CompletedPart { number: 1, etag: "zz".repeat(16) }];
+        assert_eq!(multipart_etag(&odd), None);
+    }
+}

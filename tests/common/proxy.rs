@@ -69,6 +69,11 @@ pub enum Mode {
     /// `400 InvalidArgument`, as some S3-compatible servers do; forward the
     /// rest.
     RefuseLargeListPages,
+    /// Forward the next `remaining` requests of this HTTP method and let
+    /// the server answer them, then reset the client's connection instead
+    /// of sending the answer: a request applied whose answer was lost on the
+    /// way back.
+    LoseAnswers { method: &'static str, remaining: u32 },
     /// Answer the next `remaining` ListObjectsV2 requests with status 200
     /// and an `InternalError` document for a body (S3 may report errors that
     /// way once it has sent its status); forward the rest.
@@ -91,6 +96,8 @@ pub struct Stats {
     pub errors_in_200: u64,
     pub resets: u64,
     pub truncations: u64,
+    /// Answers to applied requests that were never sent back.
+    pub lost_answers: u64,
     /// Requests held while frozen.
     pub frozen: u64,
     /// Connections reset because the proxy was down.
@@ -108,7 +115,7 @@ impl Stats {
 
     /// Every fault injected so far.
     pub fn faults(&self) -> u64 {
-        self.injected_503 + self.resets + self.truncations + self.frozen + self.refused
+        self.injected_503 + self.resets + self.truncations + self.frozen + self.refused + self.lost_answers
     }
 }
 
@@ -122,6 +129,7 @@ struct Counters {
     errors_in_200: AtomicU64,
     resets: AtomicU64,
     truncations: AtomicU64,
+    lost_answers: AtomicU64,
     frozen: AtomicU64,
     refused: AtomicU64,
     requests: Mutex<BTreeMap<String, u64>>,
@@ -146,6 +154,18 @@ impl Shared {
     fn take_503(&self) -> bool {
         self.mode.send_if_modified(|m| match m {
             Mode::Error503 { remaining } if *remaining > 0 => {
+                *remaining -= 1;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    /// Takes one lost answer to a `method` request from a `LoseAnswers`
+    /// run, if there is one.
+    fn take_lost_answer(&self, method: &str) -> bool {
+        self.mode.send_if_modified(|m| match m {
+            Mode::LoseAnswers { method: lost, remaining } if *remaining > 0 && *lost == method => {
                 *remaining -= 1;
                 true
             }
@@ -248,6 +268,7 @@ impl Proxy {
             errors_in_200: get(&c.errors_in_200),
             resets: get(&c.resets),
             truncations: get(&c.truncations),
+            lost_answers: get(&c.lost_answers),
             frozen: get(&c.frozen),
             refused: get(&c.refused),
         }
@@ -380,6 +401,11 @@ async fn serve(client: &mut Conn, shared: &Shared) -> io::Result<End> {
         }
         let resp = Head::parse(&resp_head)?;
         let framing = resp.response_framing(&method);
+        if shared.take_lost_answer(&method) {
+            // The server has answered, so it has applied the request.
+            bump(&shared.counters.lost_answers, 1);
+            return Ok(End::Reset);
+        }
         let cut = match shared.thaw(false).await {
             Mode::Down => return Ok(End::Reset),
             Mode::ResetMidBody { after_bytes } => Some((after_bytes, End::Reset)),
