@@ -223,6 +223,22 @@ fn a_put_applied_whose_answer_was_lost_is_not_an_error() {
     closed.expect("close() failed although the multipart object is stored");
     assert_eq!(posts, 3, "the completion's answer was not lost");
 
+    // A multipart upload whose start is applied and its answer lost: the
+    // retry starts a second upload, and the first is not left open.
+    let open_uploads = || {
+        srv.block_on(async {
+            let c = raw_client(&srv.endpoint);
+            c.list_multipart_uploads().bucket(&bucket).send().await.unwrap().uploads().len()
+        })
+    };
+    proxy.set_mode(Mode::LoseAnswers { method: "POST", remaining: 1 });
+    let mut f = std::fs::File::create(m.path("big2.bin")).unwrap();
+    f.write_all(&big).unwrap();
+    close(f).expect("close() after a lost answer to the upload's start");
+    assert_eq!(proxy.stats().lost_answers, 4, "the start's answer was not lost");
+    assert!(srv.get(&bucket, "big2.bin").unwrap() == big, "the multipart object is not whole");
+    assert_eq!(open_uploads(), 0, "a multipart upload was left open\n{}", m.log_text());
+
     // Another client's object is still never replaced: a new file whose
     // name another client took meanwhile fails, and the other bytes stay.
     let mut f = std::fs::File::create(m.path("taken.txt")).unwrap();

@@ -57,12 +57,22 @@
 //! silence (a GET body is not retried: the reader gets `EIO` and the next
 //! read asks again).
 //!
+//! # Lost answers
+//!
+//! A request can be applied by the server and its answer lost on the way
+//! back; the SDK then sends it again. For a conditional upload the retry is
+//! refused by its own earlier attempt (`If-None-Match`, `If-Match`, or a
+//! multipart upload already completed). So a refused upload is checked
+//! against the object: an ETag that is the MD5 of this very body (of these
+//! parts) means it is stored. A retried CreateMultipartUpload may have left
+//! an upload nobody knows of, so the strays it may have made are aborted.
+//!
 //! Credentials come from the standard AWS chain, or from key files (or
 //! literals) given by the user. Key files are re-read when a request is
 //! denied, so a rotated Kubernetes Secret works without a restart.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -77,7 +87,9 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as SdkPart, MetadataDirective};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
-use aws_smithy_runtime_api::client::interceptors::context::BeforeDeserializationInterceptorContextMut;
+use aws_smithy_runtime_api::client::interceptors::context::{
+    BeforeDeserializationInterceptorContextMut, BeforeTransmitInterceptorContextRef,
+};
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::body::SdkBody;
 use aws_smithy_types::config_bag::ConfigBag;
@@ -375,6 +387,34 @@ impl S3Store {
         same.then_some(meta.etag)
     }
 
+    /// After a CreateMultipartUpload that took more than one attempt: an
+    /// earlier attempt may have created an upload whose answer was lost,
+    /// which nobody would ever complete or abort. Such strays are the
+    /// uploads of the same key that the server started before `ours`, at
+    /// most `took` (plus a second of timestamp rounding) earlier; they are
+    /// aborted. Another client starting an upload of the same key in that
+    /// window would lose its upload, which is far less likely than a lost
+    /// answer. Errors here are logged and leave things as they were.
+    async fn abort_strays(&self, key: &str, ours: &str, took: Duration) {
+        let uploads = match self.list_multipart_uploads(key).await {
+            Ok(u) => u,
+            Err(e) => return warn!(bucket = %self.bucket, key, "cannot look for multipart uploads a retry left: {e}"),
+        };
+        let Some(mine) = uploads.iter().find(|u| u.upload_id == ours) else { return };
+        let window = took + Duration::from_secs(1);
+        for stray in uploads.iter().filter(|u| {
+            u.key == key
+                && u.upload_id != ours
+                && u.initiated <= mine.initiated
+                && mine.initiated.duration_since(u.initiated).unwrap_or_default() <= window
+        }) {
+            match self.abort_multipart(key, &stray.upload_id).await {
+                Ok(()) => info!(bucket = %self.bucket, key, "aborted a multipart upload that a retried start had left"),
+                Err(e) => warn!(bucket = %self.bucket, key, "cannot abort a multipart upload a retry left: {e}"),
+            }
+        }
+    }
+
     fn copy_source(&self, key: &str) -> String {
         format!("{}/{}", self.bucket, encode_key(key))
     }
@@ -577,6 +617,26 @@ impl Intercept for TakeListBody {
             let body = std::mem::replace(response.body_mut(), SdkBody::from(EMPTY_LISTING));
             *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(body);
         }
+        Ok(())
+    }
+}
+
+/// Counts the times one request is sent (its attempts, retries included).
+#[derive(Debug, Default, Clone)]
+struct Attempts(Arc<AtomicU32>);
+
+impl Intercept for Attempts {
+    fn name(&self) -> &'static str {
+        "Attempts"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -830,21 +890,32 @@ impl ObjectStore for S3Store {
     }
 
     async fn create_multipart_with(&self, key: &str, attrs: &ObjectAttrs) -> Result<String, StoreError> {
+        let (attempts, started) = (Attempts::default(), std::time::Instant::now());
         let out = self
-            .call("create_multipart", |c| async move {
-                c.create_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .set_content_type(attrs.content_type.clone())
-                    .set_metadata(sdk_metadata(attrs))
-                    .send()
-                    .await
-                    .map_err(map_err)
+            .call("create_multipart", |c| {
+                let attempts = attempts.clone();
+                async move {
+                    c.create_multipart_upload()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .set_content_type(attrs.content_type.clone())
+                        .set_metadata(sdk_metadata(attrs))
+                        .customize()
+                        .interceptor(attempts)
+                        .send()
+                        .await
+                        .map_err(map_err)
+                }
             })
             .await?;
-        out.upload_id()
-            .map(str::to_string)
-            .ok_or_else(|| StoreError::Server { status: 200, message: "no upload id in CreateMultipartUpload".into() })
+        let id = out.upload_id().map(str::to_string).ok_or_else(|| StoreError::Server {
+            status: 200,
+            message: "no upload id in CreateMultipartUpload".into(),
+        })?;
+        if attempts.0.load(Ordering::Relaxed) > 1 {
+            self.abort_strays(key, &id, started.elapsed()).await;
+        }
+        Ok(id)
     }
 
     async fn upload_part(
