@@ -400,7 +400,10 @@ impl S3Store {
             Ok(u) => u,
             Err(e) => return warn!(bucket = %self.bucket, key, "cannot look for multipart uploads a retry left: {e}"),
         };
-        let Some(mine) = uploads.iter().find(|u| u.upload_id == ours) else { return };
+        // A server that gives no start times gives nothing to tell strays by.
+        let Some(mine) = uploads.iter().find(|u| u.upload_id == ours && u.initiated > SystemTime::UNIX_EPOCH) else {
+            return;
+        };
         let window = took + Duration::from_secs(1);
         for stray in uploads.iter().filter(|u| {
             u.key == key
