@@ -201,6 +201,8 @@ fn a_put_applied_whose_answer_was_lost_is_not_an_error() {
     close(f).expect("close() failed although the object is stored");
     assert_eq!(proxy.stats().lost_answers, 1);
     assert_eq!(srv.get(&bucket, "new.txt").unwrap(), b"stored once, answered never");
+    let recognised = |m: &Mount| m.log_text().matches("refused by its own earlier attempt").count();
+    assert_eq!(recognised(&m), 1, "{}", m.log_text());
 
     // An overwrite (If-Match on the old ETag) the same way.
     proxy.set_mode(Mode::LoseAnswers { method: "PUT", remaining: 1 });
@@ -208,6 +210,7 @@ fn a_put_applied_whose_answer_was_lost_is_not_an_error() {
     assert_eq!(proxy.stats().lost_answers, 2);
     assert_eq!(srv.get(&bucket, "new.txt").unwrap(), b"second version");
     assert_eq!(std::fs::read(m.path("new.txt")).unwrap(), b"second version");
+    assert_eq!(recognised(&m), 2, "{}", m.log_text());
 
     // A multipart upload whose completion is applied and its answer lost.
     // The first POST (CreateMultipartUpload) goes out while the first
@@ -222,6 +225,7 @@ fn a_put_applied_whose_answer_was_lost_is_not_an_error() {
     assert!(srv.get(&bucket, "big.bin").unwrap() == big, "the multipart object is not whole");
     closed.expect("close() failed although the multipart object is stored");
     assert_eq!(posts, 3, "the completion's answer was not lost");
+    assert!(m.log_text().contains("its earlier attempt had completed it"), "{}", m.log_text());
 
     // A multipart upload whose start is applied and its answer lost: the
     // retry starts a second upload, and the first is not left open.
@@ -238,13 +242,14 @@ fn a_put_applied_whose_answer_was_lost_is_not_an_error() {
     assert_eq!(proxy.stats().lost_answers, 4, "the start's answer was not lost");
     assert!(srv.get(&bucket, "big2.bin").unwrap() == big, "the multipart object is not whole");
     assert_eq!(open_uploads(), 0, "a multipart upload was left open\n{}", m.log_text());
+    assert!(m.log_text().contains("a retried start had left"), "{}", m.log_text());
 
     // Another client's object is still never replaced: a new file whose
     // name another client took meanwhile fails, and the other bytes stay.
     let mut f = std::fs::File::create(m.path("taken.txt")).unwrap();
     f.write_all(b"mine").unwrap();
-    srv.put(&bucket, "taken.txt", b"theirs");
+    srv.put(&bucket, "taken.txt", b"them");
     let err = close(f).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    assert_eq!(srv.get(&bucket, "taken.txt").unwrap(), b"theirs");
+    assert_eq!(srv.get(&bucket, "taken.txt").unwrap(), b"them");
 }

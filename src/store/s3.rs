@@ -72,7 +72,7 @@
 //! denied, so a rotated Kubernetes Secret works without a restart.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -88,7 +88,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart as SdkPart, Meta
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::interceptors::context::{
-    BeforeDeserializationInterceptorContextMut, BeforeTransmitInterceptorContextRef,
+    BeforeDeserializationInterceptorContextMut, FinalizerInterceptorContextRef,
 };
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::body::SdkBody;
@@ -366,7 +366,8 @@ impl S3Store {
         let (meta, stored) = self.head_attrs(key).await.ok()?;
         let same = meta.size == body.len() as u64
             && meta.etag.trim_matches('"').eq_ignore_ascii_case(&hex(&Md5::digest(body)))
-            && stored.metadata == attrs.metadata;
+            && stored.metadata == attrs.metadata
+            && attrs.content_type.as_ref().is_none_or(|ours| stored.content_type.as_ref() == Some(ours));
         if same {
             info!(bucket = %self.bucket, key, "an upload was refused by its own earlier attempt, stored but unanswered; the object holds this upload");
         }
@@ -387,27 +388,28 @@ impl S3Store {
         same.then_some(meta.etag)
     }
 
-    /// After a CreateMultipartUpload that took more than one attempt: an
-    /// earlier attempt may have created an upload whose answer was lost,
-    /// which nobody would ever complete or abort. Such strays are the
-    /// uploads of the same key that the server started before `ours`, at
-    /// most `took` (plus a second of timestamp rounding) earlier; they are
-    /// aborted. Another client starting an upload of the same key in that
-    /// window would lose its upload, which is far less likely than a lost
-    /// answer. Errors here are logged and leave things as they were.
+    /// After a CreateMultipartUpload with an attempt that got no answer (or
+    /// a server error): that attempt may have created an upload nobody
+    /// would ever complete or abort. Such strays are the uploads of the same
+    /// key that the server lists before `ours` (it lists a key's uploads in
+    /// the order they started), started at most `took` (plus a second of
+    /// timestamp rounding) earlier; they are aborted. Another client
+    /// starting an upload of the same key in that window would lose its
+    /// upload, which is far less likely than a lost answer. Errors here are
+    /// logged and leave things as they were.
     async fn abort_strays(&self, key: &str, ours: &str, took: Duration) {
         let uploads = match self.list_multipart_uploads(key).await {
             Ok(u) => u,
             Err(e) => return warn!(bucket = %self.bucket, key, "cannot look for multipart uploads a retry left: {e}"),
         };
         // A server that gives no start times gives nothing to tell strays by.
-        let Some(mine) = uploads.iter().find(|u| u.upload_id == ours && u.initiated > SystemTime::UNIX_EPOCH) else {
+        let Some(at) = uploads.iter().position(|u| u.upload_id == ours && u.initiated > SystemTime::UNIX_EPOCH) else {
             return;
         };
+        let (before, mine) = (&uploads[..at], &uploads[at]);
         let window = took + Duration::from_secs(1);
-        for stray in uploads.iter().filter(|u| {
+        for stray in before.iter().filter(|u| {
             u.key == key
-                && u.upload_id != ours
                 && u.initiated <= mine.initiated
                 && mine.initiated.duration_since(u.initiated).unwrap_or_default() <= window
         }) {
@@ -519,12 +521,12 @@ fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {
     use md5::{Digest, Md5};
     let mut digests = Md5::new();
     for part in parts {
-        let hex = part.etag.trim_matches('"');
-        if hex.len() != 32 {
+        let md5 = part.etag.trim_matches('"');
+        if md5.len() != 32 || !md5.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         for i in (0..32).step_by(2) {
-            digests.update([u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()?]);
+            digests.update([u8::from_str_radix(&md5[i..i + 2], 16).ok()?]);
         }
     }
     Some(format!("{}-{}", hex(&digests.finalize()), parts.len()))
@@ -624,22 +626,26 @@ impl Intercept for TakeListBody {
     }
 }
 
-/// Counts the times one request is sent (its attempts, retries included).
+/// Set when an attempt of one request ended without an answer, or with a
+/// server error other than throttling: the server may have applied it.
 #[derive(Debug, Default, Clone)]
-struct Attempts(Arc<AtomicU32>);
+struct Unanswered(Arc<AtomicBool>);
 
-impl Intercept for Attempts {
+impl Intercept for Unanswered {
     fn name(&self) -> &'static str {
-        "Attempts"
+        "Unanswered"
     }
 
-    fn read_before_transmit(
+    fn read_after_attempt(
         &self,
-        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        context: &FinalizerInterceptorContextRef<'_>,
         _components: &RuntimeComponents,
         _cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        let status = context.response().map(|r| r.status().as_u16());
+        if status.is_none_or(|s| s >= 500 && s != 503) {
+            self.0.store(true, Ordering::Relaxed);
+        }
         Ok(())
     }
 }
@@ -893,10 +899,10 @@ impl ObjectStore for S3Store {
     }
 
     async fn create_multipart_with(&self, key: &str, attrs: &ObjectAttrs) -> Result<String, StoreError> {
-        let (attempts, started) = (Attempts::default(), std::time::Instant::now());
+        let (unanswered, started) = (Unanswered::default(), std::time::Instant::now());
         let out = self
             .call("create_multipart", |c| {
-                let attempts = attempts.clone();
+                let unanswered = unanswered.clone();
                 async move {
                     c.create_multipart_upload()
                         .bucket(&self.bucket)
@@ -904,7 +910,7 @@ impl ObjectStore for S3Store {
                         .set_content_type(attrs.content_type.clone())
                         .set_metadata(sdk_metadata(attrs))
                         .customize()
-                        .interceptor(attempts)
+                        .interceptor(unanswered)
                         .send()
                         .await
                         .map_err(map_err)
@@ -915,7 +921,7 @@ impl ObjectStore for S3Store {
             status: 200,
             message: "no upload id in CreateMultipartUpload".into(),
         })?;
-        if attempts.0.load(Ordering::Relaxed) > 1 {
+        if unanswered.0.load(Ordering::Relaxed) {
             self.abort_strays(key, &id, started.elapsed()).await;
         }
         Ok(id)
@@ -1014,7 +1020,7 @@ impl ObjectStore for S3Store {
             Ok(out) => Ok(out.e_tag().unwrap_or("").to_string()),
             // The server answered, but maybe to a retry of a completion it
             // had applied: the upload is gone (404) or the condition fails.
-            Err(e @ (StoreError::PreconditionFailed | StoreError::NotFound | StoreError::Server { .. })) => {
+            Err(e @ (StoreError::PreconditionFailed | StoreError::NotFound)) => {
                 self.completed_already(key, &parts).await.ok_or(e)
             }
             Err(e) => Err(e),
@@ -1095,5 +1101,7 @@ mod tests {
         assert_eq!(multipart_etag(&kms), None);
         let odd = [CompletedPart { number: 1, etag: "zz".repeat(16) }];
         assert_eq!(multipart_etag(&odd), None);
+        let signed = [CompletedPart { number: 1, etag: "+1".repeat(16) }];
+        assert_eq!(multipart_etag(&signed), None);
     }
 }

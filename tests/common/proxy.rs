@@ -69,10 +69,10 @@ pub enum Mode {
     /// `400 InvalidArgument`, as some S3-compatible servers do; forward the
     /// rest.
     RefuseLargeListPages,
-    /// Forward the next `remaining` requests of this HTTP method and let
-    /// the server answer them, then reset the client's connection instead
-    /// of sending the answer: a request applied whose answer was lost on the
-    /// way back.
+    /// Forward the next `remaining` requests of this HTTP method that the
+    /// server answers with success, then reset the client's connection
+    /// instead of sending the answer: a request applied whose answer was
+    /// lost on the way back.
     LoseAnswers { method: &'static str, remaining: u32 },
     /// Answer the next `remaining` ListObjectsV2 requests with status 200
     /// and an `InternalError` document for a body (S3 may report errors that
@@ -401,8 +401,8 @@ async fn serve(client: &mut Conn, shared: &Shared) -> io::Result<End> {
         }
         let resp = Head::parse(&resp_head)?;
         let framing = resp.response_framing(&method);
-        if shared.take_lost_answer(&method) {
-            // The server has answered, so it has applied the request.
+        if resp.status() / 100 == 2 && shared.take_lost_answer(&method) {
+            // The server has answered that it applied the request.
             bump(&shared.counters.lost_answers, 1);
             return Ok(End::Reset);
         }
