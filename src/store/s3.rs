@@ -390,26 +390,28 @@ impl S3Store {
 
     /// After a CreateMultipartUpload with an attempt that got no answer (or
     /// a server error): that attempt may have created an upload nobody
-    /// would ever complete or abort. Such strays are the uploads of the same
-    /// key that the server lists before `ours` (it lists a key's uploads in
-    /// the order they started), started at most `took` (plus a second of
-    /// timestamp rounding) earlier; they are aborted. Another client
-    /// starting an upload of the same key in that window would lose its
-    /// upload, which is far less likely than a lost answer. Errors here are
-    /// logged and leave things as they were.
+    /// would ever complete or abort. Such strays are the other uploads of
+    /// the same key that the server started at most `took` (plus a second
+    /// of timestamp rounding) before `ours`; they are aborted. Start times
+    /// may be whole seconds (SeaweedFS), and the listing's order is not the
+    /// start order there (it lists by upload ID), so a stray can carry the
+    /// same time as ours and be listed after it. Another client starting an
+    /// upload of the same key in that window, or in the same second just
+    /// after ours, would lose its upload, which is far less likely than a
+    /// lost answer. Errors here are logged and leave things as they were.
     async fn abort_strays(&self, key: &str, ours: &str, took: Duration) {
         let uploads = match self.list_multipart_uploads(key).await {
             Ok(u) => u,
             Err(e) => return warn!(bucket = %self.bucket, key, "cannot look for multipart uploads a retry left: {e}"),
         };
         // A server that gives no start times gives nothing to tell strays by.
-        let Some(at) = uploads.iter().position(|u| u.upload_id == ours && u.initiated > SystemTime::UNIX_EPOCH) else {
+        let Some(mine) = uploads.iter().find(|u| u.upload_id == ours && u.initiated > SystemTime::UNIX_EPOCH) else {
             return;
         };
-        let (before, mine) = (&uploads[..at], &uploads[at]);
         let window = took + Duration::from_secs(1);
-        for stray in before.iter().filter(|u| {
+        for stray in uploads.iter().filter(|u| {
             u.key == key
+                && u.upload_id != ours
                 && u.initiated <= mine.initiated
                 && mine.initiated.duration_since(u.initiated).unwrap_or_default() <= window
         }) {
