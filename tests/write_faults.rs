@@ -18,6 +18,14 @@ fn close(f: std::fs::File) -> std::io::Result<()> {
     if unsafe { libc::close(fd) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
+/// Multipart uploads the server has open in `bucket`.
+fn open_uploads(srv: &Server, bucket: &str) -> usize {
+    srv.block_on(async {
+        let c = raw_client(&srv.endpoint);
+        c.list_multipart_uploads().bucket(bucket).send().await.unwrap().uploads().len()
+    })
+}
+
 #[test]
 fn upload_failing_midway_is_an_error_and_leaves_no_object() {
     let srv = server();
@@ -161,14 +169,12 @@ fn failed_uploads_leave_no_budget_and_no_open_upload() {
     }
     let took = started.elapsed();
     assert_eq!(failed, n + 50, "every failed upload is reported by close()");
-    let open_uploads = || {
-        srv.block_on(async {
-            let c = raw_client(&srv.endpoint);
-            c.list_multipart_uploads().bucket(&bucket).send().await.unwrap().uploads().len()
-        })
-    };
     // Aborts of failed multipart uploads run as the failure is handled.
-    assert!(wait_until(std::time::Duration::from_secs(10), || open_uploads() == 0), "{} left open", open_uploads());
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || open_uploads(srv, &bucket) == 0),
+        "{} left open",
+        open_uploads(srv, &bucket)
+    );
     let (_, body) = http_get(&addr, "/metrics");
     let reserved = metric(&body, "bucketfs_memory_reserved_bytes", "");
     let multipart_open = metric(&body, "bucketfs_multipart_uploads_open", "");
@@ -177,7 +183,7 @@ fn failed_uploads_leave_no_budget_and_no_open_upload() {
         "failed uploads: {} in {took:.1?}; budget reserved after: {reserved} bytes; multipart uploads open: \
          bucketfs {multipart_open}, server {}; uploads_failed metric {failed_metric}",
         n + 50,
-        open_uploads()
+        open_uploads(srv, &bucket)
     );
     assert_eq!(reserved, 0.0, "{body}");
     assert_eq!(multipart_open, 0.0, "{body}");
@@ -229,19 +235,13 @@ fn a_put_applied_whose_answer_was_lost_is_not_an_error() {
 
     // A multipart upload whose start is applied and its answer lost: the
     // retry starts a second upload, and the first is not left open.
-    let open_uploads = || {
-        srv.block_on(async {
-            let c = raw_client(&srv.endpoint);
-            c.list_multipart_uploads().bucket(&bucket).send().await.unwrap().uploads().len()
-        })
-    };
     proxy.set_mode(Mode::LoseAnswers { method: "POST", remaining: 1 });
     let mut f = std::fs::File::create(m.path("big2.bin")).unwrap();
     f.write_all(&big).unwrap();
     close(f).expect("close() after a lost answer to the upload's start");
     assert_eq!(proxy.stats().lost_answers, 4, "the start's answer was not lost");
     assert!(srv.get(&bucket, "big2.bin").unwrap() == big, "the multipart object is not whole");
-    assert_eq!(open_uploads(), 0, "a multipart upload was left open\n{}", m.log_text());
+    assert_eq!(open_uploads(srv, &bucket), 0, "a multipart upload was left open\n{}", m.log_text());
     assert!(m.log_text().contains("a retried start had left"), "{}", m.log_text());
 
     // Another client's object is still never replaced: a new file whose

@@ -128,8 +128,7 @@ fn object_identity(object: &ObjectId) -> String {
 }
 
 fn name_of(identity: &str) -> String {
-    let digest = Sha256::digest(identity.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::store::hex(&Sha256::digest(identity.as_bytes()))
 }
 
 fn object_name(object: &ObjectId) -> String {

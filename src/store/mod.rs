@@ -55,6 +55,12 @@ impl ObjectAttrs {
     }
 }
 
+/// Lower-case hex of `bytes`: digests as S3's ETags and the disk cache's
+/// file names spell them.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// One page of a ListObjectsV2 answer.
 #[derive(Clone, Debug, Default)]
 pub struct ListPage {

@@ -100,6 +100,7 @@ use tracing::{info, warn};
 
 use super::{
     BodyStream, CompletedPart, ListPage, ObjectAttrs, ObjectMeta, ObjectStore, OpenUpload, PutCondition, StoreError,
+    hex,
 };
 use crate::spec::{CredentialSource, S3Settings};
 
@@ -509,11 +510,6 @@ fn https_client_with_ca(path: &PathBuf) -> anyhow::Result<aws_smithy_runtime_api
         .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
         .tls_context(context)
         .build_https())
-}
-
-/// Lower-case hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The ETag S3 gives an object completed from `parts` (without quotes):
