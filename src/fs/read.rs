@@ -20,8 +20,9 @@
 //!   reader keeps a window of blocks requested ahead of the read position. The
 //!   window starts at [`INITIAL_WINDOW`] (less when the memory budget is
 //!   small) and is kept full, as parallel ranged GETs of [`PREFETCH_CHUNK`]
-//!   each. Each time a whole window has been read (the first, which includes
-//!   the stream's start, is not measured) its read rate is compared with the
+//!   each, or larger ones from a near server (below). Each time a whole
+//!   window has been read (the first, which includes the stream's start, is
+//!   not measured) its read rate is compared with the
 //!   best rate so far: the window doubles if the rate rose by at least
 //!   [`GROWTH_GAIN`] percent (always after the first measured window), and
 //!   if it did not, the last doubling is undone and the window stays. Behind
@@ -34,6 +35,15 @@
 //!   keeps the stream going. Anything else is a seek: the window resets.
 //! - If the cache refuses prefetch room (memory pressure), the window halves,
 //!   down to [`MIN_WINDOW`].
+//! - How large a prefetch GET is depends on how far the server is. Far away
+//!   (S3 over a WAN, or in-region S3 with its tens of milliseconds to the
+//!   first byte) the window is covered by many GETs of [`PREFETCH_CHUNK`]:
+//!   parallel requests are what fills a long link, and S3 serves each
+//!   connection at a bounded rate. A near server (on this host, or a LAN
+//!   away: [`ObjectStore::is_near`]) needs no such parallelism; there every
+//!   request costs the server and the client a fixed share of CPU, which on
+//!   a machine they share is the limit. Prefetch GETs there are half the
+//!   window, up to [`NEAR_CHUNK`]: two in flight.
 //!
 //! Every GET carries `If-Match` with the ETag the handle was opened with, so a
 //! handle never returns bytes from two versions of an object.
@@ -77,6 +87,8 @@ pub const MAX_CHUNK: u64 = 8 << 20;
 /// and a range that straddles their boundaries costs the server more (25 %
 /// more CPU for SeaweedFS's 4 MiB chunks).
 pub const PREFETCH_CHUNK: u64 = 8 << 20;
+/// Largest prefetch GET, from a near server.
+pub const NEAR_CHUNK: u64 = 32 << 20;
 /// How far back a read may step and still count as sequential: the kernel
 /// sends readahead requests from several threads, slightly out of order.
 pub const BACKWARD_SLACK: u64 = 4 << 20;
@@ -109,6 +121,21 @@ struct State {
     grew: bool,
     /// A doubling did not pay: the window no longer grows.
     settled: bool,
+}
+
+/// Size of the prefetch GETs of a `window`: [`PREFETCH_CHUNK`], or from a
+/// `near` server half the window, up to [`NEAR_CHUNK`] (module doc).
+fn prefetch_chunk(window: u64, near: bool) -> u64 {
+    match near {
+        true => (window / 2 / PREFETCH_CHUNK * PREFETCH_CHUNK).clamp(PREFETCH_CHUNK, NEAR_CHUNK),
+        false => PREFETCH_CHUNK,
+    }
+}
+
+/// Blocks to prefetch, and the size of the GETs that fetch them.
+struct Prefetch {
+    blocks: Range<u64>,
+    chunk: u64,
 }
 
 /// A started read, and how it gets its bytes.
@@ -290,16 +317,16 @@ impl Reader {
         if seek && self.disk.is_none() && self.any_missing(first..last + 1) {
             return Some(Started::Direct(offset..end));
         }
-        self.fetch(first..last + 1, false);
+        self.fetch(first..last + 1, None);
         // Blocks the kernel already has (another handle read them) are not
         // fetched: no read will come for them.
-        let parts = match (prefetch, &self.page_cache) {
-            (Some(range), Some(file)) => self.cache.undelivered(file, range),
-            (Some(range), None) => vec![range],
-            (None, _) => Vec::new(),
+        let (parts, chunk) = match (prefetch, &self.page_cache) {
+            (Some(p), Some(file)) => (self.cache.undelivered(file, p.blocks), p.chunk),
+            (Some(p), None) => (vec![p.blocks], p.chunk),
+            (None, _) => (Vec::new(), PREFETCH_CHUNK),
         };
         for part in parts {
-            let requested = self.fetch(part.clone(), true);
+            let requested = self.fetch(part.clone(), Some(chunk));
             if requested < part.end {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 st.ahead = st.ahead.min(requested * BLOCK_SIZE);
@@ -331,7 +358,8 @@ impl Reader {
     /// Updates the access pattern and returns the blocks to prefetch, and
     /// whether the read is a seek: it does not continue the previous read,
     /// and is not a handle's first read at offset 0.
-    fn plan(&self, offset: u64, end: u64) -> (Option<Range<u64>>, bool) {
+    fn plan(&self, offset: u64, end: u64) -> (Option<Prefetch>, bool) {
+        let near = self.store.is_near();
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let sequential =
             st.started && offset + BACKWARD_SLACK >= st.next && offset <= st.next.max(st.ahead) + BLOCK_SIZE;
@@ -352,16 +380,18 @@ impl Reader {
         if st.window == 0 {
             st.window = INITIAL_WINDOW.min(self.window_cap());
             self.cache.streams.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(key = %self.object.key, window = st.window, near, "sequential: prefetch starts");
         }
         // Keep the whole window requested, in whole aligned chunks.
+        let chunk = prefetch_chunk(st.window, near);
         let from = st.ahead.max(end);
-        let to = ((end + st.window) / PREFETCH_CHUNK * PREFETCH_CHUNK).min(self.size);
-        if to < from + PREFETCH_CHUNK && to < self.size {
+        let to = ((end + st.window) / chunk * chunk).min(self.size);
+        if to < from + chunk && to < self.size {
             return (None, seek);
         }
         st.ahead = to;
         self.adapt_window(&mut st, end, Instant::now());
-        ((from < to).then(|| from / BLOCK_SIZE..to.div_ceil(BLOCK_SIZE)), seek)
+        ((from < to).then(|| Prefetch { blocks: from / BLOCK_SIZE..to.div_ceil(BLOCK_SIZE), chunk }), seek)
     }
 
     /// Each time a whole window has been read (the first, which includes the
@@ -396,14 +426,17 @@ impl Reader {
         st.window = st.window.min(cap);
     }
 
-    /// Starts GETs for the missing blocks in `blocks`. Returns the block index
-    /// up to which blocks are requested (less than `blocks.end` when the cache
+    /// Starts GETs for the missing blocks in `blocks`: a read's own (GETs of
+    /// up to [`MAX_CHUNK`]), or prefetch (`Some(chunk)`: optional, in GETs of
+    /// `chunk` that start at its multiples). Returns the block index up to
+    /// which blocks are requested (less than `blocks.end` when the cache
     /// refused optional room).
-    fn fetch(&self, blocks: Range<u64>, optional: bool) -> u64 {
+    fn fetch(&self, blocks: Range<u64>, prefetch: Option<u64>) -> u64 {
+        let optional = prefetch.is_some();
         let (reserved, refused) =
             self.cache.reserve(&self.object, blocks.clone(), Self::block_len(self.size), optional);
         let reached = refused.unwrap_or(blocks.end);
-        let chunk_blocks = if optional { PREFETCH_CHUNK / BLOCK_SIZE } else { MAX_CHUNK / BLOCK_SIZE };
+        let chunk_blocks = prefetch.unwrap_or(MAX_CHUNK) / BLOCK_SIZE;
         let mut run: Vec<(u64, BlockSender)> = Vec::new();
         for (index, tx) in reserved {
             let contiguous = run.last().is_none_or(|(last, _)| *last + 1 == index);
@@ -585,7 +618,7 @@ impl Reader {
                     }
                 }
                 Probe::Missing => {
-                    self.fetch(index..index + 1, false);
+                    self.fetch(index..index + 1, None);
                 }
             }
         }
@@ -657,6 +690,31 @@ mod tests {
         let fetched = reader.cache.stats.fetched_bytes.load(Ordering::Relaxed);
         assert!(fetched <= 2 * 20 * 256 * 1024, "random reads fetched {fetched} bytes");
         drop(store);
+    }
+
+    /// From a near server a sequential stream is prefetched in GETs of half
+    /// the window (up to 32 MiB), from a far one in 8 MiB GETs; the bytes
+    /// are the same.
+    #[tokio::test]
+    async fn a_near_server_gets_fewer_larger_prefetch_gets() {
+        let len = 256 << 20;
+        let mut counts = Vec::new();
+        for near in [false, true] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let store = Arc::new(if near { MemoryStore::new().near() } else { MemoryStore::new() });
+            let etag = store.insert("k", data.clone());
+            let object = Arc::new(ObjectId { source: "t".into(), key: "k".into(), etag });
+            let reader = Reader::new(object, len as u64, store.clone(), Arc::new(BlockCache::new(512 << 20)), None);
+            for off in (0..len).step_by(1 << 20) {
+                let got = reader.read(off as u64, 1 << 20).await.unwrap().to_vec();
+                assert_eq!(&got[..], &data[off..off + (1 << 20)], "near {near}, offset {off}");
+            }
+            assert_eq!(reader.cache.stats.fetched_bytes.load(Ordering::Relaxed), len as u64, "fetched once");
+            counts.push(gets(&store));
+        }
+        let (far, near) = (counts[0], counts[1]);
+        assert!(far >= 256 / 8, "far: {far} GETs for 256 MiB");
+        assert!(near <= 256 / 32 + 4, "near: {near} GETs for 256 MiB");
     }
 
     fn gets(store: &MemoryStore) -> u64 {

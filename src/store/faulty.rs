@@ -196,6 +196,10 @@ impl ObjectStore for FaultyStore {
         self.inner.head_attrs(key).await
     }
 
+    fn is_near(&self) -> bool {
+        self.inner.is_near()
+    }
+
     async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError> {
         let fault = self.before("get").await?;
         let body = self.inner.get_range(key, etag, start, end).await?;

@@ -39,11 +39,19 @@ pub struct MemoryStore {
     counter: AtomicU64,
     /// Number of requests served, by operation, for tests that count traffic.
     pub requests: Mutex<HashMap<&'static str, u64>>,
+    /// What [`ObjectStore::is_near`] reports (false by default).
+    near: bool,
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Reports the store as near ([`ObjectStore::is_near`]).
+    pub fn near(mut self) -> Self {
+        self.near = true;
+        self
     }
 
     fn count(&self, op: &'static str) {
@@ -183,6 +191,10 @@ impl ObjectStore for MemoryStore {
         self.count("head");
         let state = self.state.lock().unwrap();
         state.objects.get(key).map(|o| (Self::meta(key, o), o.attrs.clone())).ok_or(StoreError::NotFound)
+    }
+
+    fn is_near(&self) -> bool {
+        self.near
     }
 
     async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError> {

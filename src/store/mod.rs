@@ -140,6 +140,15 @@ impl StoreError {
     }
 }
 
+/// A server that has answered a request (headers received, a refusal
+/// included) within this is near: at most a LAN away. S3 takes several
+/// milliseconds or more to answer even within its region.
+pub const NEAR_ANSWER: std::time::Duration = std::time::Duration::from_millis(3);
+/// The same for an endpoint on this host, whose server may be slower to
+/// answer than a LAN's (SeaweedFS takes about 2 ms for a HEAD) but is not
+/// far: slower still, it is a proxy to somewhere else, and that is far.
+pub const NEAR_ANSWER_ON_HOST: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// The operations bucketfs needs from an object store.
 #[async_trait]
 pub trait ObjectStore: Send + Sync + 'static {
@@ -173,6 +182,13 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Bytes `start..end` of `key`. With `etag`, the read carries `If-Match`
     /// and fails with [`StoreError::PreconditionFailed`] if the object changed.
     async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError>;
+
+    /// True if the server is near: it has answered a request within
+    /// [`NEAR_ANSWER`] (a LAN away), or within [`NEAR_ANSWER_ON_HOST`] from
+    /// this host. Readers size their prefetch GETs by it (see `fs::read`).
+    fn is_near(&self) -> bool {
+        false
+    }
 
     /// Single-request upload. Returns the new ETag.
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError>;

@@ -72,7 +72,7 @@
 //! denied, so a rotated Kubernetes Secret works without a restart.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -152,6 +152,16 @@ fn timed_out(e: &StoreError) -> bool {
     matches!(e, StoreError::Network(m) if m.starts_with(TIMED_OUT))
 }
 
+/// True if `endpoint` (a URL) names this host: `localhost` or a loopback
+/// address.
+fn on_this_host(endpoint: &str) -> bool {
+    let Some(host) = endpoint.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_string)) else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The retry policy: the SDK's standard retry with its 2.1 backoff, which
 /// waits 50 ms × 2^n (jittered) before retrying a timeout or a 5xx, and
 /// 1 s × 2^n before retrying throttling (503 SlowDown).
@@ -214,6 +224,11 @@ pub struct S3Store {
     /// Set when a request timed out in every attempt; cleared by any answer
     /// from the server. While set, requests get one attempt (see `client`).
     silent: AtomicBool,
+    /// The endpoint is on this host (see [`ObjectStore::is_near`]).
+    on_this_host: bool,
+    /// The quickest the server answered a request, in microseconds
+    /// (`u64::MAX` before any): see [`ObjectStore::is_near`].
+    fastest_answer_us: AtomicU64,
 }
 
 /// The client, the same with one attempt per request, and their generation.
@@ -248,13 +263,16 @@ impl S3Store {
     pub async fn new(bucket: &str, settings: S3Settings) -> anyhow::Result<Self> {
         let keys = settings.credentials.static_keys()?;
         let client = build_client(&settings, keys.clone()).await?;
+        let on_this_host = settings.endpoint.as_deref().is_some_and(on_this_host);
         Ok(Self {
+            on_this_host,
             bucket: bucket.to_string(),
             settings,
             client: RwLock::new(Clients::new(client, 0)),
             keys: tokio::sync::Mutex::new(keys),
             page_keys: AtomicI32::new(LIST_PAGE_KEYS),
             silent: AtomicBool::new(false),
+            fastest_answer_us: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -328,6 +346,10 @@ impl S3Store {
         let started = std::time::Instant::now();
         let result = op(client).await;
         crate::metrics::record_request(name, started, &result);
+        if !matches!(result, Err(StoreError::Network(_))) {
+            let took = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
+            self.fastest_answer_us.fetch_min(took, Ordering::Relaxed);
+        }
         match &result {
             Err(e) if timed_out(e) => {
                 if !self.silent.swap(true, Ordering::Relaxed) {
@@ -794,6 +816,11 @@ impl ObjectStore for S3Store {
         Ok(Box::pin(stream))
     }
 
+    fn is_near(&self) -> bool {
+        let within = if self.on_this_host { super::NEAR_ANSWER_ON_HOST } else { super::NEAR_ANSWER };
+        self.fastest_answer_us.load(Ordering::Relaxed) <= within.as_micros() as u64
+    }
+
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError> {
         self.put_with(key, body, cond, &ObjectAttrs::default()).await
     }
@@ -1086,6 +1113,24 @@ pub type SharedStore = Arc<dyn ObjectStore>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_on_this_host_is_told_by_its_host() {
+        for near in [
+            "http://127.0.0.1:9000",
+            "http://localhost:8333/",
+            "https://LOCALHOST",
+            "http://[::1]:9000",
+            "http://127.8.0.1",
+        ] {
+            assert!(on_this_host(near), "{near}");
+        }
+        for far in
+            ["https://s3.us-east-1.amazonaws.com", "http://10.0.0.5:9000", "http://[2001:db8::1]:9000", "not a url", ""]
+        {
+            assert!(!on_this_host(far), "{far}");
+        }
+    }
 
     #[test]
     fn a_multipart_etag_is_the_md5_of_its_parts_md5s() {
