@@ -424,3 +424,38 @@ fn quarter_readers_download_the_file_about_once() {
     eprintln!("4 quarter readers downloaded {down} bytes for {len} ({:.3}x)", down as f64 / len as f64);
     assert!(down <= len as u64 * 21 / 20, "4 quarter readers downloaded {down} bytes for {len}\n{}", m.log_text());
 }
+
+/// A sequential read from a near server (here, on this host) is fetched in a
+/// few large GETs; from a far one (the same server behind 15 ms per request)
+/// in 8 MiB GETs, many in flight. The bytes are the same either way.
+#[test]
+fn a_near_server_is_read_in_fewer_larger_gets() {
+    let srv = server();
+    let bucket = srv.bucket("near");
+    let len = 96 << 20;
+    let data = pattern(len, 5);
+    srv.put(&bucket, "s.bin", data.clone());
+    let mut gets = Vec::new();
+    for delay in [None, Some(Duration::from_millis(15))] {
+        let proxy = common::proxy::Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], srv.s3_port)));
+        if let Some(d) = delay {
+            // From the mount's first request on: its quickest answer then
+            // takes longer than a server on this host would.
+            proxy.set_mode(common::proxy::Mode::Delay(d));
+        }
+        let m = Mount::start_via(&proxy.endpoint(), &bucket, &[]);
+        let before = proxy.stats().requests_of("GET");
+        let mut all = Vec::new();
+        std::fs::File::open(m.path("s.bin")).unwrap().read_to_end(&mut all).unwrap();
+        assert!(all == data, "delay {delay:?}: wrong bytes");
+        let n = proxy.stats().requests_of("GET") - before;
+        let log = m.log_text();
+        let near = delay.is_none();
+        assert!(log.contains(&format!("prefetch starts key=s.bin window=67108864 near={near}")), "{log}");
+        eprintln!("delay {delay:?}: {n} GETs for {len} bytes");
+        gets.push(n);
+    }
+    // Near: the first blocks, then 32 MiB GETs; far: 8 MiB GETs.
+    assert!(gets[0] <= 8, "near: {} GETs for 96 MiB", gets[0]);
+    assert!(gets[1] >= 12, "far: {} GETs for 96 MiB", gets[1]);
+}
