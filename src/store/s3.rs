@@ -386,7 +386,7 @@ impl S3Store {
     /// made it.
     async fn stored_already(&self, key: &str, body: &Bytes, attrs: &ObjectAttrs) -> Option<String> {
         use md5::{Digest, Md5};
-        let (meta, stored) = self.head_attrs(key).await.ok()?;
+        let (meta, stored) = self.head_for_check(key).await?;
         let same = meta.size == body.len() as u64
             && meta.etag.trim_matches('"').eq_ignore_ascii_case(&hex(&Md5::digest(body)))
             && stored.metadata == attrs.metadata
@@ -397,13 +397,27 @@ impl S3Store {
         same.then_some(meta.etag)
     }
 
+    /// The HEAD of [`Self::stored_already`] and [`Self::completed_already`].
+    /// A failure other than a missing object gets a log line of its own: the
+    /// refusal then stands without the check having said why.
+    async fn head_for_check(&self, key: &str) -> Option<(ObjectMeta, ObjectAttrs)> {
+        match self.head_attrs(key).await {
+            Ok(found) => Some(found),
+            Err(StoreError::NotFound) => None,
+            Err(e) => {
+                warn!(bucket = %self.bucket, key, "cannot check whether a refused upload was stored by an earlier attempt: {e}");
+                None
+            }
+        }
+    }
+
     /// After a completion failed: the object's ETag if it was completed
     /// from exactly these parts, as [`Self::stored_already`] does for a
     /// PUT. A multipart object's ETag is the MD5 of its parts' MD5s (their
     /// ETags), then `-` and the number of parts.
     async fn completed_already(&self, key: &str, parts: &[CompletedPart]) -> Option<String> {
         let expected = multipart_etag(parts)?;
-        let (meta, _) = self.head_attrs(key).await.ok()?;
+        let (meta, _) = self.head_for_check(key).await?;
         let same = meta.etag.trim_matches('"').eq_ignore_ascii_case(&expected);
         if same {
             info!(bucket = %self.bucket, key, "a multipart upload's completion failed on a retry, but its earlier attempt had completed it");
