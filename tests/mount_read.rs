@@ -444,6 +444,12 @@ fn a_near_server_is_read_in_fewer_larger_gets() {
             proxy.set_mode(common::proxy::Mode::Delay(d));
         }
         let m = Mount::start_via(&proxy.endpoint(), &bucket, &[]);
+        // A few answers first, from which the mount tells how near the
+        // server is.
+        for _ in 0..3 {
+            std::fs::read_dir(&m.mountpoint).unwrap().for_each(drop);
+            std::thread::sleep(Duration::from_millis(1100));
+        }
         let before = proxy.stats().requests_of("GET");
         let mut all = Vec::new();
         std::fs::File::open(m.path("s.bin")).unwrap().read_to_end(&mut all).unwrap();
@@ -452,10 +458,11 @@ fn a_near_server_is_read_in_fewer_larger_gets() {
         let log = m.log_text();
         let near = delay.is_none();
         assert!(log.contains(&format!("prefetch starts key=s.bin window=67108864 near={near}")), "{log}");
+        assert_eq!(log.contains("the server is near"), near, "{log}");
         eprintln!("delay {delay:?}: {n} GETs for {len} bytes");
         gets.push(n);
     }
     // Near: the first blocks, then 32 MiB GETs; far: 8 MiB GETs.
-    assert!(gets[0] <= 8, "near: {} GETs for 96 MiB", gets[0]);
+    assert!(gets[0] <= 10, "near: {} GETs for 96 MiB", gets[0]);
     assert!(gets[1] >= 12, "far: {} GETs for 96 MiB", gets[1]);
 }

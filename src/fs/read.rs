@@ -43,7 +43,8 @@
 //!   away: [`ObjectStore::is_near`]) needs no such parallelism; there every
 //!   request costs the server and the client a fixed share of CPU, which on
 //!   a machine they share is the limit. Prefetch GETs there are half the
-//!   window, up to [`NEAR_CHUNK`]: two in flight.
+//!   window, up to [`NEAR_CHUNK`]: two or more in flight. Not with a disk
+//!   cache, whose blocks a GET looks up one by one before it starts.
 //!
 //! Every GET carries `If-Match` with the ETag the handle was opened with, so a
 //! handle never returns bytes from two versions of an object.
@@ -75,8 +76,9 @@ pub const SEQUENTIAL_TRIGGER: u64 = 1 << 20;
 /// 0.88 to 0.72 s against a 16 MiB start (docs/bench/RESULTS.md). Capped by
 /// the memory budget ([`Reader::window_cap`]).
 pub const INITIAL_WINDOW: u64 = 64 << 20;
-/// Smallest window: two prefetch GETs, one arriving while the other is read.
-/// Memory pressure halves a window down to this, and small budgets start here.
+/// Smallest window: two prefetch GETs of [`PREFETCH_CHUNK`] (the size at this
+/// window from any server), one arriving while the other is read. Memory
+/// pressure halves a window down to this, and small budgets start here.
 pub const MIN_WINDOW: u64 = 2 * PREFETCH_CHUNK;
 /// Largest single ranged GET for blocks a read is waiting for.
 pub const MAX_CHUNK: u64 = 8 << 20;
@@ -124,10 +126,13 @@ struct State {
 }
 
 /// Size of the prefetch GETs of a `window`: [`PREFETCH_CHUNK`], or from a
-/// `near` server half the window, up to [`NEAR_CHUNK`] (module doc).
+/// `near` server half the window rounded down to a power of two (GETs stay
+/// aligned to the server's chunks), from [`PREFETCH_CHUNK`] up to
+/// [`NEAR_CHUNK`] (module doc).
 fn prefetch_chunk(window: u64, near: bool) -> u64 {
+    let half = (window / 2).max(1);
     match near {
-        true => (window / 2 / PREFETCH_CHUNK * PREFETCH_CHUNK).clamp(PREFETCH_CHUNK, NEAR_CHUNK),
+        true => (1u64 << half.ilog2()).clamp(PREFETCH_CHUNK, NEAR_CHUNK),
         false => PREFETCH_CHUNK,
     }
 }
@@ -359,7 +364,9 @@ impl Reader {
     /// whether the read is a seek: it does not continue the previous read,
     /// and is not a handle's first read at offset 0.
     fn plan(&self, offset: u64, end: u64) -> (Option<Prefetch>, bool) {
-        let near = self.store.is_near();
+        // With a disk cache, a GET's blocks are looked up there one by one
+        // first: many smaller GETs keep that parallel.
+        let near = self.disk.is_none() && self.store.is_near();
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let sequential =
             st.started && offset + BACKWARD_SLACK >= st.next && offset <= st.next.max(st.ahead) + BLOCK_SIZE;
@@ -382,11 +389,13 @@ impl Reader {
             self.cache.streams.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(key = %self.object.key, window = st.window, near, "sequential: prefetch starts");
         }
-        // Keep the whole window requested, in whole aligned chunks.
+        // Keep the whole window requested, in GETs that end on multiples of
+        // the chunk: the first one up to the next multiple after `from`
+        // (shorter when the chunk grew or room was refused), the others whole.
         let chunk = prefetch_chunk(st.window, near);
         let from = st.ahead.max(end);
         let to = ((end + st.window) / chunk * chunk).min(self.size);
-        if to < from + chunk && to < self.size {
+        if to < (from / chunk + 1) * chunk && to < self.size {
             return (None, seek);
         }
         st.ahead = to;
@@ -701,7 +710,8 @@ mod tests {
         let mut counts = Vec::new();
         for near in [false, true] {
             let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
-            let store = Arc::new(if near { MemoryStore::new().near() } else { MemoryStore::new() });
+            let store = Arc::new(MemoryStore::new());
+            store.set_near(near);
             let etag = store.insert("k", data.clone());
             let object = Arc::new(ObjectId { source: "t".into(), key: "k".into(), etag });
             let reader = Reader::new(object, len as u64, store.clone(), Arc::new(BlockCache::new(512 << 20)), None);
@@ -715,6 +725,42 @@ mod tests {
         let (far, near) = (counts[0], counts[1]);
         assert!(far >= 256 / 8, "far: {far} GETs for 256 MiB");
         assert!(near <= 256 / 32 + 4, "near: {near} GETs for 256 MiB");
+    }
+
+    #[test]
+    fn near_prefetch_gets_are_half_the_window_in_powers_of_two() {
+        const M: u64 = 1 << 20;
+        for (window, near, chunk) in [
+            (64 * M, true, 32 * M),
+            (128 * M, true, 32 * M),
+            (48 * M, true, 16 * M),
+            (16 * M, true, 8 * M),
+            (64 * M, false, 8 * M),
+        ] {
+            assert_eq!(prefetch_chunk(window, near), chunk, "window {window}, near {near}");
+        }
+    }
+
+    /// A server found near in the middle of a stream: the window goes on
+    /// from where it was requested, in GETs that realign to the larger
+    /// chunk, with every byte right and fetched once, and the stream never
+    /// waits for a whole window to drain (no GET of a block a read waits for).
+    #[tokio::test]
+    async fn a_stream_turning_near_midway_realigns_its_gets() {
+        let len = 192 << 20;
+        let (store, reader, data) = setup(len, 512 << 20);
+        for off in (0..len).step_by(1 << 20) {
+            if off == 20 << 20 {
+                store.set_near(true);
+            }
+            let got = reader.read(off as u64, 1 << 20).await.unwrap().to_vec();
+            assert_eq!(&got[..], &data[off..off + (1 << 20)], "offset {off}");
+        }
+        assert_eq!(reader.cache.stats.fetched_bytes.load(Ordering::Relaxed), len as u64, "fetched once");
+        let n = gets(&store);
+        // 2 for the first reads, 10 of 8 MiB up to 80 MiB, 1 up to 96, then
+        // 32 MiB each: 16 (26 if every GET stayed at 8 MiB).
+        assert!((10..=18).contains(&n), "{n} GETs for 192 MiB");
     }
 
     fn gets(store: &MemoryStore) -> u64 {

@@ -40,7 +40,7 @@ pub struct MemoryStore {
     /// Number of requests served, by operation, for tests that count traffic.
     pub requests: Mutex<HashMap<&'static str, u64>>,
     /// What [`ObjectStore::is_near`] reports (false by default).
-    near: bool,
+    near: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
@@ -48,10 +48,9 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// Reports the store as near ([`ObjectStore::is_near`]).
-    pub fn near(mut self) -> Self {
-        self.near = true;
-        self
+    /// Reports the store as near, or not ([`ObjectStore::is_near`]).
+    pub fn set_near(&self, near: bool) {
+        self.near.store(near, Ordering::Relaxed);
     }
 
     fn count(&self, op: &'static str) {
@@ -194,7 +193,7 @@ impl ObjectStore for MemoryStore {
     }
 
     fn is_near(&self) -> bool {
-        self.near
+        self.near.load(Ordering::Relaxed)
     }
 
     async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError> {

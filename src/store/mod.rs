@@ -183,7 +183,7 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// and fails with [`StoreError::PreconditionFailed`] if the object changed.
     async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError>;
 
-    /// True if the server is near: it has answered a request within
+    /// True if the server is near: it has answered requests within
     /// [`NEAR_ANSWER`] (a LAN away), or within [`NEAR_ANSWER_ON_HOST`] from
     /// this host. Readers size their prefetch GETs by it (see `fs::read`).
     fn is_near(&self) -> bool {

@@ -72,7 +72,7 @@
 //! denied, so a rotated Kubernetes Secret works without a restart.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -152,6 +152,37 @@ fn timed_out(e: &StoreError) -> bool {
     matches!(e, StoreError::Network(m) if m.starts_with(TIMED_OUT))
 }
 
+/// How near the server is, told by how quickly it answers: near once
+/// [`QUICK_ANSWERS`] requests have succeeded within [`super::NEAR_ANSWER`]
+/// ([`super::NEAR_ANSWER_ON_HOST`] for an endpoint on this host). Only
+/// successes count: a refusal may come from a front end nearer than the
+/// data. It never goes back: a near server that is slow for a while is still
+/// near.
+struct Nearness {
+    within: Duration,
+    quick: std::sync::atomic::AtomicU32,
+}
+
+/// Quick answers it takes for a server to count as near.
+const QUICK_ANSWERS: u32 = 3;
+
+impl Nearness {
+    fn new(on_this_host: bool) -> Self {
+        let within = if on_this_host { super::NEAR_ANSWER_ON_HOST } else { super::NEAR_ANSWER };
+        Self { within, quick: Default::default() }
+    }
+
+    /// Notes a successful answer after `took`. True when that answer made
+    /// the server near.
+    fn answered(&self, took: Duration) -> bool {
+        took <= self.within && self.quick.fetch_add(1, Ordering::Relaxed) + 1 == QUICK_ANSWERS
+    }
+
+    fn is_near(&self) -> bool {
+        self.quick.load(Ordering::Relaxed) >= QUICK_ANSWERS
+    }
+}
+
 /// True if `endpoint` (a URL) names this host: `localhost` or a loopback
 /// address.
 fn on_this_host(endpoint: &str) -> bool {
@@ -224,11 +255,8 @@ pub struct S3Store {
     /// Set when a request timed out in every attempt; cleared by any answer
     /// from the server. While set, requests get one attempt (see `client`).
     silent: AtomicBool,
-    /// The endpoint is on this host (see [`ObjectStore::is_near`]).
-    on_this_host: bool,
-    /// The quickest the server answered a request, in microseconds
-    /// (`u64::MAX` before any): see [`ObjectStore::is_near`].
-    fastest_answer_us: AtomicU64,
+    /// How near the server is, from its answers: see [`ObjectStore::is_near`].
+    nearness: Nearness,
 }
 
 /// The client, the same with one attempt per request, and their generation.
@@ -263,16 +291,15 @@ impl S3Store {
     pub async fn new(bucket: &str, settings: S3Settings) -> anyhow::Result<Self> {
         let keys = settings.credentials.static_keys()?;
         let client = build_client(&settings, keys.clone()).await?;
-        let on_this_host = settings.endpoint.as_deref().is_some_and(on_this_host);
+        let nearness = Nearness::new(settings.endpoint.as_deref().is_some_and(on_this_host));
         Ok(Self {
-            on_this_host,
+            nearness,
             bucket: bucket.to_string(),
             settings,
             client: RwLock::new(Clients::new(client, 0)),
             keys: tokio::sync::Mutex::new(keys),
             page_keys: AtomicI32::new(LIST_PAGE_KEYS),
             silent: AtomicBool::new(false),
-            fastest_answer_us: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -346,9 +373,8 @@ impl S3Store {
         let started = std::time::Instant::now();
         let result = op(client).await;
         crate::metrics::record_request(name, started, &result);
-        if !matches!(result, Err(StoreError::Network(_))) {
-            let took = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
-            self.fastest_answer_us.fetch_min(took, Ordering::Relaxed);
+        if result.is_ok() && self.nearness.answered(started.elapsed()) {
+            info!(bucket = %self.bucket, "the server is near (it answers within {:?}): sequential reads prefetch in GETs of up to 32 MiB", self.nearness.within);
         }
         match &result {
             Err(e) if timed_out(e) => {
@@ -831,8 +857,7 @@ impl ObjectStore for S3Store {
     }
 
     fn is_near(&self) -> bool {
-        let within = if self.on_this_host { super::NEAR_ANSWER_ON_HOST } else { super::NEAR_ANSWER };
-        self.fastest_answer_us.load(Ordering::Relaxed) <= within.as_micros() as u64
+        self.nearness.is_near()
     }
 
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError> {
@@ -1127,6 +1152,26 @@ pub type SharedStore = Arc<dyn ObjectStore>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_is_near_after_three_quick_answers() {
+        let ms = Duration::from_millis;
+        let far = Nearness::new(false);
+        for took in [ms(1), ms(4), ms(2), ms(20)] {
+            assert!(!far.answered(took));
+        }
+        assert!(!far.is_near(), "two quick answers of four");
+        assert!(far.answered(ms(3)), "the third quick answer makes it near, once");
+        assert!(far.is_near() && !far.answered(ms(1)) && far.is_near());
+        let on_host = Nearness::new(true);
+        for took in [ms(9), ms(10), ms(11)] {
+            assert!(!on_host.is_near());
+            on_host.answered(took);
+        }
+        assert!(!on_host.is_near(), "11 ms is not quick for a server on this host");
+        on_host.answered(ms(5));
+        assert!(on_host.is_near());
+    }
 
     #[test]
     fn an_endpoint_on_this_host_is_told_by_its_host() {
