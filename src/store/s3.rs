@@ -374,7 +374,7 @@ impl S3Store {
         let result = op(client).await;
         crate::metrics::record_request(name, started, &result);
         if result.is_ok() && self.nearness.answered(started.elapsed()) {
-            info!(bucket = %self.bucket, "the server is near (it answers within {:?}): sequential reads prefetch in GETs of up to 32 MiB", self.nearness.within);
+            tracing::debug!(bucket = %self.bucket, "the server is near (it answers within {:?}): sequential reads prefetch in GETs of up to 32 MiB", self.nearness.within);
         }
         match &result {
             Err(e) if timed_out(e) => {
