@@ -539,3 +539,42 @@ fn a_file_forgotten_before_its_upload_is_still_listed() {
         assert_clean(&s).await;
     });
 }
+
+/// A HEAD sent before an upload of this mount finished and answered after
+/// it (a slow answer under load) tells of the previous version: it must not
+/// replace what the upload recorded. Otherwise the next open, within the
+/// TTL, reads the previous version's bytes from the block cache (or fails
+/// its If-Match).
+#[test]
+fn a_late_head_does_not_bring_back_the_previous_version() {
+    rt().block_on(async {
+        let s = setup_with_ttl(64 << 20, 13, Duration::from_secs(2));
+        s.mem.insert("f.txt", b"first version".to_vec());
+        let ino = s.fs.lookup(super::inode::ROOT, "f.txt").await.unwrap().ino;
+        let read_all = |fs: Arc<Fs>| async move {
+            let (fh, _) = fs.open(ino, libc::O_RDONLY, pid()).await.unwrap();
+            let got = fs.read(fh, 0, 1 << 20).await.map(|d| d.to_vec());
+            fs.release(fh).await;
+            got
+        };
+        assert_eq!(read_all(s.fs.clone()).await.unwrap(), b"first version", "read into the block cache");
+        // The inode goes stale: the next open sends a HEAD, answered late.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        s.faults.add(Rule::nth("head", 0, Fault::LateAnswer(Duration::from_millis(500))));
+        let opening = tokio::spawn({
+            let fs = s.fs.clone();
+            async move { fs.open(ino, libc::O_RDONLY, pid()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (fh, _) = s.fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, pid()).await.unwrap();
+        s.fs.write(fh, 0, b"second version").await.unwrap();
+        s.fs.flush(fh, pid()).await.unwrap();
+        s.fs.release(fh).await;
+        assert_eq!(&s.mem.body("f.txt").unwrap()[..], b"second version");
+        let (early, _) = opening.await.unwrap().unwrap();
+        s.fs.release(early).await;
+        assert_eq!(s.faults.injected(), 1, "the HEAD was answered late");
+        assert_eq!(read_all(s.fs.clone()).await.unwrap(), b"second version", "an open after the upload");
+        assert_eq!(s.fs.getattr(ino).await.unwrap().size, 14);
+    });
+}

@@ -814,13 +814,18 @@ impl Fs {
             Ok((meta, attrs)) => {
                 let mut table = lock(&self.inodes);
                 let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
-                if let Some(attrs) = attrs {
-                    inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
+                // Only newer information replaces what is known: an upload
+                // that finished while the HEAD was out (this mount's, or
+                // found by a listing) is newer than what the HEAD saw.
+                if started + mount.ttl >= inode.valid_until && !inode.local {
+                    if let Some(attrs) = attrs {
+                        inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
+                    }
+                    inode.size = meta.size;
+                    inode.mtime = meta.last_modified;
+                    inode.etag = Some(meta.etag);
+                    inode.valid_until = started + mount.ttl;
                 }
-                inode.size = meta.size;
-                inode.mtime = meta.last_modified;
-                inode.etag = Some(meta.etag);
-                inode.valid_until = started + mount.ttl;
                 Ok(self.attr_of(inode))
             }
             Err(e) => {

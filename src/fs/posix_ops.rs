@@ -151,13 +151,20 @@ impl Fs {
                 let writing = self.writers.contains(ino);
                 let mut table = lock(&self.inodes);
                 if let Some(inode) = table.get_mut(ino) {
-                    if kind == Kind::File && !inode.local && !writing {
+                    // As in `revalidate`: an object's version found while the
+                    // HEAD was out (an upload, a listing) is newer than the
+                    // HEAD's, and keeps its metadata.
+                    let remote = kind == Kind::File && !inode.local && !writing;
+                    let stale = remote && started + mount.ttl < inode.valid_until;
+                    if remote && !stale {
                         inode.size = meta.size;
                         inode.mtime = meta.last_modified;
                         inode.etag = Some(meta.etag);
                         inode.valid_until = started + mount.ttl;
                     }
-                    inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
+                    if !stale {
+                        inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
+                    }
                 }
                 Ok(true)
             }

@@ -32,6 +32,9 @@ pub enum Fault {
     Hang,
     /// A GET answers, then its body breaks off after the first chunk.
     BreakBody,
+    /// A HEAD goes through at once, but its answer takes this long to come
+    /// back: it tells what the object was when the server read it.
+    LateAnswer(Duration),
 }
 
 /// Which calls a [`Fault`] applies to.
@@ -162,6 +165,13 @@ impl FaultyStore {
     }
 }
 
+/// Holds an answer back for [`Fault::LateAnswer`].
+async fn late(fault: Option<Fault>) {
+    if let Some(Fault::LateAnswer(d)) = fault {
+        tokio::time::sleep(d).await;
+    }
+}
+
 #[async_trait]
 impl ObjectStore for FaultyStore {
     fn describe(&self) -> String {
@@ -186,14 +196,18 @@ impl ObjectStore for FaultyStore {
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
         let _running = self.head_running();
-        self.before("head").await?;
-        self.inner.head(key).await
+        let fault = self.before("head").await?;
+        let answer = self.inner.head(key).await;
+        late(fault).await;
+        answer
     }
 
     async fn head_attrs(&self, key: &str) -> Result<(ObjectMeta, ObjectAttrs), StoreError> {
         let _running = self.head_running();
-        self.before("head").await?;
-        self.inner.head_attrs(key).await
+        let fault = self.before("head").await?;
+        let answer = self.inner.head_attrs(key).await;
+        late(fault).await;
+        answer
     }
 
     fn is_near(&self) -> bool {
