@@ -542,39 +542,103 @@ fn a_file_forgotten_before_its_upload_is_still_listed() {
 
 /// A HEAD sent before an upload of this mount finished and answered after
 /// it (a slow answer under load) tells of the previous version: it must not
-/// replace what the upload recorded. Otherwise the next open, within the
-/// TTL, reads the previous version's bytes from the block cache (or fails
-/// its If-Match).
+/// replace what the upload recorded, or the next open, within the TTL, reads
+/// the previous version's bytes from the block cache (or fails its
+/// If-Match). Nor when a handle still open on the previous version meets a
+/// 412 meanwhile: that marks the previous version stale, not the new one.
 #[test]
 fn a_late_head_does_not_bring_back_the_previous_version() {
     rt().block_on(async {
-        let s = setup_with_ttl(64 << 20, 13, Duration::from_secs(2));
-        s.mem.insert("f.txt", b"first version".to_vec());
-        let ino = s.fs.lookup(super::inode::ROOT, "f.txt").await.unwrap().ino;
-        let read_all = |fs: Arc<Fs>| async move {
-            let (fh, _) = fs.open(ino, libc::O_RDONLY, pid()).await.unwrap();
-            let got = fs.read(fh, 0, 1 << 20).await.map(|d| d.to_vec());
-            fs.release(fh).await;
-            got
-        };
-        assert_eq!(read_all(s.fs.clone()).await.unwrap(), b"first version", "read into the block cache");
-        // The inode goes stale: the next open sends a HEAD, answered late.
-        tokio::time::sleep(Duration::from_millis(2100)).await;
-        s.faults.add(Rule::nth("head", 0, Fault::LateAnswer(Duration::from_millis(500))));
-        let opening = tokio::spawn({
+        for old_handle_fails in [false, true] {
+            let s = setup_with_ttl(64 << 20, 13, Duration::from_secs(2));
+            let (old, new) = (vec![b'a'; 3 << 20], vec![b'b'; 3 << 20]);
+            s.mem.insert("f.bin", old.clone());
+            let ino = s.fs.lookup(super::inode::ROOT, "f.bin").await.unwrap().ino;
+            // The first 128 KiB of the old version into the block cache.
+            let (old_fh, _) = s.fs.open(ino, libc::O_RDONLY, pid()).await.unwrap();
+            assert_eq!(s.fs.read(old_fh, 0, 128 << 10).await.unwrap().to_vec(), &old[..128 << 10]);
+            // Stale: the next open sends a HEAD, whose answer is held back.
+            tokio::time::sleep(Duration::from_millis(2100)).await;
+            let gate = Arc::new(tokio::sync::Notify::new());
+            s.faults.add(Rule::nth("head", 0, Fault::HeldAnswer(gate.clone())));
+            let opening = tokio::spawn({
+                let fs = s.fs.clone();
+                async move { fs.open(ino, libc::O_RDONLY, pid()).await }
+            });
+            for _ in 0..500 {
+                if s.faults.injected() == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(s.faults.injected(), 1, "the open's HEAD is out");
+            let (fh, _) = s.fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, pid()).await.unwrap();
+            s.fs.write(fh, 0, &new).await.unwrap();
+            s.fs.flush(fh, pid()).await.unwrap();
+            s.fs.release(fh).await;
+            assert!(s.mem.body("f.bin").unwrap() == new);
+            if old_handle_fails {
+                // A seek on the old handle: a GET with the old If-Match, 412.
+                assert!(s.fs.read(old_fh, 2 << 20, 4096).await.is_err());
+            }
+            gate.notify_one();
+            let (early, _) = opening.await.unwrap().unwrap();
+            s.fs.release(early).await;
+            s.fs.release(old_fh).await;
+            let (fh, _) = s.fs.open(ino, libc::O_RDONLY, pid()).await.unwrap();
+            let got = s.fs.read(fh, 0, 128 << 10).await.map(|d| d.to_vec());
+            s.fs.release(fh).await;
+            assert!(
+                got.as_deref().ok() == Some(&new[..128 << 10]),
+                "an open after the upload (old handle failed: {old_handle_fails}) read {:?}",
+                got.map(|b| b[..8].to_vec())
+            );
+        }
+    });
+}
+
+/// A listing sent before an upload of this mount finished and answered
+/// after it: its snapshot of the directory keeps the upload's version, so a
+/// lookup answered from the snapshot after the kernel forgot the inode does
+/// not bring back the previous version's cached bytes.
+#[test]
+fn a_late_listing_does_not_bring_back_the_previous_version() {
+    rt().block_on(async {
+        let s = setup_with_ttl(64 << 20, 14, Duration::from_secs(2));
+        let (old, new) = (vec![b'a'; 1 << 20], vec![b'b'; 1 << 20]);
+        s.mem.insert("d/f.bin", old.clone());
+        let dir = s.fs.lookup(super::inode::ROOT, "d").await.unwrap().ino;
+        let ino = s.fs.lookup(dir, "f.bin").await.unwrap().ino;
+        let (fh, _) = s.fs.open(ino, libc::O_RDONLY, pid()).await.unwrap();
+        assert_eq!(s.fs.read(fh, 0, 128 << 10).await.unwrap().to_vec(), &old[..128 << 10]);
+        s.fs.release(fh).await;
+        // A listing of d whose answer is held back while the file is rewritten.
+        let gate = Arc::new(tokio::sync::Notify::new());
+        s.faults.add(Rule::nth("list", 0, Fault::HeldAnswer(gate.clone())));
+        let listing = tokio::spawn({
             let fs = s.fs.clone();
-            async move { fs.open(ino, libc::O_RDONLY, pid()).await }
+            async move { all_names(&fs, dir).await }
         });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..500 {
+            if s.faults.injected() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(s.faults.injected(), 1, "the listing is out");
         let (fh, _) = s.fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, pid()).await.unwrap();
-        s.fs.write(fh, 0, b"second version").await.unwrap();
+        s.fs.write(fh, 0, &new).await.unwrap();
         s.fs.flush(fh, pid()).await.unwrap();
         s.fs.release(fh).await;
-        assert_eq!(&s.mem.body("f.txt").unwrap()[..], b"second version");
-        let (early, _) = opening.await.unwrap().unwrap();
-        s.fs.release(early).await;
-        assert_eq!(s.faults.injected(), 1, "the HEAD was answered late");
-        assert_eq!(read_all(s.fs.clone()).await.unwrap(), b"second version", "an open after the upload");
-        assert_eq!(s.fs.getattr(ino).await.unwrap().size, 14);
+        gate.notify_one();
+        assert!(listing.await.unwrap().contains(&"f.bin".to_string()));
+        // The kernel forgets the inode; the next lookup is answered from the
+        // directory's snapshot.
+        s.fs.forget(ino, 1);
+        let ino = s.fs.lookup(dir, "f.bin").await.unwrap().ino;
+        let (fh, _) = s.fs.open(ino, libc::O_RDONLY, pid()).await.unwrap();
+        let got = s.fs.read(fh, 0, 128 << 10).await.map(|d| d.to_vec());
+        s.fs.release(fh).await;
+        assert!(got.as_deref().ok() == Some(&new[..128 << 10]), "read {:?}", got.map(|b| b[..8].to_vec()));
     });
 }

@@ -680,7 +680,8 @@ impl Fs {
                 table.clear_negative(parent, name);
                 let ino = table.upsert(parent, &mount, &dir_key, &entry, started + mount.ttl, count);
                 let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
-                if let Some(attrs) = attrs.filter(|_| entry.kind == Kind::File) {
+                // Not when `upsert` kept a newer version than the HEAD's.
+                if let Some(attrs) = attrs.filter(|_| entry.kind == Kind::File && inode.etag == entry.etag) {
                     inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
                 }
                 Ok(self.attr_of(inode))
@@ -816,8 +817,10 @@ impl Fs {
                 let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
                 // Only newer information replaces what is known: an upload
                 // that finished while the HEAD was out (this mount's, or
-                // found by a listing) is newer than what the HEAD saw.
-                if started + mount.ttl >= inode.valid_until && !inode.local {
+                // found by a listing) is newer than what the HEAD saw; and a
+                // rename meanwhile gave the inode another key.
+                let same_key = matches!(&inode.loc, Loc::Object { key: k, .. } if k == key);
+                if started + mount.ttl >= inode.valid_until && !inode.local && same_key {
                     if let Some(attrs) = attrs {
                         inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
                     }
@@ -1058,7 +1061,12 @@ impl Fs {
                         "{}: the object changed on the server while open; this handle fails, the next open reads the new version",
                         object.key
                     );
-                    if let Some(inode) = lock(&self.inodes).get_mut(handle.ino) {
+                    // Only if the inode still holds that version: a newer one
+                    // (this mount's upload) is not stale, and a HEAD sent
+                    // before it must not be let in.
+                    if let Some(inode) = lock(&self.inodes).get_mut(handle.ino)
+                        && inode.etag.as_deref() == Some(object.etag.as_str())
+                    {
                         inode.valid_until = Instant::now();
                     }
                 } else {
@@ -1307,7 +1315,27 @@ impl Fs {
             return Ok(()); // stopped: nobody reads this listing any more
         }
         self.log_skipped(mount.store.as_ref(), &paged.skipped);
-        if let Some(dir) = lock(&self.inodes).get_mut(ino) {
+        let mut table = lock(&self.inodes);
+        // What this mount recorded after the listing started (an upload,
+        // a rename onto a name) is newer than what the listing saw: the
+        // snapshot keeps it, for lookups after the kernel forgets the inode.
+        let fresher = |name: &str| {
+            let child = table.get(table.child(ino, name)?)?;
+            (child.kind == Kind::File && !child.local && child.valid_until > valid_until).then(|| Entry {
+                name: name.to_string(),
+                kind: Kind::File,
+                size: child.size,
+                etag: child.etag.clone(),
+                mtime: child.mtime,
+            })
+        };
+        let previous = table.get(ino).and_then(|d| d.listing.as_ref()).map(|(_, l)| l.clone());
+        let names = all.keys().cloned().chain(previous.iter().flat_map(|l| l.keys().cloned()));
+        let newer: Vec<Entry> = names.filter_map(|name| fresher(&name)).collect();
+        for entry in newer {
+            all.insert(entry.name.clone(), entry);
+        }
+        if let Some(dir) = table.get_mut(ino) {
             dir.listing = Some((started, Arc::new(all)));
         }
         Ok(())

@@ -670,6 +670,9 @@ impl Fs {
         let (etag, mtime) = match table.get_mut(ino) {
             Some(inode) => {
                 inode.loc = Loc::Object { mount: mount.clone(), key: dst_key };
+                // What a listing or HEAD sent before the rename says of the
+                // new name (an object it replaced) is older than this.
+                inode.valid_until = Instant::now() + mount.ttl;
                 if let Some(etag) = copied.filter(|e| !e.is_empty()) {
                     inode.etag = Some(etag);
                     // The kernel's pages are those of the same bytes.

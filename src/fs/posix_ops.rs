@@ -155,7 +155,8 @@ impl Fs {
                     // HEAD was out (an upload, a listing) is newer than the
                     // HEAD's, and keeps its metadata.
                     let remote = kind == Kind::File && !inode.local && !writing;
-                    let stale = remote && started + mount.ttl < inode.valid_until;
+                    let moved = !matches!(&inode.loc, Loc::Object { key: k, .. } if *k == key);
+                    let stale = moved || (remote && started + mount.ttl < inode.valid_until);
                     if remote && !stale {
                         inode.size = meta.size;
                         inode.mtime = meta.last_modified;
@@ -331,7 +332,8 @@ impl Fs {
                         inode.page_cache = PageCache::Holds(new_etag.clone());
                     }
                     inode.etag = Some(new_etag);
-                    inode.valid_until = started + mount.ttl;
+                    // From now: a HEAD sent during the copy saw the old ETag.
+                    inode.valid_until = Instant::now() + mount.ttl;
                 }
             }
         }
@@ -400,6 +402,8 @@ impl Fs {
                 inode.page_cache = PageCache::Holds(new_etag.clone());
             }
             inode.etag = Some(new_etag);
+            // Newer than any HEAD sent before the copy finished.
+            inode.valid_until = Instant::now() + mount.ttl;
         }
         Ok(())
     }

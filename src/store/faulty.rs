@@ -32,9 +32,10 @@ pub enum Fault {
     Hang,
     /// A GET answers, then its body breaks off after the first chunk.
     BreakBody,
-    /// A HEAD goes through at once, but its answer takes this long to come
-    /// back: it tells what the object was when the server read it.
-    LateAnswer(Duration),
+    /// A HEAD or LIST goes through at once, but its answer is held back until the
+    /// test lets it go (`notify_one`): it then tells what the object was
+    /// when the server read it.
+    HeldAnswer(Arc<tokio::sync::Notify>),
 }
 
 /// Which calls a [`Fault`] applies to.
@@ -165,10 +166,10 @@ impl FaultyStore {
     }
 }
 
-/// Holds an answer back for [`Fault::LateAnswer`].
+/// Holds an answer back for [`Fault::HeldAnswer`].
 async fn late(fault: Option<Fault>) {
-    if let Some(Fault::LateAnswer(d)) = fault {
-        tokio::time::sleep(d).await;
+    if let Some(Fault::HeldAnswer(gate)) = fault {
+        gate.notified().await;
     }
 }
 
@@ -190,8 +191,10 @@ impl ObjectStore for FaultyStore {
         token: Option<String>,
         max_keys: Option<i32>,
     ) -> Result<ListPage, StoreError> {
-        self.before("list").await?;
-        self.inner.list(prefix, delimited, token, max_keys).await
+        let fault = self.before("list").await?;
+        let answer = self.inner.list(prefix, delimited, token, max_keys).await;
+        late(fault).await;
+        answer
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
