@@ -114,9 +114,11 @@ impl Fs {
         let base = if local {
             None
         } else {
-            let attr = self.revalidate(ino, mount, key).await?;
-            let etag = lock(&self.inodes).get(ino).and_then(|i| i.etag.clone()).unwrap_or_default();
-            Some(Base { etag, size: attr.size })
+            self.revalidate(ino, mount, key).await?;
+            // Size and ETag of one version, read together.
+            let table = lock(&self.inodes);
+            let inode = table.get(ino).ok_or(FsError::NotFound)?;
+            Some(Base { etag: inode.etag.clone().unwrap_or_default(), size: inode.size })
         };
         let dir = self.staging.path();
         let writer = if streaming {
