@@ -597,22 +597,25 @@ fn a_late_head_does_not_bring_back_the_previous_version() {
     });
 }
 
-/// A listing sent before an upload of this mount finished and answered
-/// after it: its snapshot of the directory keeps the upload's version, so a
-/// lookup answered from the snapshot after the kernel forgot the inode does
-/// not bring back the previous version's cached bytes.
+/// A listing sent before this mount changed the directory and answered
+/// after: its snapshot takes in the changes it may have missed. A file
+/// rewritten meanwhile keeps its new version (a lookup answered from the
+/// snapshot after the kernel forgot the inode does not bring back the
+/// previous version's cached bytes), a file created meanwhile is found, and
+/// one removed meanwhile stays gone.
 #[test]
 fn a_late_listing_does_not_bring_back_the_previous_version() {
     rt().block_on(async {
         let s = setup_with_ttl(64 << 20, 14, Duration::from_secs(2));
         let (old, new) = (vec![b'a'; 1 << 20], vec![b'b'; 1 << 20]);
         s.mem.insert("d/f.bin", old.clone());
+        s.mem.insert("d/gone.bin", b"removed meanwhile".to_vec());
         let dir = s.fs.lookup(super::inode::ROOT, "d").await.unwrap().ino;
         let ino = s.fs.lookup(dir, "f.bin").await.unwrap().ino;
         let (fh, _) = s.fs.open(ino, libc::O_RDONLY, pid()).await.unwrap();
         assert_eq!(s.fs.read(fh, 0, 128 << 10).await.unwrap().to_vec(), &old[..128 << 10]);
         s.fs.release(fh).await;
-        // A listing of d whose answer is held back while the file is rewritten.
+        // A listing of d whose answer is held back while d changes.
         let gate = Arc::new(tokio::sync::Notify::new());
         s.faults.add(Rule::nth("list", 0, Fault::HeldAnswer(gate.clone())));
         let listing = tokio::spawn({
@@ -630,11 +633,22 @@ fn a_late_listing_does_not_bring_back_the_previous_version() {
         s.fs.write(fh, 0, &new).await.unwrap();
         s.fs.flush(fh, pid()).await.unwrap();
         s.fs.release(fh).await;
+        let (_, fh) = s.fs.create(dir, "made.bin", libc::O_WRONLY, pid()).await.unwrap();
+        s.fs.write(fh, 0, b"made meanwhile").await.unwrap();
+        s.fs.flush(fh, pid()).await.unwrap();
+        s.fs.release(fh).await;
+        s.fs.unlink(dir, "gone.bin").await.unwrap();
         gate.notify_one();
-        assert!(listing.await.unwrap().contains(&"f.bin".to_string()));
-        // The kernel forgets the inode; the next lookup is answered from the
+        listing.await.unwrap();
+        // The kernel forgets the inodes; lookups are answered from the
         // directory's snapshot.
-        s.fs.forget(ino, 1);
+        s.fs.forget(ino, u64::MAX);
+        let made = s.fs.lookup(dir, "made.bin").await.map(|a| a.ino);
+        assert!(made.is_ok(), "a file made while the listing was out: {made:?}");
+        s.fs.forget(made.unwrap(), u64::MAX);
+        let made = s.fs.lookup(dir, "made.bin").await;
+        assert!(made.is_ok_and(|a| a.size == 14), "looked up from the snapshot");
+        assert!(s.fs.lookup(dir, "gone.bin").await.is_err(), "a file removed while the listing was out");
         let ino = s.fs.lookup(dir, "f.bin").await.unwrap().ino;
         let (fh, _) = s.fs.open(ino, libc::O_RDONLY, pid()).await.unwrap();
         let got = s.fs.read(fh, 0, 128 << 10).await.map(|d| d.to_vec());

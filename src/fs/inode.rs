@@ -18,6 +18,10 @@ use super::MountPoint;
 use super::namespace::{Entry, Kind};
 
 pub const ROOT: u64 = 1;
+/// Changes a directory remembers for a listing that is out
+/// ([`Inode::changed`]); past this, the oldest are dropped, and a listing
+/// that started before them may show them as they were for a TTL.
+const MAX_CHANGES: usize = 4096;
 
 /// What the kernel's page cache holds of a file. An open keeps the cache
 /// (FOPEN_KEEP_CACHE) only when it holds the version being opened; any other
@@ -68,6 +72,10 @@ pub struct Inode {
     pub local: bool,
     /// For directories: names of local (not yet uploaded) children.
     pub local_children: std::collections::BTreeSet<String>,
+    /// For directories: what this mount changed in it (an upload, a rename
+    /// onto a name, a new directory: the entry; a removal: `None`) and when,
+    /// for a listing that is out to take in (see [`InodeTable::install_listing`]).
+    pub changed: std::collections::VecDeque<(Instant, String, Option<Entry>)>,
     /// With `--posix-metadata`: the object's stored attributes and when
     /// they were read (trusted for the metadata TTL); `None` until a HEAD.
     pub posix: Option<(Instant, Arc<super::PosixState>)>,
@@ -93,6 +101,7 @@ impl Inode {
             page_cache: PageCache::Empty,
             local: false,
             local_children: Default::default(),
+            changed: Default::default(),
             posix: None,
         }
     }
@@ -247,11 +256,49 @@ impl InodeTable {
                 page_cache: PageCache::Empty,
                 local: false,
                 local_children: Default::default(),
+                changed: Default::default(),
                 posix: None,
             },
         );
         self.names.insert((parent, entry.name.clone()), ino);
         ino
+    }
+
+    /// Records a change this mount made to `name` in directory `dir` (`Some`:
+    /// the entry it is now; `None`: removed) in its cached listing, and for
+    /// a listing of it that is out now, which started before the change and
+    /// may not have seen it.
+    pub fn note_change(&mut self, dir: u64, name: &str, entry: Option<Entry>, at: Instant) {
+        let Some(d) = self.inodes.get_mut(&dir) else { return };
+        if let Some((_, entries)) = &mut d.listing {
+            match &entry {
+                Some(e) => Arc::make_mut(entries).insert(name.to_string(), e.clone()),
+                None => Arc::make_mut(entries).remove(name),
+            };
+        }
+        if d.changed.len() >= MAX_CHANGES {
+            d.changed.pop_front();
+        }
+        d.changed.push_back((at, name.to_string(), entry));
+    }
+
+    /// Installs `entries`, a listing of `dir` that started at `started`, as
+    /// its cached listing, with the changes this mount made since applied
+    /// to it: the listing may have read those names before them. A listing
+    /// that started before the one cached is dropped.
+    pub fn install_listing(&mut self, dir: u64, started: Instant, mut entries: HashMap<String, Entry>) {
+        let Some(d) = self.inodes.get_mut(&dir) else { return };
+        if d.listing.as_ref().is_some_and(|(at, _)| *at > started) {
+            return;
+        }
+        for (_, name, entry) in d.changed.iter().filter(|(at, ..)| *at >= started) {
+            match entry {
+                Some(e) => entries.insert(name.clone(), e.clone()),
+                None => entries.remove(name),
+            };
+        }
+        d.changed.retain(|(at, ..)| *at >= started);
+        d.listing = Some((started, Arc::new(entries)));
     }
 
     /// True while `name` in `parent` is known to be missing (within `ttl`).
@@ -383,6 +430,7 @@ impl InodeTable {
                 page_cache: PageCache::Empty,
                 local: true,
                 local_children: Default::default(),
+                changed: Default::default(),
                 posix: None,
             },
         );

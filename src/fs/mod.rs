@@ -1315,29 +1315,9 @@ impl Fs {
             return Ok(()); // stopped: nobody reads this listing any more
         }
         self.log_skipped(mount.store.as_ref(), &paged.skipped);
-        let mut table = lock(&self.inodes);
-        // What this mount recorded after the listing started (an upload,
-        // a rename onto a name) is newer than what the listing saw: the
-        // snapshot keeps it, for lookups after the kernel forgets the inode.
-        let fresher = |name: &str| {
-            let child = table.get(table.child(ino, name)?)?;
-            (child.kind == Kind::File && !child.local && child.valid_until > valid_until).then(|| Entry {
-                name: name.to_string(),
-                kind: Kind::File,
-                size: child.size,
-                etag: child.etag.clone(),
-                mtime: child.mtime,
-            })
-        };
-        let previous = table.get(ino).and_then(|d| d.listing.as_ref()).map(|(_, l)| l.clone());
-        let names = all.keys().cloned().chain(previous.iter().flat_map(|l| l.keys().cloned()));
-        let newer: Vec<Entry> = names.filter_map(|name| fresher(&name)).collect();
-        for entry in newer {
-            all.insert(entry.name.clone(), entry);
-        }
-        if let Some(dir) = table.get_mut(ino) {
-            dir.listing = Some((started, Arc::new(all)));
-        }
+        // With what this mount changed in the directory since the listing
+        // started (an upload, a rename, a removal), which it may have missed.
+        lock(&self.inodes).install_listing(ino, started, all);
         Ok(())
     }
 

@@ -380,11 +380,9 @@ impl Fs {
         let (parent, name) = (inode.parent, inode.name.clone());
         if let Some(dir) = table.get_mut(parent) {
             dir.local_children.remove(&name);
-            if let Some((_, entries)) = &mut dir.listing {
-                let entry = Entry { name: name.clone(), kind: Kind::File, size, etag: Some(etag), mtime: now };
-                Arc::make_mut(entries).insert(name, entry);
-            }
         }
+        let entry = Entry { name: name.clone(), kind: Kind::File, size, etag: Some(etag), mtime: now };
+        table.note_change(parent, &name, Some(entry), Instant::now());
     }
 
     /// Removes `name` from `parent` in every cache, and remembers for a TTL
@@ -395,21 +393,15 @@ impl Fs {
         table.unlink_name(parent, name);
         if let Some(dir) = table.get_mut(parent) {
             dir.local_children.remove(name);
-            if let Some((_, entries)) = &mut dir.listing {
-                Arc::make_mut(entries).remove(name);
-            }
         }
+        table.note_change(parent, name, None, Instant::now());
     }
 
     /// Records a new directory in the parent's cached listing.
     fn note_dir(&self, parent: u64, name: &str) {
         let mut table = lock(&self.inodes);
         table.clear_negative(parent, name);
-        if let Some(dir) = table.get_mut(parent)
-            && let Some((_, entries)) = &mut dir.listing
-        {
-            Arc::make_mut(entries).insert(name.to_string(), Entry::dir(name));
-        }
+        table.note_change(parent, name, Some(Entry::dir(name)), Instant::now());
     }
 
     /// truncate(2) and the attribute changes of chmod, chown and utimes.
@@ -686,13 +678,13 @@ impl Fs {
             }
             None => (None, SystemTime::now()),
         };
-        if let Some(dir) = table.get_mut(newparent) {
-            if local {
+        if local {
+            if let Some(dir) = table.get_mut(newparent) {
                 dir.local_children.insert(newname.to_string());
-            } else if let Some((_, entries)) = &mut dir.listing {
-                let e = Entry { name: newname.to_string(), kind: Kind::File, size, etag, mtime };
-                Arc::make_mut(entries).insert(newname.to_string(), e);
             }
+        } else {
+            let e = Entry { name: newname.to_string(), kind: Kind::File, size, etag, mtime };
+            table.note_change(newparent, newname, Some(e), Instant::now());
         }
         Ok(())
     }

@@ -450,11 +450,7 @@ impl Fs {
             Entry { name: name.to_string(), kind: Kind::File, size: target.len() as u64, etag: Some(etag), mtime: now };
         let mut table = lock(&self.inodes);
         table.clear_negative(parent, name);
-        if let Some(dir) = table.get_mut(parent)
-            && let Some((_, entries)) = &mut dir.listing
-        {
-            Arc::make_mut(entries).insert(name.to_string(), entry.clone());
-        }
+        table.note_change(parent, name, Some(entry.clone()), started);
         let ino = table.upsert(parent, &mount, &dir_key, &entry, started + mount.ttl, true);
         let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
         inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
