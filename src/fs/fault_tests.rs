@@ -656,3 +656,36 @@ fn a_late_listing_does_not_bring_back_the_previous_version() {
         assert!(got.as_deref().ok() == Some(&new[..128 << 10]), "read {:?}", got.map(|b| b[..8].to_vec()));
     });
 }
+
+/// A lookup whose HEAD was sent before this mount made the file, and
+/// answered "not found" after, does not hide the file: the lookup finds it,
+/// and so does the next one.
+#[test]
+fn a_late_not_found_does_not_hide_a_file_made_meanwhile() {
+    rt().block_on(async {
+        let s = setup_with_ttl(64 << 20, 15, Duration::from_secs(2));
+        s.mem.insert("d/other.bin", b"x".to_vec());
+        let dir = s.fs.lookup(super::inode::ROOT, "d").await.unwrap().ino;
+        let gate = Arc::new(tokio::sync::Notify::new());
+        s.faults.add(Rule::nth("head", 0, Fault::HeldAnswer(gate.clone())));
+        let looking = tokio::spawn({
+            let fs = s.fs.clone();
+            async move { fs.lookup(dir, "new.bin").await.map(|a| a.ino) }
+        });
+        for _ in 0..500 {
+            if s.faults.injected() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(s.faults.injected(), 1, "the lookup's HEAD is out");
+        let (attr, fh) = s.fs.create(dir, "new.bin", libc::O_WRONLY, pid()).await.unwrap();
+        s.fs.write(fh, 0, b"made meanwhile").await.unwrap();
+        s.fs.flush(fh, pid()).await.unwrap();
+        s.fs.release(fh).await;
+        gate.notify_one();
+        assert_eq!(looking.await.unwrap().ok(), Some(attr.ino), "the late lookup finds the file");
+        let again = s.fs.lookup(dir, "new.bin").await;
+        assert!(again.is_ok_and(|a| a.ino == attr.ino && a.size == 14), "and so does the next one");
+    });
+}

@@ -688,6 +688,16 @@ impl Fs {
             }
             Err(FsError::NotFound) => {
                 let mut table = lock(&self.inodes);
+                // A file made here while the HEAD was out (still local, or
+                // uploaded since) exists: the HEAD's answer is older.
+                if let Some(ino) = table.child(parent, name)
+                    && table.get(ino).is_some_and(|c| c.local || c.valid_until > started + mount.ttl)
+                {
+                    if count {
+                        table.remember(ino);
+                    }
+                    return Ok(self.attr_of(table.get(ino).unwrap_or_else(|| unreachable!())));
+                }
                 if !mount.ttl.is_zero() {
                     table.set_negative(parent, name, started);
                 }
