@@ -540,6 +540,32 @@ fn a_file_forgotten_before_its_upload_is_still_listed() {
     });
 }
 
+/// Waits (bounded) until the one fault added is holding its call.
+async fn held(faults: &FaultyStore) {
+    for _ in 0..500 {
+        if faults.injected() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Replaces the whole content of file `ino` through the mount, uploaded.
+async fn rewrite(fs: &Arc<Fs>, ino: u64, data: &[u8]) {
+    let (fh, _) = fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, pid()).await.unwrap();
+    fs.write(fh, 0, data).await.unwrap();
+    fs.flush(fh, pid()).await.unwrap();
+    fs.release(fh).await;
+}
+
+/// The first 128 KiB of file `ino`, from a new open.
+async fn read_start(fs: &Arc<Fs>, ino: u64) -> Result<Vec<u8>, FsError> {
+    let (fh, _) = fs.open(ino, libc::O_RDONLY, pid()).await.unwrap();
+    let got = fs.read(fh, 0, 128 << 10).await.map(|d| d.to_vec());
+    fs.release(fh).await;
+    got
+}
+
 /// A HEAD sent before an upload of this mount finished and answered after
 /// it (a slow answer under load) tells of the previous version: it must not
 /// replace what the upload recorded, or the next open, within the TTL, reads
@@ -565,17 +591,9 @@ fn a_late_head_does_not_bring_back_the_previous_version() {
                 let fs = s.fs.clone();
                 async move { fs.open(ino, libc::O_RDONLY, pid()).await }
             });
-            for _ in 0..500 {
-                if s.faults.injected() == 1 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            held(&s.faults).await;
             assert_eq!(s.faults.injected(), 1, "the open's HEAD is out");
-            let (fh, _) = s.fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, pid()).await.unwrap();
-            s.fs.write(fh, 0, &new).await.unwrap();
-            s.fs.flush(fh, pid()).await.unwrap();
-            s.fs.release(fh).await;
+            rewrite(&s.fs, ino, &new).await;
             assert!(s.mem.body("f.bin").unwrap() == new);
             if old_handle_fails {
                 // A seek on the old handle: a GET with the old If-Match, 412.
@@ -585,9 +603,7 @@ fn a_late_head_does_not_bring_back_the_previous_version() {
             let (early, _) = opening.await.unwrap().unwrap();
             s.fs.release(early).await;
             s.fs.release(old_fh).await;
-            let (fh, _) = s.fs.open(ino, libc::O_RDONLY, pid()).await.unwrap();
-            let got = s.fs.read(fh, 0, 128 << 10).await.map(|d| d.to_vec());
-            s.fs.release(fh).await;
+            let got = read_start(&s.fs, ino).await;
             assert!(
                 got.as_deref().ok() == Some(&new[..128 << 10]),
                 "an open after the upload (old handle failed: {old_handle_fails}) read {:?}",
@@ -622,17 +638,9 @@ fn a_late_listing_does_not_bring_back_the_previous_version() {
             let fs = s.fs.clone();
             async move { all_names(&fs, dir).await }
         });
-        for _ in 0..500 {
-            if s.faults.injected() == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        held(&s.faults).await;
         assert_eq!(s.faults.injected(), 1, "the listing is out");
-        let (fh, _) = s.fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, pid()).await.unwrap();
-        s.fs.write(fh, 0, &new).await.unwrap();
-        s.fs.flush(fh, pid()).await.unwrap();
-        s.fs.release(fh).await;
+        rewrite(&s.fs, ino, &new).await;
         let (_, fh) = s.fs.create(dir, "made.bin", libc::O_WRONLY, pid()).await.unwrap();
         s.fs.write(fh, 0, b"made meanwhile").await.unwrap();
         s.fs.flush(fh, pid()).await.unwrap();
@@ -650,9 +658,7 @@ fn a_late_listing_does_not_bring_back_the_previous_version() {
         assert!(made.is_ok_and(|a| a.size == 14), "looked up from the snapshot");
         assert!(s.fs.lookup(dir, "gone.bin").await.is_err(), "a file removed while the listing was out");
         let ino = s.fs.lookup(dir, "f.bin").await.unwrap().ino;
-        let (fh, _) = s.fs.open(ino, libc::O_RDONLY, pid()).await.unwrap();
-        let got = s.fs.read(fh, 0, 128 << 10).await.map(|d| d.to_vec());
-        s.fs.release(fh).await;
+        let got = read_start(&s.fs, ino).await;
         assert!(got.as_deref().ok() == Some(&new[..128 << 10]), "read {:?}", got.map(|b| b[..8].to_vec()));
     });
 }
@@ -672,12 +678,7 @@ fn a_late_not_found_does_not_hide_a_file_made_meanwhile() {
             let fs = s.fs.clone();
             async move { fs.lookup(dir, "new.bin").await.map(|a| a.ino) }
         });
-        for _ in 0..500 {
-            if s.faults.injected() == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        held(&s.faults).await;
         assert_eq!(s.faults.injected(), 1, "the lookup's HEAD is out");
         let (attr, fh) = s.fs.create(dir, "new.bin", libc::O_WRONLY, pid()).await.unwrap();
         s.fs.write(fh, 0, b"made meanwhile").await.unwrap();

@@ -112,6 +112,19 @@ impl Inode {
             Loc::Virtual { .. } => None,
         }
     }
+
+    /// True if what the inode holds is newer than an answer trusted until
+    /// `until` (a request's start plus the TTL): it is local, or an upload,
+    /// a listing or a HEAD started later recorded it. Such an answer tells
+    /// of an earlier state and must not replace it.
+    pub fn knows_more_than(&self, until: Instant) -> bool {
+        self.local || self.valid_until > until
+    }
+
+    /// True if the inode's object is `key` (a rename moves it elsewhere).
+    pub fn is_at(&self, key: &str) -> bool {
+        matches!(&self.loc, Loc::Object { key: k, .. } if k == key)
+    }
 }
 
 #[derive(Default)]
@@ -212,7 +225,7 @@ impl InodeTable {
             // Only newer information replaces what is known: a listing that
             // started before an upload finished must not bring back the
             // object's previous version.
-            if valid_until >= inode.valid_until && !inode.local {
+            if !inode.knows_more_than(valid_until) {
                 if entry.kind == Kind::File {
                     inode.size = entry.size;
                     inode.mtime = entry.mtime;

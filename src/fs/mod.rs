@@ -691,7 +691,7 @@ impl Fs {
                 // A file made here while the HEAD was out (still local, or
                 // uploaded since) exists: the HEAD's answer is older.
                 if let Some(ino) = table.child(parent, name)
-                    && table.get(ino).is_some_and(|c| c.local || c.valid_until > started + mount.ttl)
+                    && table.get(ino).is_some_and(|c| c.knows_more_than(started + mount.ttl))
                 {
                     if count {
                         table.remember(ino);
@@ -829,8 +829,7 @@ impl Fs {
                 // that finished while the HEAD was out (this mount's, or
                 // found by a listing) is newer than what the HEAD saw; and a
                 // rename meanwhile gave the inode another key.
-                let same_key = matches!(&inode.loc, Loc::Object { key: k, .. } if k == key);
-                if started + mount.ttl >= inode.valid_until && !inode.local && same_key {
+                if !inode.knows_more_than(started + mount.ttl) && inode.is_at(key) {
                     if let Some(attrs) = attrs {
                         inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
                     }

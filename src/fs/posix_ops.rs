@@ -155,8 +155,7 @@ impl Fs {
                     // HEAD was out (an upload, a listing) is newer than the
                     // HEAD's, and keeps its metadata.
                     let remote = kind == Kind::File && !inode.local && !writing;
-                    let moved = !matches!(&inode.loc, Loc::Object { key: k, .. } if *k == key);
-                    let stale = moved || (remote && started + mount.ttl < inode.valid_until);
+                    let stale = !inode.is_at(&key) || (remote && inode.knows_more_than(started + mount.ttl));
                     if remote && !stale {
                         inode.size = meta.size;
                         inode.mtime = meta.last_modified;

@@ -173,9 +173,9 @@ impl Nearness {
     }
 
     /// Notes a successful answer after `took`. True when that answer made
-    /// the server near.
+    /// the server near. Once near, nothing is counted (no write per request).
     fn answered(&self, took: Duration) -> bool {
-        took <= self.within && self.quick.fetch_add(1, Ordering::Relaxed) + 1 == QUICK_ANSWERS
+        took <= self.within && !self.is_near() && self.quick.fetch_add(1, Ordering::Relaxed) + 1 == QUICK_ANSWERS
     }
 
     fn is_near(&self) -> bool {
