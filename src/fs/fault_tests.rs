@@ -135,11 +135,17 @@ fn a_failed_copy_aborts_its_upload() {
         let s = setup(64 << 20, 3);
         s.mem.insert("a", vec![3u8; 1 << 20]);
         s.faults.add(Rule::always("upload_part_copy", server_error()));
-        assert!(s.fs.multipart_copy(&s.mount, "a", "b", 1 << 20).await.is_err());
+        assert!(s.fs.multipart_copy(&s.mount, "a", "b", 1 << 20, None).await.is_err());
         assert_clean(&s).await;
         s.faults.clear();
         s.faults.add(Rule::always("complete_multipart", server_error()));
-        assert!(s.fs.multipart_copy(&s.mount, "a", "b", 1 << 20).await.is_err());
+        assert!(s.fs.multipart_copy(&s.mount, "a", "b", 1 << 20, None).await.is_err());
+        assert!(s.mem.body("b").is_none());
+        assert_clean(&s).await;
+        // A copy of a version the source no longer is.
+        s.faults.clear();
+        let copied = s.fs.multipart_copy(&s.mount, "a", "b", 1 << 20, Some("\"another\"")).await;
+        assert_eq!(copied.unwrap_err(), StoreError::PreconditionFailed);
         assert!(s.mem.body("b").is_none());
         assert_clean(&s).await;
         // A failed rename leaves the source where it was.
@@ -688,5 +694,61 @@ fn a_late_not_found_does_not_hide_a_file_made_meanwhile() {
         assert_eq!(looking.await.unwrap().ok(), Some(attr.ino), "the late lookup finds the file");
         let again = s.fs.lookup(dir, "new.bin").await;
         assert!(again.is_ok_and(|a| a.ino == attr.ino && a.size == 14), "and so does the next one");
+    });
+}
+
+/// A rename copies the version whose size the inode holds. When another
+/// client replaced the object within the TTL (the inode still holds the
+/// previous size), the copy of the known version is refused, and the new
+/// version is read and copied: the renamed file has the new version's size
+/// and bytes, not the previous size over the new bytes.
+#[test]
+fn a_rename_copies_the_version_whose_size_it_gives() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 16);
+        s.mem.insert("a", vec![b'o'; 1000]);
+        let ino = s.fs.lookup(super::inode::ROOT, "a").await.unwrap().ino;
+        let newer = vec![b'n'; 3000];
+        s.mem.insert("a", newer.clone());
+        assert_eq!(s.fs.getattr(ino).await.unwrap().size, 1000, "within the TTL the inode holds the old size");
+        s.fs.rename(super::inode::ROOT, "a", super::inode::ROOT, "b", 0).await.unwrap();
+        assert_eq!(s.mem.body("b").unwrap(), newer);
+        assert!(s.mem.body("a").is_none());
+        assert_eq!(s.fs.getattr(ino).await.unwrap().size, 3000, "the renamed file's size is the copied version's");
+        let (fh, _) = s.fs.open(ino, libc::O_RDONLY, pid()).await.unwrap();
+        assert_eq!(s.fs.read(fh, 0, 8192).await.unwrap().to_vec(), newer);
+        s.fs.release(fh).await;
+        assert_eq!(s.mem.count_of("copy"), 2, "the refused copy and the copy of the new version");
+        assert_clean(&s).await;
+    });
+}
+
+/// A HEAD of a file's old name, sent before a rename and answered after it,
+/// tells of the object the rename copied and deleted: it must not give the
+/// renamed inode that object's ETag, or reads of the new name are refused
+/// their If-Match for a TTL.
+#[test]
+fn a_late_head_does_not_undo_a_rename() {
+    rt().block_on(async {
+        let s = setup_with_ttl(64 << 20, 17, Duration::from_secs(2));
+        let data = vec![b'r'; 1 << 20];
+        s.mem.insert("old.bin", data.clone());
+        let ino = s.fs.lookup(super::inode::ROOT, "old.bin").await.unwrap().ino;
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let gate = Arc::new(tokio::sync::Notify::new());
+        s.faults.add(Rule::nth("head", 0, Fault::HeldAnswer(gate.clone())));
+        let asking = tokio::spawn({
+            let fs = s.fs.clone();
+            async move { fs.getattr(ino).await }
+        });
+        held(&s.faults).await;
+        assert_eq!(s.faults.injected(), 1, "the getattr's HEAD is out");
+        s.fs.rename(super::inode::ROOT, "old.bin", super::inode::ROOT, "new.bin", 0).await.unwrap();
+        gate.notify_one();
+        asking.await.unwrap().unwrap();
+        let gets = s.mem.count_of("get");
+        let got = read_start(&s.fs, ino).await;
+        assert!(got.as_deref().ok() == Some(&data[..128 << 10]), "read after the rename: {:?}", got.map(|b| b.len()));
+        assert_eq!(s.mem.count_of("get"), gets + 1, "one GET, not refused");
     });
 }

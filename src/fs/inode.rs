@@ -125,6 +125,17 @@ impl Inode {
     pub fn is_at(&self, key: &str) -> bool {
         matches!(&self.loc, Loc::Object { key: k, .. } if k == key)
     }
+
+    /// Takes the metadata a HEAD started at `at` read from the server,
+    /// unless metadata changed here waits for the upload of a file open for
+    /// `writing` (a chmod of an open file): what the server holds is older.
+    /// (Once no writer is left, a change whose upload failed is not kept.)
+    pub fn take_stored_posix(&mut self, at: Instant, attrs: crate::store::ObjectAttrs, writing: bool) {
+        if writing && self.posix.as_ref().is_some_and(|(_, p)| p.pending) {
+            return;
+        }
+        self.posix = Some((at, Arc::new(super::PosixState::of(attrs))));
+    }
 }
 
 #[derive(Default)]

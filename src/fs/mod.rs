@@ -654,6 +654,13 @@ impl Fs {
         }
     }
 
+    /// True if `parent`'s child `name` is known and open for writing. (The
+    /// inode table's lock is let go before the writers' is taken.)
+    fn writing_child(&self, parent: u64, name: &str) -> bool {
+        let child = lock(&self.inodes).child(parent, name);
+        child.is_some_and(|ino| self.writers.contains(ino))
+    }
+
     /// Finds `name` in `parent`; `count` adds a kernel lookup.
     async fn lookup_inner(&self, parent: u64, name: &str, count: bool) -> Result<Attr> {
         let (mount, dir_key) = match self.lookup_cached(parent, name, count) {
@@ -676,13 +683,14 @@ impl Fs {
         let started = Instant::now();
         match self.remote_lookup(&mount, &key, name).await {
             Ok((entry, attrs)) => {
+                let writing = self.writing_child(parent, name);
                 let mut table = lock(&self.inodes);
                 table.clear_negative(parent, name);
                 let ino = table.upsert(parent, &mount, &dir_key, &entry, started + mount.ttl, count);
                 let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
                 // Not when `upsert` kept a newer version than the HEAD's.
                 if let Some(attrs) = attrs.filter(|_| entry.kind == Kind::File && inode.etag == entry.etag) {
-                    inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
+                    inode.take_stored_posix(started, attrs, writing);
                 }
                 Ok(self.attr_of(inode))
             }
@@ -823,6 +831,7 @@ impl Fs {
         let started = Instant::now();
         match self.head(mount, key).await {
             Ok((meta, attrs)) => {
+                let writing = self.writers.contains(ino);
                 let mut table = lock(&self.inodes);
                 let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
                 // Only newer information replaces what is known: an upload
@@ -831,7 +840,7 @@ impl Fs {
                 // rename meanwhile gave the inode another key.
                 if !inode.knows_more_than(started + mount.ttl) && inode.is_at(key) {
                     if let Some(attrs) = attrs {
-                        inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
+                        inode.take_stored_posix(started, attrs, writing);
                     }
                     inode.size = meta.size;
                     inode.mtime = meta.last_modified;

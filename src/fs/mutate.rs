@@ -20,6 +20,9 @@ use crate::store::{PutCondition, StoreError};
 
 /// Renames of directories copy this many objects at once.
 const RENAME_CONCURRENCY: usize = 16;
+/// How many times a rename copies a file whose object another client keeps
+/// replacing before it gives up (`ESTALE`).
+const COPY_TRIES: usize = 3;
 
 /// Counts one running upload while it lives, so shutdown can wait for them;
 /// an upload whose future is dropped is not counted for ever.
@@ -634,7 +637,8 @@ impl Fs {
         if let Some(w) = &writer {
             self.upload(ino, w).await?;
         }
-        let (size, local) = lock(&self.inodes).get(ino).map(|i| (i.size, i.local)).unwrap_or((0, false));
+        let (mut size, local, etag) =
+            lock(&self.inodes).get(ino).map(|i| (i.size, i.local, i.etag.clone())).unwrap_or((0, false, None));
         tracing::debug!(local, "rename {src_key} -> {dst_key}");
         let mut copied = None;
         if local {
@@ -643,7 +647,8 @@ impl Fs {
             let mut guard = w.writer.lock().await;
             guard.set_key(dst_key.clone());
         } else {
-            copied = Some(self.copy_object(mount, &src_key, &dst_key, size).await?);
+            let (new_etag, new_size) = self.copy_known_version(mount, &src_key, &dst_key, size, etag).await?;
+            (copied, size) = (Some(new_etag), new_size);
             match mount.store.delete(&src_key).await {
                 Ok(()) | Err(StoreError::NotFound) => {}
                 Err(e) => {
@@ -668,6 +673,9 @@ impl Fs {
                 // new name (an object it replaced) is older than this.
                 inode.valid_until = Instant::now() + mount.ttl;
                 if let Some(etag) = copied.filter(|e| !e.is_empty()) {
+                    // The size of the version copied: another client's, if it
+                    // replaced the object before the copy.
+                    inode.size = size;
                     inode.etag = Some(etag);
                     // The kernel's pages are those of the same bytes.
                     if inode.page_cache != PageCache::Empty {
@@ -689,35 +697,69 @@ impl Fs {
         Ok(())
     }
 
-    /// CopyObject, or a multipart copy above 5 GiB. Returns the copy's ETag:
-    /// a copy of a multipart object does not keep the source's.
-    async fn copy_object(&self, mount: &MountPoint, from: &str, to: &str, size: u64) -> Result<String> {
-        let result = if size <= MAX_COPY {
-            mount.store.copy(from, to).await
-        } else {
-            self.multipart_copy(mount, from, to, size).await
-        };
-        result.map_err(|e| {
+    /// Copies `from` to `to` for a rename: the version whose ETag (`etag`)
+    /// and `size` the inode holds, so that the renamed inode's size is the
+    /// copy's. If another client replaced the object meanwhile, the copy is
+    /// refused (412); its new version is then read with a HEAD and copied
+    /// instead, up to [`COPY_TRIES`] times in all. Returns the copy's ETag
+    /// (a copy of a multipart object does not keep the source's) and size.
+    async fn copy_known_version(
+        &self,
+        mount: &MountPoint,
+        from: &str,
+        to: &str,
+        mut size: u64,
+        mut etag: Option<String>,
+    ) -> Result<(String, u64)> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let copied = if size <= MAX_COPY {
+                mount.store.copy(from, to, etag.as_deref()).await
+            } else {
+                self.multipart_copy(mount, from, to, size, etag.as_deref()).await
+            };
+            let e = match copied {
+                Ok(new_etag) => return Ok((new_etag, size)),
+                Err(StoreError::PreconditionFailed) if tries < COPY_TRIES => match mount.store.head(from).await {
+                    Ok(meta) => {
+                        info!(
+                            "{from} was replaced on the server before its rename; copying the new version \
+                                 ({} bytes, was {size})",
+                            meta.size
+                        );
+                        (size, etag) = (meta.size, Some(meta.etag));
+                        continue;
+                    }
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
             self.log_store_error("copy", mount, from, &e);
-            e.into()
-        })
+            return Err(e.into());
+        }
     }
 
+    /// A multipart copy of `from` (the version with ETag `version`, if
+    /// given) to `to`, with `from`'s metadata.
     pub(super) async fn multipart_copy(
         &self,
         mount: &MountPoint,
         from: &str,
         to: &str,
         size: u64,
+        version: Option<&str>,
     ) -> std::result::Result<String, StoreError> {
         // A multipart copy does not copy metadata: it is read and given.
         let attrs =
             if self.settings.posix_metadata { mount.store.head_attrs(from).await?.1 } else { Default::default() };
-        self.multipart_copy_with(mount, from, to, size, &attrs, None).await
+        self.multipart_copy_with(mount, from, to, size, &attrs, version).await
     }
 
-    /// A multipart copy whose object gets `attrs`; with `if_match`, it is
-    /// completed only if `to` still has that ETag (for a copy onto itself).
+    /// A multipart copy whose object gets `attrs`. With `version`, every
+    /// part is copied only from the version of `from` with that ETag (a
+    /// 412 otherwise), and a copy onto itself is completed only if `to`
+    /// still has that ETag.
     pub(super) async fn multipart_copy_with(
         &self,
         mount: &MountPoint,
@@ -725,11 +767,14 @@ impl Fs {
         to: &str,
         size: u64,
         attrs: &crate::store::ObjectAttrs,
-        if_match: Option<&str>,
+        version: Option<&str>,
     ) -> std::result::Result<String, StoreError> {
         let upload = Upload::create_with(&mount.store, to, attrs.clone()).await?;
-        let cond = if_match.map_or(PutCondition::None, |e| PutCondition::IfMatch(e.to_string()));
-        match self.copy_parts(mount, upload.id(), from, to, size).await {
+        let cond = match version {
+            Some(e) if from == to => PutCondition::IfMatch(e.to_string()),
+            _ => PutCondition::None,
+        };
+        match self.copy_parts(mount, upload.id(), from, to, size, version).await {
             Ok(parts) => {
                 let r = mount.store.complete_multipart(to, upload.id(), parts, cond).await;
                 match r {
@@ -754,9 +799,10 @@ impl Fs {
         from: &str,
         to: &str,
         size: u64,
+        version: Option<&str>,
     ) -> std::result::Result<Vec<crate::store::CompletedPart>, StoreError> {
         let mut tasks = tokio::task::JoinSet::new();
-        let parts = Self::send_copy_parts(mount, id, from, to, size, &mut tasks).await;
+        let parts = Self::send_copy_parts(mount, id, (from, version), to, size, &mut tasks).await;
         if parts.is_err() {
             stop_all(&mut tasks).await;
         }
@@ -766,7 +812,7 @@ impl Fs {
     async fn send_copy_parts(
         mount: &MountPoint,
         id: &str,
-        from: &str,
+        (from, version): (&str, Option<&str>),
         to: &str,
         size: u64,
         tasks: &mut tokio::task::JoinSet<std::result::Result<crate::store::CompletedPart, StoreError>>,
@@ -780,7 +826,10 @@ impl Fs {
         for n in 0..parts_n {
             let (start, end) = (n * part_len, ((n + 1) * part_len).min(size));
             let (store, to, from, id) = (mount.store.clone(), to.to_string(), from.to_string(), id.to_string());
-            tasks.spawn(async move { store.upload_part_copy(&to, &id, n as i32 + 1, &from, start, end).await });
+            let version = version.map(str::to_string);
+            tasks.spawn(async move {
+                store.upload_part_copy(&to, &id, n as i32 + 1, &from, start, end, version.as_deref()).await
+            });
             while tasks.len() >= MAX_INFLIGHT_PARTS {
                 if let Some(r) = tasks.join_next().await {
                     parts.push(joined(r)?);
@@ -883,9 +932,9 @@ impl Fs {
                     let attrs = if posix { mount.store.head_attrs(&o.key).await?.1 } else { Default::default() };
                     mount.store.put_with(&target, bytes::Bytes::new(), PutCondition::None, &attrs).await.map(|_| ())
                 } else if o.size <= MAX_COPY {
-                    mount.store.copy(&o.key, &target).await.map(|_| ())
+                    mount.store.copy(&o.key, &target, None).await.map(|_| ())
                 } else {
-                    self.multipart_copy(mount, &o.key, &target, o.size).await.map(|_| ())
+                    self.multipart_copy(mount, &o.key, &target, o.size, None).await.map(|_| ())
                 }
             })
             .await?;

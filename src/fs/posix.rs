@@ -376,7 +376,7 @@ mod tests {
         let a = ObjectAttrs { content_type: Some("text/plain".into()), metadata: meta(&[("mode", "33188")]) };
         let e1 = s.put_with("k", bytes::Bytes::from_static(b"x"), PutCondition::None, &a).await.unwrap();
         assert_eq!(s.head_attrs("k").await.unwrap().1, a);
-        s.copy("k", "k2").await.unwrap();
+        s.copy("k", "k2", None).await.unwrap();
         assert_eq!(s.attrs("k2"), Some(a.clone()));
         let b = ObjectAttrs { content_type: None, metadata: meta(&[("mode", "33261")]) };
         assert_eq!(

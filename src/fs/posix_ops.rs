@@ -163,8 +163,11 @@ impl Fs {
                         inode.valid_until = started + mount.ttl;
                     }
                     if !stale {
-                        inode.posix = Some((started, Arc::new(PosixState::of(attrs))));
+                        inode.take_stored_posix(started, attrs, writing);
                     }
+                    // A dropped answer leaves what the inode holds, which is
+                    // newer: fresh, but not by this HEAD.
+                    return Ok(!stale);
                 }
                 Ok(true)
             }
@@ -582,13 +585,17 @@ pub(super) fn check_name(name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::fault_tests::{Setup, setup};
+    use crate::fs::fault_tests::Setup;
     use crate::fs::inode::ROOT as ROOT_INO;
     use crate::store::ObjectStore;
     use bytes::Bytes;
 
     fn posix_setup() -> Setup {
-        let mut s = setup(64 << 20, 1);
+        posix_setup_with_ttl(std::time::Duration::from_secs(60))
+    }
+
+    fn posix_setup_with_ttl(ttl: std::time::Duration) -> Setup {
+        let mut s = crate::fs::fault_tests::setup_with_ttl(64 << 20, 1, ttl);
         let mut settings = s.fs.settings().clone();
         settings.posix_metadata = true;
         s.fs = Arc::new(Fs::new(settings, vec![(Vec::new(), s.mount.clone())]).unwrap());
@@ -669,6 +676,75 @@ mod tests {
             assert_eq!(mode(&attr), Some(S_IFREG | 0o600));
             let (_, stored) = s.mem.head_attrs("f").await.unwrap();
             assert_eq!(Posix::from_metadata(&stored.metadata).mode, Some(S_IFREG | 0o600));
+        });
+    }
+
+    /// A chmod of a file open for writing is stored by the upload at close.
+    /// A lookup answered meanwhile (the kernel forgot the name, the TTL
+    /// passed) reads the stored metadata, older than the chmod: it must not
+    /// replace it, or `stat` shows the old mode and close stores nothing.
+    #[test]
+    fn a_lookup_meanwhile_keeps_a_chmod_that_waits_for_close() {
+        let s = posix_setup_with_ttl(std::time::Duration::from_millis(500));
+        rt().block_on(async {
+            s.mem
+                .put_with("f", Bytes::from_static(b"x"), PutCondition::None, &with_mode(S_IFREG | 0o644))
+                .await
+                .unwrap();
+            let ino = s.fs.lookup(ROOT_INO, "f").await.unwrap().ino;
+            let pid = std::process::id();
+            let (fh, _) = s.fs.open(ino, libc::O_WRONLY, pid).await.unwrap();
+            let chmod = AttrChange { mode: Some(S_IFREG | 0o600), ..Default::default() };
+            s.fs.change_attrs(ino, chmod).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+            let heads = s.mem.count_of("head");
+            let attr = s.fs.lookup(ROOT_INO, "f").await.unwrap();
+            assert!(s.mem.count_of("head") > heads, "the lookup asked the server");
+            let mode = |a: &Attr| a.posix.as_ref().and_then(|p| p.posix.mode);
+            assert_eq!(mode(&attr), Some(S_IFREG | 0o600), "the lookup's answer");
+            s.fs.flush(fh, pid).await.unwrap();
+            s.fs.release(fh).await;
+            let (_, stored) = s.mem.head_attrs("f").await.unwrap();
+            assert_eq!(Posix::from_metadata(&stored.metadata).mode, Some(S_IFREG | 0o600), "stored at close");
+        });
+    }
+
+    /// A HEAD sent before a chmod of a closed file (a copy onto itself) and
+    /// answered after it tells of the metadata and ETag before the copy: it
+    /// must not bring them back.
+    #[test]
+    fn a_late_head_does_not_undo_a_chmod() {
+        use crate::store::faulty::{Fault, Rule};
+        let s = posix_setup_with_ttl(std::time::Duration::from_secs(2));
+        rt().block_on(async {
+            s.mem
+                .put_with("f", Bytes::from_static(b"x"), PutCondition::None, &with_mode(S_IFREG | 0o644))
+                .await
+                .unwrap();
+            let ino = s.fs.lookup(ROOT_INO, "f").await.unwrap().ino;
+            tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+            let gate = Arc::new(tokio::sync::Notify::new());
+            s.faults.add(Rule::nth("head", 0, Fault::HeldAnswer(gate.clone())));
+            let asking = tokio::spawn({
+                let fs = s.fs.clone();
+                async move { fs.getattr(ino).await }
+            });
+            for _ in 0..500 {
+                if s.faults.injected() == 1 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert_eq!(s.faults.injected(), 1, "the getattr's HEAD is out");
+            let chmod = AttrChange { mode: Some(S_IFREG | 0o600), ..Default::default() };
+            s.fs.change_attrs(ino, chmod).await.unwrap();
+            gate.notify_one();
+            asking.await.unwrap().unwrap();
+            let mode = |a: &Attr| a.posix.as_ref().and_then(|p| p.posix.mode);
+            assert_eq!(mode(&s.fs.getattr(ino).await.unwrap()), Some(S_IFREG | 0o600), "stat after the late HEAD");
+            let (fh, _) = s.fs.open(ino, libc::O_RDONLY, std::process::id()).await.unwrap();
+            assert_eq!(s.fs.read(fh, 0, 10).await.unwrap().to_vec(), b"x", "read with the copy's ETag");
+            s.fs.release(fh).await;
         });
     }
 

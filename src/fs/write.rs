@@ -928,8 +928,12 @@ impl Writer {
         while offset < st.base_prefix {
             let len = (st.base_prefix - offset).min(copy_len);
             let (store, key, id, from) = (self.store.clone(), self.key.clone(), id.to_string(), self.key.clone());
+            // Every copied range from the version the edit started from.
+            let base_etag = self.base.as_ref().map(|b| b.etag.clone());
             let (start, n) = (offset, number);
-            tasks.spawn(async move { Ok(store.upload_part_copy(&key, &id, n, &from, start, start + len).await?) });
+            tasks.spawn(async move {
+                Ok(store.upload_part_copy(&key, &id, n, &from, start, start + len, base_etag.as_deref()).await?)
+            });
             offset += len;
             number += 1;
             Self::drain(tasks, &mut parts, MAX_INFLIGHT_PARTS).await?;

@@ -250,9 +250,9 @@ impl ObjectStore for FaultyStore {
         self.inner.delete(key).await
     }
 
-    async fn copy(&self, from: &str, to: &str) -> Result<String, StoreError> {
+    async fn copy(&self, from: &str, to: &str, if_match: Option<&str>) -> Result<String, StoreError> {
         self.before("copy").await?;
-        self.inner.copy(from, to).await
+        self.inner.copy(from, to, if_match).await
     }
 
     async fn copy_replace(
@@ -287,6 +287,7 @@ impl ObjectStore for FaultyStore {
         self.inner.upload_part(key, upload_id, number, body).await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn upload_part_copy(
         &self,
         key: &str,
@@ -295,9 +296,10 @@ impl ObjectStore for FaultyStore {
         from: &str,
         start: u64,
         end: u64,
+        if_match: Option<&str>,
     ) -> Result<CompletedPart, StoreError> {
         self.before("upload_part_copy").await?;
-        self.inner.upload_part_copy(key, upload_id, number, from, start, end).await
+        self.inner.upload_part_copy(key, upload_id, number, from, start, end, if_match).await
     }
 
     async fn complete_multipart(

@@ -237,12 +237,15 @@ impl ObjectStore for MemoryStore {
         Ok(())
     }
 
-    async fn copy(&self, from: &str, to: &str) -> Result<String, StoreError> {
+    async fn copy(&self, from: &str, to: &str, if_match: Option<&str>) -> Result<String, StoreError> {
         self.count("copy");
         let etag = self.next_etag();
         let mut state = self.state.lock().unwrap();
         // A copy keeps the source's metadata (`MetadataDirective: COPY`).
         let source = state.objects.get(from).ok_or(StoreError::NotFound)?;
+        if if_match.is_some_and(|e| e != source.etag) {
+            return Err(StoreError::PreconditionFailed);
+        }
         let object = Object { etag: etag.clone(), modified: SystemTime::now(), ..source.clone() };
         state.objects.insert(to.to_string(), object);
         Ok(etag)
@@ -296,6 +299,7 @@ impl ObjectStore for MemoryStore {
         Ok(CompletedPart { number, etag })
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn upload_part_copy(
         &self,
         _key: &str,
@@ -304,11 +308,16 @@ impl ObjectStore for MemoryStore {
         from: &str,
         start: u64,
         end: u64,
+        if_match: Option<&str>,
     ) -> Result<CompletedPart, StoreError> {
         self.count("upload_part_copy");
         let etag = self.next_etag();
         let mut state = self.state.lock().unwrap();
-        let src = state.objects.get(from).ok_or(StoreError::NotFound)?.body.clone();
+        let source = state.objects.get(from).ok_or(StoreError::NotFound)?;
+        if if_match.is_some_and(|e| e != source.etag) {
+            return Err(StoreError::PreconditionFailed);
+        }
+        let src = source.body.clone();
         if end > src.len() as u64 || start > end {
             return Err(StoreError::InvalidRange);
         }

@@ -207,8 +207,11 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
 
-    /// Server-side copy of a whole object (up to 5 GiB). Returns the new ETag.
-    async fn copy(&self, from: &str, to: &str) -> Result<String, StoreError>;
+    /// Server-side copy of a whole object (up to 5 GiB). With `if_match`,
+    /// the copy fails with [`StoreError::PreconditionFailed`] unless the
+    /// source has that ETag (it copies the version the caller knows).
+    /// Returns the new ETag.
+    async fn copy(&self, from: &str, to: &str, if_match: Option<&str>) -> Result<String, StoreError>;
 
     /// Server-side copy (up to 5 GiB) that replaces the Content-Type and
     /// user metadata (`MetadataDirective: REPLACE`); `from` may be `to`,
@@ -240,7 +243,10 @@ pub trait ObjectStore: Send + Sync + 'static {
         body: Bytes,
     ) -> Result<CompletedPart, StoreError>;
 
-    /// UploadPartCopy: bytes `start..end` of `from` become part `number`.
+    /// UploadPartCopy: bytes `start..end` of `from` become part `number`;
+    /// with `if_match`, only if `from` has that ETag, so that parts copied
+    /// one by one all come from one version.
+    #[allow(clippy::too_many_arguments)]
     async fn upload_part_copy(
         &self,
         key: &str,
@@ -249,6 +255,7 @@ pub trait ObjectStore: Send + Sync + 'static {
         from: &str,
         start: u64,
         end: u64,
+        if_match: Option<&str>,
     ) -> Result<CompletedPart, StoreError>;
 
     async fn complete_multipart(

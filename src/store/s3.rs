@@ -914,13 +914,14 @@ impl ObjectStore for S3Store {
         .await
     }
 
-    async fn copy(&self, from: &str, to: &str) -> Result<String, StoreError> {
+    async fn copy(&self, from: &str, to: &str, if_match: Option<&str>) -> Result<String, StoreError> {
         let out = self
             .call("copy", |c| async move {
                 c.copy_object()
                     .bucket(&self.bucket)
                     .key(to)
                     .copy_source(self.copy_source(from))
+                    .set_copy_source_if_match(if_match.map(str::to_string))
                     .customize()
                     .config_override(self.op_config(Bound::SlowAnswer))
                     .send()
@@ -1020,6 +1021,7 @@ impl ObjectStore for S3Store {
         Ok(CompletedPart { number, etag: out.e_tag().unwrap_or("").to_string() })
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn upload_part_copy(
         &self,
         key: &str,
@@ -1028,6 +1030,7 @@ impl ObjectStore for S3Store {
         from: &str,
         start: u64,
         end: u64,
+        if_match: Option<&str>,
     ) -> Result<CompletedPart, StoreError> {
         let out = self
             .call("upload_part_copy", |c| async move {
@@ -1038,6 +1041,7 @@ impl ObjectStore for S3Store {
                     .part_number(number)
                     .copy_source(self.copy_source(from))
                     .copy_source_range(format!("bytes={}-{}", start, end - 1))
+                    .set_copy_source_if_match(if_match.map(str::to_string))
                     .customize()
                     .config_override(self.op_config(Bound::SlowAnswer))
                     .send()
