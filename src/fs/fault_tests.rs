@@ -723,17 +723,18 @@ fn a_rename_copies_the_version_whose_size_it_gives() {
     });
 }
 
-/// A HEAD of a file's old name, sent before a rename and answered after it,
-/// tells of the object the rename copied and deleted: it must not give the
-/// renamed inode that object's ETag, or reads of the new name are refused
-/// their If-Match for a TTL.
+/// A HEAD of a file's old key, sent before its directory was renamed and
+/// answered after, tells of the object the rename copied and deleted: it
+/// must not give the inode, now at the new key, that object's ETag, or its
+/// reads are refused their If-Match.
 #[test]
 fn a_late_head_does_not_undo_a_rename() {
     rt().block_on(async {
         let s = setup_with_ttl(64 << 20, 17, Duration::from_secs(2));
         let data = vec![b'r'; 1 << 20];
-        s.mem.insert("old.bin", data.clone());
-        let ino = s.fs.lookup(super::inode::ROOT, "old.bin").await.unwrap().ino;
+        s.mem.insert("d/f.bin", data.clone());
+        let dir = s.fs.lookup(super::inode::ROOT, "d").await.unwrap().ino;
+        let ino = s.fs.lookup(dir, "f.bin").await.unwrap().ino;
         tokio::time::sleep(Duration::from_millis(2100)).await;
         let gate = Arc::new(tokio::sync::Notify::new());
         s.faults.add(Rule::nth("head", 0, Fault::HeldAnswer(gate.clone())));
@@ -743,7 +744,8 @@ fn a_late_head_does_not_undo_a_rename() {
         });
         held(&s.faults).await;
         assert_eq!(s.faults.injected(), 1, "the getattr's HEAD is out");
-        s.fs.rename(super::inode::ROOT, "old.bin", super::inode::ROOT, "new.bin", 0).await.unwrap();
+        s.fs.rename(super::inode::ROOT, "d", super::inode::ROOT, "e", 0).await.unwrap();
+        assert!(s.mem.body("e/f.bin").is_some() && s.mem.body("d/f.bin").is_none());
         gate.notify_one();
         asking.await.unwrap().unwrap();
         let gets = s.mem.count_of("get");
