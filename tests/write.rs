@@ -320,3 +320,24 @@ fn concurrent_in_place_writers_of_one_file_all_land() {
     assert!(raw(&bucket, "f.bin").unwrap() == expected, "every write is in the object");
     assert!(!m.log_text().contains("precondition failed"), "{}", m.log_text());
 }
+
+/// `mv` of a file another client replaced since this mount last looked
+/// (within the metadata TTL, so the mount still holds the old size): the
+/// renamed file has the new version's size and bytes, and the log says
+/// that the new version was copied.
+#[test]
+fn rename_of_a_file_replaced_by_another_client_keeps_its_size() {
+    let srv = server();
+    let bucket = srv.bucket("rename-replaced");
+    srv.put(&bucket, "a", vec![b'o'; 1000]);
+    let m = Mount::start(&bucket, &["--metadata-ttl", "60s"]);
+    assert_eq!(std::fs::metadata(m.path("a")).unwrap().len(), 1000);
+    let newer = pattern(3000, 5);
+    srv.put(&bucket, "a", newer.clone());
+    std::fs::rename(m.path("a"), m.path("b")).unwrap();
+    assert_eq!(raw(&bucket, "b").unwrap(), newer);
+    assert!(raw(&bucket, "a").is_none());
+    assert_eq!(std::fs::metadata(m.path("b")).unwrap().len(), 3000, "the size of the version copied");
+    assert_eq!(std::fs::read(m.path("b")).unwrap(), newer);
+    assert!(m.log_text().contains("was replaced on the server before its rename"), "{}", m.log_text());
+}
