@@ -286,7 +286,9 @@ impl Fs {
         }
         // A new file nobody wrote to yet is created at release, not here: a
         // shell closes its first descriptor of `> file` before writing.
-        if !w.writer.lock().await.has_changes() {
+        // A chmod or utimes while open is stored now, so that close returns
+        // its error.
+        if !w.writer.lock().await.has_changes() && !self.posix_pending(handle.ino) {
             return Ok(());
         }
         self.upload(handle.ino, w).await
@@ -306,7 +308,8 @@ impl Fs {
             return None;
         }
         let changed = w.writer.try_lock().ok()?.has_changes();
-        (!changed).then_some(Ok(()))
+        // A chmod or utimes while open is stored at close, by a request.
+        (!changed && !self.posix_pending(handle.ino)).then_some(Ok(()))
     }
 
     pub async fn fsync(&self, fh: u64) -> Result<()> {

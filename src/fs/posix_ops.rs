@@ -385,6 +385,13 @@ impl Fs {
         self.set_posix(ino, Instant::now(), PosixState::of(attrs));
     }
 
+    /// True if metadata of `ino` changed while it is open for writing waits
+    /// to be stored at close (a new file's goes with its first upload).
+    pub(super) fn posix_pending(&self, ino: u64) -> bool {
+        self.settings.posix_metadata
+            && lock(&self.inodes).get(ino).is_some_and(|i| !i.local && i.posix.as_ref().is_some_and(|(_, p)| p.pending))
+    }
+
     /// With nothing to upload: stores metadata changed while the file was
     /// open (a chmod or utimes after the last upload) by a copy onto itself.
     pub(super) async fn store_pending_posix(&self, ino: u64, key: &str, size: u64, mount: &MountPoint) -> Result<()> {
