@@ -177,6 +177,9 @@ pub struct S3Args {
     /// Attempts per request, including the first (retries back off with jitter).
     #[arg(long, default_value_t = spec::DEFAULT_MAX_ATTEMPTS)]
     pub max_attempts: u32,
+    /// Whether the server is on this host or a LAN away, where sequential reads use fewer, larger GETs: auto (told by how quickly it answers; never for AWS endpoints), yes or no.
+    #[arg(long, default_value = "auto", value_parser = spec::parse_near_server)]
+    pub near_server: spec::NearServer,
 }
 
 impl S3Args {
@@ -200,6 +203,7 @@ impl S3Args {
             idle_timeout: self.idle_timeout,
             request_timeout: self.request_timeout,
             max_attempts: self.max_attempts.max(1),
+            near_server: self.near_server,
         }
     }
 

@@ -175,7 +175,7 @@ const ENDPOINT_KEYS: [&str; 4] = ["minio-url", "endpoint", "url", "endpoint-url"
 const CREDENTIAL_PAIRS: [(&str, &str); 3] =
     [("minio-access-key", "minio-access-secret"), ("access-key", "secret-key"), ("access-key-id", "secret-access-key")];
 const TTL_KEYS: [&str; 3] = ["metadata-ttl", "attr-timeout", "stat-cache-ttl"];
-const MOUNT_KEYS: [&str; 9] = [
+const MOUNT_KEYS: [&str; 10] = [
     "region",
     "path-style",
     "force-path-style",
@@ -185,6 +185,7 @@ const MOUNT_KEYS: [&str; 9] = [
     "idle-timeout",
     "request-timeout",
     "max-attempts",
+    "near-server",
 ];
 const FS_KEYS: [&str; 11] = [
     "uid",
@@ -322,6 +323,7 @@ pub fn plan(text: &str, mount_options: Option<&str>) -> anyhow::Result<FluidPlan
                 "max-attempts" => {
                     s3.max_attempts = v.trim().parse::<u32>().with_context(|| format!("{field}: not a number"))?.max(1)
                 }
+                "near-server" => s3.near_server = spec::parse_near_server(v).with_context(|| field.clone())?,
                 "read-only" => read_only |= flag(&field, v)?,
                 k if TTL_KEYS.contains(&k) => ttl = spec::parse_ttl(v).with_context(|| field.clone())?,
                 k if known_mount_key(k) || k.starts_with("fluid.") => {}
@@ -449,6 +451,11 @@ mod tests {
         assert_eq!((m.source.bucket.as_str(), m.source.prefix.as_str()), ("my-first-bucket", ""));
         assert_eq!(m.s3.endpoint.as_deref(), Some("http://minio:9000"));
         assert!(m.s3.path_style);
+        assert_eq!(m.s3.near_server, crate::spec::NearServer::Auto);
+        let with_near = EX1.replace("\"options\":{", "\"options\":{\"near-server\":\"no\",");
+        assert_ne!(with_near, EX1);
+        let p = plan(&with_secrets(&with_near, dir.path()), None).unwrap();
+        assert_eq!(p.mounts[0].s3.near_server, crate::spec::NearServer::No);
         assert_eq!(m.s3.credentials.static_keys().unwrap(), Some(("minioadmin".into(), "minioadmin-secret".into())));
         assert!(p.settings.read_only && p.settings.allow_other);
         assert!(!format!("{p:?}").contains("minioadmin"), "a secret leaked into Debug output");
@@ -535,6 +542,10 @@ mod tests {
             (
                 "{\"targetPath\":\"/t\",\"mounts\":[{\"mountPoint\":\"a\",\"options\":{\"metadata-ttl\":\"soon\"}}]}",
                 "options.metadata-ttl",
+            ),
+            (
+                "{\"targetPath\":\"/t\",\"mounts\":[{\"mountPoint\":\"a\",\"options\":{\"near-server\":\"maybe\"}}]}",
+                "options.near-server: \"maybe\" is not one of auto, yes, no",
             ),
         ];
         for (text, want) in cases {

@@ -177,6 +177,29 @@ pub struct S3Settings {
     /// timeout and the longer bounds derived from it.
     pub request_timeout: Option<Duration>,
     pub max_attempts: u32,
+    /// Whether sequential reads treat the server as near (see `fs::read`).
+    pub near_server: NearServer,
+}
+
+/// Whether the server is near (on this host or a LAN away), where a
+/// sequential read is fetched in fewer, larger GETs. `Auto` tells it from
+/// how quickly the server answers, and never for AWS's own endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NearServer {
+    #[default]
+    Auto,
+    Yes,
+    No,
+}
+
+/// Parses `auto`, `yes` or `no` (also `true`/`false`, `on`/`off`).
+pub fn parse_near_server(s: &str) -> anyhow::Result<NearServer> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(NearServer::Auto),
+        "yes" | "true" | "on" => Ok(NearServer::Yes),
+        "no" | "false" | "off" => Ok(NearServer::No),
+        other => bail!("{other:?} is not one of auto, yes, no"),
+    }
 }
 
 impl Default for S3Settings {
@@ -192,6 +215,7 @@ impl Default for S3Settings {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             request_timeout: None,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            near_server: NearServer::Auto,
         }
     }
 }

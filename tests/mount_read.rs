@@ -428,6 +428,7 @@ fn quarter_readers_download_the_file_about_once() {
 /// A sequential read from a near server (here, on this host) is fetched in a
 /// few large GETs; from a far one (the same server behind 15 ms per request)
 /// in 8 MiB GETs, many in flight. The bytes are the same either way.
+/// `--near-server no|yes` decides it instead of the answers' times.
 #[test]
 fn a_near_server_is_read_in_fewer_larger_gets() {
     let srv = server();
@@ -435,22 +436,24 @@ fn a_near_server_is_read_in_fewer_larger_gets() {
     let len = 96 << 20;
     let data = pattern(len, 5);
     srv.put(&bucket, "s.bin", data.clone());
-    let mut gets = Vec::new();
-    for delay in [None, Some(Duration::from_millis(15))] {
+    let slow = Some(Duration::from_millis(15));
+    // (delay per request, --near-server, near?)
+    for (delay, option, near) in [(None, "auto", true), (slow, "auto", false), (None, "no", false), (slow, "yes", true)]
+    {
         let proxy = common::proxy::Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], srv.s3_port)));
         if let Some(d) = delay {
             // From the mount's first request on: its quickest answer then
             // takes longer than a server on this host would.
             proxy.set_mode(common::proxy::Mode::Delay(d));
         }
-        let m = Mount::start_via(&proxy.endpoint(), &bucket, &[]);
+        let m = Mount::start_via(&proxy.endpoint(), &bucket, &["--near-server", option]);
         // Answers first, from which the mount tells how near the server
         // is: each lookup of a new missing name is a LIST answered 200.
         // Many, so that three are quick even while other tests load the
-        // host.
-        // A near server is waited for (bounded): tests running beside this
-        // one can slow every answer for a while.
-        for i in 0..if delay.is_none() { 600 } else { 30 } {
+        // host. A near server is waited for (bounded): tests running beside
+        // this one can slow every answer for a while.
+        let wait = option == "auto" && near;
+        for i in 0..if wait { 600 } else { 30 } {
             assert!(std::fs::metadata(m.path(&format!("warm-{i}"))).is_err());
             if i >= 30 && m.log_text().contains("the server is near") {
                 break;
@@ -462,16 +465,18 @@ fn a_near_server_is_read_in_fewer_larger_gets() {
         let before = proxy.stats().requests_of("GET");
         let mut all = Vec::new();
         std::fs::File::open(m.path("s.bin")).unwrap().read_to_end(&mut all).unwrap();
-        assert!(all == data, "delay {delay:?}: wrong bytes");
+        let case = format!("delay {delay:?}, --near-server {option}");
+        assert!(all == data, "{case}: wrong bytes");
         let n = proxy.stats().requests_of("GET") - before;
         let log = m.log_text();
-        let near = delay.is_none();
-        assert!(log.contains(&format!("prefetch starts key=s.bin window=67108864 near={near}")), "{log}");
-        assert_eq!(log.contains("the server is near"), near, "{log}");
-        eprintln!("delay {delay:?}: {n} GETs for {len} bytes");
-        gets.push(n);
+        assert!(log.contains(&format!("prefetch starts key=s.bin window=67108864 near={near}")), "{case}: {log}");
+        // Said once, when the answers show it; not when the option says it.
+        assert_eq!(log.contains("the server is near"), wait, "{case}: {log}");
+        eprintln!("{case}: {n} GETs for {len} bytes");
+        // Near: the first blocks, then 32 MiB GETs; far: 8 MiB GETs.
+        match near {
+            true => assert!(n <= 10, "{case}: {n} GETs for 96 MiB"),
+            false => assert!(n >= 12, "{case}: {n} GETs for 96 MiB"),
+        }
     }
-    // Near: the first blocks, then 32 MiB GETs; far: 8 MiB GETs.
-    assert!(gets[0] <= 10, "near: {} GETs for 96 MiB", gets[0]);
-    assert!(gets[1] >= 12, "far: {} GETs for 96 MiB", gets[1]);
 }

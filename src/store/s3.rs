@@ -102,7 +102,7 @@ use super::{
     BodyStream, CompletedPart, ListPage, ObjectAttrs, ObjectMeta, ObjectStore, OpenUpload, PutCondition, StoreError,
     hex,
 };
-use crate::spec::{CredentialSource, S3Settings};
+use crate::spec::{CredentialSource, NearServer, S3Settings};
 
 /// The slowest upload an attempt is given time for: an upload attempt may
 /// take the first-byte timeout plus its size at this rate (8 MiB: 128 s).
@@ -157,9 +157,12 @@ fn timed_out(e: &StoreError) -> bool {
 /// ([`super::NEAR_ANSWER_ON_HOST`] for an endpoint on this host). Only
 /// successes count: a refusal may come from a front end nearer than the
 /// data. It never goes back: a near server that is slow for a while is still
-/// near.
+/// near. AWS's own endpoints are never near: S3 serves each connection at a
+/// bounded rate, and a quick answer (S3 Express) does not change that.
+/// `--near-server yes|no` sets it instead.
 struct Nearness {
-    within: Duration,
+    /// `None`: never near.
+    within: Option<Duration>,
     quick: std::sync::atomic::AtomicU32,
 }
 
@@ -167,15 +170,29 @@ struct Nearness {
 const QUICK_ANSWERS: u32 = 3;
 
 impl Nearness {
-    fn new(on_this_host: bool) -> Self {
-        let within = if on_this_host { super::NEAR_ANSWER_ON_HOST } else { super::NEAR_ANSWER };
-        Self { within, quick: Default::default() }
+    fn new(endpoint: Option<&str>, mode: NearServer) -> Self {
+        let host = endpoint.and_then(host_of);
+        let within = match mode {
+            NearServer::No => None,
+            NearServer::Yes => Some(super::NEAR_ANSWER),
+            // No endpoint: AWS S3.
+            NearServer::Auto => match host.as_deref() {
+                None => None,
+                Some(h) if is_aws(h) => None,
+                Some(h) if on_this_host(h) => Some(super::NEAR_ANSWER_ON_HOST),
+                Some(_) => Some(super::NEAR_ANSWER),
+            },
+        };
+        let quick = if mode == NearServer::Yes { QUICK_ANSWERS } else { 0 };
+        Self { within, quick: quick.into() }
     }
 
     /// Notes a successful answer after `took`. True when that answer made
     /// the server near. Once near, nothing is counted (no write per request).
     fn answered(&self, took: Duration) -> bool {
-        took <= self.within && !self.is_near() && self.quick.fetch_add(1, Ordering::Relaxed) + 1 == QUICK_ANSWERS
+        self.within.is_some_and(|w| took <= w)
+            && !self.is_near()
+            && self.quick.fetch_add(1, Ordering::Relaxed) + 1 == QUICK_ANSWERS
     }
 
     fn is_near(&self) -> bool {
@@ -183,14 +200,21 @@ impl Nearness {
     }
 }
 
-/// True if `endpoint` (a URL) names this host: `localhost` or a loopback
-/// address.
-fn on_this_host(endpoint: &str) -> bool {
-    let Some(host) = endpoint.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_string)) else {
-        return false;
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+/// The host an endpoint URL names, without an IPv6 address's brackets.
+fn host_of(endpoint: &str) -> Option<String> {
+    let host = endpoint.parse::<http::Uri>().ok()?.host()?.to_string();
+    Some(host.trim_start_matches('[').trim_end_matches(']').to_string())
+}
+
+/// True if `host` is `localhost` or a loopback address.
+fn on_this_host(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// True if `host` is one of AWS's (`….amazonaws.com`, in China `….com.cn`).
+fn is_aws(host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    host.ends_with(".amazonaws.com") || host.ends_with(".amazonaws.com.cn")
 }
 
 /// The retry policy: the SDK's standard retry with its 2.1 backoff, which
@@ -291,7 +315,7 @@ impl S3Store {
     pub async fn new(bucket: &str, settings: S3Settings) -> anyhow::Result<Self> {
         let keys = settings.credentials.static_keys()?;
         let client = build_client(&settings, keys.clone()).await?;
-        let nearness = Nearness::new(settings.endpoint.as_deref().is_some_and(on_this_host));
+        let nearness = Nearness::new(settings.endpoint.as_deref(), settings.near_server);
         Ok(Self {
             nearness,
             bucket: bucket.to_string(),
@@ -374,7 +398,7 @@ impl S3Store {
         let result = op(client).await;
         crate::metrics::record_request(name, started, &result);
         if result.is_ok() && self.nearness.answered(started.elapsed()) {
-            tracing::debug!(bucket = %self.bucket, "the server is near (it answers within {:?}): sequential reads prefetch in GETs of up to 32 MiB", self.nearness.within);
+            tracing::debug!(bucket = %self.bucket, "the server is near (it answers within {:?}): sequential reads prefetch in GETs of up to 32 MiB", self.nearness.within.unwrap_or_default());
         }
         match &result {
             Err(e) if timed_out(e) => {
@@ -1160,14 +1184,14 @@ mod tests {
     #[test]
     fn a_server_is_near_after_three_quick_answers() {
         let ms = Duration::from_millis;
-        let far = Nearness::new(false);
+        let far = Nearness::new(Some("http://10.0.0.5:9000"), NearServer::Auto);
         for took in [ms(1), ms(4), ms(2), ms(20)] {
             assert!(!far.answered(took));
         }
         assert!(!far.is_near(), "two quick answers of four");
         assert!(far.answered(ms(3)), "the third quick answer makes it near, once");
         assert!(far.is_near() && !far.answered(ms(1)) && far.is_near());
-        let on_host = Nearness::new(true);
+        let on_host = Nearness::new(Some("http://127.0.0.1:8333"), NearServer::Auto);
         for took in [ms(9), ms(10), ms(11)] {
             assert!(!on_host.is_near());
             on_host.answered(took);
@@ -1175,6 +1199,27 @@ mod tests {
         assert!(!on_host.is_near(), "11 ms is not quick for a server on this host");
         on_host.answered(ms(5));
         assert!(on_host.is_near());
+    }
+
+    #[test]
+    fn aws_is_never_near_unless_told_and_the_option_decides() {
+        let ms = Duration::from_millis;
+        let quick = |n: &Nearness| {
+            for _ in 0..5 {
+                n.answered(ms(1));
+            }
+            n.is_near()
+        };
+        for aws in [
+            None,
+            Some("https://s3.us-east-1.amazonaws.com"),
+            Some("https://b.s3express-use1-az4.us-east-1.amazonaws.com"),
+        ] {
+            assert!(!quick(&Nearness::new(aws, NearServer::Auto)), "{aws:?}");
+            assert!(Nearness::new(aws, NearServer::Yes).is_near(), "{aws:?}: yes is near from the start");
+        }
+        assert!(!quick(&Nearness::new(Some("http://127.0.0.1:9000"), NearServer::No)));
+        assert!(quick(&Nearness::new(Some("http://minio.lan:9000"), NearServer::Auto)));
     }
 
     #[test]
@@ -1186,13 +1231,15 @@ mod tests {
             "http://[::1]:9000",
             "http://127.8.0.1",
         ] {
-            assert!(on_this_host(near), "{near}");
+            assert!(host_of(near).is_some_and(|h| on_this_host(&h)), "{near}");
         }
         for far in
             ["https://s3.us-east-1.amazonaws.com", "http://10.0.0.5:9000", "http://[2001:db8::1]:9000", "not a url", ""]
         {
-            assert!(!on_this_host(far), "{far}");
+            assert!(!host_of(far).is_some_and(|h| on_this_host(&h)), "{far}");
         }
+        assert!(is_aws("s3.eu-west-1.AMAZONAWS.com") && is_aws("s3.cn-north-1.amazonaws.com.cn"));
+        assert!(!is_aws("amazonaws.com.example.org") && !is_aws("minio.local"));
     }
 
     #[test]
