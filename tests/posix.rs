@@ -351,24 +351,33 @@ fn default_permissions_enforces_the_stored_modes_and_owners() {
     assert!(!ok, "another user wrote to a 0644 file");
 }
 
-/// chmod of a file open for writing is stored by the upload at close; a
-/// `stat` meanwhile asks the server (the TTL is 0), whose metadata is older,
-/// and still shows the new mode.
+/// chmod of a file open for writing is stored when it is closed; a `stat`
+/// meanwhile asks the server (the TTL is 0), whose metadata is older, and
+/// still shows the new mode. Of two descriptors, the first close stores the
+/// chmod (a copy onto itself: a new ETag), and what is written through the
+/// second after that is stored by its close, with the mode.
 #[test]
 fn chmod_of_an_open_file_survives_a_stat_before_close() {
+    use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     let srv = server();
     let bucket = srv.bucket("posix-open-chmod");
     srv.put(&bucket, "f", "x");
     let m = Mount::start(&bucket, POSIX);
-    let f = std::fs::OpenOptions::new().write(true).open(m.path("f")).unwrap();
+    let first = std::fs::OpenOptions::new().write(true).open(m.path("f")).unwrap();
+    let mut second = std::fs::OpenOptions::new().append(true).open(m.path("f")).unwrap();
     std::fs::set_permissions(m.path("f"), std::fs::Permissions::from_mode(0o600)).unwrap();
     for _ in 0..3 {
         let mode = std::fs::metadata(m.path("f")).unwrap().mode();
         assert_eq!(mode & 0o7777, 0o600, "stat while the file is open");
     }
-    drop(f);
+    drop(first);
     let (meta, _) = head_meta(&bucket, "f");
-    assert_eq!(meta.get("mode").map(String::as_str), Some("33152"), "stored at close: {meta:?}\n{}", m.log_text());
+    assert_eq!(meta.get("mode").map(String::as_str), Some("33152"), "stored by the close: {meta:?}");
+    second.write_all(b"yz").unwrap();
+    drop(second);
+    assert_eq!(server().get(&bucket, "f").unwrap(), b"xyz", "{}", m.log_text());
+    let (meta, _) = head_meta(&bucket, "f");
+    assert_eq!(meta.get("mode").map(String::as_str), Some("33152"), "{meta:?}");
     assert_eq!(std::fs::metadata(m.path("f")).unwrap().mode() & 0o7777, 0o600);
 }

@@ -340,4 +340,14 @@ fn rename_of_a_file_replaced_by_another_client_keeps_its_size() {
     assert_eq!(std::fs::metadata(m.path("b")).unwrap().len(), 3000, "the size of the version copied");
     assert_eq!(std::fs::read(m.path("b")).unwrap(), newer);
     assert!(m.log_text().contains("was replaced on the server before its rename"), "{}", m.log_text());
+    // A file of several server chunks, uploaded in parts: the copy's
+    // condition holds against the ETag the mount has (no fallback).
+    let big = pattern(12 << 20, 6);
+    std::fs::write(m.path("big"), &big).unwrap();
+    std::fs::rename(m.path("big"), m.path("big2")).unwrap();
+    assert!(raw(&bucket, "big2").unwrap() == big);
+    assert!(std::fs::read(m.path("big2")).unwrap() == big);
+    let log = m.log_text();
+    assert_eq!(log.matches("was replaced on the server").count(), 1, "{log}");
+    assert!(!log.contains("renames copy without it"), "{log}");
 }

@@ -754,3 +754,48 @@ fn a_late_head_does_not_undo_a_rename() {
         assert_eq!(s.mem.count_of("get"), gets + 1, "one GET, not refused");
     });
 }
+
+/// A file renamed while open for writing: the rename uploads it and copies
+/// it (a new ETag); what is written after the rename is stored under the new
+/// name by the next close, not refused its If-Match.
+#[test]
+fn a_write_after_a_rename_of_an_open_file_lands() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 18);
+        let root = super::inode::ROOT;
+        let (attr, fh) = s.fs.create(root, "a", libc::O_WRONLY, pid()).await.unwrap();
+        s.fs.write(fh, 0, b"first").await.unwrap();
+        s.fs.rename(root, "a", root, "b", 0).await.unwrap();
+        assert_eq!(s.mem.body("b").unwrap(), b"first".as_slice());
+        s.fs.write(fh, 5, b" second").await.unwrap();
+        s.fs.flush(fh, pid()).await.expect("stored under the new name");
+        s.fs.release(fh).await;
+        assert_eq!(s.mem.body("b").unwrap(), b"first second".as_slice());
+        assert!(s.mem.body("a").is_none());
+        assert_eq!(s.fs.getattr(attr.ino).await.unwrap().size, 12);
+        assert_clean(&s).await;
+    });
+}
+
+/// A server that refuses a copy of the very ETag its HEAD gives (it checks
+/// the condition against another ETag): the rename copies once more without
+/// the condition, and later renames go without it.
+#[test]
+fn a_server_that_cannot_check_a_copy_condition_still_renames() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 19);
+        let root = super::inode::ROOT;
+        s.mem.insert("a", b"data".to_vec());
+        s.mem.insert("c", b"more".to_vec());
+        s.fs.lookup(root, "a").await.unwrap();
+        s.fs.lookup(root, "c").await.unwrap();
+        s.faults.add(Rule::nth("copy", 0, Fault::Fail(StoreError::PreconditionFailed)));
+        s.fs.rename(root, "a", root, "b", 0).await.unwrap();
+        assert_eq!(s.mem.body("b").unwrap(), b"data".as_slice());
+        assert_eq!(s.mem.count_of("copy"), 1, "the refused copy did not reach the store; one unconditional");
+        s.fs.rename(root, "c", root, "d", 0).await.unwrap();
+        assert_eq!(s.mem.body("d").unwrap(), b"more".as_slice());
+        assert!(s.fs.no_copy_condition.load(std::sync::atomic::Ordering::Relaxed));
+        assert_clean(&s).await;
+    });
+}

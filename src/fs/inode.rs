@@ -127,11 +127,12 @@ impl Inode {
     }
 
     /// Takes the metadata a HEAD started at `at` read from the server,
-    /// unless metadata changed here waits for the upload of a file open for
-    /// `writing` (a chmod of an open file): what the server holds is older.
-    /// (Once no writer is left, a change whose upload failed is not kept.)
+    /// unless what the inode holds is newer: set after `at` (a chmod, an
+    /// upload, a later HEAD), or changed here and waiting for the upload of a
+    /// file open for `writing` (a chmod of an open file). Once no writer is
+    /// left, a change whose upload failed is not kept.
     pub fn take_stored_posix(&mut self, at: Instant, attrs: crate::store::ObjectAttrs, writing: bool) {
-        if writing && self.posix.as_ref().is_some_and(|(_, p)| p.pending) {
+        if self.posix.as_ref().is_some_and(|(set, p)| *set > at || (writing && p.pending)) {
             return;
         }
         self.posix = Some((at, Arc::new(super::PosixState::of(attrs))));

@@ -316,6 +316,9 @@ pub struct Fs {
     /// [`posix_ops::HEAD_CONCURRENCY`] in flight for the whole mount,
     /// however many `readdir` batches and read-aheads overlap.
     posix_heads: tokio::sync::Semaphore,
+    /// Set once the server has shown that it cannot check a copy's source
+    /// ETag: renames then copy without it (see `mutate`).
+    no_copy_condition: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -358,6 +361,7 @@ impl Fs {
             disk,
             posix_reads: Mutex::new(HashMap::new()),
             posix_heads: tokio::sync::Semaphore::new(posix_ops::HEAD_CONCURRENCY),
+            no_copy_condition: Default::default(),
         };
         fs.reconfigure(mounts)?;
         Ok(fs)

@@ -4,6 +4,7 @@
 //! operation costs and guarantees.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
 
@@ -13,7 +14,7 @@ use super::handles::HandleKind;
 use super::inode::{Loc, PageCache};
 use super::namespace::{self, Entry, Kind};
 use super::posix_ops::{Owner, check_name};
-use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Upload, WriteError, Writer, stop_all};
+use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Upload, WriteError, Writer, conditional_writes, stop_all};
 use super::writers::{Left, WriterEntry};
 use super::{Attr, Fs, FsError, MountPoint, Result, lock, posix, tgid};
 use crate::store::{PutCondition, StoreError};
@@ -23,6 +24,14 @@ const RENAME_CONCURRENCY: usize = 16;
 /// How many times a rename copies a file whose object another client keeps
 /// replacing before it gives up (`ESTALE`).
 const COPY_TRIES: usize = 3;
+
+/// What a rename's copy made.
+struct Copied {
+    etag: String,
+    size: u64,
+    /// The version the inode knew was copied (not another client's).
+    known: bool,
+}
 
 /// Counts one running upload while it lives, so shutdown can wait for them;
 /// an upload whose future is dropped is not counted for ever.
@@ -288,7 +297,8 @@ impl Fs {
         // shell closes its first descriptor of `> file` before writing.
         // A chmod or utimes while open is stored now, so that close returns
         // its error.
-        if !w.writer.lock().await.has_changes() && !self.posix_pending(handle.ino) {
+        let changed = w.writer.lock().await.has_changes();
+        if !changed && !self.posix_pending(handle.ino) {
             return Ok(());
         }
         self.upload(handle.ino, w).await
@@ -331,7 +341,9 @@ impl Fs {
         if !writer.is_dirty() {
             if self.settings.posix_metadata {
                 let key = writer.key().to_string();
-                return self.store_pending_posix(ino, &key, writer.size(), &w.mount).await;
+                if let Some(etag) = self.store_pending_posix(ino, &key, writer.size(), &w.mount).await? {
+                    writer.base_copied(&etag);
+                }
             }
             return Ok(());
         }
@@ -352,6 +364,7 @@ impl Fs {
                     if writer.uploaded_attrs() != Some(&attrs) {
                         let key = writer.key().to_string();
                         etag = self.replace_metadata(&w.mount, &key, writer.size(), &attrs, Some(&etag)).await?;
+                        writer.base_copied(&etag);
                     }
                     self.uploaded_posix(ino, attrs);
                 }
@@ -650,8 +663,8 @@ impl Fs {
             let mut guard = w.writer.lock().await;
             guard.set_key(dst_key.clone());
         } else {
-            let (new_etag, new_size) = self.copy_known_version(mount, &src_key, &dst_key, size, etag).await?;
-            (copied, size) = (Some(new_etag), new_size);
+            let copy = self.copy_known_version(mount, &src_key, &dst_key, size, etag).await?;
+            size = copy.size;
             match mount.store.delete(&src_key).await {
                 Ok(()) | Err(StoreError::NotFound) => {}
                 Err(e) => {
@@ -660,8 +673,16 @@ impl Fs {
                 }
             }
             if let Some(w) = &writer {
-                w.writer.lock().await.set_key(dst_key.clone());
+                let mut guard = w.writer.lock().await;
+                guard.set_key(dst_key.clone());
+                // The writer's version, under its new key and ETag. (Not when
+                // another client's version was copied: the next upload must
+                // then fail its If-Match rather than replace theirs.)
+                if copy.known && !copy.etag.is_empty() {
+                    guard.base_copied(&copy.etag);
+                }
             }
+            copied = Some(copy.etag);
         }
         let parent = lock(&self.inodes).get(ino).map(|i| i.parent).unwrap_or_default();
         self.forget_name(parent, name);
@@ -675,12 +696,19 @@ impl Fs {
                 // What a listing or HEAD sent before the rename says of the
                 // new name (an object it replaced) is older than this.
                 inode.valid_until = Instant::now() + mount.ttl;
-                if let Some(etag) = copied.filter(|e| !e.is_empty()) {
+                if let Some(etag) = copied {
                     // The size of the version copied: another client's, if it
                     // replaced the object before the copy.
                     inode.size = size;
-                    inode.etag = Some(etag);
-                    // The kernel's pages are those of the same bytes.
+                    if etag.is_empty() {
+                        // No ETag in the answer: the next use asks for it.
+                        inode.etag = None;
+                        inode.valid_until = Instant::now();
+                    } else {
+                        inode.etag = Some(etag);
+                    }
+                    // The next open drops the kernel's pages: they may be of
+                    // the version before the copy.
                     if inode.page_cache != PageCache::Empty {
                         inode.page_cache = PageCache::Unknown;
                     }
@@ -704,34 +732,43 @@ impl Fs {
     /// and `size` the inode holds, so that the renamed inode's size is the
     /// copy's. If another client replaced the object meanwhile, the copy is
     /// refused (412); its new version is then read with a HEAD and copied
-    /// instead, up to [`COPY_TRIES`] times in all. Returns the copy's ETag
-    /// (a copy of a multipart object does not keep the source's) and size.
+    /// instead, up to [`COPY_TRIES`] times in all. A server that refuses a
+    /// copy of the very ETag its HEAD gives (it compares another ETag), or
+    /// rejects the condition (400, 501), gets copies without it from then on.
     async fn copy_known_version(
         &self,
         mount: &MountPoint,
         from: &str,
         to: &str,
         mut size: u64,
-        mut etag: Option<String>,
-    ) -> Result<(String, u64)> {
+        etag: Option<String>,
+    ) -> Result<Copied> {
+        let mut cond = etag.filter(|e| !e.is_empty() && conditional_writes() && !self.no_copy_condition.load(Relaxed));
+        let mut known = true;
         let mut tries = 0;
         loop {
             tries += 1;
             let copied = if size <= MAX_COPY {
-                mount.store.copy(from, to, etag.as_deref()).await
+                mount.store.copy(from, to, cond.as_deref()).await
             } else {
-                self.multipart_copy(mount, from, to, size, etag.as_deref()).await
+                self.multipart_copy(mount, from, to, size, cond.as_deref()).await
             };
             let e = match copied {
-                Ok(new_etag) => return Ok((new_etag, size)),
+                Ok(etag) => return Ok(Copied { etag, size, known }),
+                Err(StoreError::Server { status: 400 | 501, .. }) if cond.is_some() => {
+                    self.copy_condition_off("rejects a copy's x-amz-copy-source-if-match");
+                    cond = None;
+                    continue;
+                }
                 Err(StoreError::PreconditionFailed) if tries < COPY_TRIES => match mount.store.head(from).await {
+                    Ok(meta) if cond.as_deref().is_some_and(|c| c.trim_matches('"') == meta.etag.trim_matches('"')) => {
+                        self.copy_condition_off("refuses a copy of the ETag its HEAD gives");
+                        cond = None;
+                        continue;
+                    }
                     Ok(meta) => {
-                        info!(
-                            "{from} was replaced on the server before its rename; copying the new version \
-                                 ({} bytes, was {size})",
-                            meta.size
-                        );
-                        (size, etag) = (meta.size, Some(meta.etag));
+                        info!("{from} was replaced on the server before its rename; copying the new version");
+                        (size, cond, known) = (meta.size, Some(meta.etag), false);
                         continue;
                     }
                     Err(e) => e,
@@ -740,6 +777,16 @@ impl Fs {
             };
             self.log_store_error("copy", mount, from, &e);
             return Err(e.into());
+        }
+    }
+
+    /// Copies go without `x-amz-copy-source-if-match` from now on; warns once.
+    fn copy_condition_off(&self, why: &str) {
+        if !self.no_copy_condition.swap(true, Relaxed) {
+            tracing::warn!(
+                "the server {why}; renames copy without it, so a file another client replaces during a rename may \
+                 show its previous size for a metadata TTL"
+            );
         }
     }
 
@@ -773,9 +820,11 @@ impl Fs {
         version: Option<&str>,
     ) -> std::result::Result<String, StoreError> {
         let upload = Upload::create_with(&mount.store, to, attrs.clone()).await?;
-        let cond = match version {
-            Some(e) if from == to => PutCondition::IfMatch(e.to_string()),
-            _ => PutCondition::None,
+        // Onto itself, the completion's If-Match is the check: ranges copied
+        // from another version make it fail. Elsewhere each part has it.
+        let (cond, version) = match version {
+            Some(e) if from == to => (PutCondition::IfMatch(e.to_string()), None),
+            v => (PutCondition::None, v),
         };
         match self.copy_parts(mount, upload.id(), from, to, size, version).await {
             Ok(parts) => {

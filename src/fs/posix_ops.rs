@@ -394,27 +394,30 @@ impl Fs {
 
     /// With nothing to upload: stores metadata changed while the file was
     /// open (a chmod or utimes after the last upload) by a copy onto itself.
-    pub(super) async fn store_pending_posix(&self, ino: u64, key: &str, size: u64, mount: &MountPoint) -> Result<()> {
-        let (pending, etag) = {
-            let table = lock(&self.inodes);
-            let Some(inode) = table.get(ino) else { return Ok(()) };
-            (inode.posix.as_ref().is_some_and(|(_, p)| p.pending) && !inode.local, inode.etag.clone())
-        };
-        if !pending {
-            return Ok(());
+    /// Returns the copy's ETag, if it made one.
+    pub(super) async fn store_pending_posix(
+        &self,
+        ino: u64,
+        key: &str,
+        size: u64,
+        mount: &MountPoint,
+    ) -> Result<Option<String>> {
+        if !self.posix_pending(ino) {
+            return Ok(None);
         }
-        let Some(attrs) = self.upload_attrs(ino, key) else { return Ok(()) };
+        let etag = lock(&self.inodes).get(ino).and_then(|i| i.etag.clone());
+        let Some(attrs) = self.upload_attrs(ino, key) else { return Ok(None) };
         let new_etag = self.replace_metadata(mount, key, size, &attrs, etag.as_deref()).await?;
         self.uploaded_posix(ino, attrs);
         if let Some(inode) = lock(&self.inodes).get_mut(ino) {
             if etag.as_ref().is_some_and(|e| inode.page_cache == PageCache::Holds(e.clone())) {
                 inode.page_cache = PageCache::Holds(new_etag.clone());
             }
-            inode.etag = Some(new_etag);
+            inode.etag = Some(new_etag.clone());
             // Newer than any HEAD sent before the copy finished.
             inode.valid_until = Instant::now() + mount.ttl;
         }
-        Ok(())
+        Ok(Some(new_etag))
     }
 
     // ----- creating -----
@@ -710,9 +713,38 @@ mod tests {
             let mode = |a: &Attr| a.posix.as_ref().and_then(|p| p.posix.mode);
             assert_eq!(mode(&attr), Some(S_IFREG | 0o600), "the lookup's answer");
             s.fs.flush(fh, pid).await.unwrap();
-            s.fs.release(fh).await;
             let (_, stored) = s.mem.head_attrs("f").await.unwrap();
-            assert_eq!(Posix::from_metadata(&stored.metadata).mode, Some(S_IFREG | 0o600), "stored at close");
+            assert_eq!(Posix::from_metadata(&stored.metadata).mode, Some(S_IFREG | 0o600), "stored by close");
+            s.fs.release(fh).await;
+        });
+    }
+
+    /// Two descriptors of one file share its writer. A close of one that
+    /// stores only a chmod (a copy onto itself, a new ETag) leaves the
+    /// writer's base at that ETag: what is written through the other is
+    /// then stored by its close, with the mode, not refused its If-Match.
+    #[test]
+    fn a_write_after_a_close_that_stored_a_chmod_lands() {
+        let s = posix_setup();
+        rt().block_on(async {
+            let old = vec![b'o'; 10 << 20];
+            s.mem.insert_with("f", old.clone(), with_mode(S_IFREG | 0o644));
+            let ino = s.fs.lookup(ROOT_INO, "f").await.unwrap().ino;
+            let pid = std::process::id();
+            let (a, _) = s.fs.open(ino, libc::O_WRONLY, pid).await.unwrap();
+            let (b, _) = s.fs.open(ino, libc::O_WRONLY, pid).await.unwrap();
+            let chmod = AttrChange { mode: Some(S_IFREG | 0o600), ..Default::default() };
+            s.fs.change_attrs(ino, chmod).await.unwrap();
+            s.fs.flush(a, pid).await.unwrap();
+            s.fs.release(a).await;
+            s.fs.write(b, 100, b"edit").await.unwrap();
+            s.fs.flush(b, pid).await.expect("the edit is stored");
+            s.fs.release(b).await;
+            let mut want = old;
+            want[100..104].copy_from_slice(b"edit");
+            assert!(s.mem.body("f").unwrap() == want, "the edit landed");
+            let (_, stored) = s.mem.head_attrs("f").await.unwrap();
+            assert_eq!(Posix::from_metadata(&stored.metadata).mode, Some(S_IFREG | 0o600));
         });
     }
 

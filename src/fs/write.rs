@@ -110,6 +110,12 @@ pub fn part_size(n: i32) -> u64 {
 /// Warned once per process that conditional writes are not supported.
 static NO_CONDITIONAL: AtomicBool = AtomicBool::new(false);
 
+/// False once the server has rejected a conditional write (400 or 501):
+/// requests then go without conditions.
+pub fn conditional_writes() -> bool {
+    !NO_CONDITIONAL.load(Ordering::Relaxed)
+}
+
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum WriteError {
     #[error("{0}")]
@@ -537,6 +543,15 @@ impl Writer {
         self.base.as_ref()
     }
 
+    /// The base object was copied (onto itself for new metadata, or to a
+    /// new key by a rename) and has ETag `etag` now, with the same bytes: the
+    /// next upload's If-Match must name it.
+    pub fn base_copied(&mut self, etag: &str) {
+        if let Some(base) = &mut self.base {
+            base.etag = etag.to_string();
+        }
+    }
+
     /// Grows the streaming buffer's reservation to hold `n` more bytes:
     /// doubling, up to a part; when the budget is full, by waiting for a
     /// part of this writer's own in flight first, then for anyone's bytes,
@@ -928,12 +943,11 @@ impl Writer {
         while offset < st.base_prefix {
             let len = (st.base_prefix - offset).min(copy_len);
             let (store, key, id, from) = (self.store.clone(), self.key.clone(), id.to_string(), self.key.clone());
-            // Every copied range from the version the edit started from.
-            let base_etag = self.base.as_ref().map(|b| b.etag.clone());
             let (start, n) = (offset, number);
-            tasks.spawn(async move {
-                Ok(store.upload_part_copy(&key, &id, n, &from, start, start + len, base_etag.as_deref()).await?)
-            });
+            // Unconditional: the completion's If-Match on this very key fails
+            // if the ranges came from another version than the base.
+            tasks
+                .spawn(async move { Ok(store.upload_part_copy(&key, &id, n, &from, start, start + len, None).await?) });
             offset += len;
             number += 1;
             Self::drain(tasks, &mut parts, MAX_INFLIGHT_PARTS).await?;
