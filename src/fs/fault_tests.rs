@@ -799,3 +799,112 @@ fn a_server_that_cannot_check_a_copy_condition_still_renames() {
         assert_clean(&s).await;
     });
 }
+
+/// `rm` of a file open for writing whose DeleteObject fails: the file is
+/// still there, so what its handle wrote must still be stored by its close
+/// (before, the writer was unlinked first, and the close uploaded nothing).
+#[test]
+fn a_failed_unlink_keeps_what_open_handles_wrote() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 20);
+        let root = super::inode::ROOT;
+        s.mem.insert("f", b"old".to_vec());
+        let ino = s.fs.lookup(root, "f").await.unwrap().ino;
+        let (fh, _) = s.fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, pid()).await.unwrap();
+        s.fs.write(fh, 0, b"new bytes").await.unwrap();
+        s.faults.add(Rule::nth("delete", 0, server_error()));
+        assert_eq!(s.fs.unlink(root, "f").await.unwrap_err().errno(), libc::EIO);
+        s.fs.flush(fh, pid()).await.expect("the close stores what was written");
+        s.fs.release(fh).await;
+        assert_eq!(s.mem.body("f").unwrap(), b"new bytes".as_slice());
+        assert_clean(&s).await;
+    });
+}
+
+/// `rename(tmp, f)` while `f` is open for writing: `f`'s old inode is
+/// unlinked, so its handle's writes go nowhere and its close succeeds,
+/// leaving the renamed content (before, the close uploaded over it, or
+/// failed its If-Match).
+#[test]
+fn renaming_onto_a_file_open_for_writing_unlinks_its_writer() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 21);
+        let root = super::inode::ROOT;
+        s.mem.insert("f", b"old".to_vec());
+        s.mem.insert("tmp", b"renamed".to_vec());
+        let ino = s.fs.lookup(root, "f").await.unwrap().ino;
+        let (fh, _) = s.fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, pid()).await.unwrap();
+        s.fs.write(fh, 0, b"through the old handle").await.unwrap();
+        s.fs.rename(root, "tmp", root, "f", 0).await.unwrap();
+        s.fs.write(fh, 22, b", more").await.unwrap();
+        s.fs.flush(fh, pid()).await.expect("the close of an unlinked file succeeds");
+        s.fs.release(fh).await;
+        assert_eq!(s.mem.body("f").unwrap(), b"renamed".as_slice());
+        assert!(s.mem.body("tmp").is_none());
+        assert_clean(&s).await;
+    });
+}
+
+/// While a directory is renamed (its copies are slow here), nothing new is
+/// made under it: a create, an open for writing and a mkdir there get
+/// `EBUSY` instead of a file that the rename's delete pass would remove or
+/// leave behind. After the rename, the new name takes them.
+#[test]
+fn nothing_is_made_under_a_directory_being_renamed() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 22);
+        let root = super::inode::ROOT;
+        for i in 0..4 {
+            s.mem.insert(&format!("d/f{i}"), vec![b'x'; 100]);
+        }
+        let d = s.fs.lookup(root, "d").await.unwrap().ino;
+        let f0 = s.fs.lookup(d, "f0").await.unwrap().ino;
+        s.faults.add(Rule::always("copy", Fault::Delay(Duration::from_millis(300))));
+        let renaming = tokio::spawn({
+            let fs = s.fs.clone();
+            async move { fs.rename(root, "d", root, "e", 0).await }
+        });
+        while s.faults.injected() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let busy = |r: Result<u64, FsError>| r.err().map(|e| e.errno());
+        assert_eq!(busy(s.fs.create(d, "new", libc::O_WRONLY, pid()).await.map(|a| a.1)), Some(libc::EBUSY));
+        assert_eq!(busy(s.fs.create(d, "new2", libc::O_RDWR, pid()).await.map(|a| a.1)), Some(libc::EBUSY));
+        assert_eq!(busy(s.fs.open(f0, libc::O_WRONLY, pid()).await.map(|a| a.0)), Some(libc::EBUSY));
+        assert_eq!(busy(s.fs.mkdir(d, "sub").await.map(|a| a.ino)), Some(libc::EBUSY));
+        renaming.await.unwrap().unwrap();
+        s.faults.clear();
+        assert_eq!(s.mem.keys().iter().filter(|k| k.starts_with("d/")).count(), 0, "{:?}", s.mem.keys());
+        assert!(s.fs.lookup(d, "new").await.is_err(), "no entry was left behind");
+        let (_, fh) = s.fs.create(d, "new", libc::O_WRONLY, pid()).await.unwrap();
+        s.fs.flush(fh, pid()).await.unwrap();
+        s.fs.release(fh).await;
+        assert!(s.mem.body("e/new").is_some(), "{:?}", s.mem.keys());
+        assert_clean(&s).await;
+    });
+}
+
+/// `touch d/f; mv d e`: the new empty file is uploaded by the kernel's
+/// RELEASE, after `close` returned. The rename waits for that upload
+/// instead of failing with `EBUSY`, and moves the file.
+#[test]
+fn a_directory_rename_waits_for_a_file_closed_just_before() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 23);
+        let root = super::inode::ROOT;
+        let d = s.fs.mkdir(root, "d").await.unwrap().ino;
+        let (_, fh) = s.fs.create(d, "f", libc::O_WRONLY, pid()).await.unwrap();
+        s.fs.flush(fh, pid()).await.unwrap();
+        let last = s.fs.release_now(fh).expect("the upload is left to release");
+        let renaming = tokio::spawn({
+            let fs = s.fs.clone();
+            async move { fs.rename(root, "d", root, "e", 0).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!renaming.is_finished(), "the rename waits for the upload");
+        s.fs.release_last(last).await;
+        renaming.await.unwrap().expect("the rename goes on once the file is uploaded");
+        assert!(s.mem.body("e/f").is_some() && s.mem.body("d/f").is_none(), "{:?}", s.mem.keys());
+        assert_clean(&s).await;
+    });
+}

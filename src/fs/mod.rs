@@ -319,6 +319,10 @@ pub struct Fs {
     /// Set once the server has shown that it cannot check a copy's source
     /// ETag: renames then copy without it (see `mutate`).
     no_copy_condition: std::sync::atomic::AtomicBool,
+    /// Directories being renamed, by mount (source id) and key prefix: no
+    /// writer is made and no entry created under one until its rename ends
+    /// (see `mutate::Renaming`).
+    renaming: Mutex<Vec<(Arc<str>, String)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -362,6 +366,7 @@ impl Fs {
             posix_reads: Mutex::new(HashMap::new()),
             posix_heads: tokio::sync::Semaphore::new(posix_ops::HEAD_CONCURRENCY),
             no_copy_condition: Default::default(),
+            renaming: Default::default(),
         };
         fs.reconfigure(mounts)?;
         Ok(fs)

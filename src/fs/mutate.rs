@@ -25,6 +25,38 @@ const RENAME_CONCURRENCY: usize = 16;
 /// replacing before it gives up (`ESTALE`).
 const COPY_TRIES: usize = 3;
 
+/// How long a directory rename waits for the uploads of files closed just
+/// before it.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A directory being renamed, registered in [`Fs`]'s `renaming` list while
+/// this lives. A new entry or writer under it checks the list after it is
+/// visible itself (a new inode in the table, a writer's slot in the
+/// registry), and the rename looks for those after registering: whichever
+/// comes second sees the other, so nothing is made under the old prefix
+/// while the rename copies and deletes it.
+struct Renaming<'a> {
+    list: &'a std::sync::Mutex<Vec<(Arc<str>, String)>>,
+    entry: (Arc<str>, String),
+}
+
+impl<'a> Renaming<'a> {
+    fn start(list: &'a std::sync::Mutex<Vec<(Arc<str>, String)>>, source: &Arc<str>, prefix: &str) -> Self {
+        let entry = (source.clone(), prefix.to_string());
+        lock(list).push(entry.clone());
+        Self { list, entry }
+    }
+}
+
+impl Drop for Renaming<'_> {
+    fn drop(&mut self) {
+        let mut list = lock(self.list);
+        if let Some(i) = list.iter().position(|e| *e == self.entry) {
+            list.swap_remove(i);
+        }
+    }
+}
+
 /// What a rename's copy made.
 struct Copied {
     etag: String,
@@ -71,7 +103,18 @@ impl Fs {
         if dir_key.len() + name.len() + extra > posix::KEY_MAX {
             return Err(FsError::NameTooLong);
         }
+        self.check_not_renaming(&mount, &dir_key)?;
         Ok((mount, dir_key))
+    }
+
+    /// `EBUSY` if `key` is under a directory being renamed: what is made
+    /// there now would be left behind, or deleted, by the rename.
+    fn check_not_renaming(&self, mount: &MountPoint, key: &str) -> Result<()> {
+        let renaming = lock(&self.renaming);
+        match renaming.iter().any(|(src, prefix)| *src == mount.source_id && key.starts_with(prefix.as_str())) {
+            true => Err(FsError::Busy),
+            false => Ok(()),
+        }
     }
 
     /// The mount and prefix of directory `ino`.
@@ -122,6 +165,9 @@ impl Fs {
         streaming: bool,
         truncate_to: Option<u64>,
     ) -> Result<WriterEntry> {
+        // Checked once the registry has this writer's slot, which a rename
+        // starting now sees (`Renaming`).
+        self.check_not_renaming(mount, key)?;
         let local = lock(&self.inodes).get(ino).is_some_and(|i| i.local);
         let base = if local {
             None
@@ -235,6 +281,12 @@ impl Fs {
             table.clear_negative(parent, name);
             table.insert_local(parent, &mount, key.clone(), name, SystemTime::now())
         };
+        // Again once the inode is in the table, which a rename that started
+        // meanwhile sees (`Renaming`).
+        if let Err(e) = self.check_not_renaming(&mount, &key) {
+            lock(&self.inodes).unlink_name(parent, name);
+            return Err(e);
+        }
         self.posix_for_new_file(ino, owner);
         Ok((mount, key, ino))
     }
@@ -518,16 +570,12 @@ impl Fs {
         if attr.kind == Kind::Dir {
             return Err(FsError::IsDir);
         }
-        // Writes through open handles go nowhere now. Taking the writer's
-        // lock waits for an upload in progress (a last close racing this
-        // unlink), so whether the object exists is known below.
+        // Taking the writer's lock waits for an upload in progress (a last
+        // close racing this unlink), so whether the object exists is known
+        // below.
         let writer = self.writers.get(attr.ino);
-        let _guard = match &writer {
-            Some(w) => {
-                let mut g = w.writer.lock().await;
-                g.unlink().await;
-                Some(g)
-            }
+        let mut guard = match &writer {
+            Some(w) => Some(w.writer.lock().await),
             None => None,
         };
         let local = lock(&self.inodes).get(attr.ino).is_some_and(|i| i.local);
@@ -536,11 +584,18 @@ impl Fs {
             match mount.store.delete(&key).await {
                 Ok(()) | Err(StoreError::NotFound) => {}
                 Err(e) => {
+                    // The file is still there, and so is what its open
+                    // handles wrote: their close uploads it.
                     self.log_store_error("delete", &mount, &key, &e);
                     return Err(e.into());
                 }
             }
         }
+        // Writes through open handles go nowhere now.
+        if let Some(g) = guard.as_mut() {
+            g.unlink().await;
+        }
+        drop(guard);
         self.forget_name(parent, name);
         Ok(())
     }
@@ -615,7 +670,19 @@ impl Fs {
                 if dst.as_ref().is_some_and(|d| d.kind == Kind::Dir) {
                     return Err(FsError::IsDir);
                 }
+                // A replaced file still open for writing is unlinked: what
+                // its handles write goes nowhere, and their close succeeds.
+                // Its lock is held across the copy, so an upload of it cannot
+                // land over the renamed file.
+                let replaced = dst.as_ref().and_then(|d| self.writers.get(d.ino));
+                let mut guard = match &replaced {
+                    Some(w) => Some(w.writer.lock().await),
+                    None => None,
+                };
                 self.rename_file(&mount, src.ino, &src_dir, name, newparent, &dst_dir, newname).await?;
+                if let Some(g) = guard.as_mut() {
+                    g.unlink().await;
+                }
             }
             Kind::Dir => {
                 if let Some(d) = &dst {
@@ -726,6 +793,35 @@ impl Fs {
             table.note_change(newparent, newname, Some(e), Instant::now());
         }
         Ok(())
+    }
+
+    /// Waits (at most [`SETTLE`]) until nothing under `prefix` is open for
+    /// writing or only local: `EBUSY` if something is, once files whose last
+    /// handle closed have had their uploads (a `touch` just before the
+    /// rename is uploaded after its `close` returned).
+    async fn wait_until_not_written(&self, mount: &MountPoint, prefix: &str) -> Result<()> {
+        let under = |key: &str| key.starts_with(prefix);
+        let started = Instant::now();
+        loop {
+            let writing = self.writers.inodes();
+            let (busy, open) = {
+                let table = lock(&self.inodes);
+                let at = |ino: u64| match table.get(ino).map(|i| &i.loc) {
+                    Some(Loc::Object { mount: m, key }) => m.source_id == mount.source_id && under(key),
+                    _ => false,
+                };
+                let busy: Vec<u64> = writing.into_iter().filter(|w| at(*w)).collect();
+                let local = table.iter().any(|i| i.local && matches!(&i.loc, Loc::Object { mount: m, key } if m.source_id == mount.source_id && under(key)));
+                (busy, local)
+            };
+            if busy.is_empty() && !open {
+                return Ok(());
+            }
+            if busy.iter().any(|ino| self.writers.in_use(*ino)) || started.elapsed() >= SETTLE {
+                return Err(FsError::Busy);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     /// Copies `from` to `to` for a rename: the version whose ETag (`etag`)
@@ -958,16 +1054,8 @@ impl Fs {
         if to.starts_with(&from) {
             return Err(FsError::Invalid);
         }
-        let writing = self.writers.inodes();
-        let busy = {
-            let table = lock(&self.inodes);
-            writing.iter().any(
-                |w| matches!(table.get(*w).map(|i| &i.loc), Some(Loc::Object { key, .. }) if key.starts_with(&from)),
-            )
-        };
-        if busy {
-            return Err(FsError::Busy);
-        }
+        let _renaming = Renaming::start(&self.renaming, &mount.source_id, &from);
+        self.wait_until_not_written(mount, &from).await?;
         // Page by page, copy everything under the old prefix; only once all
         // is copied, list it again and delete it page by page. A failed copy
         // leaves the source whole; memory and requests in flight stay

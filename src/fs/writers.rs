@@ -124,6 +124,12 @@ impl Writers {
         self.slots.lock().get(&ino).and_then(|s| s.cell.get().cloned())
     }
 
+    /// True when the writer of `ino` has users (handles, openers waiting):
+    /// not when its last handle closed and its upload is under way.
+    pub fn in_use(&self, ino: u64) -> bool {
+        self.slots.lock().get(&ino).is_some_and(|s| s.users > 0)
+    }
+
     /// True when `ino` has a writer, or one is being made.
     pub fn contains(&self, ino: u64) -> bool {
         self.slots.lock().contains_key(&ino)
