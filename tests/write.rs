@@ -351,3 +351,34 @@ fn rename_of_a_file_replaced_by_another_client_keeps_its_size() {
     assert_eq!(log.matches("was replaced on the server").count(), 1, "{log}");
     assert!(!log.contains("renames copy without it"), "{log}");
 }
+
+/// `touch d/f && mv d e`, again and again: the empty file is uploaded by the
+/// kernel's RELEASE after `close` returned, and the rename waits for it
+/// rather than failing with EBUSY. Then the rename of a file onto one that
+/// is still open for writing: the open file's close succeeds and leaves the
+/// renamed content, as on a local disk.
+#[test]
+fn renames_right_after_a_close_and_onto_an_open_file() {
+    use std::io::Write as _;
+    let srv = server();
+    let bucket = srv.bucket("rename-races");
+    let m = Mount::start(&bucket, &[]);
+    for i in 0..20 {
+        let (d, e) = (m.path(&format!("d{i}")), m.path(&format!("e{i}")));
+        std::fs::create_dir(&d).unwrap();
+        std::fs::File::create(d.join("f")).unwrap();
+        std::fs::rename(&d, &e).unwrap_or_else(|err| panic!("round {i}: {err}"));
+        assert_eq!(raw(&bucket, &format!("e{i}/f")).unwrap(), b"", "round {i}");
+        assert!(raw(&bucket, &format!("d{i}/f")).is_none(), "round {i}");
+    }
+    std::fs::write(m.path("f"), "old").unwrap();
+    let mut open = std::fs::OpenOptions::new().write(true).truncate(true).open(m.path("f")).unwrap();
+    open.write_all(b"written through the open file").unwrap();
+    std::fs::write(m.path("tmp"), b"renamed over it").unwrap();
+    std::fs::rename(m.path("tmp"), m.path("f")).unwrap();
+    open.write_all(b", and more").unwrap();
+    open.sync_all().expect("fsync of the replaced file");
+    drop(open);
+    assert_eq!(raw(&bucket, "f").unwrap(), b"renamed over it");
+    assert_eq!(std::fs::read(m.path("f")).unwrap(), b"renamed over it");
+}
