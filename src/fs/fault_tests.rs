@@ -908,3 +908,36 @@ fn a_directory_rename_waits_for_a_file_closed_just_before() {
         assert_clean(&s).await;
     });
 }
+
+/// Truncating a large file keeps only what stays of it: `O_TRUNC` on a
+/// read-write open (`fopen(…, "w+")`) and a truncate to 6 MiB download
+/// nothing (the 6 MiB become a copy part), a truncate to 1 MiB downloads
+/// that 1 MiB. Before, each downloaded the whole object first.
+#[test]
+fn truncating_a_large_file_downloads_only_what_stays() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 24);
+        let root = super::inode::ROOT;
+        let data: Vec<u8> = (0..12u32 << 20).map(|i| (i % 251) as u8).collect();
+        for name in ["a", "b", "c"] {
+            s.mem.insert(name, data.clone());
+        }
+        let a = s.fs.lookup(root, "a").await.unwrap().ino;
+        let gets = s.mem.count_of("get");
+        let (fh, _) = s.fs.open(a, libc::O_RDWR | libc::O_TRUNC, pid()).await.unwrap();
+        s.fs.write(fh, 0, b"x").await.unwrap();
+        s.fs.flush(fh, pid()).await.unwrap();
+        s.fs.release(fh).await;
+        assert_eq!(s.mem.body("a").unwrap(), b"x".as_slice());
+        assert_eq!(s.mem.count_of("get"), gets, "O_TRUNC downloads nothing");
+        let b = s.fs.lookup(root, "b").await.unwrap().ino;
+        assert_eq!(s.fs.setattr(b, Some(6 << 20), None).await.unwrap().size, 6 << 20);
+        assert!(s.mem.body("b").unwrap() == data[..6 << 20], "the first 6 MiB");
+        assert_eq!(s.mem.count_of("get"), gets, "a truncate to 6 MiB downloads nothing");
+        let c = s.fs.lookup(root, "c").await.unwrap().ino;
+        assert_eq!(s.fs.setattr(c, Some(1 << 20), None).await.unwrap().size, 1 << 20);
+        assert!(s.mem.body("c").unwrap() == data[..1 << 20], "the first MiB");
+        assert_eq!(s.mem.count_of("get"), gets + 1, "a truncate to 1 MiB downloads that MiB");
+        assert_clean(&s).await;
+    });
+}
