@@ -167,6 +167,11 @@ fn name_str(name: &OsStr) -> Option<String> {
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        // O_TRUNC comes with the OPEN instead of as a SETATTR after it, so an
+        // overwrite (`> file`) streams from empty and a truncating
+        // read-write open keeps nothing of the old object: neither downloads
+        // it first (for passthrough, or to truncate it).
+        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         // INIT can only lower the readahead; `tune_read_ahead` raises it later.
         let ra = self.fs.settings().read_ahead.clamp(128 << 10, u32::MAX as u64) as u32;
         if let Err(max) = config.set_max_readahead(ra) {

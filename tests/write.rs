@@ -382,3 +382,38 @@ fn renames_right_after_a_close_and_onto_an_open_file() {
     assert_eq!(raw(&bucket, "f").unwrap(), b"renamed over it");
     assert_eq!(std::fs::read(m.path("f")).unwrap(), b"renamed over it");
 }
+
+/// Overwriting a large file through the mount (`> file`, a write-only open
+/// with `O_TRUNC`) and `fopen(path, "w+")` (the same, read-write) download
+/// none of the old object, with passthrough on (the default) or off, and
+/// the file holds what was written after.
+#[test]
+fn truncating_opens_of_a_large_file_download_nothing() {
+    use std::io::Write as _;
+    let srv = server();
+    let bucket = srv.bucket("trunc-opens");
+    for passthrough in [true, false] {
+        let addr = free_addr();
+        let mut args = vec!["--metrics-addr", addr.as_str()];
+        if !passthrough {
+            args.push("--no-passthrough");
+        }
+        let m = Mount::start(&bucket, &args);
+        for read in [false, true] {
+            srv.put(&bucket, "big.bin", pattern(24 << 20, 8));
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            let mut f =
+                std::fs::OpenOptions::new().read(read).write(true).truncate(true).open(m.path("big.bin")).unwrap();
+            f.write_all(b"replaced").unwrap();
+            drop(f);
+            assert_eq!(raw(&bucket, "big.bin").unwrap(), b"replaced", "passthrough {passthrough}, read {read}");
+        }
+        let (_, body) = http_get(&addr, "/metrics");
+        assert_eq!(
+            metric(&body, "bucketfs_s3_requests_total", "operation=\"get\""),
+            0.0,
+            "passthrough {passthrough}: {body}"
+        );
+        assert_eq!(std::fs::read(m.path("big.bin")).unwrap(), b"replaced");
+    }
+}
