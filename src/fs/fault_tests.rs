@@ -941,3 +941,40 @@ fn truncating_a_large_file_downloads_only_what_stays() {
         assert_clean(&s).await;
     });
 }
+
+/// An open for writing whose writer is still being made (its HEAD is out)
+/// when the file is renamed: the rename waits for that writer and moves it
+/// with the file, so what the open writes lands under the new name. Before,
+/// the rename did not see it, and the close uploaded to the old name (or
+/// failed its If-Match there).
+#[test]
+fn a_rename_reaches_a_writer_still_being_made() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 25);
+        let root = super::inode::ROOT;
+        s.mem.insert("f", b"0123456789".to_vec());
+        let ino = s.fs.lookup(root, "f").await.unwrap().ino;
+        let gate = Arc::new(tokio::sync::Notify::new());
+        s.faults.add(Rule::nth("head", 0, Fault::HeldAnswer(gate.clone())));
+        let opening = tokio::spawn({
+            let fs = s.fs.clone();
+            async move { fs.open(ino, libc::O_RDWR, pid()).await.map(|(fh, _)| fh) }
+        });
+        held(&s.faults).await;
+        assert_eq!(s.faults.injected(), 1, "the open's HEAD is out");
+        let renaming = tokio::spawn({
+            let fs = s.fs.clone();
+            async move { fs.rename(root, "f", root, "g", 0).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gate.notify_one();
+        renaming.await.unwrap().unwrap();
+        let fh = opening.await.unwrap().unwrap();
+        s.fs.write(fh, 0, b"abc").await.unwrap();
+        s.fs.flush(fh, pid()).await.expect("stored under the new name");
+        s.fs.release(fh).await;
+        assert_eq!(s.mem.body("g").unwrap(), b"abc3456789".as_slice());
+        assert!(s.mem.body("f").is_none(), "{:?}", s.mem.keys());
+        assert_clean(&s).await;
+    });
+}

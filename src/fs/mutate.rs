@@ -169,15 +169,18 @@ impl Fs {
         // starting now sees (`Renaming`).
         self.check_not_renaming(mount, key)?;
         let local = lock(&self.inodes).get(ino).is_some_and(|i| i.local);
-        let base = if local {
-            None
+        let (key, base) = if local {
+            (key.to_string(), None)
         } else {
             self.revalidate(ino, mount, key).await?;
-            // Size and ETag of one version, read together.
+            // Key, size and ETag of one version, read together (a rename
+            // meanwhile moved the inode, with the copy's ETag).
             let table = lock(&self.inodes);
             let inode = table.get(ino).ok_or(FsError::NotFound)?;
-            Some(Base { etag: inode.etag.clone().unwrap_or_default(), size: inode.size })
+            let Loc::Object { key, .. } = &inode.loc else { return Err(FsError::NotFound) };
+            (key.clone(), Some(Base { etag: inode.etag.clone().unwrap_or_default(), size: inode.size }))
         };
+        let key = key.as_str();
         let dir = self.staging.path();
         let writer = if streaming {
             Writer::streaming(mount.store.clone(), key.to_string(), self.cache.clone(), dir, base)
@@ -573,7 +576,7 @@ impl Fs {
         // Taking the writer's lock waits for an upload in progress (a last
         // close racing this unlink), so whether the object exists is known
         // below.
-        let writer = self.writers.get(attr.ino);
+        let writer = self.writers.get_or_wait(attr.ino).await;
         let mut guard = match &writer {
             Some(w) => Some(w.writer.lock().await),
             None => None,
@@ -674,7 +677,10 @@ impl Fs {
                 // its handles write goes nowhere, and their close succeeds.
                 // Its lock is held across the copy, so an upload of it cannot
                 // land over the renamed file.
-                let replaced = dst.as_ref().and_then(|d| self.writers.get(d.ino));
+                let replaced = match &dst {
+                    Some(d) => self.writers.get_or_wait(d.ino).await,
+                    None => None,
+                };
                 let mut guard = match &replaced {
                     Some(w) => Some(w.writer.lock().await),
                     None => None,
@@ -716,7 +722,7 @@ impl Fs {
         let src_key = namespace::child_key(src_dir, name);
         let dst_key = namespace::child_key(dst_dir, newname);
         // The object must be complete in S3 before it can be copied.
-        let writer = self.writers.get(ino);
+        let writer = self.writers.get_or_wait(ino).await;
         if let Some(w) = &writer {
             self.upload(ino, w).await?;
         }

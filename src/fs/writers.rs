@@ -124,6 +124,14 @@ impl Writers {
         self.slots.lock().get(&ino).and_then(|s| s.cell.get().cloned())
     }
 
+    /// The writer of `ino`, waiting for one being made: an operation that
+    /// changes the file (a rename, an unlink) must reach a writer whose open
+    /// is still under way. `None` if there is none, or its making failed.
+    pub async fn get_or_wait(&self, ino: u64) -> Option<Arc<WriterEntry>> {
+        let cell = self.slots.lock().get(&ino).map(|s| s.cell.clone())?;
+        cell.get_or_try_init(|| async { Err(()) }).await.ok().cloned()
+    }
+
     /// True when the writer of `ino` has users (handles, openers waiting):
     /// not when its last handle closed and its upload is under way.
     pub fn in_use(&self, ino: u64) -> bool {
