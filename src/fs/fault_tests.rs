@@ -547,7 +547,7 @@ fn a_file_forgotten_before_its_upload_is_still_listed() {
 }
 
 /// Waits (bounded) until the one fault added is holding its call.
-async fn held(faults: &FaultyStore) {
+pub(super) async fn held(faults: &FaultyStore) {
     for _ in 0..500 {
         if faults.injected() == 1 {
             break;

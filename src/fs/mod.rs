@@ -692,7 +692,7 @@ impl Fs {
         let started = Instant::now();
         match self.remote_lookup(&mount, &key, name).await {
             Ok((entry, attrs)) => {
-                let writing = self.writing_child(parent, name);
+                let writing = attrs.is_some() && self.writing_child(parent, name);
                 let mut table = lock(&self.inodes);
                 table.clear_negative(parent, name);
                 let ino = table.upsert(parent, &mount, &dir_key, &entry, started + mount.ttl, count);
@@ -840,7 +840,7 @@ impl Fs {
         let started = Instant::now();
         match self.head(mount, key).await {
             Ok((meta, attrs)) => {
-                let writing = self.writers.contains(ino);
+                let writing = attrs.is_some() && self.writers.contains(ino);
                 let mut table = lock(&self.inodes);
                 let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
                 // Only newer information replaces what is known: an upload

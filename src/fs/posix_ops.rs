@@ -661,6 +661,17 @@ mod tests {
         ObjectAttrs { content_type: None, metadata: [("mode".to_string(), mode.to_string())].into() }
     }
 
+    /// Object `f` with body `x` and `mode` stored, looked up: its inode.
+    async fn file_with_mode(s: &Setup, mode: u32) -> u64 {
+        s.mem.put_with("f", Bytes::from_static(b"x"), PutCondition::None, &with_mode(mode)).await.unwrap();
+        s.fs.lookup(ROOT_INO, "f").await.unwrap().ino
+    }
+
+    /// The mode stored on object `f`.
+    async fn stored_mode(s: &Setup) -> Option<u32> {
+        Posix::from_metadata(&s.mem.head_attrs("f").await.unwrap().1.metadata).mode
+    }
+
     /// chmod of a closed file whose CopyObject fails: the error reaches the
     /// caller, neither the object nor what `stat` shows changes, and the
     /// next chmod works.
@@ -669,23 +680,17 @@ mod tests {
         use crate::store::faulty::{Fault, Rule};
         let s = posix_setup();
         rt().block_on(async {
-            s.mem
-                .put_with("f", Bytes::from_static(b"x"), PutCondition::None, &with_mode(S_IFREG | 0o644))
-                .await
-                .unwrap();
-            let ino = s.fs.lookup(ROOT_INO, "f").await.unwrap().ino;
+            let ino = file_with_mode(&s, S_IFREG | 0o644).await;
             let fail = Fault::Fail(StoreError::Server { status: 500, message: "injected".into() });
             s.faults.add(Rule::nth("copy", 0, fail));
             let chmod = AttrChange { mode: Some(S_IFREG | 0o600), ..Default::default() };
             assert!(s.fs.change_attrs(ino, chmod).await.is_err());
             let mode = |a: &Attr| a.posix.as_ref().and_then(|p| p.posix.mode);
             assert_eq!(mode(&s.fs.getattr(ino).await.unwrap()), Some(S_IFREG | 0o644), "stat after a failed chmod");
-            let (_, stored) = s.mem.head_attrs("f").await.unwrap();
-            assert_eq!(Posix::from_metadata(&stored.metadata).mode, Some(S_IFREG | 0o644));
+            assert_eq!(stored_mode(&s).await, Some(S_IFREG | 0o644));
             let attr = s.fs.change_attrs(ino, chmod).await.unwrap();
             assert_eq!(mode(&attr), Some(S_IFREG | 0o600));
-            let (_, stored) = s.mem.head_attrs("f").await.unwrap();
-            assert_eq!(Posix::from_metadata(&stored.metadata).mode, Some(S_IFREG | 0o600));
+            assert_eq!(stored_mode(&s).await, Some(S_IFREG | 0o600));
         });
     }
 
@@ -697,11 +702,7 @@ mod tests {
     fn a_lookup_meanwhile_keeps_a_chmod_that_waits_for_close() {
         let s = posix_setup_with_ttl(std::time::Duration::from_millis(500));
         rt().block_on(async {
-            s.mem
-                .put_with("f", Bytes::from_static(b"x"), PutCondition::None, &with_mode(S_IFREG | 0o644))
-                .await
-                .unwrap();
-            let ino = s.fs.lookup(ROOT_INO, "f").await.unwrap().ino;
+            let ino = file_with_mode(&s, S_IFREG | 0o644).await;
             let pid = std::process::id();
             let (fh, _) = s.fs.open(ino, libc::O_WRONLY, pid).await.unwrap();
             let chmod = AttrChange { mode: Some(S_IFREG | 0o600), ..Default::default() };
@@ -713,8 +714,7 @@ mod tests {
             let mode = |a: &Attr| a.posix.as_ref().and_then(|p| p.posix.mode);
             assert_eq!(mode(&attr), Some(S_IFREG | 0o600), "the lookup's answer");
             s.fs.flush(fh, pid).await.unwrap();
-            let (_, stored) = s.mem.head_attrs("f").await.unwrap();
-            assert_eq!(Posix::from_metadata(&stored.metadata).mode, Some(S_IFREG | 0o600), "stored by close");
+            assert_eq!(stored_mode(&s).await, Some(S_IFREG | 0o600), "stored by close");
             s.fs.release(fh).await;
         });
     }
@@ -743,8 +743,7 @@ mod tests {
             let mut want = old;
             want[100..104].copy_from_slice(b"edit");
             assert!(s.mem.body("f").unwrap() == want, "the edit landed");
-            let (_, stored) = s.mem.head_attrs("f").await.unwrap();
-            assert_eq!(Posix::from_metadata(&stored.metadata).mode, Some(S_IFREG | 0o600));
+            assert_eq!(stored_mode(&s).await, Some(S_IFREG | 0o600));
         });
     }
 
@@ -756,11 +755,7 @@ mod tests {
         use crate::store::faulty::{Fault, Rule};
         let s = posix_setup_with_ttl(std::time::Duration::from_secs(2));
         rt().block_on(async {
-            s.mem
-                .put_with("f", Bytes::from_static(b"x"), PutCondition::None, &with_mode(S_IFREG | 0o644))
-                .await
-                .unwrap();
-            let ino = s.fs.lookup(ROOT_INO, "f").await.unwrap().ino;
+            let ino = file_with_mode(&s, S_IFREG | 0o644).await;
             tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
             let gate = Arc::new(tokio::sync::Notify::new());
             s.faults.add(Rule::nth("head", 0, Fault::HeldAnswer(gate.clone())));
@@ -768,12 +763,7 @@ mod tests {
                 let fs = s.fs.clone();
                 async move { fs.getattr(ino).await }
             });
-            for _ in 0..500 {
-                if s.faults.injected() == 1 {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
+            crate::fs::fault_tests::held(&s.faults).await;
             assert_eq!(s.faults.injected(), 1, "the getattr's HEAD is out");
             let chmod = AttrChange { mode: Some(S_IFREG | 0o600), ..Default::default() };
             s.fs.change_attrs(ino, chmod).await.unwrap();

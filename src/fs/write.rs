@@ -1025,32 +1025,6 @@ impl Writer {
         self.materialise_all().await
     }
 
-    /// Before a truncate to `size` that cuts into the base object's bytes:
-    /// only the base's first `size` bytes stay, so only they are kept. None
-    /// at 0 (`O_TRUNC` on a read-write open); from `MIN_PART` up, a copy
-    /// part of them at upload; below that, they are downloaded. Never the
-    /// whole object.
-    async fn keep_base_below(&mut self, size: u64) -> Result<(), WriteError> {
-        let Mode::Staged(st) = &mut self.mode else {
-            return Ok(());
-        };
-        if size >= st.base_prefix {
-            return Ok(());
-        }
-        if size > 0 && size < MIN_PART {
-            let etag = self.base.as_ref().map(|b| b.etag.clone());
-            let held = self.cache.reserve_memory(ReservationKind::WriteBuffer, size);
-            let body = self.store.get_range(&self.key, etag.as_deref(), 0, size).await?;
-            let data = collect_body(body).await?;
-            on_file(&st.file, move |f| f.write_all_at(&data, 0)).await?;
-            drop(held);
-            st.base_prefix = 0;
-        } else {
-            st.base_prefix = size;
-        }
-        Ok(())
-    }
-
     /// Downloads what of the base object is not in the staging file.
     async fn materialise_all(&mut self) -> Result<(), WriteError> {
         let Mode::Staged(st) = &mut self.mode else {
@@ -1133,7 +1107,13 @@ impl Writer {
             self.switch_to_staging().await?;
         }
         self.make_staged().await?;
-        self.keep_base_below(size).await?;
+        // Only the base's first `size` bytes stay, so only they are kept:
+        // none at 0 (`O_TRUNC` on a read-write open), a copy part of them
+        // from `MIN_PART` up, a download of them below (`materialise_below`).
+        // Never the whole object.
+        if let Mode::Staged(st) = &mut self.mode {
+            st.base_prefix = st.base_prefix.min(size);
+        }
         self.materialise_below(size.min(self.size)).await?;
         let Mode::Staged(st) = &self.mode else {
             return Err(WriteError::Failed);
