@@ -978,3 +978,25 @@ fn a_rename_reaches_a_writer_still_being_made() {
         assert_clean(&s).await;
     });
 }
+
+/// A create that fails after its inode was made (here its staging file
+/// cannot be made) leaves no inode and no name behind: the kernel never got
+/// it, so nothing would forget it, the name would stay listed, and a local
+/// inode under a directory would hold up the directory's rename.
+#[test]
+fn a_failed_create_leaves_no_inode() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 26);
+        let root = super::inode::ROOT;
+        s.mem.insert("d/f", vec![b'x'; 100]);
+        let d = s.fs.lookup(root, "d").await.unwrap().ino;
+        let before = s.fs.inode_count();
+        std::fs::remove_dir(s.fs.staging.path()).unwrap();
+        assert!(s.fs.create(d, "new", libc::O_RDWR, pid()).await.is_err(), "no staging file, no create");
+        assert_eq!(s.fs.inode_count(), before, "no inode left by the failed create");
+        assert_eq!(s.fs.lookup(d, "new").await.err(), Some(FsError::NotFound));
+        s.fs.rename(root, "d", root, "e", 0).await.expect("the rename is not held up");
+        assert!(s.mem.body("e/f").is_some(), "{:?}", s.mem.keys());
+        assert_clean(&s).await;
+    });
+}

@@ -522,6 +522,17 @@ impl InodeTable {
         self.churned();
     }
 
+    /// Removes new local file `ino` (named `name` in `parent`) whose create
+    /// failed: the kernel never got it, so it would never be forgotten.
+    pub fn discard_local(&mut self, parent: u64, name: &str, ino: u64) {
+        if self.names.get(&NameRef(parent, name)) == Some(&ino) {
+            self.names.remove(&NameRef(parent, name));
+        }
+        if self.inodes.get(&ino).is_some_and(|i| i.local) {
+            self.inodes.remove(&ino);
+        }
+    }
+
     /// Detaches `name` from `parent` (it no longer exists on the server).
     pub fn unlink_name(&mut self, parent: u64, name: &str) {
         self.names.remove(&NameRef(parent, name));

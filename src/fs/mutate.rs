@@ -245,7 +245,9 @@ impl Fs {
             let writer = Writer::staged(mount.store.clone(), key, self.cache.clone(), dir, None).await?;
             Ok::<_, FsError>(self.writer_entry(ino, &mount, writer))
         };
-        let (entry, _) = self.writers.join(ino, make).await?;
+        let (entry, _) = self.writers.join(ino, make).await.inspect_err(|_| {
+            lock(&self.inodes).discard_local(parent, name, ino);
+        })?;
         self.created(ino, entry, pid)
     }
 
@@ -267,7 +269,7 @@ impl Fs {
             let (mount, key, ino) = self.new_local_file(parent, name, owner)?;
             let writer = Writer::streaming(mount.store.clone(), key, self.cache.clone(), self.staging.path(), None);
             let entry = self.writers.adopt(ino, self.writer_entry(ino, &mount, writer)).inspect_err(|_| {
-                lock(&self.inodes).unlink_name(parent, name);
+                lock(&self.inodes).discard_local(parent, name, ino);
             })?;
             self.created(ino, entry, pid)
         };
@@ -287,7 +289,7 @@ impl Fs {
         // Again once the inode is in the table, which a rename that started
         // meanwhile sees (`Renaming`).
         if let Err(e) = self.check_not_renaming(&mount, &key) {
-            lock(&self.inodes).unlink_name(parent, name);
+            lock(&self.inodes).discard_local(parent, name, ino);
             return Err(e);
         }
         self.posix_for_new_file(ino, owner);
@@ -806,24 +808,23 @@ impl Fs {
     /// handle closed have had their uploads (a `touch` just before the
     /// rename is uploaded after its `close` returned).
     async fn wait_until_not_written(&self, mount: &MountPoint, prefix: &str) -> Result<()> {
-        let under = |key: &str| key.starts_with(prefix);
+        let under = |i: &super::inode::Inode| matches!(&i.loc, Loc::Object { mount: m, key } if m.source_id == mount.source_id && key.starts_with(prefix));
         let started = Instant::now();
         loop {
             let writing = self.writers.inodes();
-            let (busy, open) = {
+            let (busy, local): (Vec<u64>, bool) = {
                 let table = lock(&self.inodes);
-                let at = |ino: u64| match table.get(ino).map(|i| &i.loc) {
-                    Some(Loc::Object { mount: m, key }) => m.source_id == mount.source_id && under(key),
-                    _ => false,
-                };
-                let busy: Vec<u64> = writing.into_iter().filter(|w| at(*w)).collect();
-                let local = table.iter().any(|i| i.local && matches!(&i.loc, Loc::Object { mount: m, key } if m.source_id == mount.source_id && under(key)));
-                (busy, local)
+                let busy = writing.into_iter().filter(|w| table.get(*w).is_some_and(under)).collect();
+                (busy, table.iter().any(|i| i.local && under(i)))
             };
-            if busy.is_empty() && !open {
+            let settled = started.elapsed() >= SETTLE;
+            // A local file without a writer is a create that is registering
+            // its writer right now, or one whose upload failed and that
+            // nothing will write: that one does not hold the rename for ever.
+            if busy.is_empty() && (!local || settled) {
                 return Ok(());
             }
-            if busy.iter().any(|ino| self.writers.in_use(*ino)) || started.elapsed() >= SETTLE {
+            if busy.iter().any(|ino| self.writers.in_use(*ino)) || settled {
                 return Err(FsError::Busy);
             }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
