@@ -114,7 +114,11 @@ fn soak_readers_and_writers() {
                                 bump(&name);
                                 match std::fs::read(&path) {
                                     Ok(back) if back == data => Ok(len as u64),
-                                    Ok(_) => Err(format!("{name}: read back differs")),
+                                    Ok(back) => Err(format!(
+                                        "{name}: read back differs: {} bytes of {len}, first difference at {:?}",
+                                        back.len(),
+                                        back.iter().zip(&data).position(|(a, b)| a != b)
+                                    )),
                                     Err(e) => Err(format!("read back {name}: {e}")),
                                 }
                             }

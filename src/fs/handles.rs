@@ -18,8 +18,36 @@ use super::{Listed, READDIR_BATCH, READDIR_BATCH_MAX};
 use crate::sync::Mutex;
 
 pub(super) enum HandleKind {
-    Read(Reader),
+    Read(ReadHandle),
     Write(Arc<WriterEntry>),
+}
+
+/// A read handle: the reader of the version it reads now, which is not
+/// always the version it opened (see [`super::Fs::reader_of`]).
+pub(super) struct ReadHandle {
+    reader: Mutex<Arc<Reader>>,
+    /// The inode's count of versions made elsewhere when the handle opened.
+    pub foreign_versions: u64,
+}
+
+impl ReadHandle {
+    pub fn new(reader: Reader, foreign_versions: u64) -> Self {
+        Self { reader: Mutex::new(Arc::new(reader)), foreign_versions }
+    }
+
+    pub fn reader(&self) -> Arc<Reader> {
+        self.reader.lock().clone()
+    }
+
+    /// Reads with `next` from now on, unless another read replaced `was`
+    /// first; returns the reader to use.
+    pub fn replace(&self, was: &Arc<Reader>, next: Reader) -> Arc<Reader> {
+        let mut reader = self.reader.lock();
+        if Arc::ptr_eq(&reader, was) {
+            *reader = Arc::new(next);
+        }
+        reader.clone()
+    }
 }
 
 pub(super) struct FileHandle {

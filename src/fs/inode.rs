@@ -79,6 +79,11 @@ pub struct Inode {
     /// With `--posix-metadata`: the object's stored attributes and when
     /// they were read (trusted for the metadata TTL); `None` until a HEAD.
     pub posix: Option<(Instant, Arc<super::PosixState>)>,
+    /// For files: how many versions of the object a listing or HEAD found
+    /// in place of the one known, i.e. made by another client. A read handle
+    /// follows the versions this mount makes, never those (see
+    /// [`super::Fs::reader_of`]).
+    pub foreign_versions: u64,
 }
 
 impl Inode {
@@ -103,6 +108,7 @@ impl Inode {
             local_children: Default::default(),
             changed: Default::default(),
             posix: None,
+            foreign_versions: 0,
         }
     }
 
@@ -119,6 +125,15 @@ impl Inode {
     /// of an earlier state and must not replace it.
     pub fn knows_more_than(&self, until: Instant) -> bool {
         self.local || self.valid_until > until
+    }
+
+    /// Takes the ETag a listing or HEAD found on the server. Another than
+    /// the one known is a version made elsewhere.
+    pub fn take_server_etag(&mut self, etag: Option<String>) {
+        if self.etag.is_some() && etag.is_some() && self.etag != etag {
+            self.foreign_versions += 1;
+        }
+        self.etag = etag;
     }
 
     /// True if the inode's object is `key` (a rename moves it elsewhere).
@@ -245,7 +260,7 @@ impl InodeTable {
                         // Replaced by another client: its metadata is unknown.
                         inode.posix = None;
                     }
-                    inode.etag = entry.etag.clone();
+                    inode.take_server_etag(entry.etag.clone());
                 }
                 inode.valid_until = valid_until;
             }
@@ -283,6 +298,7 @@ impl InodeTable {
                 local_children: Default::default(),
                 changed: Default::default(),
                 posix: None,
+                foreign_versions: 0,
             },
         );
         self.names.insert((parent, entry.name.clone()), ino);
@@ -457,6 +473,7 @@ impl InodeTable {
                 local_children: Default::default(),
                 changed: Default::default(),
                 posix: None,
+                foreign_versions: 0,
             },
         );
         self.names.insert((parent, name.to_string()), ino);

@@ -62,7 +62,7 @@ use tracing::{debug, error, warn};
 use crate::spec::FsSettings;
 use crate::store::{ObjectAttrs, ObjectMeta, ObjectStore, StoreError};
 use cache::{BlockCache, ObjectId, ReadData};
-use handles::{FileHandle, HandleKind, Handles};
+use handles::{FileHandle, HandleKind, Handles, ReadHandle};
 use inode::{Inode, InodeTable, Loc, PageCache, ROOT};
 use namespace::{Entry, Kind, Skipped};
 use read::Reader;
@@ -242,9 +242,15 @@ pub enum ReadNow {
     /// The read is answered.
     Done(ReadData),
     /// The read is started; [`Fs::finish_read`] waits for its bytes.
-    Started(read::Started),
+    Started(StartedRead),
     /// Not a handle reading an object: use [`Fs::read`].
     Wait,
+}
+
+/// A read [`Fs::read_now`] started, and the reader that finishes it.
+pub struct StartedRead {
+    reader: Arc<Reader>,
+    started: read::Started,
 }
 
 /// A writer whose last user released it with data still to upload (see
@@ -853,7 +859,7 @@ impl Fs {
                     }
                     inode.size = meta.size;
                     inode.mtime = meta.last_modified;
-                    inode.etag = Some(meta.etag);
+                    inode.take_server_etag(Some(meta.etag));
                     inode.valid_until = started + mount.ttl;
                 }
                 Ok(self.attr_of(inode))
@@ -889,7 +895,7 @@ impl Fs {
         if stale && !local && !existing_writer {
             self.revalidate(ino, &mount, &key).await?;
         }
-        let (object, size, keep_cache, changed) = {
+        let (object, size, keep_cache, changed, foreign_versions) = {
             let mut table = lock(&self.inodes);
             let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
             let etag = inode.etag.clone().unwrap_or_default();
@@ -904,7 +910,7 @@ impl Fs {
                 inode.page_cache = PageCache::Holds(etag.clone());
             }
             let object = Arc::new(ObjectId { source: mount.source_id.clone(), key: key.clone(), etag });
-            (object, inode.size, keep, changed)
+            (object, inode.size, keep, changed, inode.foreign_versions)
         };
         if changed {
             self.invalidate_kernel(ino);
@@ -917,7 +923,8 @@ impl Fs {
         if flags & libc::O_DIRECT == 0 {
             reader = reader.in_page_cache_of(ino);
         }
-        Ok((self.add_handle(ino, HandleKind::Read(reader), pid), keep_cache))
+        let handle = ReadHandle::new(reader, foreign_versions);
+        Ok((self.add_handle(ino, HandleKind::Read(handle), pid), keep_cache))
     }
 
     /// The local file that holds every byte handle `fh` can read, for the
@@ -943,7 +950,7 @@ impl Fs {
         }
         let handle = self.handles.file(fh)?;
         let reader = match &handle.kind {
-            HandleKind::Read(reader) => reader,
+            HandleKind::Read(read) => read.reader(),
             HandleKind::Write(entry) => return self.make_local(entry, flags & libc::O_APPEND != 0).await,
         };
         if let Some(entry) = self.writers.get(handle.ino) {
@@ -1018,31 +1025,34 @@ impl Fs {
     /// runtime context, for the fetches it starts.
     pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> ReadNow {
         let Some(handle) = self.handles.file(fh) else { return ReadNow::Wait };
-        let HandleKind::Read(reader) = &handle.kind else { return ReadNow::Wait };
+        let HandleKind::Read(read) = &handle.kind else { return ReadNow::Wait };
         if self.writers.contains(handle.ino) {
             return ReadNow::Wait;
         }
+        let Ok(reader) = self.reader_of(&handle, read) else { return ReadNow::Wait };
         match reader.read_now(offset, size) {
             Ok(data) => {
                 crate::metrics::metrics().bytes_read.inc_by(data.len() as u64);
                 ReadNow::Done(data)
             }
-            Err(started) => ReadNow::Started(started),
+            Err(started) => ReadNow::Started(StartedRead { reader, started }),
         }
     }
 
-    /// Finishes a read that [`Self::read_now`] started.
-    pub async fn finish_read(&self, fh: u64, started: read::Started) -> Result<ReadData> {
+    /// Finishes a read that [`Self::read_now`] started. It finishes on the
+    /// reader that started it even if the handle has moved on to a newer
+    /// version meanwhile: the kernel holds the pages it fills locked, so no
+    /// write lands in them before it ends.
+    pub async fn finish_read(&self, fh: u64, read: StartedRead) -> Result<ReadData> {
         let handle = self.handles.file(fh).ok_or(FsError::BadHandle)?;
+        let StartedRead { reader, started } = read;
         let range = started.range().clone();
         let len = (range.end - range.start) as u32;
-        match &handle.kind {
-            HandleKind::Read(reader) if !self.writers.contains(handle.ino) => {
-                let got = reader.finish(started).await;
-                self.reader_result(&handle, reader, got, range.start, len)
-            }
-            _ => self.read(fh, range.start, len).await,
+        if self.writers.contains(handle.ino) {
+            return self.read(fh, range.start, len).await;
         }
+        let got = reader.finish(started).await;
+        self.reader_result(&handle, &reader, got, range.start, len)
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadData> {
@@ -1059,11 +1069,46 @@ impl Fs {
                 e.into()
             });
         }
-        let HandleKind::Read(reader) = &handle.kind else {
+        let HandleKind::Read(read) = &handle.kind else {
             return Err(FsError::BadHandle);
         };
+        let reader = match self.reader_of(&handle, read) {
+            Ok(reader) => reader,
+            Err(stale) => {
+                return self.reader_result(&handle, &stale, Err(StoreError::PreconditionFailed), offset, size);
+            }
+        };
         let got = reader.read(offset, size).await;
-        self.reader_result(&handle, reader, got, offset, size)
+        self.reader_result(&handle, &reader, got, offset, size)
+    }
+
+    /// The reader a read handle reads with now. All handles of an inode
+    /// fill one kernel page cache, so a handle reads the inode's current
+    /// version: the one it opened, or one this mount made since (an upload,
+    /// a rename's copy, a metadata copy), as the open handles of a local
+    /// file read what is written to it (and as this handle read the
+    /// writer's bytes while the file was open for writing). Reading the old
+    /// version instead would put its bytes, and through a short read its
+    /// size, in the pages the new version's handles read. A version made by
+    /// another client fails the handle, as a GET that finds it does: that is
+    /// `Err` with the handle's reader.
+    fn reader_of(&self, handle: &FileHandle, read: &ReadHandle) -> std::result::Result<Arc<Reader>, Arc<Reader>> {
+        let reader = read.reader();
+        let (object, size) = {
+            let table = lock(&self.inodes);
+            let Some(inode) = table.get(handle.ino) else { return Ok(reader) };
+            let (Some(etag), Loc::Object { mount, key }) = (&inode.etag, &inode.loc) else { return Ok(reader) };
+            let opened = reader.object();
+            if opened.etag == *etag && opened.key == *key {
+                return Ok(reader);
+            }
+            if inode.foreign_versions != read.foreign_versions {
+                return Err(reader);
+            }
+            let object = ObjectId { source: mount.source_id.clone(), key: key.clone(), etag: etag.clone() };
+            (Arc::new(object), inode.size)
+        };
+        Ok(read.replace(&reader, reader.successor(object, size)))
     }
 
     /// Counts a reader's bytes, or logs why it failed.

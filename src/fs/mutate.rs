@@ -757,7 +757,7 @@ impl Fs {
                     guard.base_copied(&copy.etag);
                 }
             }
-            copied = Some(copy.etag);
+            copied = Some((copy.etag, copy.known));
         }
         let parent = lock(&self.inodes).get(ino).map(|i| i.parent).unwrap_or_default();
         self.forget_name(parent, name);
@@ -771,10 +771,13 @@ impl Fs {
                 // What a listing or HEAD sent before the rename says of the
                 // new name (an object it replaced) is older than this.
                 inode.valid_until = Instant::now() + mount.ttl;
-                if let Some(etag) = copied {
+                if let Some((etag, known)) = copied {
                     // The size of the version copied: another client's, if it
                     // replaced the object before the copy.
                     inode.size = size;
+                    if !known {
+                        inode.foreign_versions += 1;
+                    }
                     if etag.is_empty() {
                         // No ETag in the answer: the next use asks for it.
                         inode.etag = None;

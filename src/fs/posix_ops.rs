@@ -159,7 +159,7 @@ impl Fs {
                     if remote && !stale {
                         inode.size = meta.size;
                         inode.mtime = meta.last_modified;
-                        inode.etag = Some(meta.etag);
+                        inode.take_server_etag(Some(meta.etag));
                         inode.valid_until = started + mount.ttl;
                     }
                     if !stale {

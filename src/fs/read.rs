@@ -202,6 +202,16 @@ impl Reader {
         &self.object
     }
 
+    /// A reader of another version of the same file, for the same handle:
+    /// same store, caches and page cache.
+    pub fn successor(&self, object: Arc<ObjectId>, size: u64) -> Reader {
+        let next = Reader::new(object, size, self.store.clone(), self.cache.clone(), self.disk.clone());
+        match &self.page_cache {
+            Some((ino, _)) => next.in_page_cache_of(*ino),
+            None => next,
+        }
+    }
+
     fn block_len(size: u64) -> impl Fn(u64) -> u64 {
         move |i| (size - i * BLOCK_SIZE).min(BLOCK_SIZE)
     }
