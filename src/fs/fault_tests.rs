@@ -877,6 +877,50 @@ fn renaming_onto_a_file_open_for_writing_unlinks_its_writer() {
     });
 }
 
+/// Two renames, each onto the other's source, both files open for writing:
+/// the kernel never sends them at once, but the core does not rely on it.
+/// Each rename holds the lock of the writer it replaces across its copy and
+/// takes its own source's lock too, never both at once; holding both, the
+/// two renames would each hold one lock and wait for the other for ever.
+/// Here the writers' locks are held until both renames wait for their
+/// first one. Both then succeed, as if one ran after the other.
+#[test]
+fn crossed_renames_of_files_open_for_writing_do_not_deadlock() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 27);
+        let root = super::inode::ROOT;
+        let mut handles = Vec::new();
+        for name in ["a", "b"] {
+            s.mem.insert(name, name.as_bytes().to_vec());
+            let ino = s.fs.lookup(root, name).await.unwrap().ino;
+            let (fh, _) = s.fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, pid()).await.unwrap();
+            s.fs.write(fh, 0, format!("new {name}").as_bytes()).await.unwrap();
+            handles.push((ino, fh));
+        }
+        let writers: Vec<_> = handles.iter().map(|(ino, _)| s.fs.writers.get(*ino).unwrap()).collect();
+        let held: Vec<_> = futures::future::join_all(writers.iter().map(|w| w.writer.lock())).await;
+        let rename = |from: &'static str, to: &'static str| {
+            let fs = s.fs.clone();
+            tokio::spawn(async move { fs.rename(root, from, root, to, 0).await })
+        };
+        let (one, two) = (rename("a", "b"), rename("b", "a"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(held);
+        let both = tokio::time::timeout(Duration::from_secs(20), async { (one.await, two.await) }).await;
+        let (one, two) = both.expect("the crossed renames deadlocked");
+        assert!(one.unwrap().is_ok() && two.unwrap().is_ok());
+        // As if one ran after the other: the second moves the first's result.
+        let left: Vec<_> = s.mem.keys().into_iter().map(|k| (s.mem.body(&k).unwrap().to_vec(), k)).collect();
+        let serial = |name: &str, body: &str| vec![(body.as_bytes().to_vec(), name.to_string())];
+        assert!(left == serial("b", "new b") || left == serial("a", "new a"), "{left:?}");
+        for (_, fh) in handles {
+            let _ = s.fs.flush(fh, pid()).await;
+            s.fs.release(fh).await;
+        }
+        assert_clean(&s).await;
+    });
+}
+
 /// While a directory is renamed (its copies are slow here), nothing new is
 /// made under it: a create, an open for writing and a mkdir there get
 /// `EBUSY` instead of a file that the rename's delete pass would remove or

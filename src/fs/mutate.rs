@@ -675,22 +675,12 @@ impl Fs {
                 if dst.as_ref().is_some_and(|d| d.kind == Kind::Dir) {
                     return Err(FsError::IsDir);
                 }
-                // A replaced file still open for writing is unlinked: what
-                // its handles write goes nowhere, and their close succeeds.
-                // Its lock is held across the copy, so an upload of it cannot
-                // land over the renamed file.
                 let replaced = match &dst {
                     Some(d) => self.writers.get_or_wait(d.ino).await,
                     None => None,
                 };
-                let mut guard = match &replaced {
-                    Some(w) => Some(w.writer.lock().await),
-                    None => None,
-                };
-                self.rename_file(&mount, src.ino, &src_dir, name, newparent, &dst_dir, newname).await?;
-                if let Some(g) = guard.as_mut() {
-                    g.unlink().await;
-                }
+                let to = (newparent, dst_dir.as_str(), newname);
+                self.rename_file(&mount, src.ino, &src_dir, name, to, replaced).await?;
             }
             Kind::Dir => {
                 if let Some(d) = &dst {
@@ -710,16 +700,22 @@ impl Fs {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Renames file `ino` to `to` (parent inode, its key prefix, name).
+    /// `replaced` is the writer of the file it replaces, if that one is open
+    /// for writing: it is unlinked (what its handles write goes nowhere, and
+    /// their close succeeds), and its lock is held from before the copy, so
+    /// an upload of it cannot land over the renamed file. Never together
+    /// with the renamed file's own lock: two renames that each replace the
+    /// other's source (which the kernel never sends at once, but nothing
+    /// here relies on that) would each hold one and wait for the other.
     async fn rename_file(
         &self,
         mount: &Arc<MountPoint>,
         ino: u64,
         src_dir: &str,
         name: &str,
-        newparent: u64,
-        dst_dir: &str,
-        newname: &str,
+        (newparent, dst_dir, newname): (u64, &str, &str),
+        replaced: Option<Arc<WriterEntry>>,
     ) -> Result<()> {
         let src_key = namespace::child_key(src_dir, name);
         let dst_key = namespace::child_key(dst_dir, newname);
@@ -735,9 +731,16 @@ impl Fs {
         if local {
             // Created but never written or closed: it only exists here.
             let w = writer.clone().ok_or(FsError::NotFound)?;
+            if let Some(r) = &replaced {
+                r.writer.lock().await.unlink().await;
+            }
             let mut guard = w.writer.lock().await;
             guard.set_key(dst_key.clone());
         } else {
+            let mut replaced = match &replaced {
+                Some(r) => Some(r.writer.lock().await),
+                None => None,
+            };
             let copy = self.copy_known_version(mount, &src_key, &dst_key, size, etag).await?;
             size = copy.size;
             match mount.store.delete(&src_key).await {
@@ -746,6 +749,9 @@ impl Fs {
                     self.log_store_error("delete", mount, &src_key, &e);
                     return Err(e.into());
                 }
+            }
+            if let Some(mut guard) = replaced.take() {
+                guard.unlink().await;
             }
             if let Some(w) = &writer {
                 let mut guard = w.writer.lock().await;

@@ -61,7 +61,10 @@ impl Watchdog {
                     let since = b.load(Ordering::Acquire);
                     if since != 0 && now.saturating_sub(since) > STUCK.as_millis() as u64 {
                         let what = w.what[t].lock().map(|s| s.clone()).unwrap_or_default();
-                        eprintln!("stress: task {t} stuck for over {STUCK:?} in {what}: a deadlock");
+                        // Straight to the standard error: the test harness
+                        // captures `eprintln!`, and the abort would lose it.
+                        let message = format!("stress: task {t} stuck for over {STUCK:?} in {what}: a deadlock\n");
+                        let _ = std::io::Write::write_all(&mut std::io::stderr(), message.as_bytes());
                         std::process::abort();
                     }
                 }
