@@ -435,10 +435,17 @@ fn a_file_rewritten_while_others_read_it_reads_back_whole() {
         let bad = std::sync::Mutex::new(Vec::new());
         std::thread::scope(|s| {
             for r in 0..2u64 {
-                let (root, stop) = (&root, &stop);
+                let (root, stop, bad) = (&root, &stop, &bad);
                 s.spawn(move || {
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let _ = std::fs::read(root.join(format!("f{}", r % 2)));
+                        // Only this mount writes: once the file exists, a
+                        // reader never fails.
+                        match std::fs::read(root.join(format!("f{}", r % 2))) {
+                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                                bad.lock().unwrap().push(format!("{extra:?} reader {r}: {e}"))
+                            }
+                            _ => {}
+                        }
                     }
                 });
             }

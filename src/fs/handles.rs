@@ -26,13 +26,11 @@ pub(super) enum HandleKind {
 /// always the version it opened (see [`super::Fs::reader_of`]).
 pub(super) struct ReadHandle {
     reader: Mutex<Arc<Reader>>,
-    /// The inode's count of versions made elsewhere when the handle opened.
-    pub foreign_versions: u64,
 }
 
 impl ReadHandle {
-    pub fn new(reader: Reader, foreign_versions: u64) -> Self {
-        Self { reader: Mutex::new(Arc::new(reader)), foreign_versions }
+    pub fn new(reader: Reader) -> Self {
+        Self { reader: Mutex::new(Arc::new(reader)) }
     }
 
     pub fn reader(&self) -> Arc<Reader> {
@@ -40,13 +38,12 @@ impl ReadHandle {
     }
 
     /// Reads with `next` from now on, unless another read replaced `was`
-    /// first; returns the reader to use.
-    pub fn replace(&self, was: &Arc<Reader>, next: Reader) -> Arc<Reader> {
+    /// first.
+    pub fn replace(&self, was: &Arc<Reader>, next: Reader) {
         let mut reader = self.reader.lock();
         if Arc::ptr_eq(&reader, was) {
             *reader = Arc::new(next);
         }
-        reader.clone()
     }
 }
 

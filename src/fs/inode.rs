@@ -79,11 +79,13 @@ pub struct Inode {
     /// With `--posix-metadata`: the object's stored attributes and when
     /// they were read (trusted for the metadata TTL); `None` until a HEAD.
     pub posix: Option<(Instant, Arc<super::PosixState>)>,
-    /// For files: how many versions of the object a listing or HEAD found
-    /// in place of the one known, i.e. made by another client. A read handle
-    /// follows the versions this mount makes, never those (see
-    /// [`super::Fs::reader_of`]).
-    pub foreign_versions: u64,
+    /// For files: the ETag of the last version this mount made (an upload,
+    /// a rename's copy, a metadata copy). Read handles open on an older
+    /// version follow it, never another client's (see
+    /// [`super::Fs::reader_of`]). A listing or HEAD that brings it before
+    /// this mount recorded it (its answer crossed the upload's) only comes
+    /// first: the record makes it this mount's.
+    pub own_etag: Option<String>,
 }
 
 impl Inode {
@@ -108,7 +110,7 @@ impl Inode {
             local_children: Default::default(),
             changed: Default::default(),
             posix: None,
-            foreign_versions: 0,
+            own_etag: None,
         }
     }
 
@@ -127,13 +129,20 @@ impl Inode {
         self.local || self.valid_until > until
     }
 
-    /// Takes the ETag a listing or HEAD found on the server. Another than
-    /// the one known is a version made elsewhere.
+    /// Takes the ETag a listing or HEAD found on the server. Where none was
+    /// known (a rename's copy answered without one), it is of the version
+    /// this mount made.
     pub fn take_server_etag(&mut self, etag: Option<String>) {
-        if self.etag.is_some() && etag.is_some() && self.etag != etag {
-            self.foreign_versions += 1;
+        if self.etag.as_deref().is_none_or(str::is_empty) {
+            self.own_etag = etag.clone();
         }
         self.etag = etag;
+    }
+
+    /// Takes the ETag of a version this mount made.
+    pub fn take_own_etag(&mut self, etag: String) {
+        self.own_etag = Some(etag.clone()).filter(|e| !e.is_empty());
+        self.etag = Some(etag);
     }
 
     /// True if the inode's object is `key` (a rename moves it elsewhere).
@@ -298,7 +307,7 @@ impl InodeTable {
                 local_children: Default::default(),
                 changed: Default::default(),
                 posix: None,
-                foreign_versions: 0,
+                own_etag: None,
             },
         );
         self.names.insert((parent, entry.name.clone()), ino);
@@ -473,7 +482,7 @@ impl InodeTable {
                 local_children: Default::default(),
                 changed: Default::default(),
                 posix: None,
-                foreign_versions: 0,
+                own_etag: None,
             },
         );
         self.names.insert((parent, name.to_string()), ino);

@@ -895,7 +895,7 @@ impl Fs {
         if stale && !local && !existing_writer {
             self.revalidate(ino, &mount, &key).await?;
         }
-        let (object, size, keep_cache, changed, foreign_versions) = {
+        let (object, size, keep_cache, changed) = {
             let mut table = lock(&self.inodes);
             let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
             let etag = inode.etag.clone().unwrap_or_default();
@@ -910,7 +910,7 @@ impl Fs {
                 inode.page_cache = PageCache::Holds(etag.clone());
             }
             let object = Arc::new(ObjectId { source: mount.source_id.clone(), key: key.clone(), etag });
-            (object, inode.size, keep, changed, inode.foreign_versions)
+            (object, inode.size, keep, changed)
         };
         if changed {
             self.invalidate_kernel(ino);
@@ -923,7 +923,7 @@ impl Fs {
         if flags & libc::O_DIRECT == 0 {
             reader = reader.in_page_cache_of(ino);
         }
-        let handle = ReadHandle::new(reader, foreign_versions);
+        let handle = ReadHandle::new(reader);
         Ok((self.add_handle(ino, HandleKind::Read(handle), pid), keep_cache))
     }
 
@@ -1093,22 +1093,29 @@ impl Fs {
     /// another client fails the handle, as a GET that finds it does: that is
     /// `Err` with the handle's reader.
     fn reader_of(&self, handle: &FileHandle, read: &ReadHandle) -> std::result::Result<Arc<Reader>, Arc<Reader>> {
-        let reader = read.reader();
-        let (object, size) = {
-            let table = lock(&self.inodes);
-            let Some(inode) = table.get(handle.ino) else { return Ok(reader) };
-            let (Some(etag), Loc::Object { mount, key }) = (&inode.etag, &inode.loc) else { return Ok(reader) };
-            let opened = reader.object();
-            if opened.etag == *etag && opened.key == *key {
-                return Ok(reader);
-            }
-            if inode.foreign_versions != read.foreign_versions {
-                return Err(reader);
-            }
-            let object = ObjectId { source: mount.source_id.clone(), key: key.clone(), etag: etag.clone() };
-            (Arc::new(object), inode.size)
-        };
-        Ok(read.replace(&reader, reader.successor(object, size)))
+        // Another read of the handle may move it on at the same time: the
+        // reader returned is one checked against the inode.
+        loop {
+            let reader = read.reader();
+            let (object, size) = {
+                let table = lock(&self.inodes);
+                let Some(inode) = table.get(handle.ino) else { return Ok(reader) };
+                let Loc::Object { mount, key } = &inode.loc else { return Ok(reader) };
+                let Some(etag) = inode.etag.as_ref().filter(|e| !e.is_empty()) else { return Ok(reader) };
+                let opened = reader.object();
+                if opened.etag == *etag && opened.key == *key {
+                    return Ok(reader);
+                }
+                // The same version under a new key (a directory's rename), or
+                // this mount's newest version.
+                if opened.etag != *etag && inode.own_etag.as_ref() != Some(etag) {
+                    return Err(reader);
+                }
+                let object = ObjectId { source: mount.source_id.clone(), key: key.clone(), etag: etag.clone() };
+                (Arc::new(object), inode.size)
+            };
+            read.replace(&reader, reader.successor(object, size));
+        }
     }
 
     /// Counts a reader's bytes, or logs why it failed.

@@ -447,7 +447,7 @@ impl Fs {
             return;
         };
         inode.size = size;
-        inode.etag = Some(etag.clone());
+        inode.take_own_etag(etag.clone());
         inode.mtime = now;
         inode.valid_until = Instant::now() + mount.ttl;
         inode.local = false;
@@ -675,12 +675,8 @@ impl Fs {
                 if dst.as_ref().is_some_and(|d| d.kind == Kind::Dir) {
                     return Err(FsError::IsDir);
                 }
-                let replaced = match &dst {
-                    Some(d) => self.writers.get_or_wait(d.ino).await,
-                    None => None,
-                };
                 let to = (newparent, dst_dir.as_str(), newname);
-                self.rename_file(&mount, src.ino, &src_dir, name, to, replaced).await?;
+                self.rename_file(&mount, src.ino, &src_dir, name, to, dst.map(|d| d.ino)).await?;
             }
             Kind::Dir => {
                 if let Some(d) = &dst {
@@ -701,10 +697,11 @@ impl Fs {
     }
 
     /// Renames file `ino` to `to` (parent inode, its key prefix, name).
-    /// `replaced` is the writer of the file it replaces, if that one is open
-    /// for writing: it is unlinked (what its handles write goes nowhere, and
-    /// their close succeeds), and its lock is held from before the copy, so
-    /// an upload of it cannot land over the renamed file. Never together
+    /// If the file it replaces (inode `replaced`) is open for writing, its
+    /// writer, found once the source is uploaded, is unlinked (what its
+    /// handles write goes nowhere, and their close succeeds), and its lock is
+    /// held from before the copy, so an upload of it cannot land over the
+    /// renamed file. Never together
     /// with the renamed file's own lock: two renames that each replace the
     /// other's source (which the kernel never sends at once, but nothing
     /// here relies on that) would each hold one and wait for the other.
@@ -715,7 +712,7 @@ impl Fs {
         src_dir: &str,
         name: &str,
         (newparent, dst_dir, newname): (u64, &str, &str),
-        replaced: Option<Arc<WriterEntry>>,
+        replaced: Option<u64>,
     ) -> Result<()> {
         let src_key = namespace::child_key(src_dir, name);
         let dst_key = namespace::child_key(dst_dir, newname);
@@ -727,6 +724,10 @@ impl Fs {
         let (mut size, local, etag) =
             lock(&self.inodes).get(ino).map(|i| (i.size, i.local, i.etag.clone())).unwrap_or((0, false, None));
         tracing::debug!(local, "rename {src_key} -> {dst_key}");
+        let replaced = match replaced {
+            Some(dst) => self.writers.get_or_wait(dst).await,
+            None => None,
+        };
         let mut copied = None;
         if local {
             // Created but never written or closed: it only exists here.
@@ -781,13 +782,12 @@ impl Fs {
                     // The size of the version copied: another client's, if it
                     // replaced the object before the copy.
                     inode.size = size;
-                    if !known {
-                        inode.foreign_versions += 1;
-                    }
                     if etag.is_empty() {
                         // No ETag in the answer: the next use asks for it.
                         inode.etag = None;
                         inode.valid_until = Instant::now();
+                    } else if known {
+                        inode.take_own_etag(etag);
                     } else {
                         inode.etag = Some(etag);
                     }

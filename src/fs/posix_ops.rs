@@ -333,7 +333,7 @@ impl Fs {
                     if etag.as_ref().is_some_and(|e| inode.page_cache == PageCache::Holds(e.clone())) {
                         inode.page_cache = PageCache::Holds(new_etag.clone());
                     }
-                    inode.etag = Some(new_etag);
+                    inode.take_own_etag(new_etag);
                     // From now: a HEAD sent during the copy saw the old ETag.
                     inode.valid_until = Instant::now() + mount.ttl;
                 }
@@ -413,7 +413,7 @@ impl Fs {
             if etag.as_ref().is_some_and(|e| inode.page_cache == PageCache::Holds(e.clone())) {
                 inode.page_cache = PageCache::Holds(new_etag.clone());
             }
-            inode.etag = Some(new_etag.clone());
+            inode.take_own_etag(new_etag.clone());
             // Newer than any HEAD sent before the copy finished.
             inode.valid_until = Instant::now() + mount.ttl;
         }

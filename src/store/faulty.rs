@@ -32,7 +32,7 @@ pub enum Fault {
     Hang,
     /// A GET answers, then its body breaks off after the first chunk.
     BreakBody,
-    /// A HEAD or LIST goes through at once, but its answer is held back until the
+    /// A HEAD, LIST or PUT goes through at once, but its answer is held back until the
     /// test lets it go (`notify_one`): it then tells what the object was
     /// when the server read it.
     HeldAnswer(Arc<tokio::sync::Notify>),
@@ -230,8 +230,10 @@ impl ObjectStore for FaultyStore {
     }
 
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError> {
-        self.before("put").await?;
-        self.inner.put(key, body, cond).await
+        let fault = self.before("put").await?;
+        let answer = self.inner.put(key, body, cond).await;
+        late(fault).await;
+        answer
     }
 
     async fn put_with(
@@ -241,8 +243,10 @@ impl ObjectStore for FaultyStore {
         cond: PutCondition,
         attrs: &ObjectAttrs,
     ) -> Result<String, StoreError> {
-        self.before("put").await?;
-        self.inner.put_with(key, body, cond, attrs).await
+        let fault = self.before("put").await?;
+        let answer = self.inner.put_with(key, body, cond, attrs).await;
+        late(fault).await;
+        answer
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
