@@ -970,6 +970,37 @@ fn nothing_is_made_under_a_directory_being_renamed() {
     });
 }
 
+/// A `mkdir d/sub` whose PUT is already out when `mv d e` starts: the
+/// rename waits for it, and moves it. Before, the marker could land after
+/// the rename's copy had listed `d` and before its delete pass did, which
+/// deleted it: the mkdir succeeded and the directory was gone.
+#[test]
+fn a_mkdir_under_way_when_its_directory_is_renamed_is_moved_with_it() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 28);
+        let root = super::inode::ROOT;
+        s.mem.insert("d/f", vec![b'x'; 100]);
+        let d = s.fs.lookup(root, "d").await.unwrap().ino;
+        s.faults.add(Rule::nth("put", 0, Fault::Delay(Duration::from_millis(150))));
+        s.faults.add(Rule::always("copy", Fault::Delay(Duration::from_millis(300))));
+        let making = tokio::spawn({
+            let fs = s.fs.clone();
+            async move { fs.mkdir(d, "sub").await.map(|a| a.ino) }
+        });
+        while s.faults.injected() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        s.fs.rename(root, "d", root, "e", 0).await.expect("the rename");
+        making.await.unwrap().expect("the mkdir");
+        let keys = s.mem.keys();
+        assert!(s.mem.body("e/sub/").is_some() && s.mem.body("e/f").is_some(), "{keys:?}");
+        assert!(!keys.iter().any(|k| k.starts_with("d/")), "{keys:?}");
+        let e = s.fs.lookup(root, "e").await.unwrap().ino;
+        assert!(s.fs.lookup(e, "sub").await.is_ok());
+        assert_clean(&s).await;
+    });
+}
+
 /// `touch d/f; mv d e`: the new empty file is uploaded by the kernel's
 /// RELEASE, after `close` returned. The rename waits for that upload
 /// instead of failing with `EBUSY`, and moves the file.

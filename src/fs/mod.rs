@@ -327,8 +327,10 @@ pub struct Fs {
     no_copy_condition: std::sync::atomic::AtomicBool,
     /// Directories being renamed, by mount (source id) and key prefix: no
     /// writer is made and no entry created under one until its rename ends
-    /// (see `mutate::Renaming`).
+    /// (see `mutate::Registered`).
     renaming: Mutex<Vec<(Arc<str>, String)>>,
+    /// Directory markers and symlinks being put (see `mutate::Registered`).
+    making: Mutex<Vec<(Arc<str>, String)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -373,6 +375,7 @@ impl Fs {
             posix_heads: tokio::sync::Semaphore::new(posix_ops::HEAD_CONCURRENCY),
             no_copy_condition: Default::default(),
             renaming: Default::default(),
+            making: Default::default(),
         };
         fs.reconfigure(mounts)?;
         Ok(fs)

@@ -29,26 +29,28 @@ const COPY_TRIES: usize = 3;
 /// before it.
 const SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A directory being renamed, registered in [`Fs`]'s `renaming` list while
-/// this lives. A new entry or writer under it checks the list after it is
-/// visible itself (a new inode in the table, a writer's slot in the
-/// registry), and the rename looks for those after registering: whichever
-/// comes second sees the other, so nothing is made under the old prefix
-/// while the rename copies and deletes it.
-struct Renaming<'a> {
+/// A key or prefix registered in one of [`Fs`]'s lists while this lives: a
+/// directory being renamed (`renaming`), or a directory marker or symlink
+/// being put (`making`). A new entry or writer under a directory checks the
+/// renaming list after it is visible itself (a new inode in the table, a
+/// writer's slot in the registry, a put in the making list), and the rename
+/// looks for those after registering: whichever comes second sees the
+/// other, so nothing is made under the old prefix while the rename copies
+/// and deletes it.
+pub(super) struct Registered<'a> {
     list: &'a std::sync::Mutex<Vec<(Arc<str>, String)>>,
     entry: (Arc<str>, String),
 }
 
-impl<'a> Renaming<'a> {
-    fn start(list: &'a std::sync::Mutex<Vec<(Arc<str>, String)>>, source: &Arc<str>, prefix: &str) -> Self {
-        let entry = (source.clone(), prefix.to_string());
+impl<'a> Registered<'a> {
+    fn start(list: &'a std::sync::Mutex<Vec<(Arc<str>, String)>>, source: &Arc<str>, key: &str) -> Self {
+        let entry = (source.clone(), key.to_string());
         lock(list).push(entry.clone());
         Self { list, entry }
     }
 }
 
-impl Drop for Renaming<'_> {
+impl Drop for Registered<'_> {
     fn drop(&mut self) {
         let mut list = lock(self.list);
         if let Some(i) = list.iter().position(|e| *e == self.entry) {
@@ -105,6 +107,17 @@ impl Fs {
         }
         self.check_not_renaming(&mount, &dir_key)?;
         Ok((mount, dir_key))
+    }
+
+    /// Registers a put of `key` (a directory marker, a symlink) while the
+    /// guard lives, then refuses it with `EBUSY` if a directory rename
+    /// covers it: otherwise that rename waits for it
+    /// ([`Self::wait_until_not_written`]), so it does not land under the old
+    /// prefix after the rename listed it, to be deleted with the rest.
+    pub(super) fn start_making(&self, mount: &MountPoint, key: &str) -> Result<Registered<'_>> {
+        let making = Registered::start(&self.making, &mount.source_id, key);
+        self.check_not_renaming(mount, key)?;
+        Ok(making)
     }
 
     /// `EBUSY` if `key` is under a directory being renamed: what is made
@@ -166,7 +179,7 @@ impl Fs {
         truncate_to: Option<u64>,
     ) -> Result<WriterEntry> {
         // Checked once the registry has this writer's slot, which a rename
-        // starting now sees (`Renaming`).
+        // starting now sees (`Registered`).
         self.check_not_renaming(mount, key)?;
         let local = lock(&self.inodes).get(ino).is_some_and(|i| i.local);
         let (key, base) = if local {
@@ -287,7 +300,7 @@ impl Fs {
             table.insert_local(parent, &mount, key.clone(), name, SystemTime::now())
         };
         // Again once the inode is in the table, which a rename that started
-        // meanwhile sees (`Renaming`).
+        // meanwhile sees (`Registered`).
         if let Err(e) = self.check_not_renaming(&mount, &key) {
             lock(&self.inodes).discard_local(parent, name, ino);
             return Err(e);
@@ -535,6 +548,7 @@ impl Fs {
             Err(e) => return Err(e),
         }
         let marker = namespace::child_prefix(&dir_key, name);
+        let _making = self.start_making(&mount, &marker)?;
         let state = self.posix_for_new_dir(owner);
         let attrs = state.as_ref().map(|s| s.attrs.clone()).unwrap_or_default();
         let put = match mount.store.put_with(&marker, bytes::Bytes::new(), PutCondition::IfAbsent, &attrs).await {
@@ -813,9 +827,10 @@ impl Fs {
     }
 
     /// Waits (at most [`SETTLE`]) until nothing under `prefix` is open for
-    /// writing or only local: `EBUSY` if something is, once files whose last
-    /// handle closed have had their uploads (a `touch` just before the
-    /// rename is uploaded after its `close` returned).
+    /// writing, only local or being put (a `mkdir`, a symlink): `EBUSY` if
+    /// something is, once files whose last handle closed have had their
+    /// uploads (a `touch` just before the rename is uploaded after its
+    /// `close` returned).
     async fn wait_until_not_written(&self, mount: &MountPoint, prefix: &str) -> Result<()> {
         let under = |i: &super::inode::Inode| matches!(&i.loc, Loc::Object { mount: m, key } if m.source_id == mount.source_id && key.starts_with(prefix));
         let started = Instant::now();
@@ -826,11 +841,12 @@ impl Fs {
                 let busy = writing.into_iter().filter(|w| table.get(*w).is_some_and(under)).collect();
                 (busy, table.iter().any(|i| i.local && under(i)))
             };
+            let making = lock(&self.making).iter().any(|(s, k)| *s == mount.source_id && k.starts_with(prefix));
             let settled = started.elapsed() >= SETTLE;
             // A local file without a writer is a create that is registering
             // its writer right now, or one whose upload failed and that
             // nothing will write: that one does not hold the rename for ever.
-            if busy.is_empty() && (!local || settled) {
+            if busy.is_empty() && !making && (!local || settled) {
                 return Ok(());
             }
             if busy.iter().any(|ino| self.writers.in_use(*ino)) || settled {
@@ -1070,7 +1086,7 @@ impl Fs {
         if to.starts_with(&from) {
             return Err(FsError::Invalid);
         }
-        let _renaming = Renaming::start(&self.renaming, &mount.source_id, &from);
+        let _renaming = Registered::start(&self.renaming, &mount.source_id, &from);
         self.wait_until_not_written(mount, &from).await?;
         // Page by page, copy everything under the old prefix; only once all
         // is copied, list it again and delete it page by page. A failed copy

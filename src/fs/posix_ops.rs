@@ -445,6 +445,7 @@ impl Fs {
         }
         let (mount, dir_key) = self.new_entry_location(parent, name, 0)?;
         let key = namespace::child_key(&dir_key, name);
+        let _making = self.start_making(&mount, &key)?;
         match self.lookup_inner(parent, name, false).await {
             Ok(_) => return Err(FsError::Exists),
             Err(FsError::NotFound) => {}
