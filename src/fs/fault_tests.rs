@@ -1001,6 +1001,28 @@ fn a_mkdir_under_way_when_its_directory_is_renamed_is_moved_with_it() {
     });
 }
 
+/// A server that rejects a conditional write (501, or 400) gets the write
+/// again without the condition, and none from then on: remembered for that
+/// store only, so another mount's server keeps its conditions.
+#[test]
+fn a_server_that_rejects_conditional_writes_gets_them_without() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 29);
+        s.mem.insert("f", b"old".to_vec());
+        let ino = s.fs.lookup(super::inode::ROOT, "f").await.unwrap().ino;
+        let refused = StoreError::Server { status: 501, message: "conditional writes not implemented".into() };
+        s.faults.add(Rule::nth("put", 0, Fault::Fail(refused)));
+        rewrite(&s.fs, ino, b"new").await;
+        assert_eq!(s.mem.body("f").unwrap(), b"new".as_slice());
+        assert!(!s.mount.store.conditional_writes(), "remembered for this store");
+        assert!(setup(64 << 20, 30).mount.store.conditional_writes(), "not for another store");
+        rewrite(&s.fs, ino, b"newer").await;
+        assert_eq!(s.faults.injected(), 1);
+        assert_eq!(s.mem.body("f").unwrap(), b"newer".as_slice());
+        assert_clean(&s).await;
+    });
+}
+
 /// `touch d/f; mv d e`: the new empty file is uploaded by the kernel's
 /// RELEASE, after `close` returned. The rename waits for that upload
 /// instead of failing with `EBUSY`, and moves the file.

@@ -14,7 +14,7 @@ use super::handles::HandleKind;
 use super::inode::{Loc, PageCache};
 use super::namespace::{self, Entry, Kind};
 use super::posix_ops::{Owner, check_name};
-use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Upload, WriteError, Writer, conditional_writes, stop_all};
+use super::write::{Base, MAX_COPY, MAX_INFLIGHT_PARTS, Upload, WriteError, Writer, stop_all};
 use super::writers::{Left, WriterEntry};
 use super::{Attr, Fs, FsError, MountPoint, Result, lock, posix, tgid};
 use crate::store::{PutCondition, StoreError};
@@ -871,7 +871,8 @@ impl Fs {
         mut size: u64,
         etag: Option<String>,
     ) -> Result<Copied> {
-        let mut cond = etag.filter(|e| !e.is_empty() && conditional_writes() && !self.no_copy_condition.load(Relaxed));
+        let mut cond =
+            etag.filter(|e| !e.is_empty() && mount.store.conditional_writes() && !self.no_copy_condition.load(Relaxed));
         let mut known = true;
         let mut tries = 0;
         loop {

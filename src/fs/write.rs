@@ -55,7 +55,6 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -105,15 +104,6 @@ pub fn part_size(n: i32) -> u64 {
         1001..=2000 => 128 << 20,
         _ => 640 << 20,
     }
-}
-
-/// Warned once per process that conditional writes are not supported.
-static NO_CONDITIONAL: AtomicBool = AtomicBool::new(false);
-
-/// False once the server has rejected a conditional write (400 or 501):
-/// requests then go without conditions.
-pub fn conditional_writes() -> bool {
-    !NO_CONDITIONAL.load(Ordering::Relaxed)
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -722,7 +712,7 @@ impl Writer {
     }
 
     fn condition(&self) -> PutCondition {
-        if NO_CONDITIONAL.load(Ordering::Relaxed) {
+        if !self.store.conditional_writes() {
             return PutCondition::None;
         }
         match (&self.base, self.new_file) {
@@ -744,9 +734,10 @@ impl Writer {
             Err(StoreError::Server { status: 501, .. }) | Err(StoreError::Server { status: 400, .. })
                 if cond != PutCondition::None =>
             {
-                if !NO_CONDITIONAL.swap(true, Ordering::Relaxed) {
+                if self.store.refuse_conditional_writes() {
                     warn!(
-                        "the server rejects conditional writes; concurrent changes by other clients will not be detected"
+                        "{}: the server rejects conditional writes; concurrent changes by other clients will not be detected",
+                        self.store.describe()
                     );
                 }
                 f(PutCondition::None).await

@@ -217,6 +217,14 @@ impl ObjectStore for FaultyStore {
         self.inner.is_near()
     }
 
+    fn conditional_writes(&self) -> bool {
+        self.inner.conditional_writes()
+    }
+
+    fn refuse_conditional_writes(&self) -> bool {
+        self.inner.refuse_conditional_writes()
+    }
+
     async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError> {
         let fault = self.before("get").await?;
         let body = self.inner.get_range(key, etag, start, end).await?;

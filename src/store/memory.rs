@@ -41,6 +41,8 @@ pub struct MemoryStore {
     pub requests: Mutex<HashMap<&'static str, u64>>,
     /// What [`ObjectStore::is_near`] reports (false by default).
     near: std::sync::atomic::AtomicBool,
+    /// See [`ObjectStore::conditional_writes`].
+    no_conditional: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
@@ -194,6 +196,14 @@ impl ObjectStore for MemoryStore {
 
     fn is_near(&self) -> bool {
         self.near.load(Ordering::Relaxed)
+    }
+
+    fn conditional_writes(&self) -> bool {
+        !self.no_conditional.load(Ordering::Relaxed)
+    }
+
+    fn refuse_conditional_writes(&self) -> bool {
+        !self.no_conditional.swap(true, Ordering::Relaxed)
     }
 
     async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError> {

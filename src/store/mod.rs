@@ -190,6 +190,18 @@ pub trait ObjectStore: Send + Sync + 'static {
         false
     }
 
+    /// False once the server has rejected a conditional write (400 or
+    /// 501): this store's writes then go without conditions.
+    fn conditional_writes(&self) -> bool {
+        true
+    }
+
+    /// Notes that the server rejected a conditional write. True the first
+    /// time, to warn once.
+    fn refuse_conditional_writes(&self) -> bool {
+        false
+    }
+
     /// Single-request upload. Returns the new ETag.
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError>;
 

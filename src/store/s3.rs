@@ -281,6 +281,8 @@ pub struct S3Store {
     silent: AtomicBool,
     /// How near the server is, from its answers: see [`ObjectStore::is_near`].
     nearness: Nearness,
+    /// See [`ObjectStore::conditional_writes`].
+    no_conditional: AtomicBool,
 }
 
 /// The client, the same with one attempt per request, and their generation.
@@ -324,6 +326,7 @@ impl S3Store {
             keys: tokio::sync::Mutex::new(keys),
             page_keys: AtomicI32::new(LIST_PAGE_KEYS),
             silent: AtomicBool::new(false),
+            no_conditional: AtomicBool::new(false),
         })
     }
 
@@ -882,6 +885,14 @@ impl ObjectStore for S3Store {
 
     fn is_near(&self) -> bool {
         self.nearness.is_near()
+    }
+
+    fn conditional_writes(&self) -> bool {
+        !self.no_conditional.load(Ordering::Relaxed)
+    }
+
+    fn refuse_conditional_writes(&self) -> bool {
+        !self.no_conditional.swap(true, Ordering::Relaxed)
     }
 
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError> {
