@@ -840,7 +840,7 @@ fn a_server_that_cannot_check_a_copy_condition_still_renames() {
         assert_eq!(s.mem.count_of("copy"), 1, "the refused copy did not reach the store; one unconditional");
         s.fs.rename(root, "c", root, "d", 0).await.unwrap();
         assert_eq!(s.mem.body("d").unwrap(), b"more".as_slice());
-        assert!(s.fs.no_copy_condition.load(std::sync::atomic::Ordering::Relaxed));
+        assert!(!s.mount.store.refusals().copy_conditions());
         assert_clean(&s).await;
     });
 }
@@ -1002,23 +1002,93 @@ fn a_mkdir_under_way_when_its_directory_is_renamed_is_moved_with_it() {
 }
 
 /// A server that rejects a conditional write (501, or 400) gets the write
-/// again without the condition, and none from then on: remembered for that
-/// store only, so another mount's server keeps its conditions.
+/// again without the condition, and none from then on: another client's
+/// version is then overwritten, as the warning says. Remembered for that
+/// store only: another mount's server keeps its conditions, so its write
+/// over another client's version still fails.
 #[test]
 fn a_server_that_rejects_conditional_writes_gets_them_without() {
     rt().block_on(async {
-        let s = setup(64 << 20, 29);
-        s.mem.insert("f", b"old".to_vec());
+        let (s, other) = (setup(64 << 20, 29), setup(64 << 20, 30));
+        for s in [&s, &other] {
+            s.mem.insert("f", b"old".to_vec());
+        }
         let ino = s.fs.lookup(super::inode::ROOT, "f").await.unwrap().ino;
+        let other_ino = other.fs.lookup(super::inode::ROOT, "f").await.unwrap().ino;
         let refused = StoreError::Server { status: 501, message: "conditional writes not implemented".into() };
         s.faults.add(Rule::nth("put", 0, Fault::Fail(refused)));
         rewrite(&s.fs, ino, b"new").await;
         assert_eq!(s.mem.body("f").unwrap(), b"new".as_slice());
-        assert!(!s.mount.store.conditional_writes(), "remembered for this store");
-        assert!(setup(64 << 20, 30).mount.store.conditional_writes(), "not for another store");
-        rewrite(&s.fs, ino, b"newer").await;
+        assert!(!s.mount.store.refusals().conditional_writes(), "remembered for this store");
+        // Another client's version, made while the file is open: this
+        // store's upload goes over it; the other store's still sends If-Match.
+        let racing = |s: &Setup, ino: u64| {
+            let (fs, mem) = (s.fs.clone(), s.mem.clone());
+            async move {
+                let (fh, _) = fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, pid()).await.unwrap();
+                fs.write(fh, 0, b"newer").await.unwrap();
+                mem.insert("f", b"theirs".to_vec());
+                let flushed = fs.flush(fh, pid()).await;
+                fs.release(fh).await;
+                flushed
+            }
+        };
+        racing(&s, ino).await.expect("no condition to fail");
         assert_eq!(s.faults.injected(), 1);
         assert_eq!(s.mem.body("f").unwrap(), b"newer".as_slice());
+        let refused = racing(&other, other_ino).await.expect_err("another client's version is kept");
+        assert_eq!(refused.errno(), libc::EIO);
+        assert_eq!(other.mem.body("f").unwrap(), b"theirs".as_slice());
+        // mkdir asks the store too.
+        s.fs.mkdir(super::inode::ROOT, "d").await.unwrap();
+        assert_eq!(s.faults.injected(), 1, "no second refusal");
+        assert_clean(&s).await;
+    });
+}
+
+/// A file renamed into a directory while that directory is being renamed
+/// (its copies are slow here): the file rename is refused with `EBUSY` if
+/// it starts second, and waited for if it started first; either way the
+/// file is not copied in after the directory's copy listed it and deleted
+/// with the rest. The same for a chmod (a metadata copy) under it.
+#[test]
+fn a_rename_into_a_directory_being_renamed_loses_nothing() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 31);
+        let root = super::inode::ROOT;
+        for key in ["d/f", "d/g", "z/x", "z/y"] {
+            s.mem.insert(key, key.as_bytes().to_vec());
+        }
+        let (d, z) = (s.fs.lookup(root, "d").await.unwrap().ino, s.fs.lookup(root, "z").await.unwrap().ino);
+        s.fs.lookup(z, "x").await.unwrap();
+        s.fs.lookup(z, "y").await.unwrap();
+        s.faults.add(Rule::always("copy", Fault::Delay(Duration::from_millis(200))));
+        // First: z/x into d while d's rename has started.
+        let renaming = tokio::spawn({
+            let fs = s.fs.clone();
+            async move { fs.rename(root, "d", root, "e", 0).await }
+        });
+        while s.faults.injected() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let late = s.fs.rename(z, "x", d, "x", 0).await;
+        assert_eq!(late.err().map(|e| e.errno()), Some(libc::EBUSY));
+        renaming.await.unwrap().unwrap();
+        // Then: z/y into e, and e's rename starting while that copy is out.
+        let e = s.fs.lookup(root, "e").await.unwrap().ino;
+        let before = s.faults.injected();
+        let moving = tokio::spawn({
+            let fs = s.fs.clone();
+            async move { fs.rename(z, "y", e, "y", 0).await }
+        });
+        while s.faults.injected() == before {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        s.fs.rename(root, "e", root, "h", 0).await.expect("waits for the file's rename");
+        moving.await.unwrap().unwrap();
+        let mut keys = s.mem.keys();
+        keys.sort();
+        assert_eq!(keys, ["h/f", "h/g", "h/y", "z/x"]);
         assert_clean(&s).await;
     });
 }

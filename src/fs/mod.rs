@@ -322,9 +322,6 @@ pub struct Fs {
     /// [`posix_ops::HEAD_CONCURRENCY`] in flight for the whole mount,
     /// however many `readdir` batches and read-aheads overlap.
     posix_heads: tokio::sync::Semaphore,
-    /// Set once the server has shown that it cannot check a copy's source
-    /// ETag: renames then copy without it (see `mutate`).
-    no_copy_condition: std::sync::atomic::AtomicBool,
     /// Directories being renamed, by mount (source id) and key prefix: no
     /// writer is made and no entry created under one until its rename ends
     /// (see `mutate::Registered`).
@@ -373,7 +370,6 @@ impl Fs {
             disk,
             posix_reads: Mutex::new(HashMap::new()),
             posix_heads: tokio::sync::Semaphore::new(posix_ops::HEAD_CONCURRENCY),
-            no_copy_condition: Default::default(),
             renaming: Default::default(),
             making: Default::default(),
         };

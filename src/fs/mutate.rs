@@ -4,7 +4,6 @@
 //! operation costs and guarantees.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
 
@@ -109,11 +108,12 @@ impl Fs {
         Ok((mount, dir_key))
     }
 
-    /// Registers a put of `key` (a directory marker, a symlink) while the
-    /// guard lives, then refuses it with `EBUSY` if a directory rename
-    /// covers it: otherwise that rename waits for it
-    /// ([`Self::wait_until_not_written`]), so it does not land under the old
-    /// prefix after the rename listed it, to be deleted with the rest.
+    /// Registers a put of `key` (a directory marker, a symlink, a metadata
+    /// copy, a rename's source or target) while the guard lives, then
+    /// refuses it with `EBUSY` if a directory rename covers it: otherwise
+    /// that rename waits for it ([`Self::wait_until_not_written`]), so it
+    /// does not land under the old prefix after the rename listed it, to be
+    /// deleted with the rest.
     pub(super) fn start_making(&self, mount: &MountPoint, key: &str) -> Result<Registered<'_>> {
         let making = Registered::start(&self.making, &mount.source_id, key);
         self.check_not_renaming(mount, key)?;
@@ -551,8 +551,11 @@ impl Fs {
         let _making = self.start_making(&mount, &marker)?;
         let state = self.posix_for_new_dir(owner);
         let attrs = state.as_ref().map(|s| s.attrs.clone()).unwrap_or_default();
-        let put = match mount.store.put_with(&marker, bytes::Bytes::new(), PutCondition::IfAbsent, &attrs).await {
-            Err(StoreError::Server { status: 400 | 501, .. }) => {
+        let refusals = mount.store.refusals();
+        let cond = if refusals.conditional_writes() { PutCondition::IfAbsent } else { PutCondition::None };
+        let put = match mount.store.put_with(&marker, bytes::Bytes::new(), cond.clone(), &attrs).await {
+            Err(StoreError::Server { status: 400 | 501, .. }) if cond != PutCondition::None => {
+                refusals.refuse_conditional_writes(&mount.store.describe());
                 mount.store.put_with(&marker, bytes::Bytes::new(), PutCondition::None, &attrs).await
             }
             other => other,
@@ -730,6 +733,9 @@ impl Fs {
     ) -> Result<()> {
         let src_key = namespace::child_key(src_dir, name);
         let dst_key = namespace::child_key(dst_dir, newname);
+        // Neither name is under a directory being renamed, and one that
+        // starts now waits for this rename (see `Registered`).
+        let _moving = (self.start_making(mount, &src_key)?, self.start_making(mount, &dst_key)?);
         // The object must be complete in S3 before it can be copied.
         let writer = self.writers.get_or_wait(ino).await;
         if let Some(w) = &writer {
@@ -871,8 +877,8 @@ impl Fs {
         mut size: u64,
         etag: Option<String>,
     ) -> Result<Copied> {
-        let mut cond =
-            etag.filter(|e| !e.is_empty() && mount.store.conditional_writes() && !self.no_copy_condition.load(Relaxed));
+        let refusals = mount.store.refusals();
+        let mut cond = etag.filter(|e| !e.is_empty() && refusals.copy_conditions());
         let mut known = true;
         let mut tries = 0;
         loop {
@@ -885,13 +891,14 @@ impl Fs {
             let e = match copied {
                 Ok(etag) => return Ok(Copied { etag, size, known }),
                 Err(StoreError::Server { status: 400 | 501, .. }) if cond.is_some() => {
-                    self.copy_condition_off("rejects a copy's x-amz-copy-source-if-match");
+                    refusals.refuse_copy_conditions(&mount.store.describe(), "rejects x-amz-copy-source-if-match");
                     cond = None;
                     continue;
                 }
                 Err(StoreError::PreconditionFailed) if tries < COPY_TRIES => match mount.store.head(from).await {
                     Ok(meta) if cond.as_deref().is_some_and(|c| c.trim_matches('"') == meta.etag.trim_matches('"')) => {
-                        self.copy_condition_off("refuses a copy of the ETag its HEAD gives");
+                        let why = "refuses a copy of the ETag its HEAD gives";
+                        refusals.refuse_copy_conditions(&mount.store.describe(), why);
                         cond = None;
                         continue;
                     }
@@ -906,16 +913,6 @@ impl Fs {
             };
             self.log_store_error("copy", mount, from, &e);
             return Err(e.into());
-        }
-    }
-
-    /// Copies go without `x-amz-copy-source-if-match` from now on; warns once.
-    fn copy_condition_off(&self, why: &str) {
-        if !self.no_copy_condition.swap(true, Relaxed) {
-            tracing::warn!(
-                "the server {why}; renames copy without it, so a file another client replaces during a rename may \
-                 show its previous size for a metadata TTL"
-            );
         }
     }
 
@@ -1087,6 +1084,12 @@ impl Fs {
         if to.starts_with(&from) {
             return Err(FsError::Invalid);
         }
+        // Not into a directory being renamed, and one that starts now
+        // waits for this one; nor out of one (a rename of the directory
+        // that starts once this is past the check copies what this one
+        // moves too: a copy left behind, nothing lost).
+        self.check_not_renaming(mount, &from)?;
+        let _into = self.start_making(mount, &to)?;
         let _renaming = Registered::start(&self.renaming, &mount.source_id, &from);
         self.wait_until_not_written(mount, &from).await?;
         // Page by page, copy everything under the old prefix; only once all

@@ -320,6 +320,7 @@ impl Fs {
             MetaHome::Nowhere => {}
             MetaHome::Marker { key } => {
                 let attrs = ObjectAttrs { content_type: state.attrs.content_type.clone(), metadata };
+                let _making = self.start_making(&mount, &key)?;
                 mount.store.put_with(&key, bytes::Bytes::new(), PutCondition::None, &attrs).await.inspect_err(|e| {
                     self.log_store_error("put", &mount, &key, e);
                 })?;
@@ -353,15 +354,29 @@ impl Fs {
         attrs: &ObjectAttrs,
         etag: Option<&str>,
     ) -> Result<String> {
-        let result = if size <= MAX_COPY {
-            mount.store.copy_replace(key, key, attrs, etag).await
-        } else {
-            self.multipart_copy_with(mount, key, key, size, attrs, etag).await
-        };
-        result.map_err(|e| {
-            self.log_store_error("copy", mount, key, &e);
-            e.into()
-        })
+        // Not lost to a directory rename that lists and deletes meanwhile.
+        let _making = self.start_making(mount, key)?;
+        let refusals = mount.store.refusals();
+        let mut etag = etag.filter(|_| refusals.copy_conditions());
+        loop {
+            let result = if size <= MAX_COPY {
+                mount.store.copy_replace(key, key, attrs, etag).await
+            } else {
+                self.multipart_copy_with(mount, key, key, size, attrs, etag).await
+            };
+            match result {
+                Err(StoreError::Server { status: 400 | 501, .. }) if etag.is_some() => {
+                    refusals.refuse_copy_conditions(&mount.store.describe(), "rejects a copy's condition");
+                    etag = None;
+                }
+                result => {
+                    return result.map_err(|e| {
+                        self.log_store_error("copy", mount, key, &e);
+                        e.into()
+                    });
+                }
+            }
+        }
     }
 
     /// What the next upload of `ino` (to `key`) stores: its metadata with

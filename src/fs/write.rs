@@ -712,7 +712,7 @@ impl Writer {
     }
 
     fn condition(&self) -> PutCondition {
-        if !self.store.conditional_writes() {
+        if !self.store.refusals().conditional_writes() {
             return PutCondition::None;
         }
         match (&self.base, self.new_file) {
@@ -734,12 +734,7 @@ impl Writer {
             Err(StoreError::Server { status: 501, .. }) | Err(StoreError::Server { status: 400, .. })
                 if cond != PutCondition::None =>
             {
-                if self.store.refuse_conditional_writes() {
-                    warn!(
-                        "{}: the server rejects conditional writes; concurrent changes by other clients will not be detected",
-                        self.store.describe()
-                    );
-                }
+                self.store.refusals().refuse_conditional_writes(&self.store.describe());
                 f(PutCondition::None).await
             }
             other => other,

@@ -217,12 +217,8 @@ impl ObjectStore for FaultyStore {
         self.inner.is_near()
     }
 
-    fn conditional_writes(&self) -> bool {
-        self.inner.conditional_writes()
-    }
-
-    fn refuse_conditional_writes(&self) -> bool {
-        self.inner.refuse_conditional_writes()
+    fn refusals(&self) -> &crate::store::Refusals {
+        self.inner.refusals()
     }
 
     async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError> {

@@ -41,8 +41,7 @@ pub struct MemoryStore {
     pub requests: Mutex<HashMap<&'static str, u64>>,
     /// What [`ObjectStore::is_near`] reports (false by default).
     near: std::sync::atomic::AtomicBool,
-    /// See [`ObjectStore::conditional_writes`].
-    no_conditional: std::sync::atomic::AtomicBool,
+    refusals: super::Refusals,
 }
 
 impl MemoryStore {
@@ -198,12 +197,8 @@ impl ObjectStore for MemoryStore {
         self.near.load(Ordering::Relaxed)
     }
 
-    fn conditional_writes(&self) -> bool {
-        !self.no_conditional.load(Ordering::Relaxed)
-    }
-
-    fn refuse_conditional_writes(&self) -> bool {
-        !self.no_conditional.swap(true, Ordering::Relaxed)
+    fn refusals(&self) -> &super::Refusals {
+        &self.refusals
     }
 
     async fn get_range(&self, key: &str, etag: Option<&str>, start: u64, end: u64) -> Result<BodyStream, StoreError> {

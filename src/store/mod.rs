@@ -149,6 +149,46 @@ pub const NEAR_ANSWER: std::time::Duration = std::time::Duration::from_millis(3)
 /// far: slower still, it is a proxy to somewhere else, and that is far.
 pub const NEAR_ANSWER_ON_HOST: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// Conditions a server was found to refuse (a 400 or 501), remembered per
+/// store, that is per mount's bucket: requests to it then go without them,
+/// and other mounts keep theirs. Each is warned about once.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    conditional_writes: std::sync::atomic::AtomicBool,
+    copy_conditions: std::sync::atomic::AtomicBool,
+}
+
+impl Refusals {
+    /// `If-Match` and `If-None-Match` on PUTs and multipart completions.
+    pub fn conditional_writes(&self) -> bool {
+        !self.conditional_writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn refuse_conditional_writes(&self, store: &str) {
+        if !self.conditional_writes.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                "{store}: the server rejects conditional writes; concurrent changes by other clients will not be \
+                 detected"
+            );
+        }
+    }
+
+    /// `x-amz-copy-source-if-match` on copies (renames, metadata changes).
+    pub fn copy_conditions(&self) -> bool {
+        self.conditional_writes() && !self.copy_conditions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `why`: what the server did.
+    pub fn refuse_copy_conditions(&self, store: &str, why: &str) {
+        if !self.copy_conditions.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                "{store}: the server {why}; copies go without it, so a file another client replaces during a \
+                 rename may show its previous size for a metadata TTL"
+            );
+        }
+    }
+}
+
 /// The operations bucketfs needs from an object store.
 #[async_trait]
 pub trait ObjectStore: Send + Sync + 'static {
@@ -190,17 +230,8 @@ pub trait ObjectStore: Send + Sync + 'static {
         false
     }
 
-    /// False once the server has rejected a conditional write (400 or
-    /// 501): this store's writes then go without conditions.
-    fn conditional_writes(&self) -> bool {
-        true
-    }
-
-    /// Notes that the server rejected a conditional write. True the first
-    /// time, to warn once.
-    fn refuse_conditional_writes(&self) -> bool {
-        false
-    }
+    /// The conditions this store's server was found to refuse.
+    fn refusals(&self) -> &Refusals;
 
     /// Single-request upload. Returns the new ETag.
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError>;

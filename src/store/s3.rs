@@ -281,8 +281,7 @@ pub struct S3Store {
     silent: AtomicBool,
     /// How near the server is, from its answers: see [`ObjectStore::is_near`].
     nearness: Nearness,
-    /// See [`ObjectStore::conditional_writes`].
-    no_conditional: AtomicBool,
+    refusals: super::Refusals,
 }
 
 /// The client, the same with one attempt per request, and their generation.
@@ -326,7 +325,7 @@ impl S3Store {
             keys: tokio::sync::Mutex::new(keys),
             page_keys: AtomicI32::new(LIST_PAGE_KEYS),
             silent: AtomicBool::new(false),
-            no_conditional: AtomicBool::new(false),
+            refusals: Default::default(),
         })
     }
 
@@ -887,12 +886,8 @@ impl ObjectStore for S3Store {
         self.nearness.is_near()
     }
 
-    fn conditional_writes(&self) -> bool {
-        !self.no_conditional.load(Ordering::Relaxed)
-    }
-
-    fn refuse_conditional_writes(&self) -> bool {
-        !self.no_conditional.swap(true, Ordering::Relaxed)
+    fn refusals(&self) -> &super::Refusals {
+        &self.refusals
     }
 
     async fn put(&self, key: &str, body: Bytes, cond: PutCondition) -> Result<String, StoreError> {
