@@ -460,12 +460,12 @@ impl Fs {
         }
         let (mount, dir_key) = self.new_entry_location(parent, name, 0)?;
         let key = namespace::child_key(&dir_key, name);
-        let _making = self.start_making(&mount, &key)?;
         match self.lookup_inner(parent, name, false).await {
             Ok(_) => return Err(FsError::Exists),
             Err(FsError::NotFound) => {}
             Err(e) => return Err(e),
         }
+        let _making = self.start_making(&mount, &key)?;
         let now = SystemTime::now();
         let state = PosixState::new(S_IFLNK, Owner { perm: 0o777, ..owner }, now);
         let attrs = ObjectAttrs { content_type: Some("application/octet-stream".into()), metadata: state.metadata() };
