@@ -326,7 +326,8 @@ pub struct Fs {
     /// writer is made and no entry created under one until its rename ends
     /// (see `mutate::Registered`).
     renaming: Mutex<Vec<(Arc<str>, String)>>,
-    /// Directory markers and symlinks being put (see `mutate::Registered`).
+    /// Keys being written by a mkdir, a symlink, a metadata change or a
+    /// rename, which a directory rename waits for (see `mutate::Registered`).
     making: Mutex<Vec<(Arc<str>, String)>>,
 }
 

@@ -29,8 +29,8 @@ const COPY_TRIES: usize = 3;
 const SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A key or prefix registered in one of [`Fs`]'s lists while this lives: a
-/// directory being renamed (`renaming`), or a directory marker or symlink
-/// being put (`making`). A new entry or writer under a directory checks the
+/// directory being renamed (`renaming`), or a key being written by a
+/// `mkdir`, a symlink, a metadata change or a rename (`making`). A new entry or writer under a directory checks the
 /// renaming list after it is visible itself (a new inode in the table, a
 /// writer's slot in the registry, a put in the making list), and the rename
 /// looks for those after registering: whichever comes second sees the
@@ -551,15 +551,10 @@ impl Fs {
         let _making = self.start_making(&mount, &marker)?;
         let state = self.posix_for_new_dir(owner);
         let attrs = state.as_ref().map(|s| s.attrs.clone()).unwrap_or_default();
-        let refusals = mount.store.refusals();
-        let cond = if refusals.conditional_writes() { PutCondition::IfAbsent } else { PutCondition::None };
-        let put = match mount.store.put_with(&marker, bytes::Bytes::new(), cond.clone(), &attrs).await {
-            Err(StoreError::Server { status: 400 | 501, .. }) if cond != PutCondition::None => {
-                refusals.refuse_conditional_writes(&mount.store.describe());
-                mount.store.put_with(&marker, bytes::Bytes::new(), PutCondition::None, &attrs).await
-            }
-            other => other,
-        };
+        let put = crate::store::with_condition(&*mount.store, PutCondition::IfAbsent, |c| {
+            mount.store.put_with(&marker, bytes::Bytes::new(), c, &attrs)
+        })
+        .await;
         match put {
             Ok(_) => {}
             Err(StoreError::PreconditionFailed) => return Err(FsError::Exists),
@@ -718,8 +713,7 @@ impl Fs {
     /// writer, found once the source is uploaded, is unlinked (what its
     /// handles write goes nowhere, and their close succeeds), and its lock is
     /// held from before the copy, so an upload of it cannot land over the
-    /// renamed file. Never together
-    /// with the renamed file's own lock: two renames that each replace the
+    /// renamed file. Never together with the renamed file's own lock: two renames that each replace the
     /// other's source (which the kernel never sends at once, but nothing
     /// here relies on that) would each hold one and wait for the other.
     async fn rename_file(
@@ -833,7 +827,7 @@ impl Fs {
     }
 
     /// Waits (at most [`SETTLE`]) until nothing under `prefix` is open for
-    /// writing, only local or being put (a `mkdir`, a symlink): `EBUSY` if
+    /// writing, only local or being written (see `start_making`): `EBUSY` if
     /// something is, once files whose last handle closed have had their
     /// uploads (a `touch` just before the rename is uploaded after its
     /// `close` returned).

@@ -711,10 +711,9 @@ impl Writer {
         WriteError::Store(e)
     }
 
+    /// The condition this writer's uploads want (see
+    /// [`crate::store::with_condition`] for servers that refuse it).
     fn condition(&self) -> PutCondition {
-        if !self.store.refusals().conditional_writes() {
-            return PutCondition::None;
-        }
         match (&self.base, self.new_file) {
             (Some(b), _) if !b.etag.is_empty() => PutCondition::IfMatch(b.etag.clone()),
             (None, true) => PutCondition::IfAbsent,
@@ -722,23 +721,13 @@ impl Writer {
         }
     }
 
-    /// Runs an upload step with a condition, once more without it if the
-    /// server does not implement conditional writes.
+    /// Runs an upload step with this writer's condition.
     async fn conditional<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
         F: Fn(PutCondition) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
-        let cond = self.condition();
-        match f(cond.clone()).await {
-            Err(StoreError::Server { status: 501, .. }) | Err(StoreError::Server { status: 400, .. })
-                if cond != PutCondition::None =>
-            {
-                self.store.refusals().refuse_conditional_writes(&self.store.describe());
-                f(PutCondition::None).await
-            }
-            other => other,
-        }
+        crate::store::with_condition(&*self.store, self.condition(), f).await
     }
 
     /// Makes the current content the object in S3. Does nothing when there

@@ -189,6 +189,25 @@ impl Refusals {
     }
 }
 
+/// Runs a write `f` with condition `cond`, or without it where `store`'s
+/// server refuses conditional writes; and, when the server rejects the
+/// condition (400, 501), once more without it, which `store` then remembers.
+pub async fn with_condition<T, F, Fut>(store: &dyn ObjectStore, cond: PutCondition, f: F) -> Result<T, StoreError>
+where
+    F: Fn(PutCondition) -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let refusals = store.refusals();
+    let cond = if refusals.conditional_writes() { cond } else { PutCondition::None };
+    match f(cond.clone()).await {
+        Err(StoreError::Server { status: 400 | 501, .. }) if cond != PutCondition::None => {
+            refusals.refuse_conditional_writes(&store.describe());
+            f(PutCondition::None).await
+        }
+        other => other,
+    }
+}
+
 /// The operations bucketfs needs from an object store.
 #[async_trait]
 pub trait ObjectStore: Send + Sync + 'static {
