@@ -12,6 +12,7 @@ pub mod faulty;
 pub mod list_xml;
 pub mod memory;
 pub mod s3;
+pub mod strays;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;

@@ -65,7 +65,9 @@
 //! multipart upload already completed). So a refused upload is checked
 //! against the object: an ETag that is the MD5 of this very body (of these
 //! parts) means it is stored. A retried CreateMultipartUpload may have left
-//! an upload nobody knows of, so the strays it may have made are aborted.
+//! an upload nobody knows of, so the strays it may have made are aborted;
+//! so are those of a start that got no answer at all, once the server
+//! answers (see [`super::strays`]).
 //!
 //! Credentials come from the standard AWS chain, or from key files (or
 //! literals) given by the user. Key files are re-read when a request is
@@ -96,7 +98,7 @@ use aws_smithy_types::config_bag::ConfigBag;
 use aws_smithy_types::retry::{RetryConfig, RetrySpec};
 use aws_smithy_types::timeout::TimeoutConfig;
 use bytes::Bytes;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     BodyStream, CompletedPart, ListPage, ObjectAttrs, ObjectMeta, ObjectStore, OpenUpload, PutCondition, StoreError,
@@ -282,6 +284,9 @@ pub struct S3Store {
     /// How near the server is, from its answers: see [`ObjectStore::is_near`].
     nearness: Nearness,
     refusals: super::Refusals,
+    /// Starts of multipart uploads that got no answer, and this store's open
+    /// uploads, to abort what those starts left (see [`super::strays`]).
+    strays: Arc<super::strays::StrayStarts>,
 }
 
 /// The client, the same with one attempt per request, and their generation.
@@ -326,6 +331,7 @@ impl S3Store {
             page_keys: AtomicI32::new(LIST_PAGE_KEYS),
             silent: AtomicBool::new(false),
             refusals: Default::default(),
+            strays: Default::default(),
         })
     }
 
@@ -994,7 +1000,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn create_multipart_with(&self, key: &str, attrs: &ObjectAttrs) -> Result<String, StoreError> {
-        let (unanswered, started) = (Unanswered::default(), std::time::Instant::now());
+        let (unanswered, started, sent) = (Unanswered::default(), std::time::Instant::now(), SystemTime::now());
         let out = self
             .call("create_multipart", |c| {
                 let unanswered = unanswered.clone();
@@ -1011,11 +1017,26 @@ impl ObjectStore for S3Store {
                         .map_err(map_err)
                 }
             })
-            .await?;
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                if unanswered.0.load(Ordering::Relaxed) && self.strays.unanswered(key, sent) {
+                    let (client, bucket, strays) = (
+                        self.client.read().unwrap_or_else(|e| e.into_inner()).one_attempt.clone(),
+                        self.bucket.clone(),
+                        self.strays.clone(),
+                    );
+                    tokio::spawn(look_for_strays(client, bucket, strays));
+                }
+                return Err(e);
+            }
+        };
         let id = out.upload_id().map(str::to_string).ok_or_else(|| StoreError::Server {
             status: 200,
             message: "no upload id in CreateMultipartUpload".into(),
         })?;
+        self.strays.started(&id);
         if unanswered.0.load(Ordering::Relaxed) {
             self.abort_strays(key, &id, started.elapsed()).await;
         }
@@ -1114,7 +1135,7 @@ impl ObjectStore for S3Store {
                 }
             })
             .await;
-        match out {
+        let etag = match out {
             Ok(out) => Ok(out.e_tag().unwrap_or("").to_string()),
             // The server answered, but maybe to a retry of a completion it
             // had applied: the upload is gone (404) or the condition fails.
@@ -1122,61 +1143,123 @@ impl ObjectStore for S3Store {
                 self.completed_already(key, &parts).await.ok_or(e)
             }
             Err(e) => Err(e),
+        };
+        if etag.is_ok() {
+            self.strays.finished(upload_id);
         }
+        etag
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
-        self.call("abort_multipart", |c| async move {
-            c.abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(upload_id)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(map_err)
-        })
-        .await
+        let aborted = self.call("abort_multipart", |c| abort_upload(c, &self.bucket, key, upload_id)).await;
+        if matches!(aborted, Ok(()) | Err(StoreError::NotFound)) {
+            self.strays.finished(upload_id);
+        }
+        aborted
     }
 
     async fn list_multipart_uploads(&self, prefix: &str) -> Result<Vec<OpenUpload>, StoreError> {
-        let mut open = Vec::new();
-        let mut markers: (Option<String>, Option<String>) = (None, None);
-        loop {
-            let (key_marker, id_marker) = markers.clone();
-            let out = self
-                .call("list_multipart_uploads", |c| {
-                    let (key_marker, id_marker) = (key_marker.clone(), id_marker.clone());
-                    async move {
-                        c.list_multipart_uploads()
-                            .bucket(&self.bucket)
-                            .prefix(prefix)
-                            .set_key_marker(key_marker)
-                            .set_upload_id_marker(id_marker)
-                            .send()
-                            .await
-                            .map_err(map_err)
-                    }
-                })
-                .await?;
-            for u in out.uploads() {
-                let (Some(key), Some(id)) = (u.key(), u.upload_id()) else { continue };
-                open.push(OpenUpload {
-                    key: key.to_string(),
-                    upload_id: id.to_string(),
-                    initiated: system_time(u.initiated()),
-                });
-            }
-            let next = (out.next_key_marker().map(str::to_string), out.next_upload_id_marker().map(str::to_string));
-            // Some servers leave IsTruncated out; a page that does not move
-            // the markers is the last either way.
-            if !out.is_truncated().unwrap_or(false) || next.0.is_none() || next == markers {
-                break;
-            }
-            markers = next;
+        list_uploads(|markers| {
+            self.call("list_multipart_uploads", move |c| list_uploads_page(c, &self.bucket, prefix, markers.clone()))
+        })
+        .await
+    }
+}
+
+/// AbortMultipartUpload.
+async fn abort_upload(c: Client, bucket: &str, key: &str, upload_id: &str) -> Result<(), StoreError> {
+    c.abort_multipart_upload().bucket(bucket).key(key).upload_id(upload_id).send().await.map(|_| ()).map_err(map_err)
+}
+
+/// Key and upload-ID markers of a ListMultipartUploads page.
+type UploadMarkers = (Option<String>, Option<String>);
+
+/// One page of ListMultipartUploads under `prefix`, from `markers` on.
+async fn list_uploads_page(
+    c: Client,
+    bucket: &str,
+    prefix: &str,
+    markers: UploadMarkers,
+) -> Result<aws_sdk_s3::operation::list_multipart_uploads::ListMultipartUploadsOutput, StoreError> {
+    c.list_multipart_uploads()
+        .bucket(bucket)
+        .prefix(prefix)
+        .set_key_marker(markers.0)
+        .set_upload_id_marker(markers.1)
+        .send()
+        .await
+        .map_err(map_err)
+}
+
+/// Every open upload, page by page (`page` sends one), sorted by key and
+/// start time.
+async fn list_uploads<F, Fut>(page: F) -> Result<Vec<OpenUpload>, StoreError>
+where
+    F: Fn(UploadMarkers) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<aws_sdk_s3::operation::list_multipart_uploads::ListMultipartUploadsOutput, StoreError>,
+        >,
+{
+    let mut open = Vec::new();
+    let mut markers: UploadMarkers = (None, None);
+    loop {
+        let out = page(markers.clone()).await?;
+        for u in out.uploads() {
+            let (Some(key), Some(id)) = (u.key(), u.upload_id()) else { continue };
+            open.push(OpenUpload {
+                key: key.to_string(),
+                upload_id: id.to_string(),
+                initiated: system_time(u.initiated()),
+            });
         }
-        open.sort_by(|a, b| (&a.key, a.initiated).cmp(&(&b.key, b.initiated)));
-        Ok(open)
+        let next = (out.next_key_marker().map(str::to_string), out.next_upload_id_marker().map(str::to_string));
+        // Some servers leave IsTruncated out; a page that does not move
+        // the markers is the last either way.
+        if !out.is_truncated().unwrap_or(false) || next.0.is_none() || next == markers {
+            break;
+        }
+        markers = next;
+    }
+    open.sort_by(|a, b| (&a.key, a.initiated).cmp(&(&b.key, b.initiated)));
+    Ok(open)
+}
+
+/// The task that aborts what unanswered starts left (see
+/// [`super::strays`]): one per store at a time, ending when nothing is
+/// pending. It sends its requests with `client` (one attempt each) itself.
+async fn look_for_strays(client: Client, bucket: String, strays: Arc<super::strays::StrayStarts>) {
+    use super::strays::{FIRST_LOOK, MAX_WAIT};
+    let mut wait = FIRST_LOOK;
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(MAX_WAIT);
+        let Some((due, expired)) = strays.due(SystemTime::now()) else { return };
+        for key in expired {
+            warn!(
+                bucket,
+                key,
+                "gave up looking for a multipart upload that a start without an answer may have left; list-multipart-uploads shows it"
+            );
+        }
+        for d in due {
+            let listed = list_uploads(|markers| list_uploads_page(client.clone(), &bucket, &d.key, markers)).await;
+            let Ok(uploads) = listed else { continue };
+            let mut all_aborted = true;
+            for id in strays.strays(&d, &uploads) {
+                match abort_upload(client.clone(), &bucket, &d.key, &id).await {
+                    Ok(()) => {
+                        info!(bucket, key = d.key, "aborted a multipart upload that a start without an answer had left")
+                    }
+                    Err(e) => {
+                        all_aborted = false;
+                        debug!(bucket, key = d.key, "aborting a multipart upload a start without an answer left: {e}")
+                    }
+                }
+            }
+            if all_aborted {
+                strays.looked(&d);
+            }
+        }
     }
 }
 
