@@ -253,3 +253,141 @@ fn a_put_applied_whose_answer_was_lost_is_not_an_error() {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert_eq!(srv.get(&bucket, "taken.txt").unwrap(), b"them");
 }
+
+/// Every kind of change against a frozen server (the proxy accepts and
+/// forwards nothing) fails with EIO in bounded time, from the call that
+/// made it: a new file's close, a multipart upload's close, an append, a
+/// truncate, `touch`, `mkdir`, `rm` and `mv`. Nothing that was
+/// in the bucket changes, nothing half-made appears, no multipart upload
+/// stays open once the server answers again, the budget is whole, and
+/// the same changes then succeed on the same mount.
+#[test]
+fn a_frozen_server_fails_every_change_in_bounded_time_and_changes_nothing() {
+    /// With `--request-timeout 2s --max-attempts 2`: a hang detector, not a
+    /// speed check (the times are printed).
+    const BOUND: std::time::Duration = std::time::Duration::from_secs(40);
+    let srv = server();
+    let bucket = srv.bucket("frozen-changes");
+    let old: Vec<(String, Vec<u8>)> = ["keep.txt", "rm.txt", "d/a.txt", "trunc.txt", "append.txt"]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.to_string(), pattern(4096 + i, 60 + i as u64)))
+        .collect();
+    srv.put_many(&bucket, old.clone());
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], srv.s3_port)));
+    let addr = free_addr();
+    let m = Mount::start_via(
+        &proxy.endpoint(),
+        &bucket,
+        &["--request-timeout", "2s", "--max-attempts", "2", "--metadata-ttl", "1h", "--metrics-addr", &addr],
+    );
+    let local = tempfile::tempdir().unwrap();
+    let (small, big) = (pattern(64 << 10, 70), pattern(20 << 20, 71));
+    std::fs::write(local.path().join("small"), &small).unwrap();
+    std::fs::write(local.path().join("big"), &big).unwrap();
+    let p = |rel: &str| m.path(rel).display().to_string();
+    let src = |name: &str| local.path().join(name).display().to_string();
+    let append = "import sys\nwith open(sys.argv[1], 'ab') as f: f.write(b'more')";
+    let changes = [
+        ("new file", format!("cp {} {}", src("small"), p("new.bin"))),
+        ("multipart file", format!("cp {} {}", src("big"), p("big.bin"))),
+        ("append", format!("python3 -c \"{append}\" {}", p("append.txt"))),
+        ("truncate", format!("truncate -s 1 {}", p("trunc.txt"))),
+        ("touch", format!("touch {}", p("touched"))),
+        ("mkdir", format!("mkdir {}", p("newdir"))),
+        ("rm", format!("rm {}", p("rm.txt"))),
+        ("mv", format!("mv {} {}", p("d/a.txt"), p("d/b.txt"))),
+    ];
+    // Every name, new or old, is known to the mount first (and trusted for
+    // an hour), so each change fails in its own request, not in a lookup.
+    assert_eq!(sh(&format!("ls -l {} {}", p(""), p("d"))).lines().filter(|l| l.ends_with(".txt")).count(), 5);
+    for new in ["new.bin", "big.bin", "touched", "newdir", "d/b.txt"] {
+        assert!(std::fs::metadata(m.path(new)).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound));
+    }
+    proxy.set_mode(Mode::Freeze);
+    let mut problems = Vec::new();
+    let mut took = Vec::new();
+    for (what, cmd) in &changes {
+        let start = std::time::Instant::now();
+        let out =
+            std::process::Command::new("timeout").args(["-s", "KILL", "120", "bash", "-c", cmd]).output().unwrap();
+        let t = start.elapsed();
+        let err = String::from_utf8_lossy(&out.stderr);
+        took.push((*what, std::time::Duration::from_millis(t.as_millis() as u64)));
+        if out.status.success() {
+            problems.push(format!("{what}: succeeded against a frozen server"));
+        } else if !err.contains("Input/output error") {
+            problems.push(format!("{what}: failed without EIO: {}", err.trim()));
+        }
+        if t > BOUND {
+            problems.push(format!("{what}: took {t:?}"));
+        }
+    }
+    proxy.set_mode(Mode::Pass);
+    eprintln!("frozen server, time to EIO per change: {took:?}");
+    assert!(problems.is_empty(), "{problems:#?}\n{}", m.log_text());
+
+    // A request the proxy held is sent on once the freeze ends, and the
+    // server may apply it although its caller gave up: each object is as
+    // it was, or the change's whole result. Nothing half-made appears.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (a, trunc, append) = (&old[2].1, &old[3].1, &old[4].1);
+    let appended = [append.as_slice(), b"more"].concat();
+    let outcomes: [(&str, &[Option<&[u8]>]); 10] = [
+        ("keep.txt", &[Some(&old[0].1)]),
+        ("rm.txt", &[Some(&old[1].1), None]),
+        ("d/a.txt", &[Some(a)]),
+        ("d/b.txt", &[None, Some(a)]),
+        ("trunc.txt", &[Some(trunc), Some(&trunc[..1])]),
+        ("append.txt", &[Some(append), Some(&appended)]),
+        ("new.bin", &[None, Some(&small)]),
+        ("big.bin", &[None]),
+        ("touched", &[None, Some(b"")]),
+        ("newdir/", &[None, Some(b"")]),
+    ];
+    for (key, allowed) in outcomes {
+        let got = srv.get(&bucket, key);
+        assert!(
+            allowed.contains(&got.as_deref()),
+            "{key}: {:?} bytes, not one of the allowed outcomes",
+            got.map(|g| g.len())
+        );
+    }
+    // The start of big.bin's upload, read by the server before it froze,
+    // made an upload whose ID bucketfs never got: it is looked for and
+    // aborted (the look backs off while the server is silent, up to 60 s).
+    assert!(
+        wait_until(std::time::Duration::from_secs(90), || open_uploads(srv, &bucket) == 0),
+        "{} multipart uploads left open\n{}",
+        open_uploads(srv, &bucket),
+        m.log_text()
+    );
+    assert!(
+        wait_until(std::time::Duration::from_secs(30), || {
+            metric(&http_get(&addr, "/metrics").1, "bucketfs_memory_reserved_bytes", "") == 0.0
+        }),
+        "the budget still holds reservations:\n{}",
+        http_get(&addr, "/metrics").1
+    );
+
+    // The mount works on: the same changes succeed now.
+    for (what, cmd) in &changes {
+        let out =
+            std::process::Command::new("timeout").args(["-s", "KILL", "120", "bash", "-c", cmd]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        // A frozen mkdir or rm that the server applied late has done it:
+        // EEXIST and ENOENT are the truth then, which the mount asks the
+        // server for, whatever its metadata TTL. (A new file or a copy made
+        // late is overwritten or replaced.)
+        let done_late = match *what {
+            "mkdir" => err.contains("File exists") && srv.get(&bucket, "newdir/").is_some(),
+            "rm" => err.contains("No such file") && srv.get(&bucket, "rm.txt").is_none(),
+            _ => false,
+        };
+        assert!(out.status.success() || done_late, "{what} after the freeze: {err}\n{}", m.log_text());
+    }
+    assert!(srv.get(&bucket, "big.bin").unwrap() == big);
+    assert_eq!(srv.get(&bucket, "touched").unwrap(), b"", "touch's object is there when touch returns");
+    assert!(srv.get(&bucket, "rm.txt").is_none() && srv.get(&bucket, "d/a.txt").is_none());
+    assert!(srv.get(&bucket, "d/b.txt").as_ref() == Some(&old[2].1));
+}

@@ -1209,3 +1209,35 @@ fn a_failed_create_leaves_no_inode() {
         assert_clean(&s).await;
     });
 }
+
+/// `touch` (create, set the times, close): the new empty file is made at
+/// close, which returns the error when that fails. When its release's try
+/// fails too, the name goes, and a later lookup finds what the server
+/// holds (here, another client's object made meanwhile) instead of a name
+/// `stat` calls missing and `O_EXCL` calls existing.
+#[test]
+fn a_touched_file_is_made_at_close_and_a_never_made_one_is_forgotten() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 17);
+        let (attr, fh) = s.fs.create(super::inode::ROOT, "t", libc::O_WRONLY, pid()).await.unwrap();
+        s.fs.setattr(attr.ino, None, Some(std::time::SystemTime::now())).await.unwrap();
+        s.fs.flush(fh, pid()).await.unwrap();
+        assert_eq!(s.mem.body("t").as_deref(), Some(&b""[..]), "made at close, before release");
+        s.fs.release(fh).await;
+
+        let (attr, fh) = s.fs.create(super::inode::ROOT, "u", libc::O_WRONLY, pid()).await.unwrap();
+        s.fs.setattr(attr.ino, None, Some(std::time::SystemTime::now())).await.unwrap();
+        s.faults.add(Rule::always("put", server_error()));
+        assert!(s.fs.flush(fh, pid()).await.is_err(), "close reports the failed creation");
+        s.fs.release(fh).await;
+        assert!(s.mem.body("u").is_none());
+        s.faults.clear();
+        s.mem.insert("u", &b"theirs"[..]);
+        assert_eq!(
+            s.fs.lookup(super::inode::ROOT, "u").await.unwrap().size,
+            6,
+            "the server's object, not the failed file"
+        );
+        assert_clean(&s).await;
+    });
+}

@@ -176,6 +176,15 @@ pub enum FsError {
 }
 
 impl FsError {
+    /// The request may have been applied although it failed: no answer came
+    /// (a timeout, a broken connection) or the server failed (5xx).
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            FsError::Store(e) | FsError::Write(WriteError::Store(e)) => e.is_transient(),
+            _ => false,
+        }
+    }
+
     pub fn errno(&self) -> i32 {
         match self {
             FsError::NotFound => libc::ENOENT,
@@ -1191,11 +1200,62 @@ impl Fs {
     pub async fn release_last(&self, last: LastWriter) {
         let LastWriter { ino, entry } = last;
         let result = self.upload(ino, &entry).await;
+        let never_made = result.is_err() && entry.writer.lock().await.never_made();
         self.writers.retire(ino, &entry);
+        if never_made {
+            self.forget_never_made(ino);
+        }
         if let Err(e) = result
             && e != FsError::Write(WriteError::Failed)
         {
             error!("{}: data written through a closed handle could not be uploaded: {e}", entry.mount.store.describe());
+        }
+    }
+
+    /// A new file whose every upload failed, with no handle left: its name
+    /// goes, here and in the kernel, so that `stat` and a new `open` (a
+    /// retried `cp` opens with `O_EXCL`) find what the server holds. Without
+    /// this the kernel kept a name that `stat` called missing and `O_EXCL`
+    /// called existing for as long as the entry's TTL. No negative entry is
+    /// recorded: a request the server applied after its caller gave up may
+    /// have made the file after all.
+    fn forget_never_made(&self, ino: u64) {
+        let (parent, name) = {
+            let mut table = lock(&self.inodes);
+            let Some(inode) = table.get(ino).filter(|i| i.local) else { return };
+            let (parent, name) = (inode.parent, inode.name.clone());
+            if table.child(parent, &name) != Some(ino) {
+                return;
+            }
+            table.unlink_name(parent, &name);
+            if let Some(dir) = table.get_mut(parent) {
+                dir.local_children.remove(&name);
+            }
+            (parent, name)
+        };
+        self.doubt(parent, &name);
+    }
+
+    /// A change to `name` in `parent` failed in a way that leaves it unknown
+    /// whether the server applied it (see [`FsError::outcome_unknown`]): a
+    /// request it read before it froze is applied when it runs again. What
+    /// this mount knows of the name (its directory's listing, its cached
+    /// attributes, the kernel's entry) is dropped, so the next lookup asks
+    /// the server, however long the metadata TTL.
+    pub(super) fn doubt(&self, parent: u64, name: &str) {
+        {
+            let mut table = lock(&self.inodes);
+            if let Some(dir) = table.get_mut(parent) {
+                dir.listing = None;
+            }
+            if let Some(child) = table.child(parent, name)
+                && let Some(inode) = table.get_mut(child)
+            {
+                inode.valid_until = Instant::now();
+            }
+        }
+        if let Some(f) = self.invalidate.get() {
+            f(Invalidate::Entry(parent, name.to_string()));
         }
     }
 

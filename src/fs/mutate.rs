@@ -364,9 +364,10 @@ impl Fs {
             return Ok(());
         }
         // A new file nobody wrote to yet is created at release, not here: a
-        // shell closes its first descriptor of `> file` before writing.
-        // A chmod or utimes while open is stored now, so that close returns
-        // its error.
+        // shell closes its first descriptor of `> file` before writing. One
+        // whose times were set (`touch`), and a chmod or utimes while open
+        // with --posix-metadata, are stored now, so that close returns the
+        // error.
         let changed = w.writer.lock().await.has_changes();
         if !changed && !self.posix_pending(handle.ino) {
             return Ok(());
@@ -523,6 +524,15 @@ impl Fs {
             truncated?;
             left?;
         }
+        if mtime.is_some()
+            && let Some(entry) = self.writers.get(ino)
+        {
+            // `touch` sets the times of the file it creates before closing
+            // it: the new file is then made at that close, which returns
+            // what making it gave, instead of at release, after close has
+            // returned.
+            entry.writer.lock().await.times_set();
+        }
         let mut attr = self.getattr(ino).await?;
         if let Some(t) = mtime {
             if let Some(inode) = lock(&self.inodes).get_mut(ino) {
@@ -560,6 +570,9 @@ impl Fs {
             Err(StoreError::PreconditionFailed) => return Err(FsError::Exists),
             Err(e) => {
                 self.log_store_error("mkdir", &mount, &marker, &e);
+                if e.is_transient() {
+                    self.doubt(parent, name);
+                }
                 return Err(e.into());
             }
         }
@@ -604,6 +617,9 @@ impl Fs {
                     // The file is still there, and so is what its open
                     // handles wrote: their close uploads it.
                     self.log_store_error("delete", &mount, &key, &e);
+                    if e.is_transient() {
+                        self.doubt(parent, name);
+                    }
                     return Err(e.into());
                 }
             }
@@ -688,7 +704,12 @@ impl Fs {
                     return Err(FsError::IsDir);
                 }
                 let to = (newparent, dst_dir.as_str(), newname);
-                self.rename_file(&mount, src.ino, &src_dir, name, to, dst.map(|d| d.ino)).await?;
+                let renamed = self.rename_file(&mount, src.ino, &src_dir, name, to, dst.map(|d| d.ino)).await;
+                if renamed.as_ref().is_err_and(FsError::outcome_unknown) {
+                    self.doubt(parent, name);
+                    self.doubt(newparent, newname);
+                }
+                renamed?;
             }
             Kind::Dir => {
                 if let Some(d) = &dst {

@@ -422,9 +422,23 @@ impl Writer {
         self.changed() && !self.unlinked
     }
 
+    /// The file's times were set while open. A new file nobody wrote to is
+    /// made at the next close by its opener, rather than at release (which
+    /// waits for a shell's `> file`, closed once before it is written).
+    pub fn times_set(&mut self) {
+        if self.new_file && !self.unlinked {
+            self.dirty = true;
+        }
+    }
+
+    /// A new file that no upload has made (and that is not unlinked).
+    pub fn never_made(&self) -> bool {
+        self.new_file && !self.unlinked
+    }
+
     /// Has content S3 does not have yet, counting a new, still empty file.
     pub fn is_dirty(&self) -> bool {
-        self.changed() || (self.new_file && !self.unlinked)
+        self.changed() || self.never_made()
     }
 
     fn changed(&self) -> bool {
