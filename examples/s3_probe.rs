@@ -127,7 +127,14 @@ async fn gets(
     let slots = (len / size).max(1);
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     for round in 0..3 {
-        for variant in if store.is_some() { ["plain", "store"] } else { ["plain", "if-match"] } {
+        let second = if store.is_some() {
+            "store"
+        } else if split() > 1 {
+            "split"
+        } else {
+            "if-match"
+        };
+        for variant in ["plain", second] {
             let t = Instant::now();
             for _ in 0..n {
                 seed ^= seed << 13;
@@ -144,6 +151,24 @@ async fn gets(
                     assert_eq!(got, size);
                     continue;
                 }
+                if variant == "split" {
+                    let part = size / split();
+                    let parts =
+                        (0..split()).map(|i| {
+                            let from = start + i * part;
+                            let req = client.get_object().bucket(bucket).key(key).range(format!(
+                                "bytes={}-{}",
+                                from,
+                                from + part - 1
+                            ));
+                            async move {
+                                req.send().await.expect("get").body.collect().await.expect("body").remaining() as u64
+                            }
+                        });
+                    let got: u64 = futures::future::join_all(parts).await.into_iter().sum();
+                    assert_eq!(got, size);
+                    continue;
+                }
                 let req =
                     client.get_object().bucket(bucket).key(key).range(format!("bytes={}-{}", start, start + size - 1));
                 let req = if variant == "if-match" { req.if_match(&etag) } else { req };
@@ -155,6 +180,12 @@ async fn gets(
             println!("round {round} {variant:<8} {:.3} ms per GET, {rate:.1} MiB/s", secs * 1000.0 / n as f64);
         }
     }
+}
+
+/// `PROBE_SPLIT`, 1 if unset: how many ranged GETs, sent at once, the
+/// second variant of `get` splits each read into.
+fn split() -> u64 {
+    std::env::var("PROBE_SPLIT").ok().and_then(|g| g.parse().ok()).unwrap_or(1)
 }
 
 /// `PROBE_GAP_US`, 0 if unset: a pause before each request, as a mount has
