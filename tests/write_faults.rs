@@ -370,6 +370,20 @@ fn a_frozen_server_fails_every_change_in_bounded_time_and_changes_nothing() {
         http_get(&addr, "/metrics").1
     );
 
+    // The mount tells what the server holds, whatever it applied late,
+    // although it trusts its metadata for an hour.
+    for (name, key) in [
+        ("new.bin", "new.bin"),
+        ("big.bin", "big.bin"),
+        ("touched", "touched"),
+        ("newdir", "newdir/"),
+        ("rm.txt", "rm.txt"),
+        ("d/b.txt", "d/b.txt"),
+    ] {
+        let (seen, held) = (m.path(name).exists(), srv.get(&bucket, key).is_some());
+        assert_eq!(seen, held, "{name}: the mount says exists={seen}, the server holds it={held}");
+    }
+
     // The mount works on: the same changes succeed now.
     for (what, cmd) in &changes {
         let out =

@@ -1241,3 +1241,45 @@ fn a_touched_file_is_made_at_close_and_a_never_made_one_is_forgotten() {
         assert_clean(&s).await;
     });
 }
+
+/// A new file whose release's upload fails while another open of it (a
+/// retried `cp` that found the name) joins its writer keeps its name: the
+/// file is open again, and that handle's close makes it.
+#[test]
+fn a_file_opened_again_while_its_release_fails_keeps_its_name() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 18);
+        let (attr, fh) = s.fs.create(super::inode::ROOT, "v", libc::O_WRONLY, pid()).await.unwrap();
+        s.fs.write(fh, 0, b"abc").await.unwrap();
+        let late = StoreError::Server { status: 500, message: "injected".into() };
+        s.faults.add(Rule::always("put", Fault::FailAfter(Duration::from_millis(300), late)));
+        assert!(s.fs.flush(fh, pid()).await.is_err());
+        let fs = s.fs.clone();
+        let release = tokio::spawn(async move { fs.release(fh).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (fh2, _) = s.fs.open(attr.ino, libc::O_WRONLY, pid()).await.unwrap();
+        release.await.unwrap();
+        s.faults.clear();
+        assert_eq!(s.fs.lookup(super::inode::ROOT, "v").await.unwrap().ino, attr.ino, "still named while open");
+        s.fs.flush(fh2, pid()).await.unwrap();
+        s.fs.release(fh2).await;
+        assert_eq!(s.mem.body("v").as_deref(), Some(&b"abc"[..]), "made by the second handle's close");
+        assert_clean(&s).await;
+    });
+}
+
+/// A `mkdir` whose PUT fails without a clear answer (a 5xx, a timeout)
+/// may still have been applied: the next lookup asks the server, even
+/// within the TTL and after the lookup `mkdir` made itself said "none".
+#[test]
+fn a_mkdir_that_failed_without_an_answer_is_looked_up_again() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 19);
+        s.faults.add(Rule::always("put", server_error()));
+        assert!(s.fs.mkdir(super::inode::ROOT, "n").await.is_err());
+        s.faults.clear();
+        s.mem.insert("n/", &b""[..]);
+        assert_eq!(s.fs.lookup(super::inode::ROOT, "n").await.unwrap().kind, crate::fs::Kind::Dir, "applied late");
+        assert_clean(&s).await;
+    });
+}

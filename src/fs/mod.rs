@@ -1201,8 +1201,9 @@ impl Fs {
         let LastWriter { ino, entry } = last;
         let result = self.upload(ino, &entry).await;
         let never_made = result.is_err() && entry.writer.lock().await.never_made();
-        self.writers.retire(ino, &entry);
-        if never_made {
+        // Not if an open (a retried `cp`, a `touch`) joined the writer
+        // meanwhile: the file is open again, and its close makes it.
+        if self.writers.retire(ino, &entry) && never_made {
             self.forget_never_made(ino);
         }
         if let Err(e) = result
@@ -1222,7 +1223,11 @@ impl Fs {
     fn forget_never_made(&self, ino: u64) {
         let (parent, name) = {
             let mut table = lock(&self.inodes);
-            let Some(inode) = table.get(ino).filter(|i| i.local) else { return };
+            let Some(inode) = table.get_mut(ino).filter(|i| i.local) else { return };
+            // No longer a file being made: the table may drop the inode once
+            // the kernel forgets it, and a directory rename does not wait
+            // for it.
+            inode.local = false;
             let (parent, name) = (inode.parent, inode.name.clone());
             if table.child(parent, &name) != Some(ino) {
                 return;
@@ -1245,6 +1250,7 @@ impl Fs {
     pub(super) fn doubt(&self, parent: u64, name: &str) {
         {
             let mut table = lock(&self.inodes);
+            table.clear_negative(parent, name);
             if let Some(dir) = table.get_mut(parent) {
                 dir.listing = None;
             }

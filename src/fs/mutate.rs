@@ -524,7 +524,11 @@ impl Fs {
             truncated?;
             left?;
         }
+        // Only a file being made: the writer of an existing file may be
+        // busy uploading, and nothing waits for it here.
+        let making = || lock(&self.inodes).get(ino).is_some_and(|i| i.local);
         if mtime.is_some()
+            && making()
             && let Some(entry) = self.writers.get(ino)
         {
             // `touch` sets the times of the file it creates before closing
@@ -665,6 +669,9 @@ impl Fs {
                 Ok(()) | Err(StoreError::NotFound) => {}
                 Err(e) => {
                     self.log_store_error("delete", &mount, &key, &e);
+                    if e.is_transient() {
+                        self.doubt(parent, name);
+                    }
                     return Err(e.into());
                 }
             }
@@ -698,18 +705,13 @@ impl Fs {
         if dst.as_ref().is_some_and(|d| d.ino == src.ino) {
             return Ok(());
         }
-        match src.kind {
+        let renamed = match src.kind {
             Kind::File => {
                 if dst.as_ref().is_some_and(|d| d.kind == Kind::Dir) {
                     return Err(FsError::IsDir);
                 }
                 let to = (newparent, dst_dir.as_str(), newname);
-                let renamed = self.rename_file(&mount, src.ino, &src_dir, name, to, dst.map(|d| d.ino)).await;
-                if renamed.as_ref().is_err_and(FsError::outcome_unknown) {
-                    self.doubt(parent, name);
-                    self.doubt(newparent, newname);
-                }
-                renamed?;
+                self.rename_file(&mount, src.ino, &src_dir, name, to, dst.map(|d| d.ino)).await
             }
             Kind::Dir => {
                 if let Some(d) = &dst {
@@ -722,9 +724,14 @@ impl Fs {
                         return Err(FsError::NotEmpty);
                     }
                 }
-                self.rename_dir(&mount, src.ino, &src_dir, name, newparent, &dst_dir, newname).await?;
+                self.rename_dir(&mount, src.ino, &src_dir, name, newparent, &dst_dir, newname).await
             }
+        };
+        if renamed.as_ref().is_err_and(FsError::outcome_unknown) {
+            self.doubt(parent, name);
+            self.doubt(newparent, newname);
         }
+        renamed?;
         // Both paths forgot the replaced destination and relinked the source.
         Ok(())
     }

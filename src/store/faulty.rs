@@ -28,6 +28,8 @@ pub enum Fault {
     Fail(StoreError),
     /// The call waits this long, then goes through.
     Delay(Duration),
+    /// The call waits this long, then fails with this error.
+    FailAfter(Duration, StoreError),
     /// The call never answers (until its caller gives up on it).
     Hang,
     /// A GET answers, then its body breaks off after the first chunk.
@@ -159,6 +161,10 @@ impl FaultyStore {
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
                 Ok(None)
+            }
+            Some(Fault::FailAfter(d, e)) => {
+                tokio::time::sleep(d).await;
+                Err(e)
             }
             Some(Fault::Hang) => std::future::pending().await,
             other => Ok(other),

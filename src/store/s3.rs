@@ -271,7 +271,7 @@ pub struct S3Store {
     bucket: String,
     settings: S3Settings,
     /// The clients and their generation, bumped whenever they are rebuilt.
-    client: RwLock<Clients>,
+    client: Arc<RwLock<Clients>>,
     /// The keys the current client was built with, when they come from files
     /// or literals; compared after a denial to detect a rotation.
     keys: tokio::sync::Mutex<Option<(String, String)>>,
@@ -326,7 +326,7 @@ impl S3Store {
             nearness,
             bucket: bucket.to_string(),
             settings,
-            client: RwLock::new(Clients::new(client, 0)),
+            client: Arc::new(RwLock::new(Clients::new(client, 0))),
             keys: tokio::sync::Mutex::new(keys),
             page_keys: AtomicI32::new(LIST_PAGE_KEYS),
             silent: AtomicBool::new(false),
@@ -1001,6 +1001,7 @@ impl ObjectStore for S3Store {
 
     async fn create_multipart_with(&self, key: &str, attrs: &ObjectAttrs) -> Result<String, StoreError> {
         let (unanswered, started, sent) = (Unanswered::default(), std::time::Instant::now(), SystemTime::now());
+        self.strays.starting(key);
         let out = self
             .call("create_multipart", |c| {
                 let unanswered = unanswered.clone();
@@ -1018,25 +1019,27 @@ impl ObjectStore for S3Store {
                 }
             })
             .await;
-        let out = match out {
-            Ok(out) => out,
-            Err(e) => {
-                if unanswered.0.load(Ordering::Relaxed) && self.strays.unanswered(key, sent) {
-                    let (client, bucket, strays) = (
-                        self.client.read().unwrap_or_else(|e| e.into_inner()).one_attempt.clone(),
-                        self.bucket.clone(),
-                        self.strays.clone(),
-                    );
-                    tokio::spawn(look_for_strays(client, bucket, strays));
+        let id = match out.map(|o| o.upload_id().map(str::to_string)) {
+            Ok(Some(id)) => id,
+            Ok(None) => {
+                self.strays.refused(key);
+                return Err(StoreError::Server {
+                    status: 200,
+                    message: "no upload id in CreateMultipartUpload".into(),
+                });
+            }
+            Err(e) if unanswered.0.load(Ordering::Relaxed) => {
+                if self.strays.unanswered(key, sent) {
+                    tokio::spawn(look_for_strays(self.client.clone(), self.bucket.clone(), self.strays.clone()));
                 }
                 return Err(e);
             }
+            Err(e) => {
+                self.strays.refused(key);
+                return Err(e);
+            }
         };
-        let id = out.upload_id().map(str::to_string).ok_or_else(|| StoreError::Server {
-            status: 200,
-            message: "no upload id in CreateMultipartUpload".into(),
-        })?;
-        self.strays.started(&id);
+        self.strays.started(key, &id);
         if unanswered.0.load(Ordering::Relaxed) {
             self.abort_strays(key, &id, started.elapsed()).await;
         }
@@ -1226,14 +1229,15 @@ where
 
 /// The task that aborts what unanswered starts left (see
 /// [`super::strays`]): one per store at a time, ending when nothing is
-/// pending. It sends its requests with `client` (one attempt each) itself.
-async fn look_for_strays(client: Client, bucket: String, strays: Arc<super::strays::StrayStarts>) {
+/// pending. It sends its requests itself, one attempt each, with the
+/// store's current client (keys may be reloaded meanwhile).
+async fn look_for_strays(clients: Arc<RwLock<Clients>>, bucket: String, strays: Arc<super::strays::StrayStarts>) {
     use super::strays::{FIRST_LOOK, MAX_WAIT};
     let mut wait = FIRST_LOOK;
     loop {
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(MAX_WAIT);
-        let Some((due, expired)) = strays.due(SystemTime::now()) else { return };
+        let (due, expired) = strays.due(SystemTime::now());
         for key in expired {
             warn!(
                 bucket,
@@ -1241,11 +1245,16 @@ async fn look_for_strays(client: Client, bucket: String, strays: Arc<super::stra
                 "gave up looking for a multipart upload that a start without an answer may have left; list-multipart-uploads shows it"
             );
         }
+        if due.is_empty() {
+            return;
+        }
+        let client = clients.read().unwrap_or_else(|e| e.into_inner()).one_attempt.clone();
         for d in due {
             let listed = list_uploads(|markers| list_uploads_page(client.clone(), &bucket, &d.key, markers)).await;
             let Ok(uploads) = listed else { continue };
+            let Some(found) = strays.strays(&d, &uploads) else { continue };
             let mut all_aborted = true;
-            for id in strays.strays(&d, &uploads) {
+            for id in found {
                 match abort_upload(client.clone(), &bucket, &d.key, &id).await {
                     Ok(()) => {
                         info!(bucket, key = d.key, "aborted a multipart upload that a start without an answer had left")

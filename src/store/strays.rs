@@ -9,7 +9,9 @@
 //! Such a start is recorded here with the time it was sent, and one task per
 //! store looks for what it left once the server answers. It aborts the
 //! uploads of that key that the server started from then on, except those
-//! this store started itself and has not finished. A start is looked for
+//! this store started itself and has not finished; while this store is
+//! starting another upload of that key (whose ID it does not know yet), the
+//! key waits for the next look. A start is looked for
 //! twice, the second time at least [`FIRST_LOOK`] after the first, since a
 //! request the server read before it froze may be applied just after it
 //! answers again; after [`GIVE_UP`] without an answer it is dropped with a
@@ -21,7 +23,7 @@
 //! and the look, would be aborted too; that is far less likely than a lost
 //! answer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -50,6 +52,8 @@ struct State {
     pending: Vec<Pending>,
     /// Uploads this store started and has not completed or aborted.
     ours: HashSet<String>,
+    /// Starts of this store under way, per key: their IDs are not known yet.
+    starting: HashMap<String, usize>,
     /// A task is looking for the pending starts' strays.
     looking: bool,
 }
@@ -76,13 +80,37 @@ impl StrayStarts {
     /// when the caller must start the task that looks (none is running).
     pub fn unanswered(&self, key: &str, sent: SystemTime) -> bool {
         let mut s = self.state();
+        Self::start_ended(&mut s, key);
         s.pending.push(Pending { key: key.to_string(), sent, looks: 0 });
         !std::mem::replace(&mut s.looking, true)
     }
 
-    /// An upload this store started: never taken for a stray.
-    pub fn started(&self, upload_id: &str) {
-        self.state().ours.insert(upload_id.to_string());
+    /// A start of `key` by this store is being sent: until [`Self::started`]
+    /// or [`Self::unanswered`] or [`Self::refused`] says how it ended, no
+    /// upload of that key is taken for a stray.
+    pub fn starting(&self, key: &str) {
+        *self.state().starting.entry(key.to_string()).or_default() += 1;
+    }
+
+    fn start_ended(s: &mut State, key: &str) {
+        if let Some(n) = s.starting.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                s.starting.remove(key);
+            }
+        }
+    }
+
+    /// A start of `key` made upload `upload_id`: never taken for a stray.
+    pub fn started(&self, key: &str, upload_id: &str) {
+        let mut s = self.state();
+        Self::start_ended(&mut s, key);
+        s.ours.insert(upload_id.to_string());
+    }
+
+    /// A start of `key` was answered with a refusal: it made nothing.
+    pub fn refused(&self, key: &str) {
+        Self::start_ended(&mut self.state(), key);
     }
 
     /// An upload this store completed or aborted.
@@ -90,10 +118,10 @@ impl StrayStarts {
         self.state().ours.remove(upload_id);
     }
 
-    /// The starts to look for now. Those pending longer than [`GIVE_UP`] are
-    /// dropped and returned apart, to be warned about. `None` when nothing is
-    /// pending: the task ends, and the next unanswered start starts another.
-    pub fn due(&self, now: SystemTime) -> Option<(Vec<Due>, Vec<String>)> {
+    /// The starts to look for now, and apart those pending longer than
+    /// [`GIVE_UP`], dropped, to be warned about. No start to look for: the
+    /// task ends, and the next unanswered start starts another.
+    pub fn due(&self, now: SystemTime) -> (Vec<Due>, Vec<String>) {
         let mut s = self.state();
         let mut expired = Vec::new();
         s.pending.retain(|p| {
@@ -105,17 +133,21 @@ impl StrayStarts {
         });
         if s.pending.is_empty() {
             s.looking = false;
-            return if expired.is_empty() { None } else { Some((Vec::new(), expired)) };
         }
-        Some((s.pending.iter().map(|p| Due { key: p.key.clone(), sent: p.sent }).collect(), expired))
+        (s.pending.iter().map(|p| Due { key: p.key.clone(), sent: p.sent }).collect(), expired)
     }
 
     /// Of `uploads` (the server's open uploads under the key), those to
     /// abort for `due`: that key, started from its sending on, not ours.
     /// A server that gives no start times gives nothing to tell them by.
-    pub fn strays(&self, due: &Due, uploads: &[OpenUpload]) -> Vec<String> {
+    /// `None` while this store is starting an upload of that key: look
+    /// again later.
+    pub fn strays(&self, due: &Due, uploads: &[OpenUpload]) -> Option<Vec<String>> {
         let s = self.state();
-        uploads
+        if s.starting.contains_key(&due.key) {
+            return None;
+        }
+        let strays = uploads
             .iter()
             .filter(|u| {
                 u.key == due.key
@@ -124,7 +156,8 @@ impl StrayStarts {
                     && u.initiated + ROUNDING >= due.sent
             })
             .map(|u| u.upload_id.clone())
-            .collect()
+            .collect();
+        Some(strays)
     }
 
     /// `due` was looked for with the server answering; after [`LOOKS`] such
@@ -153,8 +186,9 @@ mod tests {
         let secs = Duration::from_secs;
         assert!(s.unanswered("k", t0), "the first unanswered start starts the task");
         assert!(!s.unanswered("other", t0), "one task at a time");
-        s.started("mine");
-        let (due, expired) = s.due(t0 + secs(5)).unwrap();
+        s.starting("k");
+        s.started("k", "mine");
+        let (due, expired) = s.due(t0 + secs(5));
         assert!(expired.is_empty());
         assert_eq!(due[0], Due { key: "k".into(), sent: t0 });
         let uploads = [
@@ -165,9 +199,13 @@ mod tests {
             upload("k/longer", "other key", t0 + secs(3)),
             upload("k", "no time", SystemTime::UNIX_EPOCH),
         ];
-        assert_eq!(s.strays(&due[0], &uploads), ["same second", "stray"]);
+        assert_eq!(s.strays(&due[0], &uploads).unwrap(), ["same second", "stray"]);
         s.finished("mine");
-        assert_eq!(s.strays(&due[0], &uploads), ["same second", "stray", "mine"], "finished: no longer ours");
+        assert_eq!(s.strays(&due[0], &uploads).unwrap(), ["same second", "stray", "mine"], "finished: no longer ours");
+        s.starting("k");
+        assert_eq!(s.strays(&due[0], &uploads), None, "a start of the key under way: its upload may be listed");
+        s.refused("k");
+        assert!(s.strays(&due[0], &uploads).is_some());
     }
 
     #[test]
@@ -175,12 +213,12 @@ mod tests {
         let s = StrayStarts::default();
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         s.unanswered("k", t0);
-        let (due, _) = s.due(t0).unwrap();
+        let (due, _) = s.due(t0);
         s.looked(&due[0]);
-        let (again, _) = s.due(t0).unwrap();
+        let (again, _) = s.due(t0);
         assert_eq!(again, due, "looked for once: still pending");
         s.looked(&due[0]);
-        assert!(s.due(t0).is_none(), "done, and the task ends");
+        assert!(s.due(t0).0.is_empty(), "done, and the task ends");
         assert!(s.unanswered("k", t0), "a later start starts a new task");
     }
 
@@ -190,10 +228,10 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         s.unanswered("old", t0);
         s.unanswered("new", t0 + GIVE_UP);
-        let (due, expired) = s.due(t0 + GIVE_UP).unwrap();
+        let (due, expired) = s.due(t0 + GIVE_UP);
         assert_eq!((due.len(), due[0].key.as_str(), expired), (1, "new", vec!["old".to_string()]));
-        let (due, expired) = s.due(t0 + GIVE_UP * 2).unwrap();
+        let (due, expired) = s.due(t0 + GIVE_UP * 2);
         assert_eq!((due.len(), expired), (0, vec!["new".to_string()]));
-        assert!(s.due(t0 + GIVE_UP * 2).is_none());
+        assert!(s.unanswered("k", t0), "the task ended with the last start: the next starts another");
     }
 }
