@@ -1001,7 +1001,7 @@ impl ObjectStore for S3Store {
 
     async fn create_multipart_with(&self, key: &str, attrs: &ObjectAttrs) -> Result<String, StoreError> {
         let (unanswered, started, sent) = (Unanswered::default(), std::time::Instant::now(), SystemTime::now());
-        self.strays.starting(key);
+        let starting = self.strays.starting(key);
         let out = self
             .call("create_multipart", |c| {
                 let unanswered = unanswered.clone();
@@ -1022,24 +1022,20 @@ impl ObjectStore for S3Store {
         let id = match out.map(|o| o.upload_id().map(str::to_string)) {
             Ok(Some(id)) => id,
             Ok(None) => {
-                self.strays.refused(key);
                 return Err(StoreError::Server {
                     status: 200,
                     message: "no upload id in CreateMultipartUpload".into(),
                 });
             }
             Err(e) if unanswered.0.load(Ordering::Relaxed) => {
-                if self.strays.unanswered(key, sent) {
+                if starting.unanswered(sent) {
                     tokio::spawn(look_for_strays(self.client.clone(), self.bucket.clone(), self.strays.clone()));
                 }
                 return Err(e);
             }
-            Err(e) => {
-                self.strays.refused(key);
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         };
-        self.strays.started(key, &id);
+        starting.made(&id);
         if unanswered.0.load(Ordering::Relaxed) {
             self.abort_strays(key, &id, started.elapsed()).await;
         }

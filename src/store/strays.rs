@@ -64,6 +64,39 @@ struct Pending {
     looks: u32,
 }
 
+/// A start of a key under way (see [`StrayStarts::starting`]).
+pub struct Starting<'a> {
+    strays: &'a StrayStarts,
+    key: String,
+    ended: bool,
+}
+
+impl Starting<'_> {
+    /// It made upload `upload_id`: never taken for a stray.
+    pub fn made(mut self, upload_id: &str) {
+        self.ended = true;
+        self.strays.started(&self.key, upload_id);
+    }
+
+    /// It got no answer in any attempt, and was sent at `sent`: what it may
+    /// have made is looked for. True when the caller must start the task
+    /// that looks (none is running).
+    pub fn unanswered(mut self, sent: SystemTime) -> bool {
+        self.ended = true;
+        self.strays.unanswered(&self.key, sent)
+    }
+}
+
+/// Dropped without an outcome: answered with a refusal (or its request was
+/// dropped), it made nothing.
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            StrayStarts::start_ended(&mut self.strays.state(), &self.key);
+        }
+    }
+}
+
 /// One pending start to look for: the key, and when the start was sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Due {
@@ -78,18 +111,20 @@ impl StrayStarts {
 
     /// Records a start of `key`, sent at `sent`, that got no answer. True
     /// when the caller must start the task that looks (none is running).
-    pub fn unanswered(&self, key: &str, sent: SystemTime) -> bool {
+    fn unanswered(&self, key: &str, sent: SystemTime) -> bool {
         let mut s = self.state();
         Self::start_ended(&mut s, key);
         s.pending.push(Pending { key: key.to_string(), sent, looks: 0 });
         !std::mem::replace(&mut s.looking, true)
     }
 
-    /// A start of `key` by this store is being sent: until [`Self::started`]
-    /// or [`Self::unanswered`] or [`Self::refused`] says how it ended, no
-    /// upload of that key is taken for a stray.
-    pub fn starting(&self, key: &str) {
+    /// A start of `key` by this store is being sent: until the value
+    /// returned says how it ended ([`Starting::made`] or
+    /// [`Starting::unanswered`]; dropped, it made nothing), no upload of
+    /// that key is taken for a stray.
+    pub fn starting(&self, key: &str) -> Starting<'_> {
         *self.state().starting.entry(key.to_string()).or_default() += 1;
+        Starting { strays: self, key: key.to_string(), ended: false }
     }
 
     fn start_ended(s: &mut State, key: &str) {
@@ -102,15 +137,10 @@ impl StrayStarts {
     }
 
     /// A start of `key` made upload `upload_id`: never taken for a stray.
-    pub fn started(&self, key: &str, upload_id: &str) {
+    fn started(&self, key: &str, upload_id: &str) {
         let mut s = self.state();
         Self::start_ended(&mut s, key);
         s.ours.insert(upload_id.to_string());
-    }
-
-    /// A start of `key` was answered with a refusal: it made nothing.
-    pub fn refused(&self, key: &str) {
-        Self::start_ended(&mut self.state(), key);
     }
 
     /// An upload this store completed or aborted.
@@ -184,10 +214,9 @@ mod tests {
         let s = StrayStarts::default();
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let secs = Duration::from_secs;
-        assert!(s.unanswered("k", t0), "the first unanswered start starts the task");
-        assert!(!s.unanswered("other", t0), "one task at a time");
-        s.starting("k");
-        s.started("k", "mine");
+        assert!(s.starting("k").unanswered(t0), "the first unanswered start starts the task");
+        assert!(!s.starting("other").unanswered(t0), "one task at a time");
+        s.starting("k").made("mine");
         let (due, expired) = s.due(t0 + secs(5));
         assert!(expired.is_empty());
         assert_eq!(due[0], Due { key: "k".into(), sent: t0 });
@@ -202,36 +231,36 @@ mod tests {
         assert_eq!(s.strays(&due[0], &uploads).unwrap(), ["same second", "stray"]);
         s.finished("mine");
         assert_eq!(s.strays(&due[0], &uploads).unwrap(), ["same second", "stray", "mine"], "finished: no longer ours");
-        s.starting("k");
+        let under_way = s.starting("k");
         assert_eq!(s.strays(&due[0], &uploads), None, "a start of the key under way: its upload may be listed");
-        s.refused("k");
-        assert!(s.strays(&due[0], &uploads).is_some());
+        drop(under_way);
+        assert!(s.strays(&due[0], &uploads).is_some(), "refused, or its request dropped: it made nothing");
     }
 
     #[test]
     fn a_start_is_looked_for_twice_then_done_and_the_task_ends() {
         let s = StrayStarts::default();
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        s.unanswered("k", t0);
+        s.starting("k").unanswered(t0);
         let (due, _) = s.due(t0);
         s.looked(&due[0]);
         let (again, _) = s.due(t0);
         assert_eq!(again, due, "looked for once: still pending");
         s.looked(&due[0]);
         assert!(s.due(t0).0.is_empty(), "done, and the task ends");
-        assert!(s.unanswered("k", t0), "a later start starts a new task");
+        assert!(s.starting("k").unanswered(t0), "a later start starts a new task");
     }
 
     #[test]
     fn a_start_the_server_never_answers_about_is_given_up() {
         let s = StrayStarts::default();
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        s.unanswered("old", t0);
-        s.unanswered("new", t0 + GIVE_UP);
+        s.starting("old").unanswered(t0);
+        s.starting("new").unanswered(t0 + GIVE_UP);
         let (due, expired) = s.due(t0 + GIVE_UP);
         assert_eq!((due.len(), due[0].key.as_str(), expired), (1, "new", vec!["old".to_string()]));
         let (due, expired) = s.due(t0 + GIVE_UP * 2);
         assert_eq!((due.len(), expired), (0, vec!["new".to_string()]));
-        assert!(s.unanswered("k", t0), "the task ended with the last start: the next starts another");
+        assert!(s.starting("k").unanswered(t0), "the task ended with the last start: the next starts another");
     }
 }
