@@ -546,6 +546,19 @@ fn a_file_forgotten_before_its_upload_is_still_listed() {
     });
 }
 
+/// A listing of `dir` (the first LIST from now on) whose answer is held
+/// back until the gate returned is notified; it is out when this returns.
+async fn held_listing(s: &Setup, dir: u64) -> (Arc<tokio::sync::Notify>, tokio::task::JoinHandle<Vec<String>>) {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    s.faults.add(Rule::nth("list", 0, Fault::HeldAnswer(gate.clone())));
+    let listing = tokio::spawn({
+        let fs = s.fs.clone();
+        async move { all_names(&fs, dir).await }
+    });
+    held(&s.faults).await;
+    (gate, listing)
+}
+
 /// Waits (bounded) until the one fault added is holding its call.
 pub(super) async fn held(faults: &FaultyStore) {
     for _ in 0..500 {
@@ -683,13 +696,7 @@ fn a_late_listing_does_not_bring_back_the_previous_version() {
         assert_eq!(s.fs.read(fh, 0, 128 << 10).await.unwrap().to_vec(), &old[..128 << 10]);
         s.fs.release(fh).await;
         // A listing of d whose answer is held back while d changes.
-        let gate = Arc::new(tokio::sync::Notify::new());
-        s.faults.add(Rule::nth("list", 0, Fault::HeldAnswer(gate.clone())));
-        let listing = tokio::spawn({
-            let fs = s.fs.clone();
-            async move { all_names(&fs, dir).await }
-        });
-        held(&s.faults).await;
+        let (gate, listing) = held_listing(&s, dir).await;
         assert_eq!(s.faults.injected(), 1, "the listing is out");
         rewrite(&s.fs, ino, &new).await;
         let (_, fh) = s.fs.create(dir, "made.bin", libc::O_WRONLY, pid()).await.unwrap();
@@ -1280,6 +1287,28 @@ fn a_mkdir_that_failed_without_an_answer_is_looked_up_again() {
         s.faults.clear();
         s.mem.insert("n/", &b""[..]);
         assert_eq!(s.fs.lookup(super::inode::ROOT, "n").await.unwrap().kind, crate::fs::Kind::Dir, "applied late");
+        assert_clean(&s).await;
+    });
+}
+
+/// A listing of a directory that was out when a change in it failed
+/// without an answer is handed out, but not kept: it may tell of the
+/// directory before the server applied that change late, and the next
+/// lookup asks the server instead.
+#[test]
+fn a_listing_out_when_a_change_failed_without_an_answer_is_not_kept() {
+    rt().block_on(async {
+        let s = setup(64 << 20, 20);
+        s.mem.insert("d/other", &b"x"[..]);
+        let dir = s.fs.lookup(super::inode::ROOT, "d").await.unwrap().ino;
+        let (gate, listing) = held_listing(&s, dir).await;
+        s.faults.add(Rule::always("put", server_error()));
+        assert!(s.fs.mkdir(dir, "n").await.is_err());
+        s.mem.insert("d/n/", &b""[..]);
+        gate.notify_one();
+        listing.await.unwrap();
+        s.faults.clear();
+        assert_eq!(s.fs.lookup(dir, "n").await.unwrap().kind, crate::fs::Kind::Dir, "applied late, and asked for");
         assert_clean(&s).await;
     });
 }

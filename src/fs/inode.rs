@@ -86,6 +86,12 @@ pub struct Inode {
     /// this mount recorded it (its answer crossed the upload's) only comes
     /// first: the record makes it this mount's.
     pub own_etag: Option<String>,
+    /// For directories: when a change in it last failed without an answer
+    /// (see [`super::Fs::doubt`]). A listing, or a lookup's answer, that
+    /// started before then may tell of the directory before the server
+    /// applied that change late: it answers its own request, but is not
+    /// kept.
+    pub doubted: Option<Instant>,
 }
 
 impl Inode {
@@ -111,6 +117,7 @@ impl Inode {
             changed: Default::default(),
             posix: None,
             own_etag: None,
+            doubted: None,
         }
     }
 
@@ -308,6 +315,7 @@ impl InodeTable {
                 changed: Default::default(),
                 posix: None,
                 own_etag: None,
+                doubted: None,
             },
         );
         self.names.insert((parent, entry.name.clone()), ino);
@@ -338,7 +346,7 @@ impl InodeTable {
     /// that started before the one cached is dropped.
     pub fn install_listing(&mut self, dir: u64, started: Instant, mut entries: HashMap<String, Entry>) {
         let Some(d) = self.inodes.get_mut(&dir) else { return };
-        if d.listing.as_ref().is_some_and(|(at, _)| *at > started) {
+        if d.listing.as_ref().is_some_and(|(at, _)| *at > started) || d.doubted.is_some_and(|at| at > started) {
             return;
         }
         for (_, name, entry) in d.changed.iter().filter(|(at, ..)| *at >= started) {
@@ -356,12 +364,22 @@ impl InodeTable {
         self.negative.get(&(parent, name.to_string())).is_some_and(|at| now < *at + ttl)
     }
 
-    /// Remembers that `name` in `parent` was missing at `at`.
+    /// Remembers that `name` in `parent` was missing at `at` (unless a
+    /// change in `parent` failed without an answer since).
     pub fn set_negative(&mut self, parent: u64, name: &str, at: Instant) {
+        if self.doubted_since(parent, at) {
+            return;
+        }
         if self.negative.len() >= NEGATIVE_CACHE_MAX {
             self.negative.clear();
         }
         self.negative.insert((parent, name.to_string()), at);
+    }
+
+    /// True if a change in directory `dir` failed without an answer after
+    /// `at` (see [`Inode::doubted`]).
+    pub fn doubted_since(&self, dir: u64, at: Instant) -> bool {
+        self.inodes.get(&dir).and_then(|d| d.doubted).is_some_and(|t| t > at)
     }
 
     pub fn clear_negative(&mut self, parent: u64, name: &str) {
@@ -483,6 +501,7 @@ impl InodeTable {
                 changed: Default::default(),
                 posix: None,
                 own_etag: None,
+                doubted: None,
             },
         );
         self.names.insert((parent, name.to_string()), ino);

@@ -710,7 +710,10 @@ impl Fs {
                 let writing = attrs.is_some() && self.writing_child(parent, name);
                 let mut table = lock(&self.inodes);
                 table.clear_negative(parent, name);
-                let ino = table.upsert(parent, &mount, &dir_key, &entry, started + mount.ttl, count);
+                // An answer older than a change that failed in `parent` is
+                // given, but not trusted past now.
+                let until = if table.doubted_since(parent, started) { started } else { started + mount.ttl };
+                let ino = table.upsert(parent, &mount, &dir_key, &entry, until, count);
                 let inode = table.get_mut(ino).ok_or(FsError::NotFound)?;
                 // Not when `upsert` kept a newer version than the HEAD's.
                 if let Some(attrs) = attrs.filter(|_| entry.kind == Kind::File && inode.etag == entry.etag) {
@@ -1245,14 +1248,17 @@ impl Fs {
     /// whether the server applied it (see [`FsError::outcome_unknown`]): a
     /// request it read before it froze is applied when it runs again. What
     /// this mount knows of the name (its directory's listing, its cached
-    /// attributes, the kernel's entry) is dropped, so the next lookup asks
-    /// the server, however long the metadata TTL.
+    /// attributes, a negative entry, the kernel's entry) is dropped, and
+    /// listings and lookups of the directory already out are not kept
+    /// ([`inode::Inode::doubted`]), so the next lookup asks the server,
+    /// however long the metadata TTL.
     pub(super) fn doubt(&self, parent: u64, name: &str) {
         {
             let mut table = lock(&self.inodes);
             table.clear_negative(parent, name);
             if let Some(dir) = table.get_mut(parent) {
                 dir.listing = None;
+                dir.doubted = Some(Instant::now());
             }
             if let Some(child) = table.child(parent, name)
                 && let Some(inode) = table.get_mut(child)
@@ -1490,8 +1496,12 @@ impl Fs {
                 // Names removed here within the TTL stay removed, even if
                 // the server still lists them for a moment.
                 table.drop_negative(ino, &mut slice, mount.ttl, Instant::now());
+                // A listing older than a change that failed in the directory
+                // is handed out, but its entries are not trusted past now.
+                let started = valid_until.checked_sub(mount.ttl).unwrap_or(valid_until);
+                let until = if table.doubted_since(ino, started) { started } else { valid_until };
                 for entry in slice {
-                    let child = table.upsert(ino, mount, prefix, &entry, valid_until, false);
+                    let child = table.upsert(ino, mount, prefix, &entry, until, false);
                     if let Some(c) = table.get(child) {
                         items.push(Arc::new(DirItem { name: entry.name.clone(), attr: self.attr_of(c) }));
                     }
