@@ -588,6 +588,16 @@ impl Fs {
         }
     }
 
+    /// A change to `name` in `parent` (request `op` on `key`) failed: one
+    /// log line, and if the server may have applied it all the same, the
+    /// name is doubted ([`Self::doubt`]).
+    fn change_failed(&self, op: &str, mount: &MountPoint, key: &str, e: &StoreError, (parent, name): (u64, &str)) {
+        self.log_store_error(op, mount, key, e);
+        if e.is_transient() {
+            self.doubt(parent, name);
+        }
+    }
+
     fn log_store_error(&self, op: &str, mount: &MountPoint, key: &str, e: &StoreError) {
         match e {
             StoreError::NotFound => debug!(op, key, "{}: not found", mount.store.describe()),

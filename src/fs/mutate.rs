@@ -526,9 +526,8 @@ impl Fs {
         }
         // Only a file being made: the writer of an existing file may be
         // busy uploading, and nothing waits for it here.
-        let making = || lock(&self.inodes).get(ino).is_some_and(|i| i.local);
         if mtime.is_some()
-            && making()
+            && lock(&self.inodes).get(ino).is_some_and(|i| i.local)
             && let Some(entry) = self.writers.get(ino)
         {
             // `touch` sets the times of the file it creates before closing
@@ -573,10 +572,7 @@ impl Fs {
             Ok(_) => {}
             Err(StoreError::PreconditionFailed) => return Err(FsError::Exists),
             Err(e) => {
-                self.log_store_error("mkdir", &mount, &marker, &e);
-                if e.is_transient() {
-                    self.doubt(parent, name);
-                }
+                self.change_failed("mkdir", &mount, &marker, &e, (parent, name));
                 return Err(e.into());
             }
         }
@@ -620,10 +616,7 @@ impl Fs {
                 Err(e) => {
                     // The file is still there, and so is what its open
                     // handles wrote: their close uploads it.
-                    self.log_store_error("delete", &mount, &key, &e);
-                    if e.is_transient() {
-                        self.doubt(parent, name);
-                    }
+                    self.change_failed("delete", &mount, &key, &e, (parent, name));
                     return Err(e.into());
                 }
             }
@@ -668,10 +661,7 @@ impl Fs {
             match mount.store.delete(&key).await {
                 Ok(()) | Err(StoreError::NotFound) => {}
                 Err(e) => {
-                    self.log_store_error("delete", &mount, &key, &e);
-                    if e.is_transient() {
-                        self.doubt(parent, name);
-                    }
+                    self.change_failed("delete", &mount, &key, &e, (parent, name));
                     return Err(e.into());
                 }
             }

@@ -471,10 +471,7 @@ impl Fs {
         let attrs = ObjectAttrs { content_type: Some("application/octet-stream".into()), metadata: state.metadata() };
         let body = bytes::Bytes::copy_from_slice(target.as_bytes());
         let etag = mount.store.put_with(&key, body, PutCondition::None, &attrs).await.inspect_err(|e| {
-            self.log_store_error("put", &mount, &key, e);
-            if e.is_transient() {
-                self.doubt(parent, name);
-            }
+            self.change_failed("put", &mount, &key, e, (parent, name));
         })?;
         let started = Instant::now();
         let entry =
